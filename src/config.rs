@@ -1,0 +1,1207 @@
+//! Configuration: the schema users write, its defaults, loading and validation.
+//!
+//! Layers, later ones winning: built-in defaults (the constants below), the file (TOML or YAML by
+//! extension), then environment overrides `BEARER_PROXY__<SECTION>__<KEY>`, for example
+//! `BEARER_PROXY__TOKENS__FLINKS__CLIENT_ID`. [`load`] reads all of them and [`Config::validate`]
+//! reports every problem at once, each naming its key, so an operator fixes a file in one pass.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::secret::{Secret, SecretSource};
+
+/// Prefix of environment overrides (`BEARER_PROXY__PROXY__LISTEN=...`).
+pub const ENV_PREFIX: &str = "BEARER_PROXY";
+/// Separator between the levels of an environment override. Double, because keys contain `_`.
+pub const ENV_SEPARATOR: &str = "__";
+
+// ---- [proxy] defaults ----
+
+/// Squid's port, the one every `HTTP_PROXY` example uses; loopback so that only the app in the
+/// same pod (network namespace) can reach the sidecar.
+pub const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:3128";
+/// nginx allows 512 connections per worker and HAProxy 2000 per frontend by default; a sidecar
+/// serves one app, whose pools rarely exceed a few hundred connections. Beyond this we stop
+/// accepting (back-pressure in the kernel backlog) instead of running out of file descriptors.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// HAProxy's recommended `timeout http-request`; nginx uses 60s, Envoy none. An app on loopback
+/// sends its headers at once, so anything slower is a stuck or hostile client.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle keep-alive connections from the app are closed after this. nginx uses 75s, HAProxy's
+/// common `timeout client` is 60s; longer than most client pools' own idle timeouts, so it is
+/// usually the client that closes first (avoiding a request racing our close).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Envoy's default `connect_timeout`; HAProxy examples use 5s too.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// nginx's `proxy_read_timeout`. Statement downloads from a bank API can be slow; Envoy's 15s
+/// route timeout would cut them.
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Large enough for any sane request (nginx's `large_client_header_buffers` is 4×8k), small
+/// enough that a hostile client cannot make us hold much memory per connection.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Bodies up to this size are kept so a request can be replayed once after a 401; FDX requests
+/// are GETs or small JSON documents.
+pub const DEFAULT_REPLAY_BODY_LIMIT: usize = 64 * 1024;
+/// How long a request waits for a token that is not there yet (start-up, outage) before a 503.
+/// Short enough that the app's own timeout (usually 10s or more) sees our clear error first.
+pub const DEFAULT_TOKEN_WAIT: Duration = Duration::from_secs(5);
+/// After SIGTERM we keep accepting this long: Kubernetes removes the pod from endpoints
+/// asynchronously and a few seconds is what kube-proxy and ingress controllers need.
+pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
+/// In-flight requests get this long to finish once we stop accepting. With the drain delay this
+/// stays inside Kubernetes' default 30s `terminationGracePeriodSeconds`.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+/// A sidecar serves one app: one worker thread is the cheapest and is what linkerd2-proxy does.
+/// A shared gateway sets this to its CPU count (or 0 for one per available CPU).
+pub const DEFAULT_WORKERS: usize = 1;
+
+// ---- [admin] and [log] defaults ----
+
+/// All interfaces, because the kubelet probes the pod IP; the admin port serves no secrets and
+/// never proxies. Envoy's admin port convention.
+pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:9901";
+/// The default log level.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+
+// ---- [tokens.<name>] defaults ----
+
+/// Refresh at three quarters of the lifetime: a Flinks token (300s) is renewed after ~225s,
+/// which leaves ~75s of retries before it expires.
+pub const DEFAULT_REFRESH_RATIO: f64 = 0.75;
+/// Never refresh later than this before expiry, whatever the ratio says: covers clock jitter,
+/// the request's own duration and a couple of quick retries.
+pub const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(30);
+/// Assumed when the server sends neither `expires_in` nor a JWT `exp`. Deliberately short: an
+/// assumed lifetime that is too long would send expired tokens; too short costs one request.
+pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(60);
+/// A token endpoint answers in well under a second; ten leaves room for a slow day.
+pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// First retry after a transient failure.
+pub const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_secs(1);
+/// Longest gap between retries, and the pace of retries after the credentials were rejected.
+/// With a 300s token refreshed at ~225s this still allows several attempts before expiry.
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Upstream 401s may force a refresh at most this often per token, so a misbehaving API cannot
+/// turn every request into a token request.
+pub const DEFAULT_FORCED_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
+/// Statuses that mean "your token was rejected" unless a route says otherwise.
+pub const DEFAULT_REPLAY_STATUSES: &[u16] = &[401];
+
+/// The whole configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// `[proxy]`: the listener the app talks to.
+    pub proxy: ProxyConfig,
+    /// `[admin]`: metrics, health and status.
+    pub admin: AdminConfig,
+    /// `[log]`: format and level of the logs.
+    pub log: LogConfig,
+    /// `[tokens.<name>]`: one credential each, keyed by name.
+    pub tokens: BTreeMap<String, TokenConfig>,
+    /// `[[routes]]`: which hosts get which token.
+    pub routes: Vec<RouteConfig>,
+}
+
+/// What to do with a request for a host no route names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unmatched {
+    /// Plain proxying without any token.
+    Forward,
+    /// 403.
+    Deny,
+}
+
+/// What to do with `CONNECT` to a host no route names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectPolicy {
+    /// Open a blind TCP tunnel.
+    Tunnel,
+    /// 403.
+    Deny,
+}
+
+/// `[proxy]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct ProxyConfig {
+    /// Address the proxy listens on.
+    pub listen: SocketAddr,
+    /// Unrouted hosts; unset means `forward` on a loopback listener, `deny` otherwise.
+    pub unmatched: Option<Unmatched>,
+    /// `CONNECT` to unrouted hosts; unset means `tunnel` on a loopback listener, `deny` otherwise.
+    pub connect: Option<ConnectPolicy>,
+    /// Connections served at once; above this the listener stops accepting.
+    pub max_connections: usize,
+    /// Time allowed to receive a request's header section.
+    #[serde(with = "duration")]
+    pub header_read_timeout: Duration,
+    /// Idle keep-alive connections from the app are closed after this.
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+    /// Time allowed to connect (TCP and TLS) to an upstream.
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    /// Time allowed for the upstream's response headers.
+    #[serde(with = "duration")]
+    pub response_timeout: Duration,
+    /// Largest request header section accepted.
+    pub max_header_bytes: usize,
+    /// Largest request body kept for a replay after a 401.
+    pub replay_body_limit: usize,
+    /// How long a request waits for a valid token before a 503.
+    #[serde(with = "duration")]
+    pub token_wait: Duration,
+    /// How long to keep accepting after SIGTERM.
+    #[serde(with = "duration")]
+    pub drain_delay: Duration,
+    /// How long in-flight requests may take to finish after accepting stops.
+    #[serde(with = "duration")]
+    pub shutdown_grace: Duration,
+    /// Worker threads; 0 means one per available CPU.
+    pub workers: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            listen: parse_default_addr(DEFAULT_PROXY_LISTEN),
+            unmatched: None,
+            connect: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            replay_body_limit: DEFAULT_REPLAY_BODY_LIMIT,
+            token_wait: DEFAULT_TOKEN_WAIT,
+            drain_delay: DEFAULT_DRAIN_DELAY,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            workers: DEFAULT_WORKERS,
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// The effective policy for unrouted hosts.
+    pub fn unmatched(&self) -> Unmatched {
+        self.unmatched.unwrap_or(if self.listen.ip().is_loopback() {
+            Unmatched::Forward
+        } else {
+            Unmatched::Deny
+        })
+    }
+
+    /// The effective policy for `CONNECT` to unrouted hosts.
+    pub fn connect(&self) -> ConnectPolicy {
+        self.connect.unwrap_or(if self.listen.ip().is_loopback() {
+            ConnectPolicy::Tunnel
+        } else {
+            ConnectPolicy::Deny
+        })
+    }
+}
+
+/// `[admin]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct AdminConfig {
+    /// Address of the admin server.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: parse_default_addr(DEFAULT_ADMIN_LISTEN),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// One JSON object per line, for log collectors.
+    #[default]
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+/// `[log]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct LogConfig {
+    /// `json` or `text`.
+    pub format: LogFormat,
+    /// A `tracing` filter (`info`, `bearer_proxy=debug`, …); `RUST_LOG` overrides it.
+    pub level: String,
+    /// One line per proxied request.
+    pub access: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Json,
+            level: DEFAULT_LOG_LEVEL.to_owned(),
+            access: false,
+        }
+    }
+}
+
+/// OAuth2 grant used to obtain tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantType {
+    /// Machine-to-machine: id and secret buy a token.
+    ClientCredentials,
+    /// A long-lived refresh token buys access tokens.
+    RefreshToken,
+    /// A one-time code is exchanged for a refresh token, which then buys access tokens.
+    AuthorizationCode,
+}
+
+impl GrantType {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantType::ClientCredentials => "client_credentials",
+            GrantType::RefreshToken => "refresh_token",
+            GrantType::AuthorizationCode => "authorization_code",
+        }
+    }
+}
+
+/// How the client authenticates to the token endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// `client_id` and `client_secret` as body fields (what Flinks documents).
+    #[default]
+    Body,
+    /// HTTP Basic (`client_secret_basic`, RFC 6749 §2.3.1).
+    Basic,
+}
+
+/// How the token request body is encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Encoding {
+    /// `application/json` (Flinks).
+    #[default]
+    Json,
+    /// `application/x-www-form-urlencoded` (RFC 6749).
+    Form,
+}
+
+/// `[tokens.<name>]`: one credential and how to use it.
+#[derive(Clone, Debug, Deserialize)]
+pub struct TokenConfig {
+    /// The table's name; filled in by the loader.
+    #[serde(skip)]
+    pub name: String,
+    /// The token endpoint.
+    pub token_url: String,
+    /// The grant used to obtain tokens.
+    pub grant_type: GrantType,
+    /// Client id, inline.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Client id, from a file.
+    #[serde(default)]
+    pub client_id_file: Option<PathBuf>,
+    /// Client secret, inline (local use; deployments use the file form).
+    #[serde(default)]
+    pub client_secret: Option<Secret>,
+    /// Client secret, from a file read on every token request.
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    /// Body fields or HTTP Basic.
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+    /// JSON or form body.
+    #[serde(default)]
+    pub encoding: Encoding,
+    /// `scope`, sent when set.
+    #[serde(default)]
+    pub scope: Option<String>,
+    /// `redirect_uri`, sent when set.
+    #[serde(default)]
+    pub redirect_uri: Option<String>,
+    /// Extra body fields.
+    #[serde(default)]
+    pub extra: BTreeMap<String, String>,
+    /// Extra request headers.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Refresh token for the `refresh_token` grant.
+    #[serde(default)]
+    pub refresh_token_file: Option<PathBuf>,
+    /// One-time code for the `authorization_code` bootstrap.
+    #[serde(default)]
+    pub code_file: Option<PathBuf>,
+    /// Where refresh tokens obtained or rotated at run time are kept.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+    /// Fraction of the lifetime after which to refresh.
+    #[serde(default = "default_refresh_ratio")]
+    pub refresh_ratio: f64,
+    /// Refresh no later than this before expiry.
+    #[serde(default = "default_refresh_margin", with = "duration")]
+    pub refresh_margin: Duration,
+    /// Lifetime assumed when the response does not say.
+    #[serde(default = "default_lifetime", with = "duration")]
+    pub default_lifetime: Duration,
+    /// Token request timeout.
+    #[serde(default = "default_token_timeout", with = "duration")]
+    pub timeout: Duration,
+    /// First retry delay after a transient failure.
+    #[serde(default = "default_backoff_initial", with = "duration")]
+    pub backoff_initial: Duration,
+    /// Longest retry delay; the retry pace after a rejection.
+    #[serde(default = "default_backoff_max", with = "duration")]
+    pub backoff_max: Duration,
+    /// Minimum time between refreshes forced by upstream 401s.
+    #[serde(default = "default_forced_refresh_interval", with = "duration")]
+    pub forced_refresh_interval: Duration,
+    /// Extra CA certificates (PEM) trusted for the token endpoint.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_refresh_ratio() -> f64 {
+    DEFAULT_REFRESH_RATIO
+}
+fn default_refresh_margin() -> Duration {
+    DEFAULT_REFRESH_MARGIN
+}
+fn default_lifetime() -> Duration {
+    DEFAULT_LIFETIME
+}
+fn default_token_timeout() -> Duration {
+    DEFAULT_TOKEN_TIMEOUT
+}
+fn default_backoff_initial() -> Duration {
+    DEFAULT_BACKOFF_INITIAL
+}
+fn default_backoff_max() -> Duration {
+    DEFAULT_BACKOFF_MAX
+}
+fn default_forced_refresh_interval() -> Duration {
+    DEFAULT_FORCED_REFRESH_INTERVAL
+}
+fn default_replay_statuses() -> Vec<u16> {
+    DEFAULT_REPLAY_STATUSES.to_vec()
+}
+
+impl TokenConfig {
+    /// Where the client id comes from.
+    pub fn client_id_source(&self) -> Option<SecretSource> {
+        match (&self.client_id, &self.client_id_file) {
+            (Some(id), _) => Some(SecretSource::Inline(Secret::new(id.clone()))),
+            (None, Some(path)) => Some(SecretSource::File(path.clone())),
+            (None, None) => None,
+        }
+    }
+
+    /// Where the client secret comes from.
+    pub fn client_secret_source(&self) -> Option<SecretSource> {
+        match (&self.client_secret, &self.client_secret_file) {
+            (Some(s), _) => Some(SecretSource::Inline(s.clone())),
+            (None, Some(path)) => Some(SecretSource::File(path.clone())),
+            (None, None) => None,
+        }
+    }
+}
+
+/// `[[routes]]`: a host whose requests get a token.
+#[derive(Clone, Debug, Deserialize)]
+pub struct RouteConfig {
+    /// Label in metrics and logs; defaults to the host.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Exact host or `*.suffix`.
+    pub host: String,
+    /// Port to match; unset matches the default ports.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Origin-form prefix (gateway mode), stripped before forwarding.
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// The `[tokens.<name>]` to inject.
+    pub token: String,
+    /// Base URL to forward to; defaults to `https://<host>`.
+    #[serde(default)]
+    pub upstream: Option<String>,
+    /// Static headers added upstream.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Upstream statuses that mean "token rejected".
+    #[serde(default = "default_replay_statuses")]
+    pub replay_statuses: Vec<u16>,
+}
+
+impl RouteConfig {
+    /// The route's label: its name, or its host.
+    pub fn label(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.host)
+    }
+}
+
+/// One problem in the configuration, naming the key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted path of the key (`tokens.flinks.token_url`, `routes[0].host`).
+    pub key: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Every problem found, reported together.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid configuration ({} problem{}):",
+            self.0.len(),
+            if self.0.len() == 1 { "" } else { "s" }
+        )?;
+        for e in &self.0 {
+            write!(f, "\n  - {}: {}", e.key, e.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Loads the configuration from `path` (TOML or YAML by extension) and the process environment,
+/// then validates it.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    load_with_env(path, None)
+}
+
+/// Like [`load`], with the environment given explicitly (`None`: the process environment).
+pub fn load_with_env(
+    path: &Path,
+    env: Option<HashMap<String, String>>,
+) -> Result<Config, ConfigErrors> {
+    let format = match path.extension().and_then(|e| e.to_str()) {
+        Some("toml") => config::FileFormat::Toml,
+        Some("yaml" | "yml") => config::FileFormat::Yaml,
+        _ => {
+            return Err(ConfigErrors(vec![ConfigError::new(
+                "(file)",
+                format!(
+                    "{}: unknown format; name the file *.toml, *.yaml or *.yml",
+                    path.display()
+                ),
+            )]));
+        }
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError::new(
+            "(file)",
+            format!("cannot read {}: {e}", path.display()),
+        )])
+    })?;
+    from_str(&text, format, env)
+}
+
+/// Parses a configuration document (plus environment overrides) and validates it.
+pub fn from_str(
+    text: &str,
+    format: config::FileFormat,
+    env: Option<HashMap<String, String>>,
+) -> Result<Config, ConfigErrors> {
+    let built = config::Config::builder()
+        .add_source(config::File::from_str(text, format))
+        .add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .separator(ENV_SEPARATOR)
+                .source(env),
+        )
+        .build()
+        .map_err(|e| ConfigErrors(vec![ConfigError::new("(file)", e.to_string())]))?;
+    let root: HashMap<String, config::Value> = built
+        .try_deserialize()
+        .map_err(|e| ConfigErrors(vec![ConfigError::new("(file)", e.to_string())]))?;
+    from_tree(root)
+}
+
+/// Builds a [`Config`] from the parsed tree, section by section, so that a mistake in one
+/// section does not hide the mistakes in the others.
+fn from_tree(mut root: HashMap<String, config::Value>) -> Result<Config, ConfigErrors> {
+    let mut errors = Vec::new();
+    let proxy = section::<ProxyConfig>(root.remove("proxy"), "proxy", &mut errors);
+    let admin = section::<AdminConfig>(root.remove("admin"), "admin", &mut errors);
+    let log = section::<LogConfig>(root.remove("log"), "log", &mut errors);
+
+    let mut tokens = BTreeMap::new();
+    if let Some(value) = root.remove("tokens") {
+        match value.into_table() {
+            Ok(table) => {
+                for (name, value) in table {
+                    let key = format!("tokens.{name}");
+                    if let Some(mut t) = parse::<TokenConfig>(value, &key, &mut errors) {
+                        t.name = name.clone();
+                        tokens.insert(name, t);
+                    }
+                }
+            }
+            Err(e) => errors.push(ConfigError::new("tokens", e.to_string())),
+        }
+    }
+    let mut routes = Vec::new();
+    if let Some(value) = root.remove("routes") {
+        match value.into_array() {
+            Ok(list) => {
+                for (i, value) in list.into_iter().enumerate() {
+                    if let Some(r) =
+                        parse::<RouteConfig>(value, &format!("routes[{i}]"), &mut errors)
+                    {
+                        routes.push(r);
+                    }
+                }
+            }
+            Err(e) => errors.push(ConfigError::new("routes", e.to_string())),
+        }
+    }
+    let mut unknown: Vec<_> = root.into_keys().collect();
+    unknown.sort();
+    for key in unknown {
+        errors.push(ConfigError::new(key, "unknown section"));
+    }
+
+    let config = Config {
+        proxy: proxy.unwrap_or_default(),
+        admin: admin.unwrap_or_default(),
+        log: log.unwrap_or_default(),
+        tokens,
+        routes,
+    };
+    errors.extend(config.problems());
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+fn section<T: DeserializeOwned + Default>(
+    value: Option<config::Value>,
+    key: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Option<T> {
+    match value {
+        None => Some(T::default()),
+        Some(v) => parse(v, key, errors),
+    }
+}
+
+/// Deserializes one section, recording its unknown keys and its first type error. Unknown keys
+/// are found from the struct's field list rather than during deserialization, so a type error
+/// earlier in the table does not hide a misspelt key later in it.
+fn parse<T: DeserializeOwned>(
+    value: config::Value,
+    key: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Option<T> {
+    if let Ok(table) = value.clone().into_table() {
+        let known = field_names::<T>();
+        let mut unknown: Vec<_> = table
+            .keys()
+            .filter(|k| !known.contains(&k.as_str()))
+            .collect();
+        unknown.sort();
+        for k in unknown {
+            errors.push(ConfigError::new(format!("{key}.{k}"), "unknown key"));
+        }
+    }
+    let mut track = serde_path_to_error::Track::new();
+    match T::deserialize(serde_path_to_error::Deserializer::new(value, &mut track)) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let path = track.path().to_string();
+            let full = if path == "." || path.is_empty() {
+                key.to_owned()
+            } else {
+                format!("{key}.{path}")
+            };
+            errors.push(ConfigError::new(full, e.to_string()));
+            None
+        }
+    }
+}
+
+/// The field names a derived `Deserialize` struct accepts, learnt by offering it a deserializer
+/// that records what `deserialize_struct` is asked for.
+fn field_names<T: DeserializeOwned>() -> &'static [&'static str] {
+    use serde::de::{Error as _, Visitor, value::Error};
+
+    struct Probe<'a>(&'a mut &'static [&'static str]);
+    impl<'de> serde::Deserializer<'de> for Probe<'_> {
+        type Error = Error;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Error> {
+            Err(Error::custom("probe"))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Error> {
+            *self.0 = fields;
+            Err(Error::custom("probe"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+            ignored_any
+        }
+    }
+    let mut fields: &'static [&'static str] = &[];
+    let _ = T::deserialize(Probe(&mut fields));
+    fields
+}
+
+impl Config {
+    /// Checks everything serde cannot: references, ranges, URLs, combinations.
+    /// Returns every problem found.
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let problems = self.problems();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(problems))
+        }
+    }
+
+    fn problems(&self) -> Vec<ConfigError> {
+        let mut errors = Vec::new();
+        let mut push = |key: String, msg: String| errors.push(ConfigError::new(key, msg));
+
+        let p = &self.proxy;
+        if p.max_connections == 0 {
+            push("proxy.max_connections".into(), "must be at least 1".into());
+        }
+        if p.max_header_bytes < 1024 {
+            push(
+                "proxy.max_header_bytes".into(),
+                "must be at least 1024".into(),
+            );
+        }
+        for (key, d) in [
+            ("header_read_timeout", p.header_read_timeout),
+            ("idle_timeout", p.idle_timeout),
+            ("connect_timeout", p.connect_timeout),
+            ("response_timeout", p.response_timeout),
+            ("token_wait", p.token_wait),
+            ("shutdown_grace", p.shutdown_grace),
+        ] {
+            if d.is_zero() {
+                push(format!("proxy.{key}"), "must be greater than zero".into());
+            }
+        }
+        if p.listen == self.admin.listen {
+            push(
+                "admin.listen".into(),
+                format!("same address as proxy.listen ({})", p.listen),
+            );
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            push("log.level".into(), format!("not a valid filter: {e}"));
+        }
+
+        for (name, t) in &self.tokens {
+            token_problems(name, t, &mut push);
+        }
+
+        let mut names = HashMap::new();
+        let mut keys = HashMap::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let k = |field: &str| format!("routes[{i}].{field}");
+            route_problems(r, &k, &mut push);
+            if !self.tokens.contains_key(&r.token) {
+                push(k("token"), format!("no [tokens.{}] is configured", r.token));
+            }
+            if let Some(j) = names.insert(r.label().to_owned(), i) {
+                push(
+                    k("name"),
+                    format!("route name {:?} is already used by routes[{j}]", r.label()),
+                );
+            }
+            let key = (
+                r.host.to_ascii_lowercase(),
+                r.port,
+                r.path_prefix.clone().unwrap_or_default(),
+            );
+            if let Some(j) = keys.insert(key, i) {
+                push(
+                    k("host"),
+                    format!("routes[{j}] already matches the same host, port and path_prefix"),
+                );
+            }
+        }
+        errors
+    }
+}
+
+fn token_problems(name: &str, t: &TokenConfig, push: &mut impl FnMut(String, String)) {
+    let k = |field: &str| format!("tokens.{name}.{field}");
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    {
+        push(
+            format!("tokens.{name}"),
+            "token names use only a-z, 0-9, '_' and '-' (they become metric labels and file names)"
+                .into(),
+        );
+    }
+    if let Err(msg) = check_endpoint_url(&t.token_url) {
+        push(k("token_url"), msg);
+    }
+    match (&t.client_id, &t.client_id_file) {
+        (Some(_), Some(_)) => push(
+            k("client_id"),
+            "set client_id or client_id_file, not both".into(),
+        ),
+        (None, None) => push(
+            k("client_id"),
+            "missing: set client_id or client_id_file".into(),
+        ),
+        _ => {}
+    }
+    match (&t.client_secret, &t.client_secret_file) {
+        (Some(_), Some(_)) => push(
+            k("client_secret"),
+            "set client_secret or client_secret_file, not both".into(),
+        ),
+        (None, None) if t.grant_type == GrantType::ClientCredentials => push(
+            k("client_secret_file"),
+            "missing: the client_credentials grant needs client_secret_file (or client_secret)"
+                .into(),
+        ),
+        (None, None) if t.client_auth == ClientAuth::Basic => push(
+            k("client_secret_file"),
+            "missing: client_auth = \"basic\" needs a client secret".into(),
+        ),
+        _ => {}
+    }
+    match t.grant_type {
+        GrantType::ClientCredentials => {}
+        GrantType::RefreshToken => {
+            if t.refresh_token_file.is_none() && t.state_dir.is_none() {
+                push(
+                    k("refresh_token_file"),
+                    "missing: the refresh_token grant needs refresh_token_file".into(),
+                );
+            }
+        }
+        GrantType::AuthorizationCode => {
+            if t.code_file.is_none() {
+                push(
+                    k("code_file"),
+                    "missing: the authorization_code grant needs code_file".into(),
+                );
+            }
+            if t.state_dir.is_none() {
+                push(
+                    k("state_dir"),
+                    "missing: the authorization_code grant needs state_dir to keep the refresh \
+                     token, or a restart would re-send a spent code"
+                        .into(),
+                );
+            }
+        }
+    }
+    if !(t.refresh_ratio > 0.0 && t.refresh_ratio < 1.0) {
+        push(
+            k("refresh_ratio"),
+            "must be between 0 and 1 (exclusive)".into(),
+        );
+    }
+    if t.default_lifetime < Duration::from_secs(1) {
+        push(k("default_lifetime"), "must be at least 1s".into());
+    }
+    if t.timeout.is_zero() {
+        push(k("timeout"), "must be greater than zero".into());
+    }
+    if t.backoff_initial.is_zero() {
+        push(k("backoff_initial"), "must be greater than zero".into());
+    }
+    if t.backoff_max < t.backoff_initial {
+        push(
+            k("backoff_max"),
+            "must not be shorter than backoff_initial".into(),
+        );
+    }
+    const RESERVED: &[&str] = &[
+        "grant_type",
+        "client_id",
+        "client_secret",
+        "refresh_token",
+        "code",
+        "scope",
+        "redirect_uri",
+    ];
+    for key in t.extra.keys() {
+        if RESERVED.contains(&key.as_str()) {
+            push(
+                format!("tokens.{name}.extra.{key}"),
+                "reserved field; use the dedicated key".into(),
+            );
+        }
+    }
+    header_problems(&t.headers, &|h| format!("tokens.{name}.headers.{h}"), push);
+}
+
+fn route_problems(
+    r: &RouteConfig,
+    k: &impl Fn(&str) -> String,
+    push: &mut impl FnMut(String, String),
+) {
+    let host = r.host.strip_prefix("*.").unwrap_or(&r.host);
+    if host.is_empty()
+        || host.contains('*')
+        || !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b':')
+    {
+        push(
+            k("host"),
+            format!(
+                "{:?} is not a host name, IP address or *.suffix pattern",
+                r.host
+            ),
+        );
+    }
+    if let Some(prefix) = &r.path_prefix
+        && (!prefix.starts_with('/') || prefix.len() < 2 || prefix.contains(['?', '#']))
+    {
+        push(
+            k("path_prefix"),
+            "must start with '/' and name a path (e.g. \"/flinks\")".into(),
+        );
+    }
+    if let Some(up) = &r.upstream
+        && let Err(msg) = check_endpoint_url(up)
+    {
+        push(k("upstream"), msg);
+    }
+    if r.port == Some(0) {
+        push(k("port"), "must be 1-65535".into());
+    }
+    for s in &r.replay_statuses {
+        if !(400..=599).contains(s) {
+            push(
+                k("replay_statuses"),
+                format!("{s} is not an error status (400-599)"),
+            );
+        }
+    }
+    header_problems(&r.headers, &|h| format!("{}.{h}", k("headers")), push);
+}
+
+fn header_problems(
+    headers: &BTreeMap<String, String>,
+    k: &dyn Fn(&str) -> String,
+    push: &mut impl FnMut(String, String),
+) {
+    for (name, value) in headers {
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            push(k(name), "not a valid header name".into());
+        } else if http::HeaderValue::from_str(value).is_err() {
+            push(k(name), "not a valid header value".into());
+        }
+        if name.eq_ignore_ascii_case("authorization") || name.eq_ignore_ascii_case("host") {
+            push(
+                k(name),
+                "set by bearer-proxy itself; cannot be configured".into(),
+            );
+        }
+    }
+}
+
+/// Whether a URL may carry credentials: `https`, or `http` to a loopback address only.
+pub fn check_endpoint_url(raw: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(raw).map_err(|e| format!("{raw:?} is not a URL: {e}"))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not contain user:password@".into());
+    }
+    match url.scheme() {
+        "https" => {}
+        "http" if is_loopback_host(url.host_str().unwrap_or_default()) => {}
+        "http" => {
+            return Err(format!(
+                "{raw:?}: plain http is allowed only for loopback addresses; use https so \
+                 credentials never cross a network in clear text"
+            ));
+        }
+        other => return Err(format!("{raw:?}: scheme {other:?} is not http(s)")),
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{raw:?} has no host"));
+    }
+    Ok(url)
+}
+
+/// `localhost`, 127.0.0.0/8 or ::1.
+pub fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+fn parse_default_addr(s: &str) -> SocketAddr {
+    // The constants above are literal socket addresses; a typo there is caught by a unit test.
+    s.parse()
+        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+/// Durations written as `30s`, `5m`, `250ms`, `1h 30m`.
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    /// Parses a duration string.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        parse(&s).map_err(serde::de::Error::custom)
+    }
+
+    /// Parses `30s`, `5m`, `250ms`; a bare number is refused so that units are never guessed.
+    pub fn parse(s: &str) -> Result<Duration, String> {
+        let s = s.trim();
+        if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+            return Err(format!(
+                "{s:?} has no unit; write e.g. \"{s}s\" or \"{s}ms\""
+            ));
+        }
+        humantime::parse_duration(s)
+            .map_err(|e| format!("{s:?} is not a duration like \"30s\", \"5m\", \"250ms\": {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn toml(text: &str) -> Result<Config, ConfigErrors> {
+        from_str(text, config::FileFormat::Toml, Some(HashMap::new()))
+    }
+
+    const MINIMAL: &str = r#"
+        [tokens.flinks]
+        token_url = "https://ob.flinksapp.com/api/v1/token"
+        grant_type = "client_credentials"
+        client_id = "my-client"
+        client_secret_file = "/var/run/secrets/flinks/client_secret"
+
+        [[routes]]
+        host = "ob.flinksapp.com"
+        token = "flinks"
+    "#;
+
+    #[test]
+    fn default_addresses_parse() {
+        assert_eq!(
+            DEFAULT_PROXY_LISTEN.parse::<SocketAddr>().unwrap(),
+            ProxyConfig::default().listen
+        );
+        assert_eq!(
+            DEFAULT_ADMIN_LISTEN.parse::<SocketAddr>().unwrap(),
+            AdminConfig::default().listen
+        );
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = toml(MINIMAL).unwrap();
+        let t = &c.tokens["flinks"];
+        assert_eq!(t.name, "flinks");
+        assert_eq!(t.refresh_ratio, DEFAULT_REFRESH_RATIO);
+        assert_eq!(t.refresh_margin, DEFAULT_REFRESH_MARGIN);
+        assert_eq!(t.encoding, Encoding::Json);
+        assert_eq!(t.client_auth, ClientAuth::Body);
+        assert_eq!(c.routes[0].replay_statuses, vec![401]);
+        assert_eq!(c.routes[0].label(), "ob.flinksapp.com");
+        assert_eq!(c.proxy.listen, "127.0.0.1:3128".parse().unwrap());
+        assert_eq!(c.proxy.unmatched(), Unmatched::Forward);
+        assert_eq!(c.proxy.connect(), ConnectPolicy::Tunnel);
+        assert_eq!(c.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn non_loopback_listener_denies_by_default() {
+        let c = toml(&format!("[proxy]\nlisten = \"0.0.0.0:3128\"\n{MINIMAL}")).unwrap();
+        assert_eq!(c.proxy.unmatched(), Unmatched::Deny);
+        assert_eq!(c.proxy.connect(), ConnectPolicy::Deny);
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        let c = toml(&format!(
+            "[proxy]\ntoken_wait = \"250ms\"\nidle_timeout = \"2m\"\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(c.proxy.token_wait, Duration::from_millis(250));
+        assert_eq!(c.proxy.idle_timeout, Duration::from_secs(120));
+        assert!(duration::parse("30").unwrap_err().contains("no unit"));
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_naming_its_key() {
+        let errs = toml(
+            r#"
+            [proxy]
+            listen = "127.0.0.1:3128"
+            idle_timout = "5s"
+            token_wait = "soon"
+
+            [admin]
+            listen = "not an address"
+
+            [tokens.flinks]
+            token_url = "http://ob.flinksapp.com/api/v1/token"
+            grant_type = "client_credentials"
+            client_id = "x"
+            refresh_ratio = 1.5
+            backoff_initial = "10s"
+            backoff_max = "1s"
+
+            [tokens.other]
+            token_url = "https://a.example/token"
+            grant_type = "password"
+
+            [[routes]]
+            host = "ob.flinksapp.com"
+            token = "missing"
+            upstream = "http://10.0.0.1"
+            replay_statuses = [200]
+
+            [surprise]
+            x = 1
+        "#,
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = errs.0.iter().map(|e| e.key.as_str()).collect();
+        for expected in [
+            "proxy.idle_timout",
+            "proxy.token_wait",
+            "admin.listen",
+            "tokens.flinks.token_url",
+            "tokens.flinks.client_secret_file",
+            "tokens.flinks.refresh_ratio",
+            "tokens.flinks.backoff_max",
+            "tokens.other.grant_type",
+            "routes[0].token",
+            "routes[0].upstream",
+            "routes[0].replay_statuses",
+            "surprise",
+        ] {
+            assert!(keys.contains(&expected), "{expected} not in {keys:?}");
+        }
+        let text = errs.to_string();
+        assert!(text.contains("unknown key"), "{text}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let env = HashMap::from([
+            (
+                "BEARER_PROXY__TOKENS__FLINKS__CLIENT_ID".to_owned(),
+                "from-env".to_owned(),
+            ),
+            (
+                "BEARER_PROXY__PROXY__LISTEN".to_owned(),
+                "127.0.0.1:4000".to_owned(),
+            ),
+            (
+                "BEARER_PROXY__TOKENS__FLINKS__REFRESH_RATIO".to_owned(),
+                "0.5".to_owned(),
+            ),
+        ]);
+        let c = from_str(MINIMAL, config::FileFormat::Toml, Some(env)).unwrap();
+        assert_eq!(c.tokens["flinks"].client_id.as_deref(), Some("from-env"));
+        assert_eq!(c.tokens["flinks"].refresh_ratio, 0.5);
+        assert_eq!(c.proxy.listen.port(), 4000);
+    }
+
+    #[test]
+    fn yaml_is_accepted() {
+        let c = from_str(
+            "tokens:\n  flinks:\n    token_url: https://x.example/t\n    grant_type: client_credentials\n    client_id: a\n    client_secret: b\nroutes:\n  - host: \"*.example.com\"\n    token: flinks\n",
+            config::FileFormat::Yaml,
+            Some(HashMap::new()),
+        )
+        .unwrap();
+        assert_eq!(c.routes[0].host, "*.example.com");
+    }
+
+    #[test]
+    fn secrets_do_not_print_in_debug() {
+        let c = toml(&MINIMAL.replace(
+            "client_secret_file = \"/var/run/secrets/flinks/client_secret\"",
+            "client_secret = \"canary-secret-77\"",
+        ))
+        .unwrap();
+        assert!(!format!("{c:?}").contains("canary-secret-77"));
+    }
+
+    #[test]
+    fn refresh_and_code_grants_need_their_files() {
+        let errs = toml(
+            r#"
+            [tokens.a]
+            token_url = "https://x.example/t"
+            grant_type = "refresh_token"
+            client_id = "a"
+            [tokens.b]
+            token_url = "https://x.example/t"
+            grant_type = "authorization_code"
+            client_id = "b"
+        "#,
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = errs.0.iter().map(|e| e.key.as_str()).collect();
+        assert!(keys.contains(&"tokens.a.refresh_token_file"), "{keys:?}");
+        assert!(keys.contains(&"tokens.b.code_file"), "{keys:?}");
+        assert!(keys.contains(&"tokens.b.state_dir"), "{keys:?}");
+    }
+
+    #[test]
+    fn loopback_http_is_allowed_for_local_use() {
+        assert!(check_endpoint_url("http://127.0.0.1:8080/token").is_ok());
+        assert!(check_endpoint_url("http://localhost/token").is_ok());
+        assert!(check_endpoint_url("http://[::1]:9/token").is_ok());
+        assert!(check_endpoint_url("http://example.com/token").is_err());
+        assert!(check_endpoint_url("https://u:p@example.com/token").is_err());
+        assert!(check_endpoint_url("ftp://example.com/").is_err());
+    }
+}

@@ -1,0 +1,4 @@
+//! bearer-proxy
+#![forbid(unsafe_code)]
+pub mod config;
+pub mod secret;
