@@ -1,0 +1,1 @@
+//! The token endpoint client: request building, response parsing, error classification.

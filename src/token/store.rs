@@ -1,0 +1,1 @@
+//! Refresh-token persistence under `state_dir`.
