@@ -4,4 +4,6 @@
 pub mod config;
 pub mod metrics;
 pub mod secret;
+pub mod shutdown;
+pub mod tls;
 pub mod token;

@@ -235,8 +235,9 @@ impl TokenCell {
         self.force.notified().await;
     }
 
-    /// Installs a new token (refresher side) and returns its generation.
-    fn publish(&self, mut token: AccessToken) -> u64 {
+    /// Installs a new token and returns its generation. The refresher is the only writer in the
+    /// product; tests use this to put a known token in place.
+    pub fn publish(&self, mut token: AccessToken) -> u64 {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         token.generation = generation;
         self.current.store(Some(Arc::new(token)));
