@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod issuer;
 pub mod metrics;
 pub mod secret;
 pub mod token;
