@@ -11,6 +11,7 @@
 //! - [`tls`]: trust roots for outbound TLS.
 //! - [`shutdown`]: the phases of a graceful stop.
 //! - [`logging`]: the tracing subscriber.
+//! - [`issuer`]: the built-in dev token endpoint (demo, tests, benchmarks).
 //! - [`cli`]: the command-line commands behind the thin `main.rs`.
 //!
 //! A token flows token endpoint → [`token::refresher::Refresher`] → [`token::TokenCell`] →
@@ -19,6 +20,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod issuer;
 pub mod logging;
 pub mod metrics;
 pub mod secret;

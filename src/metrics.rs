@@ -219,7 +219,7 @@ fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registr
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     register(
         registry,
-        IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic_free(e)),
+        IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(panic_free),
     )
 }
 
@@ -236,7 +236,7 @@ fn histogram_vec(
             HistogramOpts::new(name, help).buckets(buckets.to_vec()),
             &[label],
         )
-        .unwrap_or_else(|e| panic_free(e)),
+        .unwrap_or_else(panic_free),
     )
 }
 
@@ -244,7 +244,7 @@ fn gauge_vec(registry: &Registry, name: &str, help: &str) -> prometheus::GaugeVe
     register(
         registry,
         prometheus::GaugeVec::new(Opts::new(name, help), &["token"])
-            .unwrap_or_else(|e| panic_free(e)),
+            .unwrap_or_else(panic_free),
     )
 }
 
@@ -271,7 +271,7 @@ impl Metrics {
                 Opts::new("bearer_proxy_build_info", "Build information; always 1."),
                 &["version"],
             )
-            .unwrap_or_else(|e| panic_free(e)),
+            .unwrap_or_else(panic_free),
         );
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
@@ -322,7 +322,7 @@ impl Metrics {
                     ),
                     &["token"],
                 )
-                .unwrap_or_else(|e| panic_free(e)),
+                .unwrap_or_else(panic_free),
             ),
             token_forced: counter_vec(
                 &r,
@@ -362,12 +362,12 @@ impl Metrics {
                     "bearer_proxy_open_connections",
                     "Client connections open on the proxy port.",
                 )
-                .unwrap_or_else(|e| panic_free(e)),
+                .unwrap_or_else(panic_free),
             ),
             open_tunnels: register(
                 &r,
                 IntGauge::new("bearer_proxy_open_tunnels", "CONNECT tunnels open.")
-                    .unwrap_or_else(|e| panic_free(e)),
+                    .unwrap_or_else(panic_free),
             ),
             registry: r,
         };
