@@ -12,7 +12,6 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{self, Config, GrantType};
 use crate::metrics::Metrics;
-use crate::secret::SecretSource;
 use crate::token::TokenCell;
 use crate::token::refresher::Refresher;
 
@@ -47,6 +46,38 @@ pub enum Command {
         /// Which `[tokens.<name>]`; may be omitted when only one is configured.
         name: Option<String>,
     },
+    /// Run a local token endpoint implementing Flinks' `/api/v1/token` contract, for demos,
+    /// tests and benchmarks. Its failure switches are under `POST /control/...`.
+    DevIssuer(DevIssuerArgs),
+}
+
+/// Options of `bearer-proxy dev-issuer`.
+#[derive(Debug, clap::Args)]
+pub struct DevIssuerArgs {
+    /// Address to listen on (loopback: this is a development tool).
+    #[arg(long, default_value = "127.0.0.1:8089")]
+    pub listen: std::net::SocketAddr,
+    /// Lifetime of issued access tokens, in seconds.
+    #[arg(long, default_value_t = 300)]
+    pub lifetime: u64,
+    /// Accepted client id.
+    #[arg(long, default_value = "demo-client")]
+    pub client_id: String,
+    /// Accepted client secret.
+    #[arg(long, default_value = "demo-secret")]
+    pub client_secret: String,
+    /// Issue this exact access token every time (benchmarks: the upstream can check it).
+    #[arg(long)]
+    pub fixed_token: Option<String>,
+    /// Accepted one-time authorization codes.
+    #[arg(long = "code")]
+    pub codes: Vec<String>,
+    /// Accepted refresh tokens.
+    #[arg(long = "refresh-token")]
+    pub refresh_tokens: Vec<String>,
+    /// Answer the refresh grant with a new refresh token, invalidating the old one.
+    #[arg(long)]
+    pub rotate_refresh_tokens: bool,
 }
 
 /// Parses the command line and runs the command.
@@ -56,6 +87,7 @@ pub fn main() -> u8 {
         Command::Run => run(cli.config.as_deref()),
         Command::Check => check(cli.config.as_deref()),
         Command::Token { name } => token(cli.config.as_deref(), name.as_deref()),
+        Command::DevIssuer(args) => dev_issuer(args),
     }
 }
 
@@ -172,7 +204,7 @@ fn file_problems(config: &Config) -> Vec<String> {
     let mut problems = Vec::new();
     for (name, t) in &config.tokens {
         let mut files: Vec<(&str, &Path)> = Vec::new();
-        if let Some(p) = t.client_id_source().as_ref().and_then(SecretSource::path) {
+        if let Some(p) = &t.client_id_file {
             files.push(("client_id_file", p));
         }
         if let Some(p) = &t.client_secret_file {
@@ -338,6 +370,60 @@ fn token(path: Option<&Path>, name: Option<&str>) -> u8 {
                 EXIT_FAILURE
             }
         }
+    })
+}
+
+fn dev_issuer(args: DevIssuerArgs) -> u8 {
+    let text_logs = crate::config::LogConfig {
+        format: crate::config::LogFormat::Text,
+        ..Default::default()
+    };
+    if let Err(e) = crate::logging::init(&text_logs) {
+        eprintln!("bearer-proxy: logging: {e}");
+    }
+    let rt = match runtime(1) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bearer-proxy: cannot start the runtime: {e}");
+            return EXIT_FAILURE;
+        }
+    };
+    let defaults = crate::issuer::IssuerOptions::default();
+    let opts = crate::issuer::IssuerOptions {
+        lifetime: Duration::from_secs(args.lifetime),
+        clients: vec![(args.client_id, args.client_secret)],
+        codes: if args.codes.is_empty() { defaults.codes } else { args.codes },
+        refresh_tokens: if args.refresh_tokens.is_empty() {
+            defaults.refresh_tokens
+        } else {
+            args.refresh_tokens
+        },
+        rotate_refresh_tokens: args.rotate_refresh_tokens,
+        fixed_token: args.fixed_token,
+        ..defaults
+    };
+    rt.block_on(async {
+        let issuer = match crate::issuer::DevIssuer::bind(args.listen, opts).await {
+            Ok(i) => i,
+            Err(e) => {
+                eprintln!("bearer-proxy: dev-issuer: cannot listen on {}: {e}", args.listen);
+                return EXIT_FAILURE;
+            }
+        };
+        println!("dev issuer: token endpoint {}", issuer.token_url());
+        let mut signals = match os_signals() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("bearer-proxy: cannot install signal handlers: {e}");
+                return EXIT_FAILURE;
+            }
+        };
+        issuer
+            .serve(async move {
+                signals.recv().await;
+            })
+            .await;
+        EXIT_OK
     })
 }
 
