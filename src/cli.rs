@@ -217,7 +217,10 @@ fn file_problems(config: &Config) -> Vec<String> {
         }
         for (key, p) in files {
             if let Err(e) = std::fs::read(p) {
-                problems.push(format!("tokens.{name}.{key}: cannot read {}: {e}", p.display()));
+                problems.push(format!(
+                    "tokens.{name}.{key}: cannot read {}: {e}",
+                    p.display()
+                ));
             }
         }
         if let Some(ca) = &t.ca_file
@@ -232,10 +235,7 @@ fn file_problems(config: &Config) -> Vec<String> {
                     "tokens.{name}.state_dir: {} is not a writable directory",
                     dir.display()
                 )),
-                Err(e) => problems.push(format!(
-                    "tokens.{name}.state_dir: {}: {e}",
-                    dir.display()
-                )),
+                Err(e) => problems.push(format!("tokens.{name}.state_dir: {}: {e}", dir.display())),
             }
         }
     }
@@ -332,7 +332,9 @@ fn token(path: Option<&Path>, name: Option<&str>) -> u8 {
                 println!("token        {name}");
                 println!(
                     "type         {}",
-                    f.token_type.as_deref().unwrap_or("(not sent; Bearer assumed)")
+                    f.token_type
+                        .as_deref()
+                        .unwrap_or("(not sent; Bearer assumed)")
                 );
                 println!(
                     "lifetime     {}s (from {:?})",
@@ -340,7 +342,10 @@ fn token(path: Option<&Path>, name: Option<&str>) -> u8 {
                     f.lifetime_source
                 );
                 println!("expires      {}", rfc3339(f.expires_wall));
-                println!("scope        {}", f.scope.as_deref().unwrap_or("(not sent)"));
+                println!(
+                    "scope        {}",
+                    f.scope.as_deref().unwrap_or("(not sent)")
+                );
                 if f.refresh_token_rotated {
                     println!("refresh      the server sent a new refresh token (persisted)");
                 }
@@ -392,7 +397,11 @@ fn dev_issuer(args: DevIssuerArgs) -> u8 {
     let opts = crate::issuer::IssuerOptions {
         lifetime: Duration::from_secs(args.lifetime),
         clients: vec![(args.client_id, args.client_secret)],
-        codes: if args.codes.is_empty() { defaults.codes } else { args.codes },
+        codes: if args.codes.is_empty() {
+            defaults.codes
+        } else {
+            args.codes
+        },
         refresh_tokens: if args.refresh_tokens.is_empty() {
             defaults.refresh_tokens
         } else {
@@ -406,7 +415,10 @@ fn dev_issuer(args: DevIssuerArgs) -> u8 {
         let issuer = match crate::issuer::DevIssuer::bind(args.listen, opts).await {
             Ok(i) => i,
             Err(e) => {
-                eprintln!("bearer-proxy: dev-issuer: cannot listen on {}: {e}", args.listen);
+                eprintln!(
+                    "bearer-proxy: dev-issuer: cannot listen on {}: {e}",
+                    args.listen
+                );
                 return EXIT_FAILURE;
             }
         };

@@ -243,8 +243,7 @@ fn histogram_vec(
 fn gauge_vec(registry: &Registry, name: &str, help: &str) -> prometheus::GaugeVec {
     register(
         registry,
-        prometheus::GaugeVec::new(Opts::new(name, help), &["token"])
-            .unwrap_or_else(panic_free),
+        prometheus::GaugeVec::new(Opts::new(name, help), &["token"]).unwrap_or_else(panic_free),
     )
 }
 

@@ -226,6 +226,23 @@ impl FetchError {
     }
 }
 
+/// Something that can exchange credentials for a token: the real [`TokenClient`], or a fake in
+/// tests that drive the refresher on a paused clock.
+pub trait Fetch: Send + Sync + 'static {
+    /// Sends one token request and parses the answer.
+    fn fetch(
+        &self,
+        creds: &Credentials,
+        grant: &Grant,
+    ) -> impl std::future::Future<Output = Result<TokenResponse, FetchError>> + Send;
+}
+
+impl Fetch for TokenClient {
+    async fn fetch(&self, creds: &Credentials, grant: &Grant) -> Result<TokenResponse, FetchError> {
+        TokenClient::fetch(self, creds, grant).await
+    }
+}
+
 /// Sends token requests for one configured credential.
 #[derive(Clone, Debug)]
 pub struct TokenClient {

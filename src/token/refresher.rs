@@ -20,7 +20,8 @@ use crate::metrics::{RefreshResult, TokenMetrics};
 use crate::secret::{Secret, read_file};
 use crate::shutdown::{Phase, Shutdown};
 use crate::token::client::{
-    ClientBuildError, Credentials, FetchError, Grant, LifetimeSource, TokenClient, jwt_claims,
+    ClientBuildError, Credentials, Fetch, FetchError, Grant, LifetimeSource, TokenClient,
+    jwt_claims,
 };
 use crate::token::store::{self, State, Store};
 use crate::token::{AccessToken, TokenCell};
@@ -194,11 +195,12 @@ enum Used {
     Code,
 }
 
-/// Obtains and renews the tokens of one `[tokens.<name>]`.
-pub struct Refresher {
+/// Obtains and renews the tokens of one `[tokens.<name>]`, through `C` (the real HTTP client
+/// unless a test substitutes one).
+pub struct Refresher<C = TokenClient> {
     cfg: Arc<TokenConfig>,
     cell: Arc<TokenCell>,
-    client: TokenClient,
+    client: C,
     metrics: TokenMetrics,
     store: Option<Store>,
     /// Persisted state, loaded on the first attempt.
@@ -207,7 +209,7 @@ pub struct Refresher {
     failures: u32,
 }
 
-impl std::fmt::Debug for Refresher {
+impl<C> std::fmt::Debug for Refresher<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Refresher")
             .field("token", &self.cfg.name)
@@ -223,8 +225,20 @@ impl Refresher {
         metrics: TokenMetrics,
     ) -> Result<Self, ClientBuildError> {
         let client = TokenClient::new(&cfg)?;
+        Ok(Self::with_client(cfg, cell, metrics, client))
+    }
+}
+
+impl<C: Fetch> Refresher<C> {
+    /// A refresher that obtains tokens through `client`.
+    pub fn with_client(
+        cfg: TokenConfig,
+        cell: Arc<TokenCell>,
+        metrics: TokenMetrics,
+        client: C,
+    ) -> Self {
         let store = cfg.state_dir.as_deref().map(|d| Store::new(d, &cfg.name));
-        Ok(Self {
+        Self {
             cfg: Arc::new(cfg),
             cell,
             client,
@@ -232,7 +246,7 @@ impl Refresher {
             store,
             state: None,
             failures: 0,
-        })
+        }
     }
 
     /// Runs the refresher on its own task until the process terminates.
@@ -669,6 +683,266 @@ mod tests {
         assert_eq!(backoff_delay(10, S(1), S(30), 1.0), S(30));
         assert_eq!(backoff_delay(u32::MAX, S(1), S(30), 1.0), S(30));
         assert_eq!(backoff_delay(10, S(1), S(30), 0.0), S(1));
+    }
+
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    use crate::config::TokenConfig;
+    use crate::shutdown::ShutdownController;
+    use crate::token::client::TokenResponse;
+
+    /// What the fake token endpoint does on one call.
+    enum Answer {
+        Token(Duration),
+        Fail(fn() -> FetchError),
+        Slow(Duration, Duration),
+    }
+
+    /// A token endpoint in memory: answers from a script, then with `default`.
+    struct Fake {
+        script: Mutex<VecDeque<Answer>>,
+        default: fn() -> Answer,
+        calls: Mutex<Vec<(Instant, Grant, Credentials)>>,
+    }
+
+    impl Fake {
+        fn new(script: Vec<Answer>, default: fn() -> Answer) -> Arc<Self> {
+            Arc::new(Self {
+                script: Mutex::new(script.into()),
+                default,
+                calls: Mutex::new(Vec::new()),
+            })
+        }
+        fn times(&self) -> Vec<Instant> {
+            self.calls.lock().unwrap().iter().map(|c| c.0).collect()
+        }
+    }
+
+    impl Fetch for Arc<Fake> {
+        async fn fetch(
+            &self,
+            creds: &Credentials,
+            grant: &Grant,
+        ) -> Result<TokenResponse, FetchError> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push((Instant::now(), grant.clone(), creds.clone()));
+            let answer = self
+                .script
+                .lock()
+                .unwrap()
+                .pop_front()
+                .unwrap_or_else(self.default);
+            let lifetime = match answer {
+                Answer::Token(l) => l,
+                Answer::Fail(e) => return Err(e()),
+                Answer::Slow(delay, l) => {
+                    tokio::time::sleep(delay).await;
+                    l
+                }
+            };
+            let n = self.calls.lock().unwrap().len();
+            Ok(TokenResponse {
+                access_token: Secret::new(format!("token-{n}")),
+                lifetime,
+                lifetime_source: LifetimeSource::ExpiresIn,
+                refresh_token: None,
+                scope: None,
+                token_type: Some("Bearer".into()),
+            })
+        }
+    }
+
+    fn config() -> TokenConfig {
+        let mut c: TokenConfig = serde_json::from_value(serde_json::json!({
+            "token_url": "http://127.0.0.1:9/api/v1/token",
+            "grant_type": "client_credentials",
+            "client_id": "id",
+            "client_secret": "secret",
+        }))
+        .unwrap();
+        c.name = "t".into();
+        c
+    }
+
+    fn start(cfg: TokenConfig, fake: &Arc<Fake>) -> (Arc<TokenCell>, ShutdownController) {
+        let cell = TokenCell::new("t", cfg.forced_refresh_interval);
+        let metrics = crate::metrics::Metrics::new().token("t");
+        let (ctl, sd) = ShutdownController::new();
+        Refresher::with_client(cfg, cell.clone(), metrics, fake.clone()).spawn(sd);
+        (cell, ctl)
+    }
+
+    fn server_error() -> FetchError {
+        FetchError::Http {
+            status: 500,
+            oauth: None,
+            retry_after: None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_request_per_lifetime_while_a_thousand_tasks_read() {
+        let fake = Fake::new(vec![], || Answer::Token(S(300)));
+        let (cell, _ctl) = start(config(), &fake);
+        let t0 = Instant::now();
+        let end = t0 + S(1800);
+        let mut readers = Vec::new();
+        for _ in 0..1000 {
+            let cell = cell.clone();
+            readers.push(tokio::spawn(async move {
+                cell.wait_valid(S(5)).await.expect("first token");
+                let mut reads = 0u32;
+                while Instant::now() < end {
+                    assert!(cell.current().is_some(), "a reader saw no valid token");
+                    reads += 1;
+                    tokio::time::sleep(S(7)).await;
+                }
+                reads
+            }));
+        }
+        for r in readers {
+            assert!(r.await.unwrap() > 200);
+        }
+        let times = fake.times();
+        // 1800s / (225s at most, 191.25s at least) after the first: 9 to 10 refreshes.
+        assert!((9..=11).contains(&times.len()), "{} requests", times.len());
+        for pair in times.windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!(
+                gap >= Duration::from_secs_f64(225.0 * (1.0 - REFRESH_JITTER)) && gap <= S(225),
+                "refresh gap {gap:?}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn outage_backs_off_keeps_token_until_expiry_then_hands_out_none() {
+        let fake = Fake::new(vec![Answer::Token(S(60))], || Answer::Fail(server_error));
+        let (cell, _ctl) = start(config(), &fake);
+        let first = cell.wait_valid(S(1)).await.expect("first token");
+        let issued = Instant::now();
+        // Valid right up to expiry, even though every refresh since ~40s has failed.
+        tokio::time::sleep_until(issued + S(59)).await;
+        assert_eq!(cell.current().unwrap().generation(), first.generation());
+        assert_eq!(cell.status().state, TokenState::Refreshing);
+        tokio::time::sleep_until(issued + S(61)).await;
+        assert!(cell.current().is_none(), "an expired token was handed out");
+        assert!(cell.wait_valid(S(2)).await.is_none());
+        assert_eq!(cell.status().state, TokenState::Expired);
+        tokio::time::sleep(S(600)).await;
+        let times = fake.times();
+        // Gaps between failed attempts never shorter than backoff_initial nor longer than max.
+        for pair in times[1..].windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!(gap >= S(1) && gap <= S(30), "gap {gap:?}");
+        }
+        // Backing off: far fewer attempts than one per second over ~11 minutes.
+        assert!(times.len() < 60, "{} attempts", times.len());
+        assert!(cell.status().consecutive_failures as usize == times.len() - 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_delays_the_next_attempt() {
+        let fake = Fake::new(
+            vec![Answer::Fail(|| FetchError::Http {
+                status: 429,
+                oauth: None,
+                retry_after: Some(S(7)),
+            })],
+            || Answer::Token(S(300)),
+        );
+        let (cell, _ctl) = start(config(), &fake);
+        cell.wait_valid(S(30)).await.expect("token after retry");
+        let times = fake.times();
+        assert!(times[1] - times[0] >= S(7), "{:?}", times[1] - times[0]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rejection_retries_at_backoff_max_and_rereads_the_secret_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("client_secret");
+        std::fs::write(&secret, "old\n").unwrap();
+        let mut cfg = config();
+        cfg.client_secret = None;
+        cfg.client_secret_file = Some(secret.clone());
+        let fake = Fake::new(vec![], || Answer::Token(S(300)));
+        // Reject whatever is sent with the old secret.
+        let fake = Arc::new(RejectOld(fake));
+        let cell = TokenCell::new("t", cfg.forced_refresh_interval);
+        let (ctl, sd) = ShutdownController::new();
+        Refresher::with_client(
+            cfg,
+            cell.clone(),
+            crate::metrics::Metrics::new().token("t"),
+            fake.clone(),
+        )
+        .spawn(sd);
+        tokio::time::sleep(S(65)).await;
+        assert_eq!(cell.status().state, TokenState::Rejected);
+        let times = fake.0.times();
+        assert_eq!(times.len(), 3, "attempts at 0, 30 and 60s");
+        assert_eq!(times[1] - times[0], S(30));
+        // The kubelet swaps the secret; the next slow retry picks it up.
+        std::fs::write(&secret, "new\n").unwrap();
+        assert!(cell.wait_valid(S(31)).await.is_some());
+        assert_eq!(cell.status().state, TokenState::Fresh);
+        drop(ctl);
+    }
+
+    struct RejectOld(Arc<Fake>);
+    impl Fetch for Arc<RejectOld> {
+        async fn fetch(
+            &self,
+            creds: &Credentials,
+            grant: &Grant,
+        ) -> Result<TokenResponse, FetchError> {
+            let result = self.0.fetch(creds, grant).await;
+            if creds.client_secret.as_ref().map(Secret::expose) == Some("old") {
+                return Err(FetchError::Http {
+                    status: 400,
+                    oauth: Some(crate::token::client::OAuthError {
+                        code: "invalid_client".into(),
+                        description: None,
+                    }),
+                    retry_after: None,
+                });
+            }
+            result
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_invalidations_cause_one_request_and_are_rate_limited() {
+        let fake = Fake::new(vec![], || Answer::Slow(Duration::from_millis(200), S(300)));
+        let (cell, _ctl) = start(config(), &fake);
+        let seen = cell.wait_valid(S(5)).await.unwrap().generation();
+        let mut waiters = Vec::new();
+        for _ in 0..50 {
+            let cell = cell.clone();
+            waiters.push(tokio::spawn(
+                async move { cell.invalidate(seen, S(5)).await },
+            ));
+        }
+        for w in waiters {
+            assert_eq!(w.await.unwrap().expect("new token").generation(), seen + 1);
+        }
+        assert_eq!(fake.times().len(), 2, "one start-up request, one forced");
+        // The new token is rejected too, at once: the rate limit refuses another refresh.
+        assert!(cell.invalidate(seen + 1, S(5)).await.is_none());
+        tokio::time::sleep(S(1)).await;
+        assert_eq!(fake.times().len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expiry_counts_from_when_the_request_was_sent() {
+        let fake = Fake::new(vec![Answer::Slow(S(4), S(60))], || Answer::Token(S(60)));
+        let (cell, _ctl) = start(config(), &fake);
+        let sent = Instant::now();
+        let t = cell.wait_valid(S(10)).await.unwrap();
+        assert_eq!(t.expires_at(), sent + S(60));
     }
 
     proptest! {
