@@ -1,5 +1,8 @@
 //! The integration test binary: every area in its own module, real sockets on port 0, shared
 //! helpers in `support`.
 
+// A panic is how a test reports failure; helpers here unwrap freely.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod cli;
 mod token;
