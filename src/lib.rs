@@ -8,6 +8,7 @@
 //!   the token endpoint, [`token::refresher`] keeps a token fresh, [`token::store`] persists
 //!   refresh tokens.
 //! - [`metrics`]: the Prometheus registry and per-token/per-route handles.
+//! - [`admin`]: the admin port (`/metrics`, `/livez`, `/readyz`, `/status`).
 //! - [`tls`]: trust roots for outbound TLS.
 //! - [`shutdown`]: the phases of a graceful stop.
 //! - [`logging`]: the tracing subscriber.
@@ -18,6 +19,7 @@
 //! request. [`Server`] wires the parts together for `bearer-proxy run`.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod issuer;
@@ -29,8 +31,12 @@ pub mod tls;
 pub mod token;
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
+use anyhow::Context;
+
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -56,6 +62,8 @@ pub struct Server {
     metrics: Arc<Metrics>,
     tokens: BTreeMap<String, Arc<TokenCell>>,
     controller: ShutdownController,
+    /// Where the admin port listens.
+    admin_addr: SocketAddr,
     /// Tasks that serve connections; they finish by themselves once stopping and drained.
     servers: Vec<JoinHandle<()>>,
     /// Tasks that run until terminated (the refreshers).
@@ -83,14 +91,27 @@ impl Server {
             background.push(refresher.spawn(shutdown.clone()));
             tokens.insert(name.clone(), cell);
         }
+        let admin_listener = TcpListener::bind(config.admin.listen)
+            .await
+            .with_context(|| format!("admin.listen: cannot listen on {}", config.admin.listen))?;
+        let admin_addr = admin_listener.local_addr()?;
+        let admin = admin::Admin::new(&tokens, metrics.clone(), shutdown.clone());
+        background.push(tokio::spawn(admin.serve(admin_listener)));
+        tracing::info!(admin = %admin_addr, tokens = tokens.len(), "started");
         Ok(Self {
             config,
             metrics,
             tokens,
             controller,
+            admin_addr,
             servers: Vec::new(),
             background,
         })
+    }
+
+    /// Where the admin port listens (useful with port 0).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
     }
 
     /// The token cells, by name.
