@@ -4,5 +4,6 @@
 // A panic is how a test reports failure; helpers here unwrap freely.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod admin;
 mod cli;
 mod token;
