@@ -8,7 +8,8 @@
 #   4. schemas: built-in kinds with kubernetes-validate (strict), Prometheus Operator kinds with
 #      deploy/validate.py's own schemas; cross-references (selectors, ports, names)
 #   5. promtool: check rules.yaml and the PrometheusRule's extracted spec; unit-test the alerts
-#   6. metric names in the rules and the dashboard exist in src/metrics.rs
+#   6. metric names in the rules and the dashboard exist in src/metrics.rs; the dashboard's
+#      queries parse as PromQL
 #
 # KUBE_VERSION (default 1.33.0, the first with native sidecars GA) picks the schemas.
 set -euo pipefail
@@ -74,6 +75,10 @@ step "promtool test rules (alert unit tests)"
 promtool test rules $mon/rules.test.yaml
 
 step "metric names exist in src/metrics.rs"
-python3 deploy/validate.py metrics src/metrics.rs $mon/rules.yaml $mon/grafana-dashboard.json
+python3 deploy/validate.py metrics --promql-out "$tmp/dashboard.rules.yaml" \
+  src/metrics.rs $mon/rules.yaml $mon/grafana-dashboard.json
+
+step "dashboard queries parse (promtool, as recording rules)"
+promtool check rules "$tmp/dashboard.rules.yaml"
 
 printf '\ndeploy/check.sh: all checks passed\n'

@@ -9,9 +9,10 @@ deploy/install-tools.sh installs).
       ports, ConfigMaps and Secrets that exist). Each PrometheusRule's spec is written to
       DIR/<name>.rules.yaml for `promtool check rules`.
 
-  validate.py metrics SRC/metrics.rs RULES.yaml DASHBOARD.json
+  validate.py metrics [--promql-out FILE] SRC/metrics.rs RULES.yaml DASHBOARD.json
       Every metric name in the alert expressions and dashboard queries is defined in
-      src/metrics.rs (histograms also as _bucket/_sum/_count).
+      src/metrics.rs (histograms only as _bucket/_sum/_count). With --promql-out, the
+      dashboard's queries are also written as recording rules for `promtool check rules`.
 """
 
 import argparse
@@ -354,9 +355,18 @@ def cmd_metrics(args):
     for p in dash.get("panels", []):
         panels.append(p)
         panels.extend(p.get("panels", []))  # collapsed rows
+    records = []
     for p in panels:
         for t in p.get("targets", []):
             exprs.append((f"{args.dashboard}: panel {p.get('title')!r}", t["expr"]))
+            # Grafana's variables replaced by values, so that promtool can parse the query.
+            q = t["expr"].replace("$__rate_interval", "5m")
+            q = re.sub(r"\$\{?\w+\}?", ".*", q)
+            records.append({"record": f"dashboard:panel{p.get('id')}:{t.get('refId', 'A')}", "expr": q})
+    if args.promql_out:
+        with open(args.promql_out, "w") as f:
+            yaml.safe_dump({"groups": [{"name": "dashboard-queries", "rules": records}]}, f,
+                           sort_keys=False)
     for v in dash.get("templating", {}).get("list", []):
         q = v.get("query")
         q = q.get("query") if isinstance(q, dict) else q
@@ -392,6 +402,8 @@ def main():
     n.add_argument("metrics_rs")
     n.add_argument("rules")
     n.add_argument("dashboard")
+    n.add_argument("--promql-out", help="write the dashboard's queries as recording rules here, "
+                   "for `promtool check rules` to parse")
     args = ap.parse_args()
     {"manifests": cmd_manifests, "metrics": cmd_metrics}[args.cmd](args)
     if failures:
