@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod metrics;
+pub mod proxy;
 pub mod secret;
 pub mod shutdown;
 pub mod tls;
