@@ -254,20 +254,23 @@ impl Inner {
         if req.method() == Method::CONNECT {
             return (self.connect(req, conn).await, &self.connect_metrics);
         }
-        let target = match self.target(&req) {
-            Ok(t) => t,
-            Err(e) => return (self.refuse(e), &self.unmatched_metrics),
-        };
+        let target = self.target(&req);
         let metrics = match &target {
-            Target::Routed { route, .. } => &route.metrics,
-            Target::Unmatched => &self.unmatched_metrics,
+            Ok(Target::Routed { route, .. }) => &route.metrics,
+            _ => &self.unmatched_metrics,
         };
-        if req.method() == Method::TRACE {
-            return (self.refuse(TRACE_REFUSED), metrics);
-        }
+        // Before the target is judged: a request that looped back arrives in origin-form,
+        // which would otherwise be refused as unroutable and hide the loop.
         if self.is_loop(req.headers()) {
             return (self.refuse(LOOP), metrics);
         }
+        if req.method() == Method::TRACE {
+            return (self.refuse(TRACE_REFUSED), metrics);
+        }
+        let target = match target {
+            Ok(t) => t,
+            Err(e) => return (self.refuse(e), metrics),
+        };
         let resp = match target {
             Target::Routed {
                 route,

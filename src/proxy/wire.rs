@@ -44,6 +44,14 @@ use crate::metrics::Metrics;
 /// pre-empt with our JSON one.
 pub(crate) const MAX_HEADERS: usize = 100;
 
+/// After writing a refusal, input is read and dropped for up to this long (or until the
+/// client closes), as nginx's lingering close does: closing a socket with unread input makes the
+/// kernel send a reset, which can destroy the answer before the client has read it.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+
+/// …and for at most this many bytes, so a client cannot keep us reading.
+const LINGER_BYTES: usize = 1 << 20;
+
 /// Bytes read at a time while a partial head is held back. A head usually arrives in one read
 /// straight into hyper's buffer; this only serves heads split over several TCP segments.
 const HELD_READ_CHUNK: usize = 4096;
@@ -374,8 +382,22 @@ pub(crate) struct WireGuard<T> {
     stall_deadline: Option<Instant>,
     /// Timer for `stall_deadline`; created on first need.
     stall_timer: Option<Pin<Box<Sleep>>>,
-    /// A refusal to write before closing, and how much of it is written.
-    refusal: Option<(Vec<u8>, usize)>,
+    /// A refusal to write before closing.
+    refusal: Option<Refusal>,
+}
+
+/// An answer written by the guard itself, then a lingering close.
+struct Refusal {
+    /// The raw HTTP/1.1 answer.
+    bytes: Vec<u8>,
+    /// How much of it is written.
+    written: usize,
+    /// Whether our side is shut down (the client has seen the end of the answer).
+    shut: bool,
+    /// Input dropped while lingering.
+    lingered: usize,
+    /// When lingering ends.
+    linger_until: Option<Instant>,
 }
 
 impl<T> WireGuard<T> {
@@ -406,7 +428,13 @@ impl<T> WireGuard<T> {
             self.metrics.reject(reason);
         }
         self.framer.state = State::Opaque;
-        self.refusal = Some((error.http1_bytes(), 0));
+        self.refusal = Some(Refusal {
+            bytes: error.http1_bytes(),
+            written: 0,
+            shut: false,
+            lingered: 0,
+            linger_until: None,
+        });
     }
 
     /// Something moved: a stall starts counting again from the next wait.
@@ -573,7 +601,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for WireGuard<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for WireGuard<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WireGuard<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -626,17 +654,39 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WireGuard<T> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if let Some((bytes, written)) = &mut this.refusal {
-            while *written < bytes.len() {
-                let n = ready!(Pin::new(&mut this.io).poll_write(cx, &bytes[*written..]))?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
-                *written += n;
+        let Some(r) = &mut this.refusal else {
+            return Pin::new(&mut this.io).poll_shutdown(cx);
+        };
+        while r.written < r.bytes.len() {
+            let n = ready!(Pin::new(&mut this.io).poll_write(cx, &r.bytes[r.written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            ready!(Pin::new(&mut this.io).poll_flush(cx))?;
+            r.written += n;
         }
-        Pin::new(&mut this.io).poll_shutdown(cx)
+        if !r.shut {
+            ready!(Pin::new(&mut this.io).poll_flush(cx))?;
+            ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
+            r.shut = true;
+        }
+        // Lingering close: drop input until the client closes, for a bounded time and size.
+        let until = *r
+            .linger_until
+            .get_or_insert_with(|| Instant::now() + LINGER_TIME);
+        let mut scratch = [0u8; 4096];
+        while r.lingered < LINGER_BYTES {
+            let mut rb = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.io).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => break,
+                Poll::Ready(Ok(())) => r.lingered += rb.filled().len(),
+                Poll::Ready(Err(_)) => break,
+                Poll::Pending => {
+                    ready!(poll_timer(&mut this.stall_timer, until, cx));
+                    break;
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
