@@ -730,7 +730,7 @@ impl Config {
                 push(format!("proxy.{key}"), "must be greater than zero".into());
             }
         }
-        if p.listen == self.admin.listen {
+        if p.listen == self.admin.listen && p.listen.port() != 0 {
             push(
                 "admin.listen".into(),
                 format!("same address as proxy.listen ({})", p.listen),

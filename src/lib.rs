@@ -1,10 +1,179 @@
-//! bearer-proxy: a sidecar forward proxy that adds OAuth2 bearer tokens to a legacy app's calls.
+//! bearer-proxy: a sidecar forward proxy that adds OAuth2 bearer tokens to a legacy app's plain
+//! HTTP calls.
+//!
+//! # Layout
+//! - [`config`]: the schema users write, defaults, loading, validation.
+//! - [`secret`]: the redacting wrapper for credentials, and credential files.
+//! - [`token`]: access tokens and the cell requests read them from; [`token::client`] talks to
+//!   the token endpoint, [`token::refresher`] keeps a token fresh, [`token::store`] persists
+//!   refresh tokens.
+//! - [`metrics`]: the Prometheus registry and per-token/per-route handles.
+//! - [`admin`]: the admin port (`/metrics`, `/livez`, `/readyz`, `/status`).
+//! - [`tls`]: trust roots for outbound TLS.
+//! - [`shutdown`]: the phases of a graceful stop.
+//! - [`logging`]: the tracing subscriber.
+//! - [`issuer`]: the built-in dev token endpoint (demo, tests, benchmarks).
+//! - [`cli`]: the command-line commands behind the thin `main.rs`.
+//!
+//! A token flows token endpoint → [`token::refresher::Refresher`] → [`token::TokenCell`] →
+//! request. [`Server`] wires the parts together for `bearer-proxy run`.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod cli;
 pub mod config;
+pub mod issuer;
+pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod secret;
 pub mod shutdown;
 pub mod tls;
 pub mod token;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::shutdown::{Phase, Shutdown, ShutdownController};
+use crate::token::TokenCell;
+use crate::token::refresher::Refresher;
+
+/// A stop request delivered to [`Server::run`] (from SIGTERM/SIGINT in the binary, from a
+/// channel in tests).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGTERM: drain, then stop gracefully. A second one stops at once.
+    Terminate,
+    /// SIGINT (Ctrl-C): the same as SIGTERM.
+    Interrupt,
+}
+
+/// A started bearer-proxy: listeners bound and tasks running.
+pub struct Server {
+    config: Config,
+    metrics: Arc<Metrics>,
+    tokens: BTreeMap<String, Arc<TokenCell>>,
+    controller: ShutdownController,
+    /// Where the admin port listens.
+    admin_addr: SocketAddr,
+    /// Tasks that serve connections; they finish by themselves once stopping and drained.
+    servers: Vec<JoinHandle<()>>,
+    /// Tasks that run until terminated (the refreshers).
+    background: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Builds every part and starts it. Fails, before anything is served, if a part cannot be
+    /// built or a listener cannot be bound.
+    pub async fn start(config: Config) -> anyhow::Result<Self> {
+        let metrics = Metrics::new();
+        let (controller, shutdown) = ShutdownController::new();
+        let mut tokens = BTreeMap::new();
+        let mut background = Vec::new();
+        for (name, cfg) in &config.tokens {
+            let cell = TokenCell::new(name.as_str(), cfg.forced_refresh_interval);
+            let refresher = Refresher::new(cfg.clone(), cell.clone(), metrics.token(name))
+                .map_err(|e| anyhow::anyhow!("tokens.{name}: {e}"))?;
+            background.push(refresher.spawn(shutdown.clone()));
+            tokens.insert(name.clone(), cell);
+        }
+        let admin_listener = TcpListener::bind(config.admin.listen)
+            .await
+            .with_context(|| format!("admin.listen: cannot listen on {}", config.admin.listen))?;
+        let admin_addr = admin_listener.local_addr()?;
+        let admin = admin::Admin::new(&tokens, metrics.clone(), shutdown.clone());
+        background.push(tokio::spawn(admin.serve(admin_listener)));
+        tracing::info!(admin = %admin_addr, tokens = tokens.len(), "started");
+        Ok(Self {
+            config,
+            metrics,
+            tokens,
+            controller,
+            admin_addr,
+            servers: Vec::new(),
+            background,
+        })
+    }
+
+    /// Where the admin port listens (useful with port 0).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The token cells, by name.
+    pub fn tokens(&self) -> &BTreeMap<String, Arc<TokenCell>> {
+        &self.tokens
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// A watcher of the shutdown phase.
+    pub fn shutdown(&self) -> Shutdown {
+        self.controller.watcher()
+    }
+
+    /// Serves until asked to stop: the first signal starts draining (readiness false, still
+    /// accepting) for `drain_delay`; then accepting stops and in-flight requests get
+    /// `shutdown_grace`. A second signal, or the grace running out, ends everything at once.
+    /// Returns when everything has stopped.
+    pub async fn run(mut self, mut signals: mpsc::Receiver<Signal>) {
+        let drain_delay = self.config.proxy.drain_delay;
+        let grace = self.config.proxy.shutdown_grace;
+        // A closed signal source means nobody can ask us to stop: serve until the process ends.
+        let Some(first) = signals.recv().await else {
+            std::future::pending::<()>().await;
+            return;
+        };
+        tracing::info!(signal = ?first, drain_delay_secs = drain_delay.as_secs_f64(), "shutting down: draining");
+        self.controller.advance(Phase::Draining);
+        let second = async {
+            match signals.recv().await {
+                Some(s) => tracing::warn!(signal = ?s, "second signal: stopping now"),
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::pin!(second);
+        let finished_draining = tokio::select! {
+            () = tokio::time::sleep(drain_delay) => true,
+            () = &mut second => false,
+        };
+        if finished_draining {
+            tracing::info!(
+                grace_secs = grace.as_secs_f64(),
+                "no longer accepting; finishing in-flight requests"
+            );
+            self.controller.advance(Phase::Stopping);
+            let servers = futures_util::future::join_all(self.servers.iter_mut());
+            tokio::select! {
+                _ = servers => {}
+                () = tokio::time::sleep(grace) => {
+                    tracing::warn!("shutdown grace elapsed; closing remaining connections");
+                }
+                () = &mut second => {}
+            }
+        }
+        self.controller.advance(Phase::Terminated);
+        for task in self.servers.iter().chain(&self.background) {
+            task.abort();
+        }
+        tracing::info!("stopped");
+    }
+}

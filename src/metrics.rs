@@ -195,6 +195,8 @@ pub struct Metrics {
     upstream_errors: IntCounterVec,
     replays: IntCounterVec,
     rejected: [IntCounter; RejectReason::ALL.len()],
+    /// Every route handle handed out, for the status page (filled at start-up only).
+    routes: std::sync::Mutex<Vec<RouteMetrics>>,
     /// Connections from clients currently open on the proxy port.
     pub open_connections: IntGauge,
     /// CONNECT tunnels currently open.
@@ -219,7 +221,7 @@ fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registr
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     register(
         registry,
-        IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic_free(e)),
+        IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(panic_free),
     )
 }
 
@@ -236,15 +238,14 @@ fn histogram_vec(
             HistogramOpts::new(name, help).buckets(buckets.to_vec()),
             &[label],
         )
-        .unwrap_or_else(|e| panic_free(e)),
+        .unwrap_or_else(panic_free),
     )
 }
 
 fn gauge_vec(registry: &Registry, name: &str, help: &str) -> prometheus::GaugeVec {
     register(
         registry,
-        prometheus::GaugeVec::new(Opts::new(name, help), &["token"])
-            .unwrap_or_else(|e| panic_free(e)),
+        prometheus::GaugeVec::new(Opts::new(name, help), &["token"]).unwrap_or_else(panic_free),
     )
 }
 
@@ -271,7 +272,7 @@ impl Metrics {
                 Opts::new("bearer_proxy_build_info", "Build information; always 1."),
                 &["version"],
             )
-            .unwrap_or_else(|e| panic_free(e)),
+            .unwrap_or_else(panic_free),
         );
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
@@ -322,7 +323,7 @@ impl Metrics {
                     ),
                     &["token"],
                 )
-                .unwrap_or_else(|e| panic_free(e)),
+                .unwrap_or_else(panic_free),
             ),
             token_forced: counter_vec(
                 &r,
@@ -356,18 +357,19 @@ impl Metrics {
                 &["route", "result"],
             ),
             rejected,
+            routes: std::sync::Mutex::new(Vec::new()),
             open_connections: register(
                 &r,
                 IntGauge::new(
                     "bearer_proxy_open_connections",
                     "Client connections open on the proxy port.",
                 )
-                .unwrap_or_else(|e| panic_free(e)),
+                .unwrap_or_else(panic_free),
             ),
             open_tunnels: register(
                 &r,
                 IntGauge::new("bearer_proxy_open_tunnels", "CONNECT tunnels open.")
-                    .unwrap_or_else(|e| panic_free(e)),
+                    .unwrap_or_else(panic_free),
             ),
             registry: r,
         };
@@ -407,8 +409,9 @@ impl Metrics {
     }
 
     /// Handles for one route's metrics (`route` is a route name, `unmatched` or `connect`).
+    /// Call once per route at start-up: the handle is remembered for [`Metrics::routes`].
     pub fn route(&self, route: &str) -> RouteMetrics {
-        RouteMetrics {
+        let handle = RouteMetrics {
             inner: Arc::new(RouteInner {
                 name: route.to_owned(),
                 requests: self.requests.clone(),
@@ -419,7 +422,20 @@ impl Metrics {
                 replays: ReplayResult::ALL
                     .map(|k| self.replays.with_label_values(&[route, k.as_str()])),
             }),
-        }
+        };
+        self.routes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(handle.clone());
+        handle
+    }
+
+    /// Every route handle created so far.
+    pub fn routes(&self) -> Vec<RouteMetrics> {
+        self.routes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Counts a request the proxy answered itself.
@@ -515,6 +531,19 @@ impl RouteMetrics {
     /// Counts a replay decision.
     pub fn replay(&self, result: ReplayResult) {
         self.inner.replays[result as usize].inc();
+    }
+
+    /// Requests answered so far, by status code (codes never seen are left out).
+    pub fn counts(&self) -> Vec<(u16, u64)> {
+        self.inner
+            .codes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, slot)| {
+                let n = slot.get()?.get();
+                Some((u16::try_from(i + 100).ok()?, n))
+            })
+            .collect()
     }
 
     /// The route label.

@@ -1,1 +1,814 @@
-//! The token endpoint client: request building, response parsing, error classification.
+//! The token endpoint client: builds one token request, sends it, and turns the answer into a
+//! usable token or a classified error.
+//!
+//! Parsing is lenient where real servers differ (`expires_in` as integer, float or string; a
+//! missing `expires_in` falls back to the JWT `exp`, then to `default_lifetime`) and strict
+//! where safety needs it (a token that cannot be a header value, or of a type other than
+//! `Bearer`, is refused; bodies are size-bounded). Errors are [`FetchError`]s, classified as
+//! transient (retry soon) or rejected (the credentials were refused: retry slowly).
+
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use http::StatusCode;
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use serde::Deserialize;
+
+use crate::config::{ClientAuth, Encoding, TokenConfig};
+use crate::secret::{Secret, SecretFileError};
+use crate::token::ErrorKind;
+
+/// Token responses are a few kilobytes at most (a JWT with generous claims). Anything larger is
+/// a misbehaving server, and is refused without buffering it.
+pub const MAX_RESPONSE_BYTES: usize = 256 * 1024;
+/// Lifetimes shorter than this (including zero and negative ones) are raised to it, so that a
+/// broken server cannot make the refresher spin.
+pub const MIN_LIFETIME: Duration = Duration::from_secs(5);
+/// Lifetimes longer than this are capped: no sane access token lives a day, and a refresh per
+/// day costs nothing.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// OAuth error codes and descriptions are shown on the status page and in logs; they are cut to
+/// this length so a hostile server cannot flood either.
+const MAX_ERROR_TEXT: usize = 256;
+
+/// What is being exchanged for an access token.
+#[derive(Clone, Debug)]
+pub enum Grant {
+    /// `client_credentials`.
+    ClientCredentials,
+    /// `refresh_token` with this token.
+    RefreshToken(Secret),
+    /// `authorization_code` with this code.
+    AuthorizationCode(Secret),
+}
+
+impl Grant {
+    fn name(&self) -> &'static str {
+        match self {
+            Grant::ClientCredentials => "client_credentials",
+            Grant::RefreshToken(_) => "refresh_token",
+            Grant::AuthorizationCode(_) => "authorization_code",
+        }
+    }
+}
+
+/// Client credentials for one request, read fresh from their sources.
+#[derive(Clone, Debug)]
+pub struct Credentials {
+    /// The client id.
+    pub client_id: Secret,
+    /// The client secret, if the client has one.
+    pub client_secret: Option<Secret>,
+}
+
+/// Where the lifetime of a token came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LifetimeSource {
+    /// The response's `expires_in`.
+    ExpiresIn,
+    /// The JWT `exp` claim.
+    JwtExp,
+    /// `default_lifetime` from the configuration.
+    Default,
+}
+
+/// A successful token response.
+#[derive(Clone, Debug)]
+pub struct TokenResponse {
+    /// The access token.
+    pub access_token: Secret,
+    /// Its lifetime, clamped to [`MIN_LIFETIME`]..=[`MAX_LIFETIME`].
+    pub lifetime: Duration,
+    /// Where the lifetime came from.
+    pub lifetime_source: LifetimeSource,
+    /// A new refresh token, if the server sent one.
+    pub refresh_token: Option<Secret>,
+    /// The granted scope.
+    pub scope: Option<String>,
+    /// The token type as sent (`Bearer` or absent).
+    pub token_type: Option<String>,
+}
+
+/// The OAuth error a token endpoint sent (`{error, error_description}`), cut to a safe length.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OAuthError {
+    /// `error`.
+    pub code: String,
+    /// `error_description`.
+    pub description: Option<String>,
+}
+
+/// A failed token request.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// A credential file could not be read.
+    #[error(transparent)]
+    Credentials(#[from] SecretFileError),
+    /// The request could not be sent because of local state (for example a spent code).
+    #[error("{0}")]
+    Unusable(String),
+    /// The request timed out.
+    #[error("token request timed out")]
+    Timeout,
+    /// No connection could be made, or it broke.
+    #[error("cannot reach the token endpoint: {0}")]
+    Connect(String),
+    /// The server answered with an error status.
+    #[error("token endpoint answered HTTP {status}{}", oauth_suffix(.oauth))]
+    Http {
+        /// The status.
+        status: u16,
+        /// The OAuth error, if the body carried one.
+        oauth: Option<OAuthError>,
+        /// `Retry-After`, if sent.
+        retry_after: Option<Duration>,
+    },
+    /// A 2xx answer that is not a usable token response.
+    #[error("malformed token response: {0}")]
+    Malformed(String),
+    /// A well-formed token this proxy cannot use (wrong type).
+    #[error("unusable token: {0}")]
+    UnsupportedToken(String),
+}
+
+fn oauth_suffix(oauth: &Option<OAuthError>) -> String {
+    match oauth {
+        None => String::new(),
+        Some(OAuthError {
+            code,
+            description: None,
+        }) => format!(": {code}"),
+        Some(OAuthError {
+            code,
+            description: Some(d),
+        }) => format!(": {code} ({d})"),
+    }
+}
+
+impl FetchError {
+    /// Transient (retry with backoff) or rejected (retry slowly).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            FetchError::Timeout | FetchError::Connect(_) | FetchError::Malformed(_) => {
+                ErrorKind::Transient
+            }
+            FetchError::Http { status, oauth, .. } => {
+                let retryable_code = oauth.as_ref().is_some_and(|o| {
+                    o.code == "temporarily_unavailable" || o.code == "server_error"
+                });
+                if *status >= 500 || *status == 408 || *status == 429 || retryable_code {
+                    ErrorKind::Transient
+                } else {
+                    ErrorKind::Rejected
+                }
+            }
+            FetchError::Credentials(_)
+            | FetchError::Unusable(_)
+            | FetchError::UnsupportedToken(_) => ErrorKind::Rejected,
+        }
+    }
+
+    /// A bounded reason for metrics (see `metrics::REFRESH_ERROR_REASONS`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            FetchError::Timeout => "timeout",
+            FetchError::Connect(_) => "connect",
+            FetchError::Malformed(_) => "malformed",
+            FetchError::Credentials(_) => "credentials_unreadable",
+            FetchError::Unusable(_) => "other",
+            FetchError::UnsupportedToken(_) => "unsupported_token_type",
+            FetchError::Http { status, oauth, .. } => match status {
+                429 => "http_429",
+                408 => "timeout",
+                s if *s >= 500 => "http_5xx",
+                _ => oauth
+                    .as_ref()
+                    .map_or("other", |o| crate::metrics::refresh_error_reason(&o.code)),
+            },
+        }
+    }
+
+    /// The server's `Retry-After`, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            FetchError::Http { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// HTTP status, if the server answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            FetchError::Http { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The OAuth error, if the server sent one.
+    pub fn oauth(&self) -> Option<&OAuthError> {
+        match self {
+            FetchError::Http { oauth, .. } => oauth.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// Whether the server may have processed the request (it answered, or we stopped waiting).
+    /// A one-time code counts as spent after such an attempt.
+    pub fn server_may_have_seen(&self) -> bool {
+        matches!(
+            self,
+            FetchError::Http { .. }
+                | FetchError::Timeout
+                | FetchError::Malformed(_)
+                | FetchError::UnsupportedToken(_)
+        )
+    }
+}
+
+/// Something that can exchange credentials for a token: the real [`TokenClient`], or a fake in
+/// tests that drive the refresher on a paused clock.
+pub trait Fetch: Send + Sync + 'static {
+    /// Sends one token request and parses the answer.
+    fn fetch(
+        &self,
+        creds: &Credentials,
+        grant: &Grant,
+    ) -> impl std::future::Future<Output = Result<TokenResponse, FetchError>> + Send;
+}
+
+impl Fetch for TokenClient {
+    async fn fetch(&self, creds: &Credentials, grant: &Grant) -> Result<TokenResponse, FetchError> {
+        TokenClient::fetch(self, creds, grant).await
+    }
+}
+
+/// Sends token requests for one configured credential.
+#[derive(Clone, Debug)]
+pub struct TokenClient {
+    http: reqwest::Client,
+    url: String,
+    client_auth: ClientAuth,
+    encoding: Encoding,
+    scope: Option<String>,
+    redirect_uri: Option<String>,
+    extra: Vec<(String, String)>,
+    headers: HeaderMap,
+    default_lifetime: Duration,
+}
+
+/// The HTTP client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBuildError {
+    /// Trust store problem.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// reqwest refused the configuration.
+    #[error("HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+impl TokenClient {
+    /// A client for `cfg`. It follows no redirects, ignores `HTTP(S)_PROXY` (the sidecar must not
+    /// send its own token requests into itself) and applies `cfg.timeout` to each request.
+    pub fn new(cfg: &TokenConfig) -> Result<Self, ClientBuildError> {
+        let tls = crate::tls::client_config(cfg.ca_file.as_deref(), &[b"http/1.1"])?;
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls((*tls).clone())
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .timeout(cfg.timeout)
+            .connect_timeout(cfg.timeout)
+            .user_agent(concat!("bearer-proxy/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let mut headers = HeaderMap::new();
+        for (k, v) in &cfg.headers {
+            // Validated by `Config::validate`; an invalid one is skipped rather than panicking.
+            if let (Ok(k), Ok(v)) = (
+                HeaderName::from_bytes(k.as_bytes()),
+                HeaderValue::from_str(v),
+            ) {
+                headers.insert(k, v);
+            }
+        }
+        Ok(Self {
+            http,
+            url: cfg.token_url.clone(),
+            client_auth: cfg.client_auth,
+            encoding: cfg.encoding,
+            scope: cfg.scope.clone(),
+            redirect_uri: cfg.redirect_uri.clone(),
+            extra: cfg
+                .extra
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            headers,
+            default_lifetime: cfg.default_lifetime,
+        })
+    }
+
+    /// The request body fields, in order.
+    fn fields<'a>(&'a self, creds: &'a Credentials, grant: &'a Grant) -> Vec<(&'a str, &'a str)> {
+        let mut f = vec![("grant_type", grant.name())];
+        match grant {
+            Grant::ClientCredentials => {}
+            Grant::RefreshToken(rt) => f.push(("refresh_token", rt.expose())),
+            Grant::AuthorizationCode(code) => f.push(("code", code.expose())),
+        }
+        if let Some(uri) = &self.redirect_uri {
+            f.push(("redirect_uri", uri));
+        }
+        if let Some(scope) = &self.scope {
+            f.push(("scope", scope));
+        }
+        if self.client_auth == ClientAuth::Body {
+            f.push(("client_id", creds.client_id.expose()));
+            if let Some(s) = &creds.client_secret {
+                f.push(("client_secret", s.expose()));
+            }
+        }
+        f.extend(self.extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        f
+    }
+
+    /// Builds the HTTP request (exposed for tests: it holds secrets, never log it).
+    pub fn build(
+        &self,
+        creds: &Credentials,
+        grant: &Grant,
+    ) -> Result<reqwest::Request, reqwest::Error> {
+        let fields = self.fields(creds, grant);
+        let mut req = self
+            .http
+            .post(&self.url)
+            .headers(self.headers.clone())
+            .header(http::header::ACCEPT, "application/json");
+        req = match self.encoding {
+            Encoding::Json => {
+                let map: serde_json::Map<String, serde_json::Value> = fields
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), serde_json::Value::from(*v)))
+                    .collect();
+                req.header(CONTENT_TYPE, "application/json")
+                    .body(serde_json::Value::Object(map).to_string())
+            }
+            Encoding::Form => {
+                let body = url::form_urlencoded::Serializer::new(String::new())
+                    .extend_pairs(fields.iter())
+                    .finish();
+                req.header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+                    .body(body)
+            }
+        };
+        if self.client_auth == ClientAuth::Basic {
+            let mut value = HeaderValue::try_from(basic_auth(creds))
+                .unwrap_or_else(|_| HeaderValue::from_static(""));
+            value.set_sensitive(true);
+            req = req.header(AUTHORIZATION, value);
+        }
+        req.build()
+    }
+
+    /// Sends one token request and parses the answer.
+    pub async fn fetch(
+        &self,
+        creds: &Credentials,
+        grant: &Grant,
+    ) -> Result<TokenResponse, FetchError> {
+        let req = self.build(creds, grant).map_err(transport_error)?;
+        let mut resp = self.http.execute(req).await.map_err(transport_error)?;
+        let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        if resp
+            .content_length()
+            .is_some_and(|n| n > MAX_RESPONSE_BYTES as u64)
+        {
+            return Err(too_large(status, retry_after));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(transport_error)? {
+            if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                return Err(too_large(status, retry_after));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        if status.is_success() {
+            parse_token_response(&body, self.default_lifetime, SystemTime::now())
+        } else {
+            Err(http_error(status, &body, retry_after))
+        }
+    }
+}
+
+fn too_large(status: StatusCode, retry_after: Option<Duration>) -> FetchError {
+    if status.is_success() {
+        FetchError::Malformed(format!(
+            "response body larger than {MAX_RESPONSE_BYTES} bytes"
+        ))
+    } else {
+        FetchError::Http {
+            status: status.as_u16(),
+            oauth: None,
+            retry_after,
+        }
+    }
+}
+
+/// `client_secret_basic`: id and secret are form-urlencoded, joined by `:`, then Base64'd
+/// (RFC 6749 §2.3.1), so secrets containing `+`, `/`, `:` or `%` survive.
+fn basic_auth(creds: &Credentials) -> String {
+    let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let secret = creds
+        .client_secret
+        .as_ref()
+        .map(|s| enc(s.expose()))
+        .unwrap_or_default();
+    format!(
+        "Basic {}",
+        STANDARD.encode(format!("{}:{secret}", enc(creds.client_id.expose())))
+    )
+}
+
+fn transport_error(e: reqwest::Error) -> FetchError {
+    if e.is_timeout() {
+        return FetchError::Timeout;
+    }
+    // The chain names the cause (refused, DNS, TLS) without any request content.
+    let e = e.without_url();
+    let mut msg = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    FetchError::Connect(msg)
+}
+
+/// `Retry-After` as delta-seconds or an HTTP date.
+pub fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duration> {
+    let s = value.to_str().ok()?.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate::parse_http_date(s).ok()?;
+    Some(when.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+fn clean_text(s: &str) -> String {
+    s.chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_ERROR_TEXT)
+        .collect()
+}
+
+fn http_error(status: StatusCode, body: &[u8], retry_after: Option<Duration>) -> FetchError {
+    #[derive(Deserialize)]
+    struct Raw {
+        error: Option<serde_json::Value>,
+        error_description: Option<serde_json::Value>,
+    }
+    let as_text = |v: serde_json::Value| match v {
+        serde_json::Value::String(s) => Some(s),
+        serde_json::Value::Null => None,
+        other => Some(other.to_string()),
+    };
+    let oauth = serde_json::from_slice::<Raw>(body).ok().and_then(|raw| {
+        let code = raw.error.and_then(as_text)?;
+        Some(OAuthError {
+            code: clean_text(&code),
+            description: raw
+                .error_description
+                .and_then(as_text)
+                .map(|d| clean_text(&d)),
+        })
+    });
+    FetchError::Http {
+        status: status.as_u16(),
+        oauth,
+        retry_after,
+    }
+}
+
+/// Parses a 2xx token response body.
+pub fn parse_token_response(
+    body: &[u8],
+    default_lifetime: Duration,
+    now: SystemTime,
+) -> Result<TokenResponse, FetchError> {
+    #[derive(Deserialize)]
+    struct Raw {
+        access_token: Option<serde_json::Value>,
+        token_type: Option<serde_json::Value>,
+        expires_in: Option<serde_json::Value>,
+        refresh_token: Option<serde_json::Value>,
+        scope: Option<serde_json::Value>,
+    }
+    let raw: Raw = serde_json::from_slice(body).map_err(|_| {
+        // Never echo the body: it may be an HTML error page, or a token.
+        FetchError::Malformed(format!("body is not a JSON object ({} bytes)", body.len()))
+    })?;
+    let access_token = match raw.access_token {
+        Some(serde_json::Value::String(s)) if !s.is_empty() => s,
+        Some(_) => {
+            return Err(FetchError::Malformed(
+                "access_token is not a non-empty string".into(),
+            ));
+        }
+        None => return Err(FetchError::Malformed("no access_token".into())),
+    };
+    if !access_token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(FetchError::Malformed(
+            "access_token contains characters not allowed in a header (control, space or non-ASCII)"
+                .into(),
+        ));
+    }
+    let token_type = match raw.token_type {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(t)) if t.eq_ignore_ascii_case("bearer") => Some(t),
+        Some(serde_json::Value::String(t)) => {
+            return Err(FetchError::UnsupportedToken(format!(
+                "token_type {:?} is not Bearer",
+                clean_text(&t)
+            )));
+        }
+        Some(_) => return Err(FetchError::Malformed("token_type is not a string".into())),
+    };
+    let (seconds, lifetime_source) = match raw.expires_in.as_ref().and_then(number) {
+        Some(s) => (s, LifetimeSource::ExpiresIn),
+        None => match jwt_exp(&access_token).map(|exp| exp - unix_seconds(now)) {
+            Some(s) => (s, LifetimeSource::JwtExp),
+            None => (default_lifetime.as_secs_f64(), LifetimeSource::Default),
+        },
+    };
+    let refresh_token = match raw.refresh_token {
+        Some(serde_json::Value::String(s)) if !s.is_empty() => Some(Secret::new(s)),
+        _ => None,
+    };
+    let scope = match raw.scope {
+        Some(serde_json::Value::String(s)) => Some(clean_text(&s)),
+        _ => None,
+    };
+    Ok(TokenResponse {
+        access_token: Secret::new(access_token),
+        lifetime: clamp_lifetime(seconds),
+        lifetime_source,
+        refresh_token,
+        scope,
+        token_type,
+    })
+}
+
+/// An `expires_in` as integer, float or numeric string; anything else counts as absent.
+fn number(v: &serde_json::Value) -> Option<f64> {
+    let n = match v {
+        serde_json::Value::Number(n) => n.as_f64()?,
+        serde_json::Value::String(s) => s.trim().parse::<f64>().ok()?,
+        _ => return None,
+    };
+    n.is_finite().then_some(n)
+}
+
+/// Clamps a lifetime in seconds to [`MIN_LIFETIME`]..=[`MAX_LIFETIME`] without overflow.
+pub fn clamp_lifetime(seconds: f64) -> Duration {
+    if !seconds.is_finite() || seconds <= MIN_LIFETIME.as_secs_f64() {
+        MIN_LIFETIME
+    } else if seconds >= MAX_LIFETIME.as_secs_f64() {
+        MAX_LIFETIME
+    } else {
+        Duration::from_secs_f64(seconds)
+    }
+}
+
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The claims of a JWT, decoded without verifying anything (used only to learn the lifetime and
+/// to describe a token). `None` if the token is not JWT-shaped.
+pub fn jwt_claims(token: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let mut parts = token.split('.');
+    let (_header, payload) = (parts.next()?, parts.next()?);
+    parts.next()?;
+    let bytes = URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    match serde_json::from_slice(&bytes).ok()? {
+        serde_json::Value::Object(map) => Some(map),
+        _ => None,
+    }
+}
+
+fn jwt_exp(token: &str) -> Option<f64> {
+    jwt_claims(token)?.get("exp").and_then(number)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEFAULT: Duration = Duration::from_secs(60);
+
+    fn parse(body: &str) -> Result<TokenResponse, FetchError> {
+        parse_token_response(body.as_bytes(), DEFAULT, SystemTime::now())
+    }
+
+    fn jwt(claims: &str) -> String {
+        format!(
+            "{}.{}.sig",
+            URL_SAFE_NO_PAD.encode(r#"{"alg":"none"}"#),
+            URL_SAFE_NO_PAD.encode(claims)
+        )
+    }
+
+    #[test]
+    fn expires_in_forms() {
+        let lt = |e: &str| {
+            parse(&format!(r#"{{"access_token":"t","expires_in":{e}}}"#))
+                .unwrap()
+                .lifetime
+        };
+        assert_eq!(lt("299"), Duration::from_secs(299));
+        assert_eq!(lt("299.5"), Duration::from_secs_f64(299.5));
+        assert_eq!(lt("\"300\""), Duration::from_secs(300));
+        assert_eq!(lt("0"), MIN_LIFETIME);
+        assert_eq!(lt("-5"), MIN_LIFETIME);
+        assert_eq!(lt("1e12"), MAX_LIFETIME);
+        assert_eq!(lt("\"1e400\""), DEFAULT, "non-finite counts as absent");
+        assert_eq!(lt("\"NaN\""), DEFAULT);
+        assert_eq!(lt("\"soon\""), DEFAULT);
+    }
+
+    #[test]
+    fn missing_expires_in_uses_jwt_exp_then_default() {
+        let now = SystemTime::now();
+        let exp = unix_seconds(now) as u64 + 120;
+        let token = jwt(&format!(r#"{{"sub":"u","exp":{exp}}}"#));
+        let r = parse_token_response(
+            format!(r#"{{"access_token":"{token}","token_type":"Bearer"}}"#).as_bytes(),
+            DEFAULT,
+            now,
+        )
+        .unwrap();
+        assert_eq!(r.lifetime_source, LifetimeSource::JwtExp);
+        assert!((r.lifetime.as_secs_f64() - 120.0).abs() < 1.5);
+
+        let r = parse(r#"{"access_token":"opaque"}"#).unwrap();
+        assert_eq!(r.lifetime_source, LifetimeSource::Default);
+        assert_eq!(r.lifetime, DEFAULT);
+    }
+
+    #[test]
+    fn token_type_must_be_bearer_or_absent() {
+        assert!(parse(r#"{"access_token":"t","token_type":"bearer"}"#).is_ok());
+        let e = parse(r#"{"access_token":"t","token_type":"DPoP"}"#).unwrap_err();
+        assert!(matches!(e, FetchError::UnsupportedToken(_)));
+        assert_eq!(e.kind(), ErrorKind::Rejected);
+    }
+
+    #[test]
+    fn header_unsafe_tokens_are_refused() {
+        for bad in [r#""a\r\nX: y""#, r#""a b""#, r#""""#, "42", r#""é""#] {
+            let e = parse(&format!(r#"{{"access_token":{bad}}}"#)).unwrap_err();
+            assert!(matches!(e, FetchError::Malformed(_)), "{bad}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn non_json_bodies_are_transient_and_not_echoed() {
+        let e = parse("<html>secret-looking page</html>").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Transient);
+        assert_eq!(e.reason(), "malformed");
+        assert!(!e.to_string().contains("secret-looking"));
+    }
+
+    #[test]
+    fn error_classification() {
+        let e = |status: u16, body: &str| {
+            http_error(StatusCode::from_u16(status).unwrap(), body.as_bytes(), None)
+        };
+        let rejected = e(
+            400,
+            r#"{"error":"invalid_grant","error_description":"expired"}"#,
+        );
+        assert_eq!(rejected.kind(), ErrorKind::Rejected);
+        assert_eq!(rejected.reason(), "invalid_grant");
+        assert_eq!(
+            rejected.oauth().unwrap().description.as_deref(),
+            Some("expired")
+        );
+        assert!(rejected.to_string().contains("invalid_grant (expired)"));
+        assert_eq!(
+            e(401, r#"{"error":"invalid_client"}"#).reason(),
+            "invalid_client"
+        );
+        assert_eq!(e(403, "").kind(), ErrorKind::Rejected);
+        assert_eq!(e(400, r#"{"error":"made_up"}"#).reason(), "other");
+        assert_eq!(e(500, "").kind(), ErrorKind::Transient);
+        assert_eq!(e(503, "").reason(), "http_5xx");
+        assert_eq!(e(429, "").reason(), "http_429");
+        assert_eq!(e(429, "").kind(), ErrorKind::Transient);
+        assert_eq!(e(408, "").kind(), ErrorKind::Transient);
+        assert_eq!(
+            e(400, r#"{"error":"temporarily_unavailable"}"#).kind(),
+            ErrorKind::Transient
+        );
+        let long = "x".repeat(10_000);
+        let big = e(400, &format!(r#"{{"error":"{long}"}}"#));
+        assert!(big.oauth().unwrap().code.len() <= MAX_ERROR_TEXT);
+    }
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        let now = SystemTime::now();
+        assert_eq!(
+            parse_retry_after(&HeaderValue::from_static("7"), now),
+            Some(Duration::from_secs(7))
+        );
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        let d = parse_retry_after(&HeaderValue::from_str(&later).unwrap(), now).unwrap();
+        assert!(
+            d <= Duration::from_secs(30) && d >= Duration::from_secs(28),
+            "{d:?}"
+        );
+        assert_eq!(
+            parse_retry_after(&HeaderValue::from_static("soon"), now),
+            None
+        );
+    }
+
+    fn cfg(encoding: Encoding, client_auth: ClientAuth) -> TokenConfig {
+        let mut c: TokenConfig = serde_json::from_value(serde_json::json!({
+            "token_url": "http://127.0.0.1:9/api/v1/token",
+            "grant_type": "client_credentials",
+            "client_id": "id",
+        }))
+        .unwrap();
+        c.encoding = encoding;
+        c.client_auth = client_auth;
+        c.scope = Some("client:admin".into());
+        c
+    }
+
+    fn body_text(req: &reqwest::Request) -> String {
+        String::from_utf8(req.body().unwrap().as_bytes().unwrap().to_vec()).unwrap()
+    }
+
+    #[test]
+    fn json_body_carries_credentials_and_grant() {
+        let c = TokenClient::new(&cfg(Encoding::Json, ClientAuth::Body)).unwrap();
+        let creds = Credentials {
+            client_id: Secret::new("id"),
+            client_secret: Some(Secret::new("s3cret")),
+        };
+        let req = c
+            .build(&creds, &Grant::RefreshToken(Secret::new("rt-1")))
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&body_text(&req)).unwrap();
+        assert_eq!(v["grant_type"], "refresh_token");
+        assert_eq!(v["refresh_token"], "rt-1");
+        assert_eq!(v["client_id"], "id");
+        assert_eq!(v["client_secret"], "s3cret");
+        assert_eq!(v["scope"], "client:admin");
+        assert_eq!(req.headers()[CONTENT_TYPE], "application/json");
+        assert!(req.headers().get(AUTHORIZATION).is_none());
+    }
+
+    #[test]
+    fn basic_auth_form_encodes_before_base64() {
+        let c = TokenClient::new(&cfg(Encoding::Form, ClientAuth::Basic)).unwrap();
+        let creds = Credentials {
+            client_id: Secret::new("my id"),
+            client_secret: Some(Secret::new("a+b/c:d%e")),
+        };
+        let req = c.build(&creds, &Grant::ClientCredentials).unwrap();
+        let auth = req.headers()[AUTHORIZATION].to_str().unwrap().to_owned();
+        assert!(req.headers()[AUTHORIZATION].is_sensitive());
+        let decoded = String::from_utf8(
+            STANDARD
+                .decode(auth.strip_prefix("Basic ").unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(decoded, "my+id:a%2Bb%2Fc%3Ad%25e");
+        let body = body_text(&req);
+        assert!(body.contains("grant_type=client_credentials"), "{body}");
+        assert!(!body.contains("client_secret"), "{body}");
+        assert_eq!(
+            req.headers()[CONTENT_TYPE],
+            "application/x-www-form-urlencoded"
+        );
+    }
+
+    #[test]
+    fn jwt_claims_decode_without_verification() {
+        let c = jwt(r#"{"sub":"u1","client_id":"c1","exp":5}"#);
+        let claims = jwt_claims(&c).unwrap();
+        assert_eq!(claims["sub"], "u1");
+        assert!(jwt_claims("opaque-token").is_none());
+        assert!(jwt_claims("a.!!!.c").is_none());
+    }
+}

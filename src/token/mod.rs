@@ -225,13 +225,13 @@ impl TokenCell {
     }
 
     /// Whether a forced refresh is waiting; clears the request (refresher side).
-    fn take_forced(&self) -> bool {
+    pub(crate) fn take_forced(&self) -> bool {
         let mut forced = self.forced.lock().unwrap_or_else(PoisonError::into_inner);
         std::mem::take(&mut forced.pending)
     }
 
     /// Resolves when a forced refresh is requested (refresher side).
-    async fn forced_requested(&self) {
+    pub(crate) async fn forced_requested(&self) {
         self.force.notified().await;
     }
 
@@ -245,7 +245,7 @@ impl TokenCell {
     }
 
     /// Tells waiters that an attempt has finished (refresher side).
-    fn attempt_finished(&self) {
+    pub(crate) fn attempt_finished(&self) {
         self.attempts.send_modify(|n| *n += 1);
     }
 
@@ -267,7 +267,7 @@ impl TokenCell {
         s
     }
 
-    fn update_status(&self, f: impl FnOnce(&mut TokenStatus)) {
+    pub(crate) fn update_status(&self, f: impl FnOnce(&mut TokenStatus)) {
         f(&mut self.status.lock().unwrap_or_else(PoisonError::into_inner));
     }
 }

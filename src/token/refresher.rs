@@ -1,7 +1,42 @@
-//! The background refresher: one task per token that obtains tokens, schedules renewals,
-//! backs off on failure and answers forced refreshes.
+//! The background refresher: one task per configured token. It obtains a token at start,
+//! renews it at `refresh_ratio` of its lifetime (jittered, never later than `refresh_margin`
+//! before expiry), backs off exponentially with full jitter on transient failures, retries
+//! slowly after a rejection (re-reading the secret files each time, so a rotated Kubernetes
+//! secret recovers without a restart), answers forced refreshes from [`TokenCell::invalidate`],
+//! and persists refresh tokens through [`Store`].
+//!
+//! The current token keeps being served while it is valid whatever happens here; the cell never
+//! hands out an expired one.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+use rand::Rng;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep_until};
+
+use crate::config::{GrantType, TokenConfig};
+use crate::metrics::{RefreshResult, TokenMetrics};
+use crate::secret::{Secret, read_file};
+use crate::shutdown::{Phase, Shutdown};
+use crate::token::client::{
+    ClientBuildError, Credentials, Fetch, FetchError, Grant, LifetimeSource, TokenClient,
+    jwt_claims,
+};
+use crate::token::store::{self, State, Store};
+use crate::token::{AccessToken, TokenCell};
+
+/// Jitter takes up to this fraction off each scheduled refresh delay, so that replicas started
+/// together spread their token requests instead of hitting the endpoint at the same instant.
+pub const REFRESH_JITTER: f64 = 0.15;
+/// Shortest delay between two scheduled refreshes, whatever the lifetime: keeps a server that
+/// grants very short tokens from making us spin.
+pub const MIN_REFRESH_DELAY: Duration = Duration::from_secs(1);
+/// Longest `Retry-After` honoured. Longer than a Flinks token lives; waiting longer would only
+/// guarantee an expired token.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+/// JWT claims that describe a token without being secret, shown by `bearer-proxy token`.
+pub const PUBLIC_CLAIMS: &[&str] = &["sub", "client_id", "exp", "iat", "iss", "aud", "scope"];
 
 /// What the admin port shows for a token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -101,6 +136,841 @@ impl TokenStatus {
             TokenState::Refreshing
         } else {
             TokenState::Fresh
+        }
+    }
+}
+
+/// Delay before the next scheduled refresh of a token that lives `lifetime`: `ratio` of it, less
+/// up to [`REFRESH_JITTER`] of that (`unit` in 0..1 picks where), never later than `margin`
+/// before expiry (or half the lifetime if the margin is longer than that), and never less than
+/// [`MIN_REFRESH_DELAY`].
+pub fn refresh_delay(lifetime: Duration, ratio: f64, margin: Duration, unit: f64) -> Duration {
+    let unit = unit.clamp(0.0, 1.0);
+    let target = lifetime.mul_f64(ratio.clamp(0.0, 1.0) * (1.0 - REFRESH_JITTER * unit));
+    let latest = lifetime.saturating_sub(margin).max(lifetime / 2);
+    target.min(latest).max(MIN_REFRESH_DELAY)
+}
+
+/// Delay before retry number `failures` (1 for the first) after a transient failure:
+/// exponential growth from `initial` capped at `max`, with full jitter (`unit` in 0..1) between
+/// `initial` and that cap.
+pub fn backoff_delay(failures: u32, initial: Duration, max: Duration, unit: f64) -> Duration {
+    let max = max.max(initial);
+    let shift = failures.saturating_sub(1).min(30);
+    let cap = initial.saturating_mul(1u32 << shift).min(max);
+    initial + (cap - initial).mul_f64(unit.clamp(0.0, 1.0))
+}
+
+/// What one successful refresh produced (nothing secret).
+#[derive(Clone, Debug)]
+pub struct Fetched {
+    /// Generation of the published token.
+    pub generation: u64,
+    /// Granted lifetime.
+    pub lifetime: Duration,
+    /// Where the lifetime came from.
+    pub lifetime_source: LifetimeSource,
+    /// `token_type` as sent.
+    pub token_type: Option<String>,
+    /// Granted scope.
+    pub scope: Option<String>,
+    /// Wall-clock expiry.
+    pub expires_wall: SystemTime,
+    /// The non-secret JWT claims ([`PUBLIC_CLAIMS`]), if the token is a JWT.
+    pub claims: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Whether the server sent a new refresh token.
+    pub refresh_token_rotated: bool,
+}
+
+/// Which credential an attempt used, so its outcome can be persisted correctly.
+enum Used {
+    /// Client credentials only.
+    Client,
+    /// A refresh token; `file_digest` is the digest of the file's content at the time.
+    Refresh {
+        token: Secret,
+        file_digest: Option<String>,
+    },
+    /// An authorization code.
+    Code,
+}
+
+/// Obtains and renews the tokens of one `[tokens.<name>]`, through `C` (the real HTTP client
+/// unless a test substitutes one).
+pub struct Refresher<C = TokenClient> {
+    cfg: Arc<TokenConfig>,
+    cell: Arc<TokenCell>,
+    client: C,
+    metrics: TokenMetrics,
+    store: Option<Store>,
+    /// Persisted state, loaded on the first attempt.
+    state: Option<State>,
+    /// Failures since the last success.
+    failures: u32,
+}
+
+impl<C> std::fmt::Debug for Refresher<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Refresher")
+            .field("token", &self.cfg.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Refresher {
+    /// A refresher for `cfg` publishing into `cell`.
+    pub fn new(
+        cfg: TokenConfig,
+        cell: Arc<TokenCell>,
+        metrics: TokenMetrics,
+    ) -> Result<Self, ClientBuildError> {
+        let client = TokenClient::new(&cfg)?;
+        Ok(Self::with_client(cfg, cell, metrics, client))
+    }
+}
+
+impl<C: Fetch> Refresher<C> {
+    /// A refresher that obtains tokens through `client`.
+    pub fn with_client(
+        cfg: TokenConfig,
+        cell: Arc<TokenCell>,
+        metrics: TokenMetrics,
+        client: C,
+    ) -> Self {
+        let store = cfg.state_dir.as_deref().map(|d| Store::new(d, &cfg.name));
+        Self {
+            cfg: Arc::new(cfg),
+            cell,
+            client,
+            metrics,
+            store,
+            state: None,
+            failures: 0,
+        }
+    }
+
+    /// Runs the refresher on its own task until the process terminates.
+    pub fn spawn(self, shutdown: Shutdown) -> JoinHandle<()> {
+        tokio::spawn(self.run(shutdown))
+    }
+
+    /// The refresh loop: fetch now, then on schedule, on backoff, or when forced.
+    pub async fn run(mut self, shutdown: Shutdown) {
+        let mut next = Instant::now();
+        // Set once the expiry of the current token has been reported, so it is reported once.
+        let mut expiry_reported = true;
+        loop {
+            let expiry = self.cell.latest().map(|t| t.expires_at());
+            let forced = tokio::select! {
+                biased;
+                () = shutdown.reached(Phase::Terminated) => return,
+                () = self.cell.forced_requested() => {
+                    // A stale wake-up: the request was already served by an attempt since.
+                    if !self.cell.take_forced() {
+                        continue;
+                    }
+                    true
+                }
+                () = sleep_until(next) => false,
+                () = sleep_until(expiry.unwrap_or(next)), if expiry.is_some() && !expiry_reported => {
+                    expiry_reported = true;
+                    tracing::error!(
+                        token = %self.cfg.name,
+                        "token expired and no refresh has succeeded; routed requests get 503 \
+                         until one does"
+                    );
+                    continue;
+                }
+            };
+            let delay = self.attempt(forced).await;
+            if self.failures == 0 {
+                expiry_reported = false;
+            }
+            next = Instant::now() + delay;
+        }
+    }
+
+    /// One attempt with its bookkeeping; returns the delay until the next one.
+    async fn attempt(&mut self, forced: bool) -> Duration {
+        // Whatever asked for a refresh is served by this attempt.
+        self.cell.take_forced();
+        if forced {
+            self.metrics.forced.inc();
+        }
+        let before = self.cell.status().state;
+        let delay = match self.refresh().await {
+            Ok(f) => {
+                let delay = refresh_delay(
+                    f.lifetime,
+                    self.cfg.refresh_ratio,
+                    self.cfg.refresh_margin,
+                    rand::rng().random(),
+                );
+                tracing::info!(
+                    token = %self.cfg.name,
+                    generation = f.generation,
+                    lifetime_secs = f.lifetime.as_secs_f64(),
+                    lifetime_from = ?f.lifetime_source,
+                    next_refresh_secs = delay.as_secs_f64(),
+                    forced,
+                    "token refreshed"
+                );
+                delay
+            }
+            Err(e) => {
+                let kind = e.kind();
+                let delay = match kind {
+                    ErrorKind::Transient => backoff_delay(
+                        self.failures,
+                        self.cfg.backoff_initial,
+                        self.cfg.backoff_max,
+                        rand::rng().random(),
+                    ),
+                    ErrorKind::Rejected => self.cfg.backoff_max,
+                };
+                let delay = delay.max(e.retry_after().unwrap_or_default().min(MAX_RETRY_AFTER));
+                let valid = self.cell.current().is_some();
+                if kind == ErrorKind::Rejected {
+                    tracing::error!(
+                        token = %self.cfg.name,
+                        error = %e,
+                        reason = e.reason(),
+                        status = e.status(),
+                        failures = self.failures,
+                        retry_in_secs = delay.as_secs_f64(),
+                        token_still_valid = valid,
+                        "token request rejected; retrying slowly (fix the credentials)"
+                    );
+                } else {
+                    tracing::warn!(
+                        token = %self.cfg.name,
+                        error = %e,
+                        reason = e.reason(),
+                        status = e.status(),
+                        failures = self.failures,
+                        retry_in_secs = delay.as_secs_f64(),
+                        token_still_valid = valid,
+                        "token refresh failed; will retry"
+                    );
+                }
+                delay
+            }
+        };
+        self.cell.update_status(|s| {
+            s.in_flight = false;
+            s.next_attempt = Some(SystemTime::now() + delay);
+        });
+        self.cell.attempt_finished();
+        let after = self.cell.status().state;
+        if after != before {
+            tracing::info!(
+                token = %self.cfg.name,
+                from = before.as_str(),
+                to = after.as_str(),
+                "token state changed"
+            );
+        }
+        delay
+    }
+
+    /// Obtains one token now and publishes it, recording metrics and status; persists any new
+    /// refresh token first. Used by the loop and by `bearer-proxy token`.
+    pub async fn refresh(&mut self) -> Result<Fetched, FetchError> {
+        self.cell.update_status(|s| s.in_flight = true);
+        let started = Instant::now();
+        let result = self.try_refresh().await;
+        self.metrics
+            .duration
+            .observe(started.elapsed().as_secs_f64());
+        let now = SystemTime::now();
+        match &result {
+            Ok(f) => {
+                self.failures = 0;
+                self.metrics.refresh(RefreshResult::Ok);
+                self.metrics.expiry.set(unix(f.expires_wall));
+                self.metrics.last_success.set(unix(now));
+                self.cell.update_status(|s| {
+                    s.in_flight = false;
+                    s.last_success = Some(now);
+                    s.consecutive_failures = 0;
+                    s.refreshes_ok += 1;
+                });
+            }
+            Err(e) => {
+                self.failures = self.failures.saturating_add(1);
+                self.metrics.refresh(match e.kind() {
+                    ErrorKind::Transient => RefreshResult::TransientError,
+                    ErrorKind::Rejected => RefreshResult::Rejected,
+                });
+                self.metrics.error(e.reason());
+                let info = ErrorInfo {
+                    kind: e.kind(),
+                    reason: crate::metrics::refresh_error_reason(e.reason()),
+                    status: e.status(),
+                    oauth_error: e.oauth().map(|o| o.code.clone()),
+                    description: e.oauth().and_then(|o| o.description.clone()),
+                    message: e.to_string(),
+                    at: now,
+                };
+                let failures = self.failures;
+                self.cell.update_status(|s| {
+                    s.in_flight = false;
+                    s.last_error = Some(info);
+                    s.consecutive_failures = failures;
+                    s.refreshes_failed += 1;
+                });
+            }
+        }
+        result
+    }
+
+    async fn try_refresh(&mut self) -> Result<Fetched, FetchError> {
+        let creds = self.credentials().await?;
+        let (grant, used) = self.grant().await?;
+        let code_marked = if let Grant::AuthorizationCode(code) = &grant {
+            // Remember the code as spent before sending it: a crash after this point must not
+            // lead to sending it again.
+            let previous = self.state_mut().spent_code_sha256.clone();
+            self.state_mut().spent_code_sha256 = Some(store::digest(code));
+            self.persist().await.map_err(|e| {
+                FetchError::Unusable(format!(
+                    "not sending the authorization code: cannot record it as spent: {e}"
+                ))
+            })?;
+            Some(previous)
+        } else {
+            None
+        };
+        let sent_at = Instant::now();
+        let sent_wall = SystemTime::now();
+        let resp = match self.client.fetch(&creds, &grant).await {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(previous) = code_marked
+                    && !e.server_may_have_seen()
+                {
+                    // The code never reached the server: it is still good.
+                    self.state_mut().spent_code_sha256 = previous;
+                    if let Err(pe) = self.persist().await {
+                        tracing::warn!(token = %self.cfg.name, error = %pe, "cannot update state file");
+                    }
+                }
+                return Err(e);
+            }
+        };
+        let rotated = self
+            .remember_refresh_token(&used, resp.refresh_token.as_ref())
+            .await;
+        let token = AccessToken::new(
+            resp.access_token.expose(),
+            sent_at,
+            sent_wall,
+            resp.lifetime,
+            resp.scope.clone(),
+        )
+        .map_err(|_| FetchError::Malformed("access_token is not a valid header value".into()))?;
+        let expires_wall = token.expires_wall();
+        let generation = self.cell.publish(token);
+        let claims = jwt_claims(resp.access_token.expose()).map(|mut all| {
+            all.retain(|k, _| PUBLIC_CLAIMS.contains(&k.as_str()));
+            all
+        });
+        Ok(Fetched {
+            generation,
+            lifetime: resp.lifetime,
+            lifetime_source: resp.lifetime_source,
+            token_type: resp.token_type,
+            scope: resp.scope,
+            expires_wall,
+            claims,
+            refresh_token_rotated: rotated,
+        })
+    }
+
+    /// Reads the client credentials from their sources (files are re-read every time).
+    async fn credentials(&self) -> Result<Credentials, FetchError> {
+        let client_id = match self.cfg.client_id_source() {
+            Some(src) => src.read("client_id").await?,
+            None => Secret::new(""),
+        };
+        let client_secret = match self.cfg.client_secret_source() {
+            Some(src) => Some(src.read("client_secret").await?),
+            None => None,
+        };
+        Ok(Credentials {
+            client_id,
+            client_secret,
+        })
+    }
+
+    fn state_mut(&mut self) -> &mut State {
+        self.state.get_or_insert_with(State::default)
+    }
+
+    async fn load_state(&mut self) -> Result<(), FetchError> {
+        if self.state.is_none() {
+            let state = match &self.store {
+                Some(store) => store.load().await.map_err(|e| {
+                    FetchError::Unusable(format!("cannot read persisted refresh token: {e}"))
+                })?,
+                None => State::default(),
+            };
+            self.state = Some(state);
+        }
+        Ok(())
+    }
+
+    async fn persist(&mut self) -> Result<(), store::StoreError> {
+        match (&self.store, &self.state) {
+            (Some(store), Some(state)) => store.save(state).await,
+            _ => Ok(()),
+        }
+    }
+
+    /// Chooses what to exchange: see the module documentation of [`store`].
+    async fn grant(&mut self) -> Result<(Grant, Used), FetchError> {
+        self.load_state().await?;
+        let stored = self
+            .state
+            .as_ref()
+            .and_then(|s| s.refresh_token.clone())
+            .map(Secret::new);
+        match self.cfg.grant_type {
+            GrantType::ClientCredentials => Ok((Grant::ClientCredentials, Used::Client)),
+            GrantType::RefreshToken => {
+                let file = match &self.cfg.refresh_token_file {
+                    Some(path) => {
+                        Some(read_file(path, "refresh_token").await?).filter(|s| !s.is_empty())
+                    }
+                    None => None,
+                };
+                let file_digest = file.as_ref().map(store::digest);
+                let superseded = self
+                    .state
+                    .as_ref()
+                    .and_then(|s| s.superseded_file_sha256.clone());
+                // A stored token wins unless the file now holds something it did not replace.
+                let token = match (stored, file) {
+                    (Some(s), None) => s,
+                    (Some(s), Some(_)) if superseded == file_digest => s,
+                    (_, Some(f)) => f,
+                    (None, None) => {
+                        return Err(FetchError::Unusable(
+                            "no refresh token: refresh_token_file is empty and none is stored"
+                                .into(),
+                        ));
+                    }
+                };
+                Ok((
+                    Grant::RefreshToken(token.clone()),
+                    Used::Refresh { token, file_digest },
+                ))
+            }
+            GrantType::AuthorizationCode => {
+                let code = match &self.cfg.code_file {
+                    Some(path) => read_file(path, "code").await.ok().filter(|c| !c.is_empty()),
+                    None => None,
+                };
+                let spent = self
+                    .state
+                    .as_ref()
+                    .and_then(|s| s.spent_code_sha256.clone());
+                match (code, stored) {
+                    (Some(code), _) if Some(store::digest(&code)) != spent => {
+                        Ok((Grant::AuthorizationCode(code), Used::Code))
+                    }
+                    (_, Some(token)) => Ok((
+                        Grant::RefreshToken(token.clone()),
+                        Used::Refresh {
+                            token,
+                            file_digest: None,
+                        },
+                    )),
+                    (Some(_), None) => Err(FetchError::Unusable(
+                        "the authorization code in code_file was already exchanged and no \
+                         refresh token is stored; put a new code in code_file"
+                            .into(),
+                    )),
+                    (None, None) => Err(FetchError::Unusable(
+                        "no authorization code in code_file and no refresh token stored".into(),
+                    )),
+                }
+            }
+        }
+    }
+
+    /// Keeps (and persists, before it is ever used) a refresh token the server sent.
+    /// Returns whether there was a new one.
+    async fn remember_refresh_token(&mut self, used: &Used, new: Option<&Secret>) -> bool {
+        let Some(new) = new else {
+            if matches!(used, Used::Code) {
+                tracing::error!(
+                    token = %self.cfg.name,
+                    "the code exchange returned no refresh token; the next refresh will need a \
+                     new code"
+                );
+            }
+            return false;
+        };
+        let state = self.state_mut();
+        match used {
+            Used::Refresh { token, .. } if token == new => return false,
+            Used::Refresh { file_digest, token } => {
+                let from_file = state.refresh_token.as_deref() != Some(token.expose());
+                if from_file {
+                    state.superseded_file_sha256 = file_digest.clone();
+                }
+            }
+            Used::Code | Used::Client => state.superseded_file_sha256 = None,
+        }
+        state.refresh_token = Some(new.expose().to_owned());
+        if let Err(e) = self.persist().await {
+            tracing::error!(
+                token = %self.cfg.name,
+                error = %e,
+                "cannot persist the new refresh token; it is kept in memory and will be lost on \
+                 restart"
+            );
+        } else if self.store.is_none() {
+            tracing::warn!(
+                token = %self.cfg.name,
+                "the server sent a new refresh token but no state_dir is configured; it will be \
+                 lost on restart"
+            );
+        }
+        true
+    }
+}
+
+fn unix(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn flinks_lifetime_refreshes_between_jitter_bounds() {
+        let lo = refresh_delay(S(300), 0.75, S(30), 1.0);
+        let hi = refresh_delay(S(300), 0.75, S(30), 0.0);
+        assert_eq!(hi, S(225));
+        assert_eq!(lo, Duration::from_secs_f64(225.0 * (1.0 - REFRESH_JITTER)));
+    }
+
+    #[test]
+    fn margin_caps_the_ratio_and_short_lifetimes_do_not_spin() {
+        // ratio 0.95 of 300s = 285s, but never later than 30s before expiry.
+        assert_eq!(refresh_delay(S(300), 0.95, S(30), 0.0), S(270));
+        // A margin longer than the lifetime falls back to half of it.
+        assert_eq!(refresh_delay(S(20), 0.75, S(30), 0.0), S(10));
+        // Tiny lifetimes hit the floor.
+        assert_eq!(
+            refresh_delay(Duration::from_millis(100), 0.75, S(30), 0.0),
+            MIN_REFRESH_DELAY
+        );
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert_eq!(backoff_delay(1, S(1), S(30), 1.0), S(1));
+        assert_eq!(backoff_delay(2, S(1), S(30), 1.0), S(2));
+        assert_eq!(backoff_delay(4, S(1), S(30), 1.0), S(8));
+        assert_eq!(backoff_delay(10, S(1), S(30), 1.0), S(30));
+        assert_eq!(backoff_delay(u32::MAX, S(1), S(30), 1.0), S(30));
+        assert_eq!(backoff_delay(10, S(1), S(30), 0.0), S(1));
+    }
+
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    use crate::config::TokenConfig;
+    use crate::shutdown::ShutdownController;
+    use crate::token::client::TokenResponse;
+
+    /// What the fake token endpoint does on one call.
+    enum Answer {
+        Token(Duration),
+        Fail(fn() -> FetchError),
+        Slow(Duration, Duration),
+    }
+
+    /// A token endpoint in memory: answers from a script, then with `default`.
+    struct Fake {
+        script: Mutex<VecDeque<Answer>>,
+        default: fn() -> Answer,
+        calls: Mutex<Vec<(Instant, Grant, Credentials)>>,
+    }
+
+    impl Fake {
+        fn new(script: Vec<Answer>, default: fn() -> Answer) -> Arc<Self> {
+            Arc::new(Self {
+                script: Mutex::new(script.into()),
+                default,
+                calls: Mutex::new(Vec::new()),
+            })
+        }
+        fn times(&self) -> Vec<Instant> {
+            self.calls.lock().unwrap().iter().map(|c| c.0).collect()
+        }
+    }
+
+    impl Fetch for Arc<Fake> {
+        async fn fetch(
+            &self,
+            creds: &Credentials,
+            grant: &Grant,
+        ) -> Result<TokenResponse, FetchError> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push((Instant::now(), grant.clone(), creds.clone()));
+            let answer = self
+                .script
+                .lock()
+                .unwrap()
+                .pop_front()
+                .unwrap_or_else(self.default);
+            let lifetime = match answer {
+                Answer::Token(l) => l,
+                Answer::Fail(e) => return Err(e()),
+                Answer::Slow(delay, l) => {
+                    tokio::time::sleep(delay).await;
+                    l
+                }
+            };
+            let n = self.calls.lock().unwrap().len();
+            Ok(TokenResponse {
+                access_token: Secret::new(format!("token-{n}")),
+                lifetime,
+                lifetime_source: LifetimeSource::ExpiresIn,
+                refresh_token: None,
+                scope: None,
+                token_type: Some("Bearer".into()),
+            })
+        }
+    }
+
+    fn config() -> TokenConfig {
+        let mut c: TokenConfig = serde_json::from_value(serde_json::json!({
+            "token_url": "http://127.0.0.1:9/api/v1/token",
+            "grant_type": "client_credentials",
+            "client_id": "id",
+            "client_secret": "secret",
+        }))
+        .unwrap();
+        c.name = "t".into();
+        c
+    }
+
+    fn start(cfg: TokenConfig, fake: &Arc<Fake>) -> (Arc<TokenCell>, ShutdownController) {
+        let cell = TokenCell::new("t", cfg.forced_refresh_interval);
+        let metrics = crate::metrics::Metrics::new().token("t");
+        let (ctl, sd) = ShutdownController::new();
+        Refresher::with_client(cfg, cell.clone(), metrics, fake.clone()).spawn(sd);
+        (cell, ctl)
+    }
+
+    fn server_error() -> FetchError {
+        FetchError::Http {
+            status: 500,
+            oauth: None,
+            retry_after: None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_request_per_lifetime_while_a_thousand_tasks_read() {
+        let fake = Fake::new(vec![], || Answer::Token(S(300)));
+        let (cell, _ctl) = start(config(), &fake);
+        let t0 = Instant::now();
+        let end = t0 + S(1800);
+        let mut readers = Vec::new();
+        for _ in 0..1000 {
+            let cell = cell.clone();
+            readers.push(tokio::spawn(async move {
+                cell.wait_valid(S(5)).await.expect("first token");
+                let mut reads = 0u32;
+                while Instant::now() < end {
+                    assert!(cell.current().is_some(), "a reader saw no valid token");
+                    reads += 1;
+                    tokio::time::sleep(S(7)).await;
+                }
+                reads
+            }));
+        }
+        for r in readers {
+            assert!(r.await.unwrap() > 200);
+        }
+        let times = fake.times();
+        // 1800s / (225s at most, 191.25s at least) after the first: 9 to 10 refreshes.
+        assert!((9..=11).contains(&times.len()), "{} requests", times.len());
+        for pair in times.windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!(
+                gap >= Duration::from_secs_f64(225.0 * (1.0 - REFRESH_JITTER)) && gap <= S(225),
+                "refresh gap {gap:?}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn outage_backs_off_keeps_token_until_expiry_then_hands_out_none() {
+        let fake = Fake::new(vec![Answer::Token(S(60))], || Answer::Fail(server_error));
+        let (cell, _ctl) = start(config(), &fake);
+        let first = cell.wait_valid(S(1)).await.expect("first token");
+        let issued = Instant::now();
+        // Valid right up to expiry, even though every refresh since ~40s has failed.
+        tokio::time::sleep_until(issued + S(59)).await;
+        assert_eq!(cell.current().unwrap().generation(), first.generation());
+        assert_eq!(cell.status().state, TokenState::Refreshing);
+        tokio::time::sleep_until(issued + S(61)).await;
+        assert!(cell.current().is_none(), "an expired token was handed out");
+        assert!(cell.wait_valid(S(2)).await.is_none());
+        assert_eq!(cell.status().state, TokenState::Expired);
+        tokio::time::sleep(S(600)).await;
+        let times = fake.times();
+        // Gaps between failed attempts never shorter than backoff_initial nor longer than max.
+        for pair in times[1..].windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!(gap >= S(1) && gap <= S(30), "gap {gap:?}");
+        }
+        // Backing off: far fewer attempts than one per second over ~11 minutes.
+        assert!(times.len() < 60, "{} attempts", times.len());
+        assert!(cell.status().consecutive_failures as usize == times.len() - 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_delays_the_next_attempt() {
+        let fake = Fake::new(
+            vec![Answer::Fail(|| FetchError::Http {
+                status: 429,
+                oauth: None,
+                retry_after: Some(S(7)),
+            })],
+            || Answer::Token(S(300)),
+        );
+        let (cell, _ctl) = start(config(), &fake);
+        cell.wait_valid(S(30)).await.expect("token after retry");
+        let times = fake.times();
+        assert!(times[1] - times[0] >= S(7), "{:?}", times[1] - times[0]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rejection_retries_at_backoff_max_and_rereads_the_secret_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("client_secret");
+        std::fs::write(&secret, "old\n").unwrap();
+        let mut cfg = config();
+        cfg.client_secret = None;
+        cfg.client_secret_file = Some(secret.clone());
+        let fake = Fake::new(vec![], || Answer::Token(S(300)));
+        // Reject whatever is sent with the old secret.
+        let fake = Arc::new(RejectOld(fake));
+        let cell = TokenCell::new("t", cfg.forced_refresh_interval);
+        let (ctl, sd) = ShutdownController::new();
+        Refresher::with_client(
+            cfg,
+            cell.clone(),
+            crate::metrics::Metrics::new().token("t"),
+            fake.clone(),
+        )
+        .spawn(sd);
+        tokio::time::sleep(S(65)).await;
+        assert_eq!(cell.status().state, TokenState::Rejected);
+        let times = fake.0.times();
+        assert_eq!(times.len(), 3, "attempts at 0, 30 and 60s");
+        assert_eq!(times[1] - times[0], S(30));
+        // The kubelet swaps the secret; the next slow retry picks it up.
+        std::fs::write(&secret, "new\n").unwrap();
+        assert!(cell.wait_valid(S(31)).await.is_some());
+        assert_eq!(cell.status().state, TokenState::Fresh);
+        drop(ctl);
+    }
+
+    struct RejectOld(Arc<Fake>);
+    impl Fetch for Arc<RejectOld> {
+        async fn fetch(
+            &self,
+            creds: &Credentials,
+            grant: &Grant,
+        ) -> Result<TokenResponse, FetchError> {
+            let result = self.0.fetch(creds, grant).await;
+            if creds.client_secret.as_ref().map(Secret::expose) == Some("old") {
+                return Err(FetchError::Http {
+                    status: 400,
+                    oauth: Some(crate::token::client::OAuthError {
+                        code: "invalid_client".into(),
+                        description: None,
+                    }),
+                    retry_after: None,
+                });
+            }
+            result
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_invalidations_cause_one_request_and_are_rate_limited() {
+        let fake = Fake::new(vec![], || Answer::Slow(Duration::from_millis(200), S(300)));
+        let (cell, _ctl) = start(config(), &fake);
+        let seen = cell.wait_valid(S(5)).await.unwrap().generation();
+        let mut waiters = Vec::new();
+        for _ in 0..50 {
+            let cell = cell.clone();
+            waiters.push(tokio::spawn(
+                async move { cell.invalidate(seen, S(5)).await },
+            ));
+        }
+        for w in waiters {
+            assert_eq!(w.await.unwrap().expect("new token").generation(), seen + 1);
+        }
+        assert_eq!(fake.times().len(), 2, "one start-up request, one forced");
+        // The new token is rejected too, at once: the rate limit refuses another refresh.
+        assert!(cell.invalidate(seen + 1, S(5)).await.is_none());
+        tokio::time::sleep(S(1)).await;
+        assert_eq!(fake.times().len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expiry_counts_from_when_the_request_was_sent() {
+        let fake = Fake::new(vec![Answer::Slow(S(4), S(60))], || Answer::Token(S(60)));
+        let (cell, _ctl) = start(config(), &fake);
+        let sent = Instant::now();
+        let t = cell.wait_valid(S(10)).await.unwrap();
+        assert_eq!(t.expires_at(), sent + S(60));
+    }
+
+    proptest! {
+        #[test]
+        fn backoff_stays_within_bounds(
+            failures in 0u32..200,
+            initial_ms in 1u64..10_000,
+            extra_ms in 0u64..600_000,
+            unit in 0.0f64..=1.0,
+        ) {
+            let initial = Duration::from_millis(initial_ms);
+            let max = initial + Duration::from_millis(extra_ms);
+            let d = backoff_delay(failures, initial, max, unit);
+            prop_assert!(d >= initial && d <= max, "{d:?} not in {initial:?}..={max:?}");
+        }
+
+        #[test]
+        fn refresh_happens_before_expiry(
+            lifetime_ms in 5_000u64..86_400_000,
+            ratio in 0.01f64..0.99,
+            margin_ms in 0u64..600_000,
+            unit in 0.0f64..=1.0,
+        ) {
+            let lifetime = Duration::from_millis(lifetime_ms);
+            let d = refresh_delay(lifetime, ratio, Duration::from_millis(margin_ms), unit);
+            prop_assert!(d >= MIN_REFRESH_DELAY);
+            prop_assert!(d < lifetime, "{d:?} >= {lifetime:?}");
+            prop_assert!(d <= lifetime.mul_f64(ratio).max(MIN_REFRESH_DELAY));
         }
     }
 }

@@ -1,4 +1,11 @@
-//! Integration tests: one binary, real sockets on 127.0.0.1, a shared support module.
+//! The integration test binary: every area in its own module, real sockets on port 0, shared
+//! helpers in `support`.
 
+// A panic is how a test reports failure; helpers here unwrap freely.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod admin;
+mod cli;
 mod proxy;
 mod support;
+mod token;

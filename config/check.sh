@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Runs `bearer-proxy check` on every example configuration in this directory.
+#
+# The examples point at secret files that exist only inside a pod (/var/run/secrets/...), so we
+# create placeholder files in a temporary directory and point the configuration at them through
+# environment overrides (BEARER_PROXY__TOKENS__<NAME>__<KEY>), exactly as an operator could.
+# Only keys the example actually sets are overridden, so a key missing from an example is still
+# reported by `check`.
+#
+# Usage: config/check.sh [path/to/bearer-proxy]   (default: target/debug/bearer-proxy)
+set -euo pipefail
+
+bin=${1:-target/debug/bearer-proxy}
+here=$(cd "$(dirname "$0")" && pwd)
+if [[ ! -x $bin ]]; then
+  echo "config/check.sh: $bin is not an executable; build it first (cargo build)" >&2
+  exit 1
+fi
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+printf 'placeholder-client-id\n' >"$tmp/client_id"
+printf 'placeholder-client-secret\n' >"$tmp/client_secret"
+printf 'placeholder-refresh-token\n' >"$tmp/refresh_token"
+printf 'placeholder-code\n' >"$tmp/code"
+mkdir "$tmp/state"
+chmod 0600 "$tmp"/client_id "$tmp"/client_secret "$tmp"/refresh_token "$tmp"/code
+
+# key in the file -> placeholder path
+declare -A placeholder=(
+  [client_id_file]="$tmp/client_id"
+  [client_secret_file]="$tmp/client_secret"
+  [refresh_token_file]="$tmp/refresh_token"
+  [code_file]="$tmp/code"
+  [state_dir]="$tmp/state"
+)
+
+# check FILE TOKEN...: validate FILE with the file keys of each named token overridden.
+check() {
+  local file=$1
+  shift
+  local -a env=()
+  local token key
+  for token in "$@"; do
+    for key in $(printf '%s\n' "${!placeholder[@]}" | sort); do
+      # `key = ...` (TOML) or `key: ...` (YAML); every example has one token, so a match
+      # anywhere in the file belongs to it.
+      if grep -Eq "^[[:space:]]*${key}[[:space:]]*[=:]" "$file"; then
+        env+=("BEARER_PROXY__TOKENS__${token^^}__${key^^}=${placeholder[$key]}")
+      fi
+    done
+  done
+  echo "== bearer-proxy check --config $file"
+  printf '   with %s\n' "${env[@]}"
+  local out
+  if ! out=$(env "${env[@]}" "$bin" check --config "$file" 2>&1); then
+    printf '%s\n' "$out" | sed 's/^/   /'
+    echo "FAIL: $file" >&2
+    return 1
+  fi
+  printf '%s\n' "$out" | sed 's/^/   /'
+  # Prove the overrides took effect (otherwise a real /var/run/secrets on this machine could
+  # make the check pass for the wrong reason).
+  if ! grep -qF "secret from $tmp/client_secret" <<<"$out"; then
+    echo "FAIL: $file: the client_secret_file override was not applied" >&2
+    return 1
+  fi
+}
+
+failed=0
+check "$here/flinks-client-credentials.toml" flinks || failed=1
+check "$here/flinks-data-recipient.toml" flinks || failed=1
+check "$here/gateway.yaml" flinks || failed=1
+
+if ((failed)); then
+  echo "config/check.sh: FAILED" >&2
+  exit 1
+fi
+echo "config/check.sh: all example configurations pass"

@@ -1,0 +1,345 @@
+//! The admin port: `/metrics`, `/livez`, `/readyz`, `/status`. Separate from the proxy port;
+//! it never proxies, and it never shows a token, secret or refresh token.
+//!
+//! - `GET /metrics`: Prometheus text exposition of the project's own registry.
+//! - `GET /livez`: 200 while the process serves, whatever the token endpoint does.
+//! - `GET /readyz`: 200 only while every configured token is valid and the process is not
+//!   shutting down; otherwise 503 with a JSON reason naming the token and its state.
+//! - `GET /status`: JSON with each token's state, expiry, last success and error, and each
+//!   route's request counts.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+use crate::cli::rfc3339;
+use crate::metrics::Metrics;
+use crate::shutdown::{Phase, Shutdown};
+use crate::token::{ErrorKind, TokenCell, TokenStatus};
+
+/// A probe or a scrape sends its whole request at once; anything slower is not a client we
+/// serve.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause after a failed `accept` (out of file descriptors) so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// What the admin port reports on.
+#[derive(Clone)]
+pub struct Admin {
+    tokens: Arc<[Arc<TokenCell>]>,
+    metrics: Arc<Metrics>,
+    shutdown: Shutdown,
+}
+
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin").finish_non_exhaustive()
+    }
+}
+
+impl Admin {
+    /// An admin server over these tokens and metrics, reporting the phase of `shutdown`.
+    pub fn new(
+        tokens: &BTreeMap<String, Arc<TokenCell>>,
+        metrics: Arc<Metrics>,
+        shutdown: Shutdown,
+    ) -> Self {
+        Self {
+            tokens: tokens.values().cloned().collect(),
+            metrics,
+            shutdown,
+        }
+    }
+
+    /// Serves until the process terminates (it keeps answering probes while draining).
+    pub async fn serve(self, listener: TcpListener) {
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .keep_alive(true);
+        let terminated = self.shutdown.clone();
+        let stop = terminated.reached(Phase::Terminated);
+        tokio::pin!(stop);
+        loop {
+            let (stream, _) = tokio::select! {
+                () = &mut stop => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin: accept failed");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        continue;
+                    }
+                },
+            };
+            let admin = self.clone();
+            let conn = http.serve_connection(
+                TokioIo::new(stream),
+                service_fn(move |req| {
+                    let admin = admin.clone();
+                    async move { Ok::<_, Infallible>(admin.handle(&req)) }
+                }),
+            );
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "admin: connection error");
+                }
+            });
+        }
+    }
+
+    /// Answers one request.
+    pub fn handle(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        self.route(req.method(), req.uri().path())
+    }
+
+    fn route(&self, method: &Method, path: &str) -> Response<Full<Bytes>> {
+        if method != Method::GET && method != Method::HEAD {
+            return json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &json!({"error": "method_not_allowed", "message": "the admin port answers GET only"}),
+            );
+        }
+        match path {
+            "/metrics" => self.metrics(),
+            "/livez" => json_response(StatusCode::OK, &json!({"live": true})),
+            "/readyz" => self.readyz(),
+            "/status" => json_response(StatusCode::OK, &self.status()),
+            _ => json_response(
+                StatusCode::NOT_FOUND,
+                &json!({
+                    "error": "not_found",
+                    "message": "admin paths: /metrics /livez /readyz /status; the admin port never proxies"
+                }),
+            ),
+        }
+    }
+
+    fn metrics(&self) -> Response<Full<Bytes>> {
+        self.metrics.observe_tokens(&self.tokens);
+        let mut resp = Response::new(Full::new(Bytes::from(self.metrics.encode())));
+        resp.headers_mut().insert(
+            CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        resp
+    }
+
+    fn readyz(&self) -> Response<Full<Bytes>> {
+        let phase = self.shutdown.phase();
+        if phase != Phase::Running {
+            return json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"ready": false, "reason": "shutting down", "phase": phase_name(phase)}),
+            );
+        }
+        let not_valid: Vec<Value> = self
+            .tokens
+            .iter()
+            .filter(|cell| cell.current().is_none())
+            .map(|cell| {
+                let s = cell.status();
+                json!({"token": cell.name(), "state": s.state.as_str()})
+            })
+            .collect();
+        if not_valid.is_empty() {
+            json_response(StatusCode::OK, &json!({"ready": true}))
+        } else {
+            let names: Vec<String> = not_valid
+                .iter()
+                .map(|t| {
+                    format!(
+                        "{} is {}",
+                        t["token"].as_str().unwrap_or(""),
+                        t["state"].as_str().unwrap_or("")
+                    )
+                })
+                .collect();
+            json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({
+                    "ready": false,
+                    "reason": format!("no valid token: {}", names.join(", ")),
+                    "tokens": not_valid,
+                }),
+            )
+        }
+    }
+
+    /// The `/status` document.
+    pub fn status(&self) -> Value {
+        let tokens: serde_json::Map<String, Value> = self
+            .tokens
+            .iter()
+            .map(|cell| (cell.name().to_owned(), token_json(&cell.status())))
+            .collect();
+        let routes: serde_json::Map<String, Value> = self
+            .metrics
+            .routes()
+            .iter()
+            .map(|r| {
+                let counts = r.counts();
+                let total: u64 = counts.iter().map(|(_, n)| n).sum();
+                let by_code: serde_json::Map<String, Value> = counts
+                    .into_iter()
+                    .map(|(code, n)| (code.to_string(), json!(n)))
+                    .collect();
+                (
+                    r.name().to_owned(),
+                    json!({"requests": total, "by_code": by_code}),
+                )
+            })
+            .collect();
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "phase": phase_name(self.shutdown.phase()),
+            "tokens": tokens,
+            "routes": routes,
+        })
+    }
+}
+
+fn phase_name(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Running => "running",
+        Phase::Draining => "draining",
+        Phase::Stopping => "stopping",
+        Phase::Terminated => "terminated",
+    }
+}
+
+fn time(t: Option<SystemTime>) -> Value {
+    t.map_or(Value::Null, |t| Value::String(rfc3339(t)))
+}
+
+fn token_json(s: &TokenStatus) -> Value {
+    let last_error = s.last_error.as_ref().map_or(Value::Null, |e| {
+        json!({
+            "kind": match e.kind { ErrorKind::Transient => "transient", ErrorKind::Rejected => "rejected" },
+            "reason": e.reason,
+            "http_status": e.status,
+            "oauth_error": e.oauth_error,
+            "oauth_error_description": e.description,
+            "message": e.message,
+            "at": rfc3339(e.at),
+        })
+    });
+    json!({
+        "state": s.state.as_str(),
+        "valid": s.valid,
+        "generation": s.generation,
+        "expires_at": time(s.expires_wall),
+        "expires_in_seconds": s.expires_in.map(|d| (d.as_secs_f64() * 10.0).round() / 10.0),
+        "last_success": time(s.last_success),
+        "last_error": last_error,
+        "consecutive_failures": s.consecutive_failures,
+        "next_attempt": time(s.next_attempt),
+        "refreshes": {"ok": s.refreshes_ok, "failed": s.refreshes_failed},
+    })
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut()
+        .insert(CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shutdown::ShutdownController;
+    use crate::token::AccessToken;
+    use http_body_util::BodyExt;
+
+    fn admin() -> (Admin, Arc<TokenCell>, ShutdownController) {
+        let cell = TokenCell::new("flinks", Duration::from_secs(5));
+        let (ctl, sd) = ShutdownController::new();
+        let tokens = BTreeMap::from([("flinks".to_owned(), cell.clone())]);
+        (Admin::new(&tokens, Metrics::new(), sd), cell, ctl)
+    }
+
+    async fn body(resp: Response<Full<Bytes>>) -> (StatusCode, String) {
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(bytes.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn readiness_follows_the_token_and_the_shutdown() {
+        let (admin, cell, ctl) = admin();
+        let (status, text) = body(admin.route(&Method::GET, "/readyz")).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(text.contains("flinks is expired"), "{text}");
+        cell.publish(
+            AccessToken::new(
+                "canary-token-1",
+                tokio::time::Instant::now(),
+                SystemTime::now(),
+                Duration::from_secs(60),
+                None,
+            )
+            .unwrap(),
+        );
+        assert_eq!(
+            body(admin.route(&Method::GET, "/readyz")).await.0,
+            StatusCode::OK
+        );
+        ctl.advance(Phase::Draining);
+        let (status, text) = body(admin.route(&Method::GET, "/readyz")).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(text.contains("shutting down"));
+        // Liveness does not care.
+        assert_eq!(
+            body(admin.route(&Method::GET, "/livez")).await.0,
+            StatusCode::OK
+        );
+        let (_, status_page) = body(admin.route(&Method::GET, "/status")).await;
+        assert!(!status_page.contains("canary"), "{status_page}");
+        let v: Value = serde_json::from_str(&status_page).unwrap();
+        assert_eq!(v["tokens"]["flinks"]["state"], "fresh");
+        assert_eq!(v["tokens"]["flinks"]["generation"], 1);
+        assert_eq!(v["phase"], "draining");
+    }
+
+    #[tokio::test]
+    async fn unknown_paths_and_methods_are_refused() {
+        let (admin, _, _ctl) = admin();
+        assert_eq!(
+            body(admin.route(&Method::GET, "/")).await.0,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            body(admin.route(&Method::GET, "http://example.com/"))
+                .await
+                .0,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            body(admin.route(&Method::POST, "/metrics")).await.0,
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        let (status, text) = body(admin.route(&Method::GET, "/metrics")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            text.contains("bearer_proxy_token_valid{token=\"flinks\"} 0"),
+            "{text}"
+        );
+    }
+}

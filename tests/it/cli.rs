@@ -1,0 +1,250 @@
+//! The binary as an operator runs it: `check`, `token`, `run` and its signals, with canary
+//! secrets that must never reach any output, at the most verbose log level.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use bearer_proxy::issuer::{DevIssuer, IssuerControl, IssuerOptions};
+use tokio::io::AsyncReadExt;
+use tokio::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_bearer-proxy");
+const CANARY_SECRET: &str = "canary-client-secret-5c1b";
+const CANARY_TOKEN: &str = "canary-access-token-77e2";
+const CANARY_REFRESH: &str = "canary-refresh-token-0d9f";
+
+async fn issuer(opts: IssuerOptions) -> (String, IssuerControl) {
+    let issuer = DevIssuer::bind("127.0.0.1:0".parse().unwrap(), opts)
+        .await
+        .unwrap();
+    let url = issuer.token_url();
+    let control = issuer.control();
+    tokio::spawn(issuer.serve(std::future::pending()));
+    (url, control)
+}
+
+fn canary_issuer() -> IssuerOptions {
+    IssuerOptions {
+        clients: vec![("demo-client".into(), CANARY_SECRET.into())],
+        fixed_token: Some(CANARY_TOKEN.into()),
+        refresh_tokens: vec![CANARY_REFRESH.into()],
+        ..Default::default()
+    }
+}
+
+/// Writes a config using `token_url`, with the secret (and refresh token) in files.
+fn write_config(dir: &Path, token_url: &str, grant: &str, extra: &str) -> std::path::PathBuf {
+    std::fs::write(dir.join("client_secret"), format!("{CANARY_SECRET}\n")).unwrap();
+    std::fs::write(dir.join("refresh_token"), CANARY_REFRESH).unwrap();
+    let path = dir.join("config.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[proxy]
+listen = "127.0.0.1:0"
+drain_delay = "100ms"
+shutdown_grace = "2s"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[log]
+level = "trace"
+
+[tokens.flinks]
+token_url = "{token_url}"
+grant_type = "{grant}"
+client_id = "demo-client"
+client_secret_file = "{dir}/client_secret"
+refresh_token_file = "{dir}/refresh_token"
+state_dir = "{dir}"
+{extra}
+"#,
+            dir = dir.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+struct Output {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+async fn run(args: &[&str], config: &Path, env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env("BEARER_PROXY_CONFIG", config)
+        .env("RUST_LOG", "trace")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null());
+    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .expect("command timed out")
+        .unwrap();
+    Output {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn assert_no_canary(text: &str) {
+    for canary in [CANARY_SECRET, CANARY_TOKEN, CANARY_REFRESH] {
+        assert!(!text.contains(canary), "{canary} leaked into:\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn token_describes_the_token_without_printing_it() {
+    let (url, _) = issuer(canary_issuer()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &url, "client_credentials", "");
+    let out = run(&["token"], &config, &[]).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("lifetime     300s"), "{}", out.stdout);
+    assert!(out.stdout.contains("type         Bearer"), "{}", out.stdout);
+    assert_no_canary(&out.stdout);
+    assert_no_canary(&out.stderr);
+}
+
+#[tokio::test]
+async fn token_failure_prints_the_oauth_error_and_exits_non_zero() {
+    let (url, _) = issuer(IssuerOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &url, "client_credentials", "");
+    let out = run(&["token", "flinks"], &config, &[]).await;
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("invalid_client"), "{}", out.stderr);
+    assert_no_canary(&out.stderr);
+}
+
+#[tokio::test]
+async fn the_token_client_ignores_http_proxy_variables() {
+    let (url, _) = issuer(canary_issuer()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &url, "refresh_token", "");
+    // A proxy that does not exist: going through it would fail.
+    let dead = "http://127.0.0.1:9";
+    let env = [
+        ("HTTP_PROXY", dead),
+        ("http_proxy", dead),
+        ("HTTPS_PROXY", dead),
+        ("ALL_PROXY", dead),
+    ];
+    let out = run(&["token"], &config, &env).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_no_canary(&out.stdout);
+    assert_no_canary(&out.stderr);
+}
+
+#[tokio::test]
+async fn check_accepts_a_good_config_and_names_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "https://ob.flinksapp.com/api/v1/token",
+        "client_credentials",
+        "",
+    );
+    let out = run(&["check"], &config, &[]).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stdout.contains("token  flinks: client_credentials"),
+        "{}",
+        out.stdout
+    );
+    assert_no_canary(&out.stdout);
+
+    std::fs::remove_file(dir.path().join("client_secret")).unwrap();
+    let out = run(&["check"], &config, &[]).await;
+    assert_eq!(out.code, 2);
+    assert!(
+        out.stderr.contains("tokens.flinks.client_secret_file"),
+        "{}",
+        out.stderr
+    );
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[proxy]\nlisten = \"nowhere\"\n[tokens.flinks]\ntoken_url = \"http://example.com/t\"\n\
+         grant_type = \"client_credentials\"\nclient_id = \"x\"\nclient_secret = \"y\"\nrefresh_ratio = 3\n",
+    )
+    .unwrap();
+    let out = run(&["check"], &bad, &[]).await;
+    assert_eq!(out.code, 2);
+    for key in [
+        "proxy.listen",
+        "tokens.flinks.token_url",
+        "tokens.flinks.refresh_ratio",
+    ] {
+        assert!(
+            out.stderr.contains(key),
+            "{key} not named in:\n{}",
+            out.stderr
+        );
+    }
+}
+
+#[tokio::test]
+async fn run_without_config_exits_2() {
+    let out = Command::new(BIN)
+        .env_remove("BEARER_PROXY_CONFIG")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--config"));
+}
+
+#[tokio::test]
+async fn run_refreshes_and_stops_on_sigterm_without_leaking_secrets() {
+    let (url, control) = issuer(canary_issuer()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &url, "refresh_token", "");
+    let mut child = Command::new(BIN)
+        .arg("run")
+        .env("BEARER_PROXY_CONFIG", &config)
+        .env("RUST_LOG", "trace")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    // Read logs until the refresh is reported.
+    let mut logs = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !String::from_utf8_lossy(&logs).contains("token refreshed") {
+            let n = stderr.read(&mut buf).await.unwrap();
+            assert!(n > 0, "exited early: {}", String::from_utf8_lossy(&logs));
+            logs.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("no refresh logged");
+    assert_eq!(control.request_count(), 1);
+    let pid = child.id().unwrap().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("did not stop after SIGTERM")
+        .unwrap();
+    stderr.read_to_end(&mut logs).await.unwrap();
+    let logs = String::from_utf8_lossy(&logs);
+    assert_eq!(status.code(), Some(0), "{logs}");
+    assert!(logs.contains("shutting down"), "{logs}");
+    assert_no_canary(&logs);
+}
