@@ -1083,3 +1083,201 @@ async fn the_access_log_has_one_line_per_request_and_never_a_token() {
         assert!(!text.contains(secret), "{secret} appears in the logs");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// With the real refresher and the dev issuer
+
+/// The proxy, with the `flinks` token kept by a real refresher against a dev issuer, in front
+/// of a TLS upstream answering through `handler`. Returns once the first token is in place.
+async fn with_refresher(
+    handler: impl Fn(&Recorded, usize) -> Reply + Send + Sync + 'static,
+    proxy: &str,
+) -> (Fixture, bearer_proxy::issuer::IssuerControl) {
+    use bearer_proxy::issuer::{DevIssuer, IssuerOptions};
+    use bearer_proxy::token::refresher::Refresher;
+
+    let issuer = DevIssuer::bind("127.0.0.1:0".parse().unwrap(), IssuerOptions::default())
+        .await
+        .unwrap();
+    let control = issuer.control();
+    let token_url = issuer.token_url();
+    tokio::spawn(issuer.serve(std::future::pending()));
+
+    let ca = TestCa::new();
+    let upstream = Upstream::tls(ca.server_config(&["localhost"], &[b"http/1.1"]), handler).await;
+    let config = config(&format!(
+        r#"
+        [tokens.flinks]
+        token_url = "{token_url}"
+        grant_type = "client_credentials"
+        client_id = "demo-client"
+        client_secret = "demo-secret"
+        backoff_initial = "100ms"
+        backoff_max = "500ms"
+        timeout = "2s"
+        {}
+        "#,
+        fixture_toml(&ca, &upstream.url(true), proxy, "")
+    ));
+    let token_cfg = config.tokens["flinks"].clone();
+    let cell = TokenCell::new("flinks", token_cfg.forced_refresh_interval);
+    let metrics = bearer_proxy::metrics::Metrics::new();
+    let mut tokens = std::collections::BTreeMap::new();
+    tokens.insert("flinks".to_owned(), cell.clone());
+    let proxy = TestProxy::start_with(&config, tokens, metrics.clone()).await;
+    Refresher::new(token_cfg, cell.clone(), metrics.token("flinks"))
+        .unwrap()
+        .spawn(proxy.shutdown.watcher());
+    cell.wait_valid(PATIENCE).await.expect("first token");
+    (
+        Fixture {
+            _ca: ca,
+            upstream,
+            proxy,
+        },
+        control,
+    )
+}
+
+/// The bearer token a recorded request carried.
+fn bearer(r: &Recorded) -> String {
+    let auth = r.all("authorization");
+    assert_eq!(auth.len(), 1, "{auth:?}");
+    auth[0].strip_prefix("Bearer ").unwrap().to_owned()
+}
+
+/// Answers 401 to any request carrying the first token it saw (or to `/always-401`), once
+/// `hold` such requests have arrived (so they are all in flight together); 200 otherwise.
+fn reject_first_token(hold: usize) -> impl Fn(&Recorded, usize) -> Reply + Send + Sync + 'static {
+    let first = Mutex::new(None::<String>);
+    let rejected = Mutex::new(0usize);
+    let gate = Gate::new();
+    move |r, _| {
+        let token = bearer(r);
+        let mut first = first.lock().unwrap();
+        let first = first.get_or_insert_with(|| token.clone());
+        if r.target == "/always-401" {
+            return Reply::status(401).body(r#"{"code":401}"#);
+        }
+        if token != *first {
+            return Reply::ok("accepted");
+        }
+        let mut n = rejected.lock().unwrap();
+        *n += 1;
+        if *n >= hold {
+            gate.open();
+        }
+        Reply::status(401)
+            .body(r#"{"code":401,"message":"token expired"}"#)
+            .gated(gate.clone())
+    }
+}
+
+#[tokio::test]
+async fn refresher_get_is_replayed_with_a_fresh_token_and_post_is_not() {
+    let (f, issuer) = with_refresher(reject_first_token(1), "").await;
+    let resp = get(
+        f.proxy.addr,
+        &format!("http://{HOST}/api/fdx/5/accounts"),
+        &[],
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.text(), "accepted");
+    let reqs = f.upstream.requests();
+    assert_eq!(reqs.len(), 2);
+    let (old, new) = (bearer(&reqs[0]), bearer(&reqs[1]));
+    assert_ne!(old, new);
+    assert!(
+        issuer.is_valid_token(&new),
+        "the replay carries an issued token"
+    );
+    assert_eq!(
+        issuer.request_count(),
+        2,
+        "one start-up token, one forced refresh"
+    );
+    assert_eq!(
+        f.proxy
+            .metric(r#"bearer_proxy_replays_total{result="ok",route="fdx"}"#),
+        Some(1.0)
+    );
+
+    let resp = raw(
+        f.proxy.addr,
+        format!("POST http://{HOST}/always-401 HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 2\r\n\r\n{{}}").as_bytes(),
+    )
+    .await;
+    assert_eq!(resp.status, 401);
+    assert_eq!(resp.text(), r#"{"code":401}"#);
+    let posts: Vec<_> = f
+        .upstream
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST")
+        .collect();
+    assert_eq!(posts.len(), 1, "a POST is never sent twice");
+    assert_eq!(
+        f.proxy
+            .metric(r#"bearer_proxy_replays_total{result="not_replayable",route="fdx"}"#),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_401s_cause_one_token_request() {
+    const N: usize = 50;
+    let (f, issuer) = with_refresher(reject_first_token(N), "").await;
+    assert_eq!(issuer.request_count(), 1);
+    let addr = f.proxy.addr;
+    let requests: Vec<_> = (0..N)
+        .map(|i| tokio::spawn(async move { get(addr, &format!("http://{HOST}/r/{i}"), &[]).await }))
+        .collect();
+    for r in requests {
+        let resp = r.await.unwrap();
+        assert_eq!(resp.status, 200, "{}", resp.text());
+    }
+    assert_eq!(
+        issuer.request_count(),
+        2,
+        "the 50 rejections shared one refresh"
+    );
+    let reqs = f.upstream.requests();
+    assert_eq!(
+        reqs.len(),
+        2 * N,
+        "each request was sent twice: rejected, then replayed"
+    );
+    assert_eq!(
+        f.proxy
+            .metric(r#"bearer_proxy_replays_total{result="ok",route="fdx"}"#),
+        Some(N as f64)
+    );
+}
+
+#[tokio::test]
+async fn with_the_token_endpoint_down_past_expiry_requests_get_503() {
+    use bearer_proxy::issuer::Fault;
+
+    let (f, issuer) = with_refresher(|_, _| Reply::ok("ok"), r#"token_wait = "300ms""#).await;
+    let resp = get(f.proxy.addr, &format!("http://{HOST}/before"), &[]).await;
+    assert_eq!(resp.status, 200);
+
+    issuer.fail_next(u32::MAX, Fault::Unavailable);
+    let expiry = f.proxy.cell().current().unwrap().expires_at();
+    // Jump past the token's expiry on tokio's clock instead of waiting for it; the refresher's
+    // retries during the jump all fail.
+    tokio::time::pause();
+    tokio::time::advance(expiry.saturating_duration_since(Instant::now()) + Duration::from_secs(1))
+        .await;
+    tokio::time::resume();
+    assert!(f.proxy.cell().current().is_none(), "the token has expired");
+
+    let resp = get(f.proxy.addr, &format!("http://{HOST}/after"), &[]).await;
+    assert_eq!(resp.status, 503);
+    assert_eq!(resp.proxy_error().as_deref(), Some("token_unavailable"));
+    assert!(resp.header("retry-after").is_some());
+    let reqs = f.upstream.requests();
+    assert_eq!(reqs.len(), 1, "nothing was sent without a valid token");
+    assert!(issuer.request_count() > 1, "the refresher kept trying");
+}
