@@ -138,10 +138,6 @@ pub(super) struct Origin {
 }
 
 impl Origin {
-    fn for_route(route: &Route, request_host: &str) -> Result<Self, ProxyError> {
-        Self::of(&route.upstream, request_host)
-    }
-
     fn of(upstream: &Upstream, request_host: &str) -> Result<Self, ProxyError> {
         match upstream {
             Upstream::Fixed {
@@ -285,11 +281,16 @@ impl Inner {
         (resp, metrics)
     }
 
-    /// Counts and builds a refusal.
+    /// Counts, logs and builds an answer of the proxy's own.
     pub(super) fn refuse(&self, e: ProxyError) -> Response<ProxyBody> {
         if let Some(reason) = e.code.reject_reason() {
             self.metrics.reject(reason);
         }
+        tracing::info!(
+            error = e.code.as_str(),
+            status = e.code.status().as_u16(),
+            "request answered by the proxy"
+        );
         e.response()
     }
 
@@ -310,7 +311,7 @@ impl Inner {
             return match self.routes.by_host(host, authority.port_u16(), defaults) {
                 Some(route) => Ok(Target::Routed {
                     route,
-                    origin: Origin::for_route(route, host)?,
+                    origin: Origin::of(&route.upstream, host)?,
                     strip: 0,
                 }),
                 None => Ok(Target::Unmatched),
@@ -329,7 +330,7 @@ impl Inner {
         if let Some(m) = self.routes.by_prefix(uri.path(), host.map(|h| h.0)) {
             return Ok(Target::Routed {
                 route: m.route,
-                origin: Origin::for_route(m.route, host.map_or("", |h| h.0))?,
+                origin: Origin::of(&m.route.upstream, host.map_or("", |h| h.0))?,
                 strip: m.strip,
             });
         }
@@ -338,7 +339,7 @@ impl Inner {
         {
             return Ok(Target::Routed {
                 route,
-                origin: Origin::for_route(route, h)?,
+                origin: Origin::of(&route.upstream, h)?,
                 strip: 0,
             });
         }

@@ -149,6 +149,17 @@ pub fn pseudonym() -> &'static str {
     NAME.get_or_init(|| format!("bearer-proxy-{:08x}", rand::random::<u32>()))
 }
 
+/// `1.1 <pseudonym>`, the `Via` entry appended to forwarded requests.
+fn via() -> HeaderValue {
+    static VIA: OnceLock<HeaderValue> = OnceLock::new();
+    VIA.get_or_init(|| {
+        // ASCII letters, digits and '-': always a valid header value.
+        HeaderValue::from_str(&format!("1.1 {}", pseudonym()))
+            .unwrap_or_else(|_| HeaderValue::from_static("1.1 bearer-proxy"))
+    })
+    .clone()
+}
+
 impl Proxy {
     /// Resolves the routes against their token cells, builds the upstream client and the
     /// server settings.
@@ -160,15 +171,6 @@ impl Proxy {
         let p = &config.proxy;
         let routes = RouteTable::build(config, tokens, &metrics)?;
         let client = upstream::client(p.ca_file.as_deref(), p.connect_timeout)?;
-        let pseudonym = pseudonym();
-        let via = HeaderValue::from_str(&format!("1.1 {pseudonym}")).map_err(|e| {
-            // Hex digits and ASCII: cannot fail.
-            ProxyBuildError::Route {
-                index: 0,
-                route: "(via)".into(),
-                reason: e.to_string(),
-            }
-        })?;
         let mut server = auto::Builder::new(TokioExecutor::new());
         server
             .http1()
@@ -188,8 +190,8 @@ impl Proxy {
                 client,
                 unmatched: p.unmatched(),
                 connect: p.connect(),
-                via,
-                pseudonym,
+                via: via(),
+                pseudonym: pseudonym(),
                 token_wait: p.token_wait,
                 response_timeout: p.response_timeout,
                 connect_timeout: p.connect_timeout,

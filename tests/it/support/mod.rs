@@ -24,7 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -719,6 +719,3 @@ pub fn peak_rss() -> u64 {
         .unwrap();
     kb * 1024
 }
-
-/// Notifies once, for tests that need a one-shot signal between tasks.
-pub type Signal = Arc<Notify>;
