@@ -469,6 +469,22 @@ impl<T> WireGuard<T> {
         ))
     }
 
+    /// Notes progress of a write, or times a blocked one (not in a tunnel, which may idle).
+    fn after_write(
+        &mut self,
+        polled: Poll<io::Result<usize>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        match polled {
+            Poll::Ready(Ok(n)) if n > 0 => {
+                self.progressed();
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending if !self.framer.is_opaque() => self.poll_deadline(cx, false).map(Err),
+            other => other,
+        }
+    }
+
     /// Records the outcome of scanning bytes that start a held region.
     fn after_scan(&mut self, scan: Scan, len: usize) -> usize {
         match scan {
@@ -539,12 +555,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for WireGuard<T> {
                 // Nothing held: read straight into hyper's buffer and check in place.
                 let before = buf.filled().len();
                 match Pin::new(&mut this.io).poll_read(cx, buf) {
-                    Poll::Pending => {
-                        return match this.poll_deadline(cx, true) {
-                            Poll::Ready(e) => Poll::Ready(Err(e)),
-                            Poll::Pending => Poll::Pending,
-                        };
-                    }
+                    Poll::Pending => return this.poll_deadline(cx, true).map(Err),
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Ready(Ok(())) => {}
                 }
@@ -576,12 +587,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for WireGuard<T> {
             let got = rb.filled().len();
             this.held.truncate(len + got);
             match polled {
-                Poll::Pending => {
-                    return match this.poll_deadline(cx, true) {
-                        Poll::Ready(e) => Poll::Ready(Err(e)),
-                        Poll::Pending => Poll::Pending,
-                    };
-                }
+                Poll::Pending => return this.poll_deadline(cx, true).map(Err),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) => {}
             }
@@ -608,19 +614,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WireGuard<T> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.io).poll_write(cx, data) {
-            Poll::Ready(Ok(n)) => {
-                if n > 0 {
-                    this.progressed();
-                }
-                Poll::Ready(Ok(n))
-            }
-            Poll::Pending if !this.framer.is_opaque() => match this.poll_deadline(cx, false) {
-                Poll::Ready(e) => Poll::Ready(Err(e)),
-                Poll::Pending => Poll::Pending,
-            },
-            other => other,
-        }
+        let polled = Pin::new(&mut this.io).poll_write(cx, data);
+        this.after_write(polled, cx)
     }
 
     fn poll_write_vectored(
@@ -629,19 +624,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WireGuard<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.io).poll_write_vectored(cx, bufs) {
-            Poll::Ready(Ok(n)) => {
-                if n > 0 {
-                    this.progressed();
-                }
-                Poll::Ready(Ok(n))
-            }
-            Poll::Pending if !this.framer.is_opaque() => match this.poll_deadline(cx, false) {
-                Poll::Ready(e) => Poll::Ready(Err(e)),
-                Poll::Pending => Poll::Pending,
-            },
-            other => other,
-        }
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.after_write(polled, cx)
     }
 
     fn is_write_vectored(&self) -> bool {
