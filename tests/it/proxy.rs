@@ -1281,3 +1281,77 @@ async fn with_the_token_endpoint_down_past_expiry_requests_get_503() {
     assert_eq!(reqs.len(), 1, "nothing was sent without a valid token");
     assert!(issuer.request_count() > 1, "the refresher kept trying");
 }
+
+/// What bare hyper (no wire guard) does with the framings the proxy refuses: it lets most of
+/// them through to the service, silently resolved. This is why the proxy checks heads itself;
+/// if a hyper upgrade starts refusing them, this test says so.
+#[tokio::test]
+async fn bare_hyper_lets_ambiguous_framing_through() {
+    use hyper_util::rt::TokioIo;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::<(Option<String>, Option<String>)>::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let h =
+                            |n: &str| req.headers().get(n).map(|v| v.to_str().unwrap().to_owned());
+                        record
+                            .lock()
+                            .unwrap()
+                            .push((h("content-length"), h("transfer-encoding")));
+                        async {
+                            Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    let send = |head: &'static str| async move {
+        raw(
+            addr,
+            format!("POST / HTTP/1.1\r\nHost: x\r\n{head}\r\n3\r\nabc\r\n0\r\n\r\n").as_bytes(),
+        )
+        .await
+        .status
+    };
+    // Length and coding, both orders: accepted, the length silently dropped.
+    assert_eq!(
+        send("Content-Length: 3\r\nTransfer-Encoding: chunked\r\n").await,
+        200
+    );
+    assert_eq!(
+        send("Transfer-Encoding: chunked\r\nContent-Length: 3\r\n").await,
+        200
+    );
+    // Repeated coding: accepted as chunked.
+    assert_eq!(send("Transfer-Encoding: chunked, chunked\r\n").await, 200);
+    // A repeated identical length: accepted, merged (the body here is the 3 bytes "3\r\n").
+    assert_eq!(
+        send("Content-Length: 3\r\nContent-Length: 3\r\n").await,
+        200
+    );
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        [
+            (None, Some("chunked".to_owned())),
+            (None, Some("chunked".to_owned())),
+            (None, Some("chunked, chunked".to_owned())),
+            (Some("3".to_owned()), None),
+        ]
+    );
+    // Conflicting lengths are the one shape hyper refuses itself (a bare 400).
+    assert_eq!(
+        send("Content-Length: 3\r\nContent-Length: 4\r\n").await,
+        400
+    );
+}
