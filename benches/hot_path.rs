@@ -1,6 +1,9 @@
 //! Criterion benchmarks of the request hot path: what every proxied request pays on top of the
 //! network. Run with `cargo bench --bench hot_path`.
 
+// Set-up failures in a benchmark are programming errors; a panic reports them.
+#![allow(clippy::expect_used)]
+
 use std::hint::black_box;
 use std::time::{Duration, SystemTime};
 
@@ -28,7 +31,10 @@ fn token_cell() -> std::sync::Arc<TokenCell> {
 fn token_injection(c: &mut Criterion) {
     let cell = token_cell();
     let mut headers = http::HeaderMap::new();
-    headers.insert(http::header::ACCEPT, http::HeaderValue::from_static("application/json"));
+    headers.insert(
+        http::header::ACCEPT,
+        http::HeaderValue::from_static("application/json"),
+    );
     c.bench_function("token lookup + header insert", |b| {
         b.iter(|| {
             let token = cell.current().expect("valid");

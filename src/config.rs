@@ -167,6 +167,10 @@ pub struct ProxyConfig {
     pub shutdown_grace: Duration,
     /// Worker threads; 0 means one per available CPU.
     pub workers: usize,
+    /// Extra CA certificates (PEM) trusted for upstream TLS, in addition to the webpki roots
+    /// and the system store; for upstreams behind a private CA. Certificates are always
+    /// verified: there is no way to turn verification off.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for ProxyConfig {
@@ -186,6 +190,7 @@ impl Default for ProxyConfig {
             drain_delay: DEFAULT_DRAIN_DELAY,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             workers: DEFAULT_WORKERS,
+            ca_file: None,
         }
     }
 }

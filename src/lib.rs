@@ -25,6 +25,7 @@ pub mod config;
 pub mod issuer;
 pub mod logging;
 pub mod metrics;
+pub mod proxy;
 pub mod secret;
 pub mod shutdown;
 pub mod tls;

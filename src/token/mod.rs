@@ -134,6 +134,9 @@ struct Forced {
     last: Option<Instant>,
     /// A forced refresh has been requested and not yet attempted.
     pending: bool,
+    /// The attempt count when the last forced refresh was granted: while it has not moved, that
+    /// refresh is still pending or in flight, and a new caller joins it.
+    granted_at: u64,
 }
 
 impl fmt::Debug for TokenCell {
@@ -203,7 +206,7 @@ impl TokenCell {
             return Some(t);
         }
         let mut attempts = self.attempts.subscribe();
-        attempts.borrow_and_update();
+        let finished = *attempts.borrow_and_update();
         {
             let mut forced = self.forced.lock().unwrap_or_else(PoisonError::into_inner);
             if !forced.pending {
@@ -212,11 +215,18 @@ impl TokenCell {
                     .last
                     .is_some_and(|last| now < last + self.forced_interval)
                 {
-                    return None;
+                    // Rate-limited, unless that refresh has not finished yet (the refresher
+                    // took it and is still asking): then wait for its result like the callers
+                    // that came before it was taken.
+                    if forced.granted_at != finished {
+                        return None;
+                    }
+                } else {
+                    forced.last = Some(now);
+                    forced.pending = true;
+                    forced.granted_at = finished;
+                    self.force.notify_one();
                 }
-                forced.last = Some(now);
-                forced.pending = true;
-                self.force.notify_one();
             }
         }
         // Wait for the refresher's next attempt to finish, then look.
@@ -363,5 +373,25 @@ mod tests {
                 .is_none()
         );
         assert!(cell.take_forced());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn invalidate_during_an_in_flight_forced_refresh_joins_it() {
+        let cell = TokenCell::new("t", Duration::from_secs(5));
+        cell.publish(token(60));
+        let c1 = cell.clone();
+        let first = tokio::spawn(async move { c1.invalidate(1, Duration::from_secs(1)).await });
+        tokio::task::yield_now().await;
+        // The refresher takes the request and starts its token request...
+        assert!(cell.take_forced());
+        // ...and another rejected request arrives meanwhile.
+        let c2 = cell.clone();
+        let second = tokio::spawn(async move { c2.invalidate(1, Duration::from_secs(1)).await });
+        tokio::task::yield_now().await;
+        cell.publish(token(60));
+        cell.attempt_finished();
+        assert_eq!(first.await.unwrap().unwrap().generation(), 2);
+        assert_eq!(second.await.unwrap().unwrap().generation(), 2);
+        assert!(!cell.take_forced(), "one refresh served both");
     }
 }

@@ -6,4 +6,6 @@
 
 mod admin;
 mod cli;
+mod proxy;
+mod support;
 mod token;

@@ -1,0 +1,832 @@
+//! The request path: which target a request has, the checks every forwarded request passes,
+//! header sanitising and token injection, sending through the pooled client, and the replay
+//! after an upstream rejects the token.
+//!
+//! A routed request is never forwarded without a valid token, and the token goes only to the
+//! route's own upstream. Its headers are sanitised in this order: hop-by-hop headers (and those
+//! `Connection` names) removed, any client `Authorization` removed, `Host` set from the
+//! target, our `Via` appended, the route's static headers set, and last the token's pre-built
+//! `Authorization` value inserted, so that nothing (not even `Connection: Authorization`) can
+//! remove or duplicate it. Inserting it clones a `HeaderValue`, a reference-count bump.
+//!
+//! Bodies stream in both directions. The only buffering is the replay copy of a small request
+//! body (at most `replay_body_limit`) and, after a replay status, at most
+//! [`CONSENT_PROBE_LIMIT`] bytes of the upstream's answer.
+
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::header::{
+    AUTHORIZATION, CONNECTION, HOST, HeaderMap, HeaderName, HeaderValue, PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE, VIA,
+};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Extensions, Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use super::body::ProxyBody;
+use super::error::{ErrorCode, ProxyError};
+use super::route::{Route, Upstream, normalise, split_host_port};
+use super::upstream::classify_request_error;
+use super::{ConnShared, Inner};
+use crate::config::Unmatched;
+use crate::metrics::{ReplayResult, RouteMetrics, UpstreamErrorKind};
+
+/// At most this much of an answer with a replay status is read to look for Flinks' consent
+/// error (`{"code": 602, …}`); FDX error bodies are a few hundred bytes, and anything longer is
+/// not one.
+pub(crate) const CONSENT_PROBE_LIMIT: usize = 64 * 1024;
+
+/// The Flinks FDX error code for a revoked or expired user consent: a new access token cannot
+/// fix it.
+const CONSENT_REVOKED_CODE: u64 = 602;
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the proxy
+/// credentials meant for us.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    KEEP_ALIVE,
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
+    UPGRADE,
+    PROXY_CONNECTION,
+    PROXY_AUTHORIZATION,
+    PROXY_AUTHENTICATE,
+];
+
+const USERINFO: ProxyError = ProxyError::new(
+    ErrorCode::BadRequest,
+    "request URLs with user:password@ are refused: credentials in the URL would be sent to the \
+     upstream; remove them",
+);
+const BAD_SCHEME: ProxyError = ProxyError::new(
+    ErrorCode::BadRequest,
+    "only http:// (and https://) request URLs can be proxied",
+);
+const NO_ROUTE: ProxyError = ProxyError::new(
+    ErrorCode::BadRequest,
+    "this is a forward proxy: send absolute-form requests (set HTTP_PROXY to this address and \
+     call http://<host>/...) or configure a route whose path_prefix or host matches this \
+     origin-form request",
+);
+const BAD_TARGET: ProxyError = ProxyError::new(
+    ErrorCode::BadRequest,
+    "the request target cannot be forwarded",
+);
+const TRACE_REFUSED: ProxyError = ProxyError::new(
+    ErrorCode::MethodNotAllowed,
+    "TRACE is not forwarded: it would echo the injected Authorization header back",
+);
+const LOOP: ProxyError = ProxyError::new(
+    ErrorCode::Loop,
+    "the request already passed through this proxy (its Via header names us): it is routed \
+     back to the proxy itself",
+);
+const DENIED: ProxyError = ProxyError::new(
+    ErrorCode::Denied,
+    "no route matches this host and proxy.unmatched is \"deny\"",
+);
+const NO_TOKEN: ProxyError = ProxyError::new(
+    ErrorCode::TokenUnavailable,
+    "no valid access token for this route yet (the token endpoint has not answered); retry \
+     shortly",
+);
+const BODY_UNREADABLE: ProxyError =
+    ProxyError::new(ErrorCode::BadRequest, "the request body could not be read").closing();
+
+fn upstream_error(code: ErrorCode) -> ProxyError {
+    let message = match code {
+        ErrorCode::UpstreamTls => {
+            "TLS handshake with the upstream failed (certificate not trusted or invalid); \
+             nothing was sent"
+        }
+        ErrorCode::UpstreamTimeout => "the upstream did not answer within response_timeout",
+        ErrorCode::UpstreamReset => "the upstream closed the connection without a valid answer",
+        _ => "the upstream could not be reached",
+    };
+    ProxyError::new(code, message)
+}
+
+/// Where a request goes.
+pub(super) enum Target<'a> {
+    /// A route's upstream.
+    Routed {
+        /// The route.
+        route: &'a Route,
+        /// Its upstream origin for this request.
+        origin: Origin,
+        /// Path bytes to strip (gateway mode).
+        strip: usize,
+    },
+    /// No route: `proxy.unmatched` decides.
+    Unmatched,
+}
+
+/// Scheme, authority and `Host` of an upstream request.
+pub(super) struct Origin {
+    scheme: Scheme,
+    authority: Authority,
+    host: HeaderValue,
+    base_path: Option<Box<str>>,
+}
+
+impl Origin {
+    fn of(upstream: &Upstream, request_host: &str) -> Result<Self, ProxyError> {
+        match upstream {
+            Upstream::Fixed {
+                scheme,
+                authority,
+                host,
+                base_path,
+            } => Ok(Self {
+                scheme: scheme.clone(),
+                authority: authority.clone(),
+                host: host.clone(),
+                base_path: base_path.clone(),
+            }),
+            Upstream::RequestHost { port } => {
+                // The one allocation of a routed request: the wildcard's target host,
+                // normalised (it matched the pattern, so it is a plain DNS name).
+                let host = normalise(request_host);
+                let mut s = String::with_capacity(host.len() + 6);
+                s.extend(host.chars().map(|c| c.to_ascii_lowercase()));
+                if let Some(p) = port {
+                    s.push(':');
+                    s.push_str(itoa(*p, &mut [0; 5]));
+                }
+                let bytes = Bytes::from(s);
+                Ok(Self {
+                    scheme: Scheme::HTTPS,
+                    authority: Authority::from_maybe_shared(bytes.clone())
+                        .map_err(|_| BAD_TARGET)?,
+                    host: HeaderValue::from_maybe_shared(bytes).map_err(|_| BAD_TARGET)?,
+                    base_path: None,
+                })
+            }
+        }
+    }
+}
+
+/// Formats a port without `format!`.
+fn itoa(mut n: u16, buf: &mut [u8; 5]) -> &str {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(&buf[i..]).unwrap_or("0")
+}
+
+/// The request's details kept for the access log.
+struct AccessInfo {
+    method: Method,
+    uri: Uri,
+    host: Option<HeaderValue>,
+}
+
+impl AccessInfo {
+    fn of(req: &Request<Incoming>) -> Self {
+        Self {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            host: req.headers().get(HOST).cloned(),
+        }
+    }
+
+    fn emit(&self, route: &str, status: StatusCode, start: Instant, headers: &HeaderMap) {
+        let host = self
+            .uri
+            .host()
+            .or_else(|| self.host.as_ref().and_then(|h| h.to_str().ok()))
+            .unwrap_or("");
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        tracing::info!(
+            target: "bearer_proxy::access",
+            method = %self.method,
+            route,
+            host,
+            path = self.uri.path(),
+            status = status.as_u16(),
+            duration_ms = start.elapsed().as_secs_f64() * 1000.0,
+            ob_correlation_id = header("ob-correlation-id"),
+            ob_trace_id = header("ob-trace-id"),
+        );
+    }
+}
+
+impl Inner {
+    /// Answers one request from the app.
+    pub(super) async fn handle(
+        &self,
+        req: Request<Incoming>,
+        conn: &ConnShared,
+    ) -> Response<ProxyBody> {
+        let start = Instant::now();
+        let log = self.access_log.then(|| AccessInfo::of(&req));
+        let (resp, metrics) = self.dispatch(req, conn).await;
+        metrics.request(resp.status().as_u16(), start.elapsed().as_secs_f64());
+        if let Some(info) = log {
+            info.emit(metrics.name(), resp.status(), start, resp.headers());
+        }
+        resp
+    }
+
+    async fn dispatch(
+        &self,
+        req: Request<Incoming>,
+        conn: &ConnShared,
+    ) -> (Response<ProxyBody>, &RouteMetrics) {
+        if req.method() == Method::CONNECT {
+            return (self.connect(req, conn).await, &self.connect_metrics);
+        }
+        let target = self.target(&req);
+        let metrics = match &target {
+            Ok(Target::Routed { route, .. }) => &route.metrics,
+            _ => &self.unmatched_metrics,
+        };
+        // Before the target is judged: a request that looped back arrives in origin-form,
+        // which would otherwise be refused as unroutable and hide the loop.
+        if self.is_loop(req.headers()) {
+            return (self.refuse(LOOP), metrics);
+        }
+        if req.method() == Method::TRACE {
+            return (self.refuse(TRACE_REFUSED), metrics);
+        }
+        let target = match target {
+            Ok(t) => t,
+            Err(e) => return (self.refuse(e), metrics),
+        };
+        let resp = match target {
+            Target::Routed {
+                route,
+                origin,
+                strip,
+            } => self.forward_routed(route, origin, strip, req).await,
+            Target::Unmatched => match self.unmatched {
+                Unmatched::Deny => self.refuse(DENIED),
+                Unmatched::Forward => self.forward_unmatched(req).await,
+            },
+        };
+        (resp, metrics)
+    }
+
+    /// Counts, logs and builds an answer of the proxy's own.
+    pub(super) fn refuse(&self, e: ProxyError) -> Response<ProxyBody> {
+        if let Some(reason) = e.code.reject_reason() {
+            self.metrics.reject(reason);
+        }
+        tracing::info!(
+            error = e.code.as_str(),
+            status = e.code.status().as_u16(),
+            "request answered by the proxy"
+        );
+        e.response()
+    }
+
+    /// Finds where `req` goes, without side effects.
+    fn target<'a>(&'a self, req: &Request<Incoming>) -> Result<Target<'a>, ProxyError> {
+        let uri = req.uri();
+        if let Some(authority) = uri.authority() {
+            // Absolute-form: the URL names the host.
+            if authority.as_str().contains('@') {
+                return Err(USERINFO);
+            }
+            let defaults: &[u16] = match uri.scheme_str() {
+                Some(s) if s.eq_ignore_ascii_case("http") => &[80],
+                Some(s) if s.eq_ignore_ascii_case("https") => &[443],
+                _ => return Err(BAD_SCHEME),
+            };
+            let host = authority.host();
+            return match self.routes.by_host(host, authority.port_u16(), defaults) {
+                Some(route) => Ok(Target::Routed {
+                    route,
+                    origin: Origin::of(&route.upstream, host)?,
+                    strip: 0,
+                }),
+                None => Ok(Target::Unmatched),
+            };
+        }
+        // Origin-form: only routes can say where it goes; it is never sent anywhere else
+        // (in particular not back to this proxy).
+        if !uri.path().starts_with('/') {
+            return Err(NO_ROUTE);
+        }
+        let host = req
+            .headers()
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(split_host_port);
+        if let Some(m) = self.routes.by_prefix(uri.path(), host.map(|h| h.0)) {
+            return Ok(Target::Routed {
+                route: m.route,
+                origin: Origin::of(&m.route.upstream, host.map_or("", |h| h.0))?,
+                strip: m.strip,
+            });
+        }
+        if let Some((h, port)) = host
+            && let Some(route) = self.routes.by_host(h, port, &[80, 443])
+        {
+            return Ok(Target::Routed {
+                route,
+                origin: Origin::of(&route.upstream, h)?,
+                strip: 0,
+            });
+        }
+        Err(NO_ROUTE)
+    }
+
+    /// Whether the request already carries our `Via` entry.
+    fn is_loop(&self, headers: &HeaderMap) -> bool {
+        let us = self.pseudonym.as_bytes();
+        headers
+            .get_all(VIA)
+            .iter()
+            .any(|v| v.as_bytes().windows(us.len()).any(|w| w == us))
+    }
+
+    async fn forward_routed(
+        &self,
+        route: &Route,
+        origin: Origin,
+        strip: usize,
+        req: Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        let token = match route.token.current() {
+            Some(t) => t,
+            None => match route.token.wait_valid(self.token_wait).await {
+                Some(t) => t,
+                None => return self.refuse(NO_TOKEN),
+            },
+        };
+        let (mut parts, body) = req.into_parts();
+        let Ok(uri) = target_uri(&origin, std::mem::take(&mut parts.uri), strip) else {
+            return self.refuse(BAD_TARGET);
+        };
+        let headers = &mut parts.headers;
+        strip_hop_by_hop(headers);
+        headers.remove(AUTHORIZATION);
+        headers.insert(HOST, origin.host);
+        headers.append(VIA, self.via.clone());
+        for (name, value) in &route.headers {
+            headers.insert(name, value.clone());
+        }
+        headers.insert(AUTHORIZATION, token.header().clone());
+
+        // Keep a copy for one replay when it can be replayed: idempotent and small. This
+        // clones the header map (the cost of being able to replay); other requests move it.
+        let replayable = !route.replay_statuses.is_empty() && is_idempotent(&parts.method);
+        let (body, replay) = match body.size_hint().exact() {
+            Some(n) if replayable && n <= self.replay_body_limit as u64 => {
+                let bytes = match read_small_body(body).await {
+                    Ok(b) => b,
+                    Err(_) => return self.refuse(BODY_UNREADABLE),
+                };
+                let replay = Replay {
+                    method: parts.method.clone(),
+                    uri: uri.clone(),
+                    headers: parts.headers.clone(),
+                    body: bytes.clone(),
+                };
+                (ProxyBody::full(bytes), Some(replay))
+            }
+            _ => (ProxyBody::stream(body), None),
+        };
+        parts.uri = uri;
+        parts.version = Version::HTTP_11;
+        parts.extensions = Extensions::new();
+        let resp = match self
+            .send(&route.metrics, Request::from_parts(parts, body))
+            .await
+        {
+            Ok(r) => r,
+            Err(answer) => return answer,
+        };
+        if !route.is_replay_status(resp.status().as_u16()) {
+            return pass_through(resp);
+        }
+        self.after_rejection(route, resp, token.generation(), replay)
+            .await
+    }
+
+    /// The upstream answered a replay status to a request sent with token generation `seen`.
+    async fn after_rejection(
+        &self,
+        route: &Route,
+        resp: Response<Incoming>,
+        seen: u64,
+        replay: Option<Replay>,
+    ) -> Response<ProxyBody> {
+        let (parts, mut body) = resp.into_parts();
+        let (prefix, complete) = match read_prefix(&mut body, CONSENT_PROBE_LIMIT).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(route = %route.label, error = %e, "upstream body failed");
+                route.metrics.upstream_error(UpstreamErrorKind::Reset);
+                return self.refuse(upstream_error(ErrorCode::UpstreamReset));
+            }
+        };
+        let original = || respond(parts, ProxyBody::prefixed(prefix.clone(), body));
+        if complete && is_consent_revoked(&prefix) {
+            route.metrics.replay(ReplayResult::ConsentRevoked);
+            return original();
+        }
+        let Some(replay) = replay else {
+            // Ask for a new token for the next request without making this one wait.
+            let _ = route.token.invalidate(seen, Duration::ZERO).await;
+            route.metrics.replay(ReplayResult::NotReplayable);
+            return original();
+        };
+        let Some(fresh) = route.token.invalidate(seen, self.token_wait).await else {
+            route.metrics.replay(ReplayResult::NoNewToken);
+            return original();
+        };
+        let mut req = Request::new(ProxyBody::full(replay.body));
+        *req.method_mut() = replay.method;
+        *req.uri_mut() = replay.uri;
+        *req.headers_mut() = replay.headers;
+        req.headers_mut()
+            .insert(AUTHORIZATION, fresh.header().clone());
+        match self.send(&route.metrics, req).await {
+            Ok(resp) => {
+                route
+                    .metrics
+                    .replay(if route.is_replay_status(resp.status().as_u16()) {
+                        ReplayResult::RejectedAgain
+                    } else {
+                        ReplayResult::Ok
+                    });
+                pass_through(resp)
+            }
+            Err(answer) => answer,
+        }
+    }
+
+    async fn forward_unmatched(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let (mut parts, body) = req.into_parts();
+        let Some(host) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        else {
+            return self.refuse(BAD_TARGET);
+        };
+        // The app's own headers go through untouched, its Authorization included; only what
+        // belongs to the hop is removed.
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.insert(HOST, host);
+        parts.headers.append(VIA, self.via.clone());
+        parts.version = Version::HTTP_11;
+        parts.extensions = Extensions::new();
+        let req = Request::from_parts(parts, ProxyBody::stream(body));
+        match self.send(&self.unmatched_metrics, req).await {
+            Ok(resp) => pass_through(resp),
+            Err(answer) => answer,
+        }
+    }
+
+    /// Sends through the pooled client, bounded by `response_timeout` (until the response
+    /// headers). Failures become the proxy's own answers.
+    async fn send(
+        &self,
+        metrics: &RouteMetrics,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, Response<ProxyBody>> {
+        let fail = |code, kind| {
+            metrics.upstream_error(kind);
+            self.refuse(upstream_error(code))
+        };
+        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+            Ok(Ok(resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                // We never ask for an upgrade (Upgrade is stripped), so this is a broken
+                // upstream; passing it on would make hyper hand over the client's socket.
+                Err(fail(ErrorCode::UpstreamReset, UpstreamErrorKind::Reset))
+            }
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => {
+                let (code, kind) = classify_request_error(&e);
+                tracing::warn!(
+                    route = metrics.name(),
+                    error = %ErrorChain(&e),
+                    "upstream request failed"
+                );
+                Err(fail(code, kind))
+            }
+            Err(_) => Err(fail(ErrorCode::UpstreamTimeout, UpstreamErrorKind::Timeout)),
+        }
+    }
+}
+
+/// A buffered request, ready to be sent again with a new token.
+struct Replay {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+/// Displays an error with its sources (`outer: inner: root`). Client errors carry no headers,
+/// so no token can appear here.
+struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        Ok(())
+    }
+}
+
+/// GET, HEAD, PUT, DELETE and OPTIONS may be sent twice (RFC 9110 §9.2.2; TRACE is refused).
+pub(crate) fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS
+    )
+}
+
+/// Removes hop-by-hop headers: those `Connection` names, then the fixed list.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    match headers.get_all(CONNECTION).iter().take(2).count() {
+        0 => {}
+        1 => {
+            if let Some(value) = headers.remove(CONNECTION) {
+                remove_named(headers, &value);
+            }
+        }
+        _ => {
+            let values: Vec<HeaderValue> = headers.get_all(CONNECTION).iter().cloned().collect();
+            for value in &values {
+                remove_named(headers, value);
+            }
+        }
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Removes every header a `Connection` value lists.
+fn remove_named(headers: &mut HeaderMap, connection: &HeaderValue) {
+    for token in connection.as_bytes().split(|&b| b == b',') {
+        let name = token.trim_ascii();
+        // `&str` names are looked up without allocating; invalid ones match nothing.
+        if let Ok(name) = std::str::from_utf8(name)
+            && !name.is_empty()
+        {
+            headers.remove(name);
+        }
+    }
+}
+
+/// The upstream response, minus hop-by-hop headers, streaming.
+fn pass_through(resp: Response<Incoming>) -> Response<ProxyBody> {
+    let (parts, body) = resp.into_parts();
+    respond(parts, ProxyBody::stream(body))
+}
+
+/// An upstream response's head, sanitised, with `body`.
+fn respond(mut parts: http::response::Parts, body: ProxyBody) -> Response<ProxyBody> {
+    strip_hop_by_hop(&mut parts.headers);
+    parts.version = Version::HTTP_11;
+    Response::from_parts(parts, body)
+}
+
+/// The upstream request URI: the origin, its base path, the request path minus `strip` bytes.
+fn target_uri(origin: &Origin, original: Uri, strip: usize) -> Result<Uri, http::Error> {
+    let mut parts = original.into_parts();
+    let pq = parts
+        .path_and_query
+        .take()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let pq = if strip == 0 && origin.base_path.is_none() {
+        pq
+    } else {
+        let rest = pq.path().get(strip..).unwrap_or("");
+        let base = origin.base_path.as_deref().unwrap_or("");
+        let mut s = BytesMut::with_capacity(base.len() + rest.len() + pq.as_str().len() + 2);
+        s.put_slice(base.as_bytes());
+        if rest.is_empty() {
+            if base.is_empty() {
+                s.put_u8(b'/');
+            }
+        } else {
+            if !rest.starts_with('/') {
+                s.put_u8(b'/');
+            }
+            s.put_slice(rest.as_bytes());
+        }
+        if let Some(q) = pq.query() {
+            s.put_u8(b'?');
+            s.put_slice(q.as_bytes());
+        }
+        PathAndQuery::from_maybe_shared(s.freeze())?
+    };
+    parts.scheme = Some(origin.scheme.clone());
+    parts.authority = Some(origin.authority.clone());
+    parts.path_and_query = Some(pq);
+    Ok(Uri::from_parts(parts)?)
+}
+
+/// Reads a body already known to be small.
+async fn read_small_body(body: Incoming) -> Result<Bytes, hyper::Error> {
+    Ok(body.collect().await?.to_bytes())
+}
+
+/// Reads up to about `limit` bytes; says whether that was the whole body. Trailers met here
+/// are dropped (FDX answers have none).
+async fn read_prefix(body: &mut Incoming, limit: usize) -> Result<(Bytes, bool), hyper::Error> {
+    let mut buf = BytesMut::new();
+    while buf.len() < limit {
+        if body.is_end_stream() {
+            return Ok((buf.freeze(), true));
+        }
+        match body.frame().await {
+            None => return Ok((buf.freeze(), true)),
+            Some(frame) => {
+                if let Ok(data) = frame?.into_data() {
+                    buf.put(data);
+                }
+            }
+        }
+    }
+    Ok((buf.freeze(), false))
+}
+
+/// Whether an FDX error body says the user's consent is gone (`code` 602, number or string).
+pub(crate) fn is_consent_revoked(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct FdxError {
+        code: Option<serde_json::Value>,
+    }
+    match serde_json::from_slice::<FdxError>(body) {
+        Ok(FdxError {
+            code: Some(serde_json::Value::Number(n)),
+        }) => n.as_u64() == Some(CONSENT_REVOKED_CODE),
+        Ok(FdxError {
+            code: Some(serde_json::Value::String(s)),
+        }) => s.trim().parse::<u64>().ok() == Some(CONSENT_REVOKED_CODE),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_the_ones_connection_names_are_removed() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, X-Secret-Hop , close"),
+            ("connection", "x-other"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("trailer", "x-t"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-connection", "keep-alive"),
+            ("proxy-authorization", "Basic abc"),
+            ("x-secret-hop", "1"),
+            ("x-other", "2"),
+            ("accept", "application/json"),
+            ("x-end-to-end", "3"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["accept", "x-end-to-end"]);
+    }
+
+    #[test]
+    fn connection_authorization_cannot_remove_the_injected_token() {
+        let token = HeaderValue::from_static("Bearer injected");
+        let mut h = headers(&[
+            ("connection", "Authorization"),
+            ("authorization", "Bearer from-the-app"),
+            ("authorization", "Basic second"),
+        ]);
+        // The same order as forward_routed.
+        strip_hop_by_hop(&mut h);
+        h.remove(AUTHORIZATION);
+        h.insert(AUTHORIZATION, token.clone());
+        let all: Vec<_> = h.get_all(AUTHORIZATION).iter().collect();
+        assert_eq!(all, [&token]);
+    }
+
+    #[test]
+    fn invalid_names_in_connection_are_ignored() {
+        let mut h = headers(&[("accept", "x")]);
+        h.insert(
+            CONNECTION,
+            HeaderValue::from_bytes(b"bad name, , \xff\xfe, accept\xff").unwrap(),
+        );
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+    }
+
+    fn origin(base: Option<&str>) -> Origin {
+        Origin {
+            scheme: Scheme::HTTPS,
+            authority: Authority::from_static("up.example:8443"),
+            host: HeaderValue::from_static("up.example:8443"),
+            base_path: base.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn target_uris_keep_the_query_and_strip_the_prefix() {
+        let cases = [
+            (
+                None,
+                "http://a/x/y?q=1",
+                0,
+                "https://up.example:8443/x/y?q=1",
+            ),
+            (None, "/f/x?q=1", 2, "https://up.example:8443/x?q=1"),
+            (None, "/f", 2, "https://up.example:8443/"),
+            (None, "/f?q", 2, "https://up.example:8443/?q"),
+            (Some("/base"), "/f/x", 2, "https://up.example:8443/base/x"),
+            (Some("/base"), "/f", 2, "https://up.example:8443/base"),
+            (
+                Some("/base"),
+                "http://a/",
+                0,
+                "https://up.example:8443/base/",
+            ),
+        ];
+        for (base, input, strip, want) in cases {
+            let got = target_uri(&origin(base), input.parse().unwrap(), strip).unwrap();
+            assert_eq!(got.to_string(), want, "{input}");
+        }
+    }
+
+    #[test]
+    fn wildcard_origins_use_the_normalised_request_host() {
+        let up = Upstream::RequestHost { port: Some(8443) };
+        let o = Origin::of(&up, "API.Example.COM.").unwrap();
+        assert_eq!(o.authority.as_str(), "api.example.com:8443");
+        assert_eq!(o.host, "api.example.com:8443");
+        assert_eq!(o.scheme, Scheme::HTTPS);
+    }
+
+    #[test]
+    fn consent_errors_are_recognised() {
+        assert!(is_consent_revoked(
+            br#"{"code": 602, "message": "consent revoked"}"#
+        ));
+        assert!(is_consent_revoked(br#"{"code":"602","debugMessage":"x"}"#));
+        assert!(!is_consent_revoked(br#"{"code": 401}"#));
+        assert!(!is_consent_revoked(br#"{"message": "602"}"#));
+        assert!(!is_consent_revoked(b"602"));
+        assert!(!is_consent_revoked(b"not json"));
+        assert!(!is_consent_revoked(b""));
+    }
+
+    #[test]
+    fn idempotent_methods() {
+        for m in [
+            Method::GET,
+            Method::HEAD,
+            Method::PUT,
+            Method::DELETE,
+            Method::OPTIONS,
+        ] {
+            assert!(is_idempotent(&m));
+        }
+        for m in [Method::POST, Method::PATCH, Method::CONNECT] {
+            assert!(!is_idempotent(&m));
+        }
+    }
+
+    #[test]
+    fn ports_format_without_allocating() {
+        for p in [0u16, 7, 80, 443, 8443, 65535] {
+            assert_eq!(itoa(p, &mut [0; 5]), p.to_string());
+        }
+    }
+}

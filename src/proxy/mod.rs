@@ -1,0 +1,401 @@
+//! The proxy port: the accept loop, each client connection's life, and graceful shutdown.
+//!
+//! Layout:
+//! * this file: [`Proxy`] (built once from the configuration), [`Proxy::serve`], connection
+//!   tasks and draining;
+//! * `wire.rs`: the bytes of a client connection, checked before hyper parses them (framing,
+//!   header size, header and stall timeouts);
+//! * `route.rs`: the route table and host matching;
+//! * `forward.rs`: the request path (targets, sanitising, token injection, replay);
+//! * `upstream.rs`: the pooled upstream client and its error classes;
+//! * `tunnel.rs`: `CONNECT`;
+//! * `body.rs`, `error.rs`: the body type and the proxy's own answers.
+//!
+//! Back-pressure: a connection slot (semaphore permit) is taken *before* `accept`, so above
+//! `max_connections` the listener simply stops accepting and new connections wait in the
+//! kernel's backlog instead of costing us file descriptors and memory.
+//!
+//! Shutdown: at `Stopping` the listener closes, every connection is told to finish (idle
+//! keep-alive connections close at once, in-flight requests complete, then their connections
+//! close) and `serve` returns when all are gone; open `CONNECT` tunnels run until they end or
+//! `Terminated`. At `Terminated` everything is aborted and `serve` returns.
+
+mod body;
+mod error;
+mod forward;
+mod route;
+mod tunnel;
+mod upstream;
+mod wire;
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
+
+use http::HeaderValue;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::config::{Config, ConnectPolicy, Unmatched};
+use crate::metrics::{Metrics, RejectReason, RouteMetrics};
+use crate::shutdown::{Phase, Shutdown};
+use crate::tls::TlsError;
+use crate::token::TokenCell;
+
+use route::RouteTable;
+use upstream::UpstreamClient;
+use wire::{MAX_HEADERS, WireGuard, WireLimits};
+
+/// hyper's read buffer is this much larger than `max_header_bytes`, so that the wire guard's
+/// JSON 431 always comes first (hyper answers a bare 431 once a partial head fills its buffer).
+/// The extra room also lets a body read take one more segment per call.
+const READ_BUFFER_SLACK: usize = 16 * 1024;
+
+/// Pause after an accept error such as EMFILE: retrying at once would spin on a full
+/// descriptor table; a short pause lets connections close (what hyper's and tokio's examples do).
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// The proxy could not be built from the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyBuildError {
+    /// A route names a token for which no cell was given.
+    #[error("routes[{index}] ({route}): no token cell for [tokens.{token}]")]
+    MissingToken {
+        /// Position in `[[routes]]`.
+        index: usize,
+        /// The route's label.
+        route: String,
+        /// The token it names.
+        token: String,
+    },
+    /// A route cannot be turned into an upstream target.
+    #[error("routes[{index}] ({route}): {reason}")]
+    Route {
+        /// Position in `[[routes]]`.
+        index: usize,
+        /// The route's label.
+        route: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The upstream TLS configuration (trust store, `proxy.ca_file`) failed.
+    #[error("upstream TLS: {0}")]
+    Tls(#[from] TlsError),
+}
+
+/// The forward proxy. Cheap to clone.
+#[derive(Clone)]
+pub struct Proxy {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("routes", &self.inner.routes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Everything resolved at start-up that the request path reads.
+pub(crate) struct Inner {
+    /// Routes, with their tokens, upstreams and metric handles.
+    routes: RouteTable,
+    /// The shared pooled upstream client.
+    client: UpstreamClient,
+    /// For rejects and gauges.
+    metrics: Arc<Metrics>,
+    /// Policy for unrouted hosts.
+    unmatched: Unmatched,
+    /// Policy for `CONNECT` to unrouted hosts.
+    connect: ConnectPolicy,
+    /// Metrics label `unmatched` (also origin-form requests that match no route).
+    unmatched_metrics: RouteMetrics,
+    /// Metrics label `connect`.
+    connect_metrics: RouteMetrics,
+    /// `1.1 <pseudonym>`, appended to every forwarded request.
+    via: HeaderValue,
+    /// This process's pseudonym, looked for in incoming `Via` headers.
+    pseudonym: &'static str,
+    /// `proxy.token_wait`.
+    token_wait: Duration,
+    /// `proxy.response_timeout`.
+    response_timeout: Duration,
+    /// `proxy.connect_timeout` (for `CONNECT`; the client has its own copy).
+    connect_timeout: Duration,
+    /// `proxy.replay_body_limit`.
+    replay_body_limit: usize,
+    /// `log.access`.
+    access_log: bool,
+    /// Limits for each connection's wire guard.
+    wire: Arc<WireLimits>,
+    /// `proxy.max_connections`.
+    max_connections: usize,
+    /// hyper's HTTP/1 server settings.
+    server: auto::Builder<TokioExecutor>,
+}
+
+/// This process's `Via` pseudonym, `bearer-proxy-<8 hex digits>`: random per process so that a
+/// request looping back through the same proxy is recognised, and nothing about the host leaks.
+pub fn pseudonym() -> &'static str {
+    static NAME: OnceLock<String> = OnceLock::new();
+    NAME.get_or_init(|| format!("bearer-proxy-{:08x}", rand::random::<u32>()))
+}
+
+/// `1.1 <pseudonym>`, the `Via` entry appended to forwarded requests.
+fn via() -> HeaderValue {
+    static VIA: OnceLock<HeaderValue> = OnceLock::new();
+    VIA.get_or_init(|| {
+        // ASCII letters, digits and '-': always a valid header value.
+        HeaderValue::from_str(&format!("1.1 {}", pseudonym()))
+            .unwrap_or_else(|_| HeaderValue::from_static("1.1 bearer-proxy"))
+    })
+    .clone()
+}
+
+impl Proxy {
+    /// Resolves the routes against their token cells, builds the upstream client and the
+    /// server settings.
+    pub fn new(
+        config: &Config,
+        tokens: &BTreeMap<String, Arc<TokenCell>>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ProxyBuildError> {
+        let p = &config.proxy;
+        let routes = RouteTable::build(config, tokens, &metrics)?;
+        let client = upstream::client(p.ca_file.as_deref(), p.connect_timeout)?;
+        let mut server = auto::Builder::new(TokioExecutor::new());
+        server
+            .http1()
+            .timer(TokioTimer::new())
+            // The wire guard times a head from its first byte (header_read_timeout); hyper's
+            // timer runs from the end of the previous exchange until a complete head has been
+            // handed over, which makes it the keep-alive idle timeout.
+            .header_read_timeout(p.idle_timeout)
+            .max_buf_size(p.max_header_bytes + READ_BUFFER_SLACK)
+            .max_headers(MAX_HEADERS)
+            .keep_alive(true);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                unmatched_metrics: metrics.route("unmatched"),
+                connect_metrics: metrics.route("connect"),
+                routes,
+                client,
+                unmatched: p.unmatched(),
+                connect: p.connect(),
+                via: via(),
+                pseudonym: pseudonym(),
+                token_wait: p.token_wait,
+                response_timeout: p.response_timeout,
+                connect_timeout: p.connect_timeout,
+                replay_body_limit: p.replay_body_limit,
+                access_log: config.log.access,
+                wire: Arc::new(WireLimits {
+                    max_head: p.max_header_bytes,
+                    header_timeout: p.header_read_timeout,
+                    idle_timeout: p.idle_timeout,
+                }),
+                max_connections: p.max_connections,
+                server,
+                metrics,
+            }),
+        })
+    }
+
+    /// Serves until `shutdown` reaches Phase::Stopping (then stops accepting and drains
+    /// in-flight connections gracefully, returning when they are done) or Phase::Terminated
+    /// (return at once).
+    pub async fn serve(self, listener: TcpListener, shutdown: Shutdown) {
+        let inner = self.inner;
+        let slots = Arc::new(Semaphore::new(inner.max_connections));
+        let graceful = GracefulShutdown::new();
+        let mut tasks = JoinSet::new();
+        {
+            let stopping = shutdown.reached(Phase::Stopping);
+            tokio::pin!(stopping);
+            'accept: loop {
+                let permit = tokio::select! {
+                    biased;
+                    () = &mut stopping => break 'accept,
+                    Some(done) = tasks.join_next() => {
+                        report_task_end(done);
+                        continue;
+                    }
+                    permit = slots.clone().acquire_owned() => match permit {
+                        Ok(p) => p,
+                        Err(_) => break 'accept,
+                    },
+                };
+                let stream = loop {
+                    tokio::select! {
+                        biased;
+                        () = &mut stopping => break 'accept,
+                        Some(done) = tasks.join_next() => report_task_end(done),
+                        accepted = listener.accept() => match accepted {
+                            Ok((stream, _)) => break stream,
+                            Err(e) if is_per_connection(&e) => {}
+                            Err(e) => {
+                                tracing::warn!(error = %e, "accept failed; pausing");
+                                tokio::select! {
+                                    () = &mut stopping => break 'accept,
+                                    () = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => {}
+                                }
+                            }
+                        },
+                    }
+                };
+                let conn = inner.connection(stream, permit, &graceful, shutdown.clone());
+                tasks.spawn(conn);
+            }
+        }
+        drop(listener);
+        {
+            let drain = async {
+                graceful.shutdown().await;
+                while let Some(done) = tasks.join_next().await {
+                    report_task_end(done);
+                }
+            };
+            tokio::select! {
+                biased;
+                () = shutdown.reached(Phase::Terminated) => {}
+                () = drain => {}
+            }
+        }
+        // Nothing left after a drain; after Terminated this aborts what is left and waits for
+        // the aborted tasks to release their slots and gauges.
+        tasks.shutdown().await;
+    }
+}
+
+/// Accept errors that concern one connection only (it was reset before we took it).
+fn is_per_connection(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted | WouldBlock
+    )
+}
+
+fn report_task_end(done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done
+        && e.is_panic()
+    {
+        tracing::error!(error = %e, "connection task panicked");
+    }
+}
+
+/// A boxed tunnel copy, handed from the service to the connection task.
+type TunnelFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// What one client connection's requests share.
+pub(crate) struct ConnShared {
+    /// The proxy.
+    inner: Arc<Inner>,
+    /// A tunnel to run once hyper hands over the socket (after a successful `CONNECT`).
+    tunnel: Mutex<Option<TunnelFuture>>,
+}
+
+impl ConnShared {
+    fn set_tunnel(&self, tunnel: TunnelFuture) {
+        *self.tunnel.lock().unwrap_or_else(PoisonError::into_inner) = Some(tunnel);
+    }
+
+    fn take_tunnel(&self) -> Option<TunnelFuture> {
+        self.tunnel
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+}
+
+/// A connection's slot: releases the permit and decrements `open_connections` when dropped.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    gauge: prometheus::IntGauge,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+impl Inner {
+    /// The task serving one client connection (and its tunnel, if it becomes one).
+    fn connection(
+        self: &Arc<Self>,
+        stream: TcpStream,
+        permit: OwnedSemaphorePermit,
+        graceful: &GracefulShutdown,
+        shutdown: Shutdown,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let _ = stream.set_nodelay(true);
+        self.metrics.open_connections.inc();
+        let slot = Slot {
+            _permit: permit,
+            gauge: self.metrics.open_connections.clone(),
+        };
+        let shared = Arc::new(ConnShared {
+            inner: self.clone(),
+            tunnel: Mutex::new(None),
+        });
+        let for_service = shared.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let conn = for_service.clone();
+            async move { Ok::<_, Infallible>(conn.inner.handle(req, &conn).await) }
+        });
+        let io = TokioIo::new(WireGuard::new(
+            stream,
+            self.wire.clone(),
+            self.metrics.clone(),
+        ));
+        let conn = graceful.watch(
+            self.server
+                .serve_connection_with_upgrades(io, service)
+                .into_owned(),
+        );
+        let metrics = self.metrics.clone();
+        async move {
+            let _slot = slot;
+            tokio::select! {
+                biased;
+                () = shutdown.reached(Phase::Terminated) => return,
+                result = conn => {
+                    if let Err(e) = result {
+                        connection_error(&metrics, e.as_ref());
+                    }
+                }
+            }
+            if let Some(tunnel) = shared.take_tunnel() {
+                tokio::select! {
+                    biased;
+                    () = shutdown.reached(Phase::Terminated) => {}
+                    () = tunnel => {}
+                }
+            }
+        }
+    }
+}
+
+/// Logs a connection that ended with an error, and counts the requests hyper refused itself.
+fn connection_error(metrics: &Metrics, e: &(dyn std::error::Error + 'static)) {
+    if let Some(h) = e.downcast_ref::<hyper::Error>() {
+        // The wire guard answers oversized or malformed heads first; these are what hyper
+        // still refuses on its own (for instance invalid characters in a header), answering
+        // with a bare 400, or a bare 431 if a head could ever outgrow its buffer.
+        if h.is_parse_too_large() {
+            metrics.reject(RejectReason::HeaderTooLarge);
+        } else if h.is_parse() {
+            metrics.reject(RejectReason::BadRequest);
+        }
+    }
+    tracing::debug!(error = %e, "client connection ended with an error");
+}

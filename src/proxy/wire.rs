@@ -1,0 +1,921 @@
+//! The client connection's bytes, checked before hyper parses them.
+//!
+//! hyper resolves some ambiguous request framings itself instead of refusing them: with both
+//! `Content-Length` and `Transfer-Encoding` it silently drops the length, and a repeated
+//! identical `Content-Length` is merged. Neither reaches the service in a form it could detect,
+//! and both are classic request-smuggling shapes that a proxy in front of other servers must
+//! refuse. hyper also answers an oversized header section with a bare 431 and no body.
+//!
+//! [`WireGuard`] wraps the socket and follows the HTTP/1 message framing as bytes arrive
+//! ([`Framer`]). A request head is held back from hyper until it is complete and has been
+//! checked: over `max_header_bytes` or too many lines → 431; two lengths, a length with a
+//! transfer coding, a coding other than a single `chunked`, an obsolete line fold, or a version
+//! other than HTTP/1.0 or 1.1 (this also refuses the HTTP/2 preface) → 400. A refused head never
+//! reaches hyper: hyper sees the connection end, closes its side, and the guard writes the JSON
+//! answer before the socket shuts down. Bodies are only counted (and chunk framing followed) to
+//! know where the next head starts; they go straight into hyper's buffer without a copy.
+//!
+//! The guard also owns the two timers that hyper does not have:
+//! * `header_read_timeout`, counted from the first byte of a head, cuts slowloris clients;
+//! * `idle_timeout` cuts a connection on which hyper waits for body bytes (or for the client to
+//!   read the response) and nothing moves in either direction for that long.
+//!
+//! Waiting for the next request on an idle keep-alive connection is timed by hyper itself (its
+//! header read timer runs from the end of the previous exchange until a complete head arrives,
+//! and is set to `idle_timeout`).
+//!
+//! Known limit: if a client pipelines a valid request and then a refused one in the same
+//! packets, hyper sees the end of input while still answering the first and drops the
+//! connection, so neither answer is written. No HTTP client in use pipelines requests.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+use super::error::{ErrorCode, ProxyError};
+use crate::metrics::Metrics;
+
+/// Header lines accepted in one request head; hyper's own default limit, whose bare 431 we
+/// pre-empt with our JSON one.
+pub(crate) const MAX_HEADERS: usize = 100;
+
+/// After writing a refusal, input is read and dropped for up to this long (or until the
+/// client closes), as nginx's lingering close does: closing a socket with unread input makes the
+/// kernel send a reset, which can destroy the answer before the client has read it.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+
+/// …and for at most this many bytes, so a client cannot keep us reading.
+const LINGER_BYTES: usize = 1 << 20;
+
+/// Bytes read at a time while a partial head is held back. A head usually arrives in one read
+/// straight into hyper's buffer; this only serves heads split over several TCP segments.
+const HELD_READ_CHUNK: usize = 4096;
+
+const TOO_LARGE: ProxyError = ProxyError::new(
+    ErrorCode::HeaderTooLarge,
+    "the request's header section is larger than the proxy accepts (proxy.max_header_bytes) \
+     or has too many header lines",
+);
+const AMBIGUOUS: ProxyError = ProxyError::new(
+    ErrorCode::BadRequest,
+    "ambiguous request framing: Content-Length together with Transfer-Encoding, Content-Length \
+     repeated or not a number, a transfer coding other than one \"chunked\", or a folded header \
+     line; the request was not forwarded",
+);
+const MALFORMED: ProxyError = ProxyError::new(
+    ErrorCode::BadRequest,
+    "malformed request head: expected an HTTP/1.1 or HTTP/1.0 request line and \"name: value\" \
+     header lines",
+);
+
+/// What the framer decided about the bytes it was given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Scan {
+    /// Every byte belongs to complete, accepted message parts.
+    All,
+    /// Bytes from this offset on are an incomplete request head.
+    Partial(usize),
+    /// The head starting at this offset is refused.
+    Reject(usize, ProxyError),
+}
+
+/// Where in the message stream the framer is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Expecting (or inside) a request head; `searched` bytes of it were already searched for
+    /// its end.
+    Head { searched: usize },
+    /// A `Content-Length` body with this many bytes left.
+    Fixed(u64),
+    /// A chunked body.
+    Chunked(Chunk),
+    /// No longer framed: after `CONNECT`, or after bytes hyper will refuse anyway.
+    Opaque,
+}
+
+/// Position inside a chunked body; mirrors hyper's decoder so both agree on where it ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Chunk {
+    /// First hex digit of a size line.
+    Start,
+    /// More hex digits; `digits` so far.
+    Size { size: u64, digits: u8 },
+    /// Spaces after the size.
+    SizeLws(u64),
+    /// A chunk extension, up to CR.
+    Extension(u64),
+    /// LF ending the size line.
+    SizeLf(u64),
+    /// Data bytes left.
+    Data(u64),
+    /// CR after data.
+    DataCr,
+    /// LF after data.
+    DataLf,
+    /// Start of a trailer line, or CR of the final empty line.
+    EndCr,
+    /// Inside a trailer line.
+    Trailer,
+    /// LF ending a trailer line.
+    TrailerLf,
+    /// LF of the final empty line.
+    EndLf,
+}
+
+/// The framing state machine, free of I/O so it can be tested byte by byte.
+#[derive(Debug)]
+pub(crate) struct Framer {
+    state: State,
+    max_head: usize,
+}
+
+impl Framer {
+    /// A framer expecting a request head of at most `max_head` bytes.
+    pub(crate) fn new(max_head: usize) -> Self {
+        Self {
+            state: State::Head { searched: 0 },
+            max_head,
+        }
+    }
+
+    /// Whether the framer is inside a body.
+    fn in_body(&self) -> bool {
+        matches!(self.state, State::Fixed(_) | State::Chunked(_))
+    }
+
+    fn is_opaque(&self) -> bool {
+        self.state == State::Opaque
+    }
+
+    /// Follows `data`. While a head is incomplete, the next call must pass the same head again
+    /// from its start, with more bytes after it.
+    pub(crate) fn scan(&mut self, data: &[u8]) -> Scan {
+        let mut pos = 0;
+        while pos < data.len() {
+            match self.state {
+                State::Opaque => return Scan::All,
+                State::Head { searched } => {
+                    // Empty lines before a request line are skipped by hyper too.
+                    if searched == 0 && matches!(data[pos], b'\r' | b'\n') {
+                        pos += 1;
+                        continue;
+                    }
+                    let head = &data[pos..];
+                    match find_head_end(head, searched) {
+                        Err(searched) => {
+                            if head.len() > self.max_head {
+                                return Scan::Reject(pos, TOO_LARGE);
+                            }
+                            self.state = State::Head { searched };
+                            return Scan::Partial(pos);
+                        }
+                        Ok(end) => {
+                            if end > self.max_head {
+                                return Scan::Reject(pos, TOO_LARGE);
+                            }
+                            match check_head(&head[..end]) {
+                                Ok(next) => self.state = next,
+                                Err(e) => return Scan::Reject(pos, e),
+                            }
+                            pos += end;
+                        }
+                    }
+                }
+                State::Fixed(left) => {
+                    let take = left.min((data.len() - pos) as u64);
+                    pos += take as usize;
+                    self.state = match left - take {
+                        0 => State::Head { searched: 0 },
+                        left => State::Fixed(left),
+                    };
+                }
+                State::Chunked(Chunk::Data(left)) => {
+                    let take = left.min((data.len() - pos) as u64);
+                    pos += take as usize;
+                    self.state = State::Chunked(match left - take {
+                        0 => Chunk::DataCr,
+                        left => Chunk::Data(left),
+                    });
+                }
+                State::Chunked(chunk) => {
+                    self.state = chunk_byte(chunk, data[pos]);
+                    pos += 1;
+                }
+            }
+        }
+        Scan::All
+    }
+}
+
+/// The next state after one framing byte of a chunked body. Anything hyper's decoder would
+/// refuse makes the stream opaque: hyper then fails the request and closes the connection.
+fn chunk_byte(chunk: Chunk, b: u8) -> State {
+    let next = match (chunk, b) {
+        (Chunk::Start, _) => match hex(b) {
+            Some(d) => Chunk::Size {
+                size: u64::from(d),
+                digits: 1,
+            },
+            None => return State::Opaque,
+        },
+        (Chunk::Size { size, digits }, _) if hex(b).is_some() => {
+            // 16 hex digits fill a u64; hyper refuses an overflow.
+            if digits >= 16 {
+                return State::Opaque;
+            }
+            Chunk::Size {
+                size: size * 16 + u64::from(hex(b).unwrap_or(0)),
+                digits: digits + 1,
+            }
+        }
+        (Chunk::Size { size, .. } | Chunk::SizeLws(size), b' ' | b'\t') => Chunk::SizeLws(size),
+        (Chunk::Size { size, .. } | Chunk::SizeLws(size), b';') => Chunk::Extension(size),
+        (Chunk::Size { size, .. } | Chunk::SizeLws(size) | Chunk::Extension(size), b'\r') => {
+            Chunk::SizeLf(size)
+        }
+        (Chunk::Extension(_), b'\n') => return State::Opaque,
+        (Chunk::Extension(size), _) => Chunk::Extension(size),
+        (Chunk::SizeLf(0), b'\n') => Chunk::EndCr,
+        (Chunk::SizeLf(size), b'\n') => Chunk::Data(size),
+        (Chunk::DataCr, b'\r') => Chunk::DataLf,
+        (Chunk::DataLf, b'\n') => Chunk::Start,
+        (Chunk::EndCr, b'\r') => Chunk::EndLf,
+        (Chunk::Trailer, b'\r') => Chunk::TrailerLf,
+        (Chunk::EndCr | Chunk::Trailer, _) => Chunk::Trailer,
+        (Chunk::TrailerLf, b'\n') => Chunk::EndCr,
+        (Chunk::EndLf, b'\n') => return State::Head { searched: 0 },
+        _ => return State::Opaque,
+    };
+    State::Chunked(next)
+}
+
+fn hex(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).and_then(|d| u8::try_from(d).ok())
+}
+
+/// The length of the head (through its empty line), or how far the search got.
+fn find_head_end(head: &[u8], searched: usize) -> Result<usize, usize> {
+    let mut i = searched;
+    while let Some(off) = head
+        .get(i..)
+        .and_then(|h| h.iter().position(|&b| b == b'\n'))
+    {
+        let lf = i + off;
+        match head.get(lf + 1..lf + 3) {
+            Some([b'\n', _]) => return Ok(lf + 2),
+            Some([b'\r', b'\n']) => return Ok(lf + 3),
+            Some(_) => i = lf + 1,
+            None => match head.get(lf + 1) {
+                Some(b'\n') => return Ok(lf + 2),
+                // Not enough bytes to tell: look at this LF again next time.
+                _ => return Err(lf),
+            },
+        }
+    }
+    Err(head.len())
+}
+
+/// Checks a complete head and says how its body is framed.
+fn check_head(head: &[u8]) -> Result<State, ProxyError> {
+    let mut lines = head
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let request_line = lines.next().ok_or(MALFORMED)?;
+    let mut parts = request_line.split(|&b| b == b' ');
+    let method = parts.next().ok_or(MALFORMED)?;
+    let version = parts.next_back().ok_or(MALFORMED)?;
+    let http10 = match version {
+        b"HTTP/1.1" => false,
+        b"HTTP/1.0" => true,
+        _ => return Err(MALFORMED),
+    };
+    let mut count = 0;
+    let mut length: Option<u64> = None;
+    let mut lengths = 0;
+    let mut codings = 0;
+    for line in lines.filter(|l| !l.is_empty()) {
+        if matches!(line[0], b' ' | b'\t') {
+            return Err(AMBIGUOUS);
+        }
+        count += 1;
+        if count > MAX_HEADERS {
+            return Err(TOO_LARGE);
+        }
+        let colon = line.iter().position(|&b| b == b':').ok_or(MALFORMED)?;
+        let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
+        if name.is_empty() || name.iter().any(u8::is_ascii_whitespace) {
+            return Err(MALFORMED);
+        }
+        if name.eq_ignore_ascii_case(b"content-length") {
+            lengths += 1;
+            // At most 19 digits: any u64 below 10^19 fits.
+            if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+                return Err(AMBIGUOUS);
+            }
+            length = Some(value.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')));
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            codings += 1;
+            if !value.eq_ignore_ascii_case(b"chunked") {
+                return Err(AMBIGUOUS);
+            }
+        }
+    }
+    if lengths > 1 || codings > 1 || (lengths > 0 && codings > 0) || (codings > 0 && http10) {
+        return Err(AMBIGUOUS);
+    }
+    Ok(if method == b"CONNECT" {
+        State::Opaque
+    } else if codings > 0 {
+        State::Chunked(Chunk::Start)
+    } else {
+        match length {
+            Some(n) if n > 0 => State::Fixed(n),
+            _ => State::Head { searched: 0 },
+        }
+    })
+}
+
+fn trim(mut v: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = v {
+        v = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = v {
+        v = rest;
+    }
+    v
+}
+
+/// Limits the guard enforces.
+#[derive(Clone, Debug)]
+pub(crate) struct WireLimits {
+    /// `max_header_bytes`.
+    pub(crate) max_head: usize,
+    /// `header_read_timeout`, from a head's first byte.
+    pub(crate) header_timeout: Duration,
+    /// `idle_timeout`, while a body or response is stuck.
+    pub(crate) idle_timeout: Duration,
+}
+
+/// The socket as hyper sees it. See the module documentation.
+pub(crate) struct WireGuard<T> {
+    /// The client's socket.
+    io: T,
+    framer: Framer,
+    limits: Arc<WireLimits>,
+    metrics: Arc<Metrics>,
+    /// Bytes read but not handed to hyper yet: checked ones first, then a partial head.
+    held: Vec<u8>,
+    /// Start of the bytes in `held` not yet handed over.
+    held_pos: usize,
+    /// Of those, how many are checked and may be handed over.
+    approved: usize,
+    /// When the head being held must be complete.
+    head_deadline: Option<Instant>,
+    /// Timer for `head_deadline`; created on first need (most heads arrive in one read).
+    head_timer: Option<Pin<Box<Sleep>>>,
+    /// When a stalled body read or response write gives up; `None` while bytes move.
+    stall_deadline: Option<Instant>,
+    /// Timer for `stall_deadline`; created on first need.
+    stall_timer: Option<Pin<Box<Sleep>>>,
+    /// A refusal to write before closing.
+    refusal: Option<Refusal>,
+}
+
+/// An answer written by the guard itself, then a lingering close.
+struct Refusal {
+    /// The raw HTTP/1.1 answer.
+    bytes: Vec<u8>,
+    /// How much of it is written.
+    written: usize,
+    /// Whether our side is shut down (the client has seen the end of the answer).
+    shut: bool,
+    /// Input dropped while lingering.
+    lingered: usize,
+    /// When lingering ends.
+    linger_until: Option<Instant>,
+}
+
+impl<T> WireGuard<T> {
+    /// Wraps a client socket.
+    pub(crate) fn new(io: T, limits: Arc<WireLimits>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            io,
+            framer: Framer::new(limits.max_head),
+            limits,
+            metrics,
+            held: Vec::new(),
+            held_pos: 0,
+            approved: 0,
+            head_deadline: None,
+            head_timer: None,
+            stall_deadline: None,
+            stall_timer: None,
+            refusal: None,
+        }
+    }
+
+    fn refuse(&mut self, error: ProxyError) {
+        tracing::debug!(
+            error = error.code.as_str(),
+            "request refused before parsing"
+        );
+        if let Some(reason) = error.code.reject_reason() {
+            self.metrics.reject(reason);
+        }
+        self.framer.state = State::Opaque;
+        self.refusal = Some(Refusal {
+            bytes: error.http1_bytes(),
+            written: 0,
+            shut: false,
+            lingered: 0,
+            linger_until: None,
+        });
+    }
+
+    /// Something moved: a stall starts counting again from the next wait.
+    fn progressed(&mut self) {
+        self.stall_deadline = None;
+    }
+
+    /// Called when a read or write would block: polls whichever deadline applies.
+    fn poll_deadline(&mut self, cx: &mut Context<'_>, reading: bool) -> Poll<io::Error> {
+        if reading && self.held.len() > self.held_pos {
+            let Some(deadline) = self.head_deadline else {
+                return Poll::Pending;
+            };
+            ready!(poll_timer(&mut self.head_timer, deadline, cx));
+            return Poll::Ready(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "request head not received within header_read_timeout",
+            ));
+        }
+        if reading && !self.framer.in_body() {
+            // Between requests, or waiting for the app's response: hyper's timer applies.
+            return Poll::Pending;
+        }
+        let idle = self.limits.idle_timeout;
+        let deadline = *self
+            .stall_deadline
+            .get_or_insert_with(|| Instant::now() + idle);
+        ready!(poll_timer(&mut self.stall_timer, deadline, cx));
+        Poll::Ready(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "no progress within idle_timeout",
+        ))
+    }
+
+    /// Notes progress of a write, or times a blocked one (not in a tunnel, which may idle).
+    fn after_write(
+        &mut self,
+        polled: Poll<io::Result<usize>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        match polled {
+            Poll::Ready(Ok(n)) if n > 0 => {
+                self.progressed();
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending if !self.framer.is_opaque() => self.poll_deadline(cx, false).map(Err),
+            other => other,
+        }
+    }
+
+    /// Records the outcome of scanning bytes that start a held region.
+    fn after_scan(&mut self, scan: Scan, len: usize) -> usize {
+        match scan {
+            Scan::All => {
+                self.head_deadline = None;
+                len
+            }
+            Scan::Partial(k) => {
+                if k > 0 || self.head_deadline.is_none() {
+                    self.head_deadline = Some(Instant::now() + self.limits.header_timeout);
+                }
+                k
+            }
+            Scan::Reject(k, error) => {
+                self.refuse(error);
+                k
+            }
+        }
+    }
+}
+
+/// Polls a lazily created timer set to `deadline`.
+fn poll_timer(
+    slot: &mut Option<Pin<Box<Sleep>>>,
+    deadline: Instant,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    let timer = match slot {
+        Some(t) => {
+            if t.deadline() != deadline {
+                t.as_mut().reset(deadline);
+            }
+            t
+        }
+        None => slot.insert(Box::pin(tokio::time::sleep_until(deadline))),
+    };
+    timer.as_mut().poll(cx)
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for WireGuard<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if this.approved > 0 {
+                let n = this.approved.min(buf.remaining());
+                buf.put_slice(&this.held[this.held_pos..this.held_pos + n]);
+                this.held_pos += n;
+                this.approved -= n;
+                if this.held_pos == this.held.len() {
+                    this.held.clear();
+                    this.held_pos = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if this.refusal.is_some() {
+                // End of input for hyper: it finishes and shuts the socket down, which is
+                // when the refusal is written (see poll_shutdown).
+                return Poll::Ready(Ok(()));
+            }
+            if this.held.is_empty() {
+                if this.framer.is_opaque() {
+                    return Pin::new(&mut this.io).poll_read(cx, buf);
+                }
+                // Nothing held: read straight into hyper's buffer and check in place.
+                let before = buf.filled().len();
+                match Pin::new(&mut this.io).poll_read(cx, buf) {
+                    Poll::Pending => return this.poll_deadline(cx, true).map(Err),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(())) => {}
+                }
+                let len = buf.filled().len() - before;
+                if len == 0 {
+                    return Poll::Ready(Ok(()));
+                }
+                this.progressed();
+                let scan = this.framer.scan(&buf.filled()[before..]);
+                let keep = this.after_scan(scan, len);
+                if let Scan::Partial(k) = scan {
+                    this.held.extend_from_slice(&buf.filled()[before + k..]);
+                }
+                buf.set_filled(before + keep);
+                if keep > 0 {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            // A partial head is held: read more behind it.
+            if this.held_pos > 0 {
+                this.held.drain(..this.held_pos);
+                this.held_pos = 0;
+            }
+            let len = this.held.len();
+            this.held.resize(len + HELD_READ_CHUNK, 0);
+            let mut rb = ReadBuf::new(&mut this.held[len..]);
+            let polled = Pin::new(&mut this.io).poll_read(cx, &mut rb);
+            let got = rb.filled().len();
+            this.held.truncate(len + got);
+            match polled {
+                Poll::Pending => return this.poll_deadline(cx, true).map(Err),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
+            }
+            if got == 0 {
+                // The client went away mid-head: hyper sees a clean end of input.
+                this.held.clear();
+                return Poll::Ready(Ok(()));
+            }
+            this.progressed();
+            let scan = this.framer.scan(&this.held);
+            this.approved = this.after_scan(scan, this.held.len());
+            if this.refusal.is_some() {
+                // Only what came before the refused head is still handed over.
+                this.held.truncate(this.approved);
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WireGuard<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, data);
+        this.after_write(polled, cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.after_write(polled, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let Some(r) = &mut this.refusal else {
+            return Pin::new(&mut this.io).poll_shutdown(cx);
+        };
+        while r.written < r.bytes.len() {
+            let n = ready!(Pin::new(&mut this.io).poll_write(cx, &r.bytes[r.written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            r.written += n;
+        }
+        if !r.shut {
+            ready!(Pin::new(&mut this.io).poll_flush(cx))?;
+            ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
+            r.shut = true;
+        }
+        // Lingering close: drop input until the client closes, for a bounded time and size.
+        let until = *r
+            .linger_until
+            .get_or_insert_with(|| Instant::now() + LINGER_TIME);
+        let mut scratch = [0u8; 4096];
+        while r.lingered < LINGER_BYTES {
+            let mut rb = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.io).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => break,
+                Poll::Ready(Ok(())) => r.lingered += rb.filled().len(),
+                Poll::Ready(Err(_)) => break,
+                Poll::Pending => {
+                    ready!(poll_timer(&mut this.stall_timer, until, cx));
+                    break;
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    fn scan_all(input: &[u8]) -> (Scan, Framer) {
+        let mut f = Framer::new(1024);
+        let s = f.scan(input);
+        (s, f)
+    }
+
+    #[test]
+    fn simple_requests_pass_and_return_to_head_state() {
+        let req =
+            b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nPOST /b HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc";
+        let (s, f) = scan_all(req);
+        assert_eq!(s, Scan::All);
+        assert_eq!(f.state, State::Head { searched: 0 });
+    }
+
+    #[test]
+    fn chunked_bodies_are_followed_to_their_end() {
+        let req = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\
+                    5;ext=1\r\nhello\r\n10 \r\n0123456789abcdef\r\n0\r\nX-Trailer: 1\r\n\r\n\
+                    GET / HTTP/1.1\r\n";
+        let (s, f) = scan_all(req);
+        let partial_at = req.len() - b"GET / HTTP/1.1\r\n".len();
+        assert_eq!(s, Scan::Partial(partial_at));
+        assert!(matches!(f.state, State::Head { .. }));
+    }
+
+    #[test]
+    fn byte_at_a_time_feeding_agrees_with_one_shot() {
+        let req: &[u8] = b"\r\nPOST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\
+                           3\r\nabc\r\n0\r\n\r\nPUT / HTTP/1.1\r\nContent-Length: 2\r\n\r\nxy";
+        let mut f = Framer::new(1024);
+        // Simulate the guard: held head bytes are re-offered from the head start.
+        let mut start = 0;
+        for end in 1..=req.len() {
+            match f.scan(&req[start..end]) {
+                Scan::All => start = end,
+                Scan::Partial(k) => start += k,
+                Scan::Reject(..) => panic!("rejected at {end}"),
+            }
+        }
+        assert_eq!(start, req.len());
+        assert_eq!(f.state, State::Head { searched: 0 });
+    }
+
+    #[test]
+    fn smuggling_shapes_are_refused() {
+        for req in [
+            &b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding:\r\n chunked\r\n\r\n",
+            b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            let (s, _) = scan_all(req);
+            assert_eq!(
+                s,
+                Scan::Reject(0, AMBIGUOUS),
+                "{}",
+                String::from_utf8_lossy(req)
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_heads_and_http2_preface_are_refused() {
+        for req in [
+            &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..],
+            b"GET / HTTP/1.2\r\n\r\n",
+            b"GET /\r\n\r\n",
+            b"GET / HTTP/1.1\r\nno colon\r\n\r\n",
+            b"GET / HTTP/1.1\r\nContent-Length : 3\r\n\r\n",
+        ] {
+            let (s, _) = scan_all(req);
+            assert_eq!(
+                s,
+                Scan::Reject(0, MALFORMED),
+                "{}",
+                String::from_utf8_lossy(req)
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_heads_are_refused_before_they_end() {
+        let mut f = Framer::new(64);
+        let mut req = b"GET / HTTP/1.1\r\nX-Big: ".to_vec();
+        req.extend(std::iter::repeat_n(b'a', 100));
+        assert_eq!(f.scan(&req), Scan::Reject(0, TOO_LARGE));
+
+        let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..=MAX_HEADERS {
+            many.extend_from_slice(format!("X-{i}: 1\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        assert_eq!(Framer::new(1 << 20).scan(&many), Scan::Reject(0, TOO_LARGE));
+    }
+
+    #[test]
+    fn second_head_is_refused_at_its_own_offset() {
+        let first = b"GET / HTTP/1.1\r\n\r\n";
+        let mut req = first.to_vec();
+        req.extend_from_slice(b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n");
+        let (s, _) = scan_all(&req);
+        assert_eq!(s, Scan::Reject(first.len(), AMBIGUOUS));
+    }
+
+    #[test]
+    fn connect_makes_the_stream_opaque() {
+        let (s, f) = scan_all(b"CONNECT a:443 HTTP/1.1\r\n\r\n\x16\x03\x01garbage\r\n\r\n");
+        assert_eq!(s, Scan::All);
+        assert!(f.is_opaque());
+    }
+
+    #[test]
+    fn bad_chunk_framing_leaves_it_to_hyper() {
+        let (s, f) = scan_all(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n");
+        assert_eq!(s, Scan::All);
+        assert!(f.is_opaque());
+        let (_, f) =
+            scan_all(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n11111111111111111\r\n");
+        assert!(f.is_opaque(), "size overflow");
+    }
+
+    fn guard(
+        io: tokio::io::DuplexStream,
+        header_timeout: Duration,
+    ) -> WireGuard<tokio::io::DuplexStream> {
+        WireGuard::new(
+            io,
+            Arc::new(WireLimits {
+                max_head: 256,
+                header_timeout,
+                idle_timeout: Duration::from_secs(60),
+            }),
+            Metrics::new(),
+        )
+    }
+
+    #[tokio::test]
+    async fn split_heads_are_delivered_whole_and_bodies_pass_through() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut g = guard(server, Duration::from_secs(5));
+        client
+            .write_all(b"POST / HTTP/1.1\r\nContent-")
+            .await
+            .unwrap();
+        client.write_all(b"Length: 4\r\n\r\nbody").await.unwrap();
+        drop(client);
+        let mut out = Vec::new();
+        g.read_to_end(&mut out).await.unwrap();
+        assert_eq!(out, b"POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\nbody");
+    }
+
+    #[tokio::test]
+    async fn refused_heads_never_reach_the_reader_and_the_answer_is_written_on_shutdown() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let metrics = Metrics::new();
+        let mut g = WireGuard::new(
+            server,
+            Arc::new(WireLimits {
+                max_head: 256,
+                header_timeout: Duration::from_secs(5),
+                idle_timeout: Duration::from_secs(60),
+            }),
+            metrics.clone(),
+        );
+        client
+            .write_all(
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(
+            g.read(&mut buf).await.unwrap(),
+            0,
+            "reader sees end of input"
+        );
+        g.shutdown().await.unwrap();
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).await.unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+            "{answer}"
+        );
+        assert!(answer.contains("\"error\":\"bad_request\""));
+        assert!(
+            metrics
+                .encode()
+                .contains("bearer_proxy_rejected_requests_total{reason=\"bad_request\"} 1")
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_that_never_completes_times_out() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut g = guard(server, Duration::from_millis(200));
+        client
+            .write_all(b"GET / HTTP/1.1\r\nX-Slow: ")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let err = g.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_body_times_out_after_idle_timeout() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut g = guard(server, Duration::from_secs(1));
+        client
+            .write_all(b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nab")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 128];
+        let n = g.read(&mut buf).await.unwrap();
+        assert!(n > 0);
+        let start = Instant::now();
+        let err = g.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        let waited = start.elapsed();
+        assert!(waited >= Duration::from_secs(60) && waited < Duration::from_secs(61));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_between_requests_is_left_to_hyper() {
+        let (client, server) = tokio::io::duplex(1024);
+        let mut g = guard(server, Duration::from_millis(10));
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(3600), g.read(&mut buf)).await;
+        assert!(read.is_err(), "no timer of ours fires while idle");
+        drop(client);
+    }
+}

@@ -1,0 +1,721 @@
+//! Test helpers: a private CA, a recording upstream (TLS or plain), a raw HTTP/1 client, a
+//! proxy started in-process on port 0, and a metrics matcher.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bearer_proxy::config::Config;
+use bearer_proxy::metrics::Metrics;
+use bearer_proxy::proxy::Proxy;
+use bearer_proxy::shutdown::{Phase, ShutdownController};
+use bearer_proxy::token::{AccessToken, TokenCell};
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// Every socket wait in the tests is bounded by this, so a bug fails a test instead of hanging
+/// the suite.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------------------------
+// Certificates
+
+/// A private CA that signs server certificates.
+pub struct TestCa {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+    /// Holds the CA's PEM file.
+    dir: tempfile::TempDir,
+}
+
+impl TestCa {
+    /// A fresh CA.
+    pub fn new() -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "bearer-proxy test CA");
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        Self {
+            cert,
+            key,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// The CA certificate as a PEM file (for `proxy.ca_file`).
+    pub fn pem_file(&self) -> PathBuf {
+        let path = self.dir.path().join("ca.pem");
+        std::fs::write(&path, self.cert.pem()).unwrap();
+        path
+    }
+
+    /// A TLS server configuration for `names`, offering `alpn`.
+    pub fn server_config(&self, names: &[&str], alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![CertificateDer::from(cert.der().to_vec())],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .unwrap();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(config)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Recording upstream
+
+/// One request as the upstream received it.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub method: String,
+    /// Path and query.
+    pub target: String,
+    pub version: http::Version,
+    pub headers: HeaderMap,
+    /// The body, if it was at most [`KEEP_BODY`] bytes.
+    pub body: Bytes,
+    /// Body length.
+    pub body_len: u64,
+}
+
+impl Recorded {
+    /// Every value of a header, as strings.
+    pub fn all(&self, name: &str) -> Vec<String> {
+        self.headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// The single value of a header.
+    pub fn one(&self, name: &str) -> Option<String> {
+        let all = self.all(name);
+        assert!(all.len() <= 1, "{name} appears {} times", all.len());
+        all.into_iter().next()
+    }
+}
+
+/// Bodies up to this size are kept; larger ones are only counted.
+pub const KEEP_BODY: u64 = 1 << 20;
+
+/// What the upstream answers.
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: ReplyBody,
+    /// Wait for this before answering.
+    pub gate: Option<Arc<Gate>>,
+}
+
+/// The body of a reply.
+pub enum ReplyBody {
+    Bytes(Bytes),
+    /// `len` bytes of zeros, generated as they are sent.
+    Zeros(u64),
+}
+
+impl Reply {
+    pub fn status(status: u16) -> Self {
+        Self {
+            status,
+            headers: Vec::new(),
+            body: ReplyBody::Bytes(Bytes::new()),
+            gate: None,
+        }
+    }
+
+    pub fn ok(body: &str) -> Self {
+        Self::status(200).body(body)
+    }
+
+    pub fn body(mut self, body: &str) -> Self {
+        self.body = ReplyBody::Bytes(Bytes::from(body.to_owned()));
+        self
+    }
+
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    pub fn gated(mut self, gate: Arc<Gate>) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+}
+
+/// A latch the test opens.
+#[derive(Default)]
+pub struct Gate {
+    open: watch::Sender<bool>,
+}
+
+impl Gate {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    pub fn open(&self) {
+        self.open.send_replace(true);
+    }
+
+    async fn wait(&self) {
+        let _ = self.open.subscribe().wait_for(|o| *o).await;
+    }
+}
+
+type Handler = Arc<dyn Fn(&Recorded, usize) -> Reply + Send + Sync>;
+
+/// An HTTP server that records every request and answers through a handler.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    requests: Arc<Mutex<Vec<Recorded>>>,
+    count: watch::Sender<usize>,
+    /// TCP connections accepted.
+    pub connections: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Upstream {
+    /// A plain-HTTP upstream.
+    pub async fn plain(
+        handler: impl Fn(&Recorded, usize) -> Reply + Send + Sync + 'static,
+    ) -> Self {
+        Self::start(None, Arc::new(handler)).await
+    }
+
+    /// A TLS upstream with `config`.
+    pub async fn tls(
+        config: Arc<rustls::ServerConfig>,
+        handler: impl Fn(&Recorded, usize) -> Reply + Send + Sync + 'static,
+    ) -> Self {
+        Self::start(Some(config), Arc::new(handler)).await
+    }
+
+    async fn start(tls: Option<Arc<rustls::ServerConfig>>, handler: Handler) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let (count, _) = watch::channel(0);
+        let connections = Arc::new(AtomicUsize::new(0));
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+        let state = (requests.clone(), count.clone(), handler);
+        let conns = connections.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                conns.fetch_add(1, Ordering::SeqCst);
+                let acceptor = acceptor.clone();
+                let (requests, count, handler) = state.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        record_and_answer(req, requests.clone(), count.clone(), handler.clone())
+                    });
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    match acceptor {
+                        Some(acceptor) => {
+                            let Ok(tls) = acceptor.accept(stream).await else {
+                                return;
+                            };
+                            let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+                        }
+                        None => {
+                            let _ = builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            requests,
+            count,
+            connections,
+            task,
+        }
+    }
+
+    /// Requests recorded so far.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    /// Waits until at least `n` requests were recorded.
+    pub async fn wait_requests(&self, n: usize) {
+        let mut rx = self.count.subscribe();
+        tokio::time::timeout(PATIENCE, rx.wait_for(|c| *c >= n))
+            .await
+            .expect("upstream never saw the request")
+            .unwrap();
+    }
+
+    /// `https://localhost:<port>` (or `http://127.0.0.1:<port>` for a plain one).
+    pub fn url(&self, tls: bool) -> String {
+        if tls {
+            format!("https://localhost:{}", self.addr.port())
+        } else {
+            format!("http://127.0.0.1:{}", self.addr.port())
+        }
+    }
+}
+
+type TestBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+async fn record_and_answer(
+    req: Request<Incoming>,
+    requests: Arc<Mutex<Vec<Recorded>>>,
+    count: watch::Sender<usize>,
+    handler: Handler,
+) -> Result<Response<TestBody>, Infallible> {
+    let (parts, mut body) = req.into_parts();
+    let mut kept = Vec::new();
+    let mut len = 0u64;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else { break };
+        if let Ok(data) = frame.into_data() {
+            len += data.len() as u64;
+            if len <= KEEP_BODY {
+                kept.extend_from_slice(&data);
+            }
+        }
+    }
+    let rec = Recorded {
+        method: parts.method.to_string(),
+        target: parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| "/".to_owned(), |pq| pq.to_string()),
+        version: parts.version,
+        headers: parts.headers,
+        body: if len <= KEEP_BODY {
+            Bytes::from(kept)
+        } else {
+            Bytes::new()
+        },
+        body_len: len,
+    };
+    let index = {
+        let mut all = requests.lock().unwrap();
+        all.push(rec.clone());
+        all.len() - 1
+    };
+    count.send_replace(index + 1);
+    let reply = handler(&rec, index);
+    if let Some(gate) = &reply.gate {
+        gate.wait().await;
+    }
+    let mut resp = Response::builder().status(StatusCode::from_u16(reply.status).unwrap());
+    for (n, v) in &reply.headers {
+        resp = resp.header(n, v);
+    }
+    let body: TestBody = match reply.body {
+        ReplyBody::Bytes(b) => http_body_util::Full::new(b)
+            .map_err(|never| match never {})
+            .boxed(),
+        ReplyBody::Zeros(total) => {
+            resp = resp.header("content-length", total.to_string());
+            let chunk = Bytes::from(vec![0u8; 64 * 1024]);
+            let frames = futures_util::stream::unfold(total, move |left| {
+                let chunk = chunk.clone();
+                async move {
+                    (left > 0).then(|| {
+                        let n = left.min(chunk.len() as u64);
+                        (Ok(Frame::data(chunk.slice(..n as usize))), left - n)
+                    })
+                }
+            });
+            StreamBody::new(frames).boxed()
+        }
+    };
+    Ok(resp.body(body).unwrap())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Proxy under test
+
+/// A `[tokens.flinks]` table that passes validation (nothing calls its endpoint unless a test
+/// starts a refresher).
+pub const TOKENS: &str = r#"
+[tokens.flinks]
+token_url = "https://127.0.0.1:9/token"
+grant_type = "client_credentials"
+client_id = "test-client"
+client_secret = "test-secret"
+"#;
+
+/// Parses a TOML configuration (plus [`TOKENS`] unless it has its own `[tokens.flinks]`).
+pub fn config(toml: &str) -> Config {
+    let text = if toml.contains("[tokens.flinks]") {
+        toml.to_owned()
+    } else {
+        format!("{TOKENS}\n{toml}")
+    };
+    bearer_proxy::config::from_str(&text, config::FileFormat::Toml, Some(Default::default()))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A valid token `raw`, for `TokenCell::publish`.
+pub fn token(raw: &str) -> AccessToken {
+    AccessToken::new(
+        raw,
+        Instant::now(),
+        SystemTime::now(),
+        Duration::from_secs(300),
+        None,
+    )
+    .unwrap()
+}
+
+/// An in-process proxy on 127.0.0.1:0.
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    pub metrics: Arc<Metrics>,
+    pub tokens: BTreeMap<String, Arc<TokenCell>>,
+    pub shutdown: ShutdownController,
+    pub serving: Option<JoinHandle<()>>,
+}
+
+impl TestProxy {
+    /// Builds and serves a proxy for `config`, with an empty token cell per `[tokens.*]`.
+    pub async fn start(config: &Config) -> Self {
+        let tokens = config
+            .tokens
+            .keys()
+            .map(|name| {
+                (
+                    name.clone(),
+                    TokenCell::new(name.as_str(), Duration::from_secs(5)),
+                )
+            })
+            .collect();
+        Self::start_with(config, tokens, Metrics::new()).await
+    }
+
+    /// Builds and serves a proxy with the given cells and metrics.
+    pub async fn start_with(
+        config: &Config,
+        tokens: BTreeMap<String, Arc<TokenCell>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let proxy = Proxy::new(config, &tokens, metrics.clone()).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (shutdown, watcher) = ShutdownController::new();
+        let serving = tokio::spawn(proxy.serve(listener, watcher));
+        Self {
+            addr,
+            metrics,
+            tokens,
+            shutdown,
+            serving: Some(serving),
+        }
+    }
+
+    /// The `flinks` cell.
+    pub fn cell(&self) -> &Arc<TokenCell> {
+        &self.tokens["flinks"]
+    }
+
+    /// Publishes a token in the `flinks` cell.
+    pub fn publish(&self, raw: &str) -> u64 {
+        self.cell().publish(token(raw))
+    }
+
+    /// One metric's value from the text exposition.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        metric(&self.metrics.encode(), series)
+    }
+
+    /// Moves to `phase` and waits for `serve` to return.
+    pub async fn stop(&mut self, phase: Phase) {
+        self.shutdown.advance(phase);
+        if let Some(serving) = self.serving.take() {
+            tokio::time::timeout(PATIENCE, serving)
+                .await
+                .expect("serve did not return")
+                .unwrap();
+        }
+    }
+}
+
+/// The value of `series` (`name{label="v",…}` with labels in alphabetical order, or a bare
+/// name) in a Prometheus text exposition.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw HTTP/1 client
+
+/// A response read off a socket.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// The proxy's `x-bearer-proxy-error` code, after checking the error body agrees.
+    pub fn proxy_error(&self) -> Option<String> {
+        let code = self.header("x-bearer-proxy-error")?.to_owned();
+        assert_eq!(self.header("content-type"), Some("application/json"));
+        assert_eq!(self.json()["error"], code.as_str());
+        Some(code)
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Connects to `addr`.
+pub async fn connect(addr: SocketAddr) -> TcpStream {
+    TcpStream::connect(addr).await.unwrap()
+}
+
+/// Sends `request` on a new connection and reads one response.
+pub async fn raw(addr: SocketAddr, request: &[u8]) -> RawResponse {
+    let mut s = connect(addr).await;
+    s.write_all(request).await.unwrap();
+    read_response(&mut s).await.unwrap()
+}
+
+/// `GET <url>` through the proxy at `addr`, with extra header lines.
+pub async fn get(addr: SocketAddr, url: &str, headers: &[&str]) -> RawResponse {
+    let host = url
+        .split("://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap_or("");
+    let mut req = format!("GET {url} HTTP/1.1\r\nHost: {host}\r\n");
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    raw(addr, req.as_bytes()).await
+}
+
+/// Reads one response (Content-Length, chunked or until EOF). Fails if the connection ends
+/// before the body does.
+pub async fn read_response(s: &mut TcpStream) -> std::io::Result<RawResponse> {
+    tokio::time::timeout(PATIENCE, read_response_inner(s))
+        .await
+        .map_err(|_| std::io::Error::other("timed out reading a response"))?
+}
+
+async fn read_response_inner(s: &mut TcpStream) -> std::io::Result<RawResponse> {
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line in {head:?}")))?;
+    let headers: Vec<(String, String)> = lines
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let mut rest = buf[head_end..].to_vec();
+    let find = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    let body = if status == 204 || status == 304 || (100..200).contains(&status) {
+        Vec::new()
+    } else if let Some(len) = find("content-length") {
+        let len: usize = len.parse().unwrap();
+        while rest.len() < len {
+            let mut chunk = vec![0u8; 64 * 1024];
+            let n = s.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            rest.extend_from_slice(&chunk[..n]);
+        }
+        rest.truncate(len);
+        rest
+    } else if find("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        read_chunked(s, rest).await?
+    } else {
+        s.read_to_end(&mut rest).await?;
+        rest
+    };
+    Ok(RawResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+async fn read_chunked(s: &mut TcpStream, mut buf: Vec<u8>) -> std::io::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let line_end = loop {
+            if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
+                break i;
+            }
+            fill(s, &mut buf).await?;
+        };
+        let size_text = String::from_utf8_lossy(&buf[..line_end]).into_owned();
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16)
+            .map_err(|e| std::io::Error::other(format!("bad chunk size {size_text:?}: {e}")))?;
+        buf.drain(..line_end + 2);
+        if size == 0 {
+            return Ok(body);
+        }
+        while buf.len() < size + 2 {
+            fill(s, &mut buf).await?;
+        }
+        body.extend_from_slice(&buf[..size]);
+        buf.drain(..size + 2);
+    }
+}
+
+async fn fill(s: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    let mut chunk = [0u8; 8192];
+    let n = s.read(&mut chunk).await?;
+    if n == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(())
+}
+
+/// Waits for the peer to close `s` (reading and discarding anything before that). Returns
+/// whether it closed within [`PATIENCE`].
+pub async fn closed(s: &mut TcpStream) -> bool {
+    let read_all = async {
+        let mut sink = [0u8; 1024];
+        loop {
+            match s.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(PATIENCE, read_all).await.is_ok()
+}
+
+/// A TCP echo server; returns its address.
+pub async fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A plain-HTTP server that reads one request head per connection, writes `answer` and closes
+/// (for answers hyper would not produce, such as a body cut short).
+pub async fn raw_upstream(answer: &'static [u8]) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(answer).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Peak resident memory of this process (`VmHWM`), in bytes.
+pub fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
