@@ -49,6 +49,15 @@ pub enum Command {
     /// Run a local token endpoint implementing Flinks' `/api/v1/token` contract, for demos,
     /// tests and benchmarks. Its failure switches are under `POST /control/...`.
     DevIssuer(DevIssuerArgs),
+    /// Run the whole mechanism on loopback: dev issuer, an echo API and the proxy.
+    Demo {
+        /// Proxy address.
+        #[arg(long, default_value = "127.0.0.1:3128")]
+        listen: std::net::SocketAddr,
+        /// Admin address.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: std::net::SocketAddr,
+    },
 }
 
 /// Options of `bearer-proxy dev-issuer`.
@@ -88,6 +97,16 @@ pub fn main() -> u8 {
         Command::Check => check(cli.config.as_deref()),
         Command::Token { name } => token(cli.config.as_deref(), name.as_deref()),
         Command::DevIssuer(args) => dev_issuer(args),
+        Command::Demo { listen, admin } => match runtime(1) {
+            Ok(rt) => rt.block_on(crate::demo::run(crate::demo::DemoAddrs {
+                proxy: listen,
+                admin,
+            })),
+            Err(e) => {
+                eprintln!("bearer-proxy: cannot start the runtime: {e}");
+                EXIT_FAILURE
+            }
+        },
     }
 }
 

@@ -8,11 +8,13 @@
 //!   the token endpoint, [`token::refresher`] keeps a token fresh, [`token::store`] persists
 //!   refresh tokens.
 //! - [`metrics`]: the Prometheus registry and per-token/per-route handles.
+//! - [`proxy`]: the forward proxy: routing, token injection, TLS origination, streaming.
 //! - [`admin`]: the admin port (`/metrics`, `/livez`, `/readyz`, `/status`).
 //! - [`tls`]: trust roots for outbound TLS.
 //! - [`shutdown`]: the phases of a graceful stop.
 //! - [`logging`]: the tracing subscriber.
 //! - [`issuer`]: the built-in dev token endpoint (demo, tests, benchmarks).
+//! - [`demo`]: `bearer-proxy demo`, the whole mechanism on loopback.
 //! - [`cli`]: the command-line commands behind the thin `main.rs`.
 //!
 //! A token flows token endpoint → [`token::refresher::Refresher`] → [`token::TokenCell`] →
@@ -22,6 +24,7 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod issuer;
 pub mod logging;
 pub mod metrics;
@@ -63,6 +66,8 @@ pub struct Server {
     metrics: Arc<Metrics>,
     tokens: BTreeMap<String, Arc<TokenCell>>,
     controller: ShutdownController,
+    /// Where the proxy listens.
+    proxy_addr: SocketAddr,
     /// Where the admin port listens.
     admin_addr: SocketAddr,
     /// Tasks that serve connections; they finish by themselves once stopping and drained.
@@ -92,22 +97,40 @@ impl Server {
             background.push(refresher.spawn(shutdown.clone()));
             tokens.insert(name.clone(), cell);
         }
+        let proxy = proxy::Proxy::new(&config, &tokens, metrics.clone())?;
+        let proxy_listener = TcpListener::bind(config.proxy.listen)
+            .await
+            .with_context(|| format!("proxy.listen: cannot listen on {}", config.proxy.listen))?;
+        let proxy_addr = proxy_listener.local_addr()?;
         let admin_listener = TcpListener::bind(config.admin.listen)
             .await
             .with_context(|| format!("admin.listen: cannot listen on {}", config.admin.listen))?;
         let admin_addr = admin_listener.local_addr()?;
         let admin = admin::Admin::new(&tokens, metrics.clone(), shutdown.clone());
         background.push(tokio::spawn(admin.serve(admin_listener)));
-        tracing::info!(admin = %admin_addr, tokens = tokens.len(), "started");
+        let servers = vec![tokio::spawn(proxy.serve(proxy_listener, shutdown.clone()))];
+        tracing::info!(
+            proxy = %proxy_addr,
+            admin = %admin_addr,
+            tokens = tokens.len(),
+            routes = config.routes.len(),
+            "started"
+        );
         Ok(Self {
             config,
             metrics,
             tokens,
             controller,
+            proxy_addr,
             admin_addr,
-            servers: Vec::new(),
+            servers,
             background,
         })
+    }
+
+    /// Where the proxy listens (useful with port 0).
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.proxy_addr
     }
 
     /// Where the admin port listens (useful with port 0).

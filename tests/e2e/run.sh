@@ -91,9 +91,11 @@ YML
 prometheus --config.file="$work/prometheus.yml" --storage.tsdb.path="$work/tsdb" \
   --web.listen-address="127.0.0.1:$prom_port" > "$work/prometheus.log" 2>&1 &
 pids+=($!)
+# The value of an instant query, or nothing (also while Prometheus is still starting).
 query() {
-  curl -sf "http://127.0.0.1:$prom_port/api/v1/query" --data-urlencode "query=$1" |
-    python3 -c 'import json,sys; r=json.load(sys.stdin)["data"]["result"]; print(r[0]["value"][1] if r else "")'
+  curl -sf "http://127.0.0.1:$prom_port/api/v1/query" --data-urlencode "query=$1" 2>/dev/null |
+    python3 -c 'import json,sys; r=json.load(sys.stdin)["data"]["result"]; print(r[0]["value"][1] if r else "")' \
+      2>/dev/null || true
 }
 valid_is_1() { [[ $(query 'bearer_proxy_token_valid{token="e2e"}') == 1 ]]; }
 counted_6() { [[ $(query 'sum(bearer_proxy_requests_total{route="e2e",code="200"})') == 6 ]]; }
