@@ -561,6 +561,11 @@ pub(crate) fn is_idempotent(method: &Method) -> bool {
 
 /// Removes hop-by-hop headers: those `Connection` names, then the fixed list.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of them: one pass over the names present (comparing standard
+    // names is an integer compare) is cheaper than a hashed removal for each of the nine.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     match headers.get_all(CONNECTION).iter().take(2).count() {
         0 => {}
         1 => {
