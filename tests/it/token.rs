@@ -3,25 +3,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::issuer;
 use bearer_proxy::config::{ClientAuth, Encoding, GrantType, TokenConfig};
-use bearer_proxy::issuer::{DevIssuer, Fault, IssuerControl, IssuerOptions};
+use bearer_proxy::issuer::{Fault, IssuerOptions};
 use bearer_proxy::metrics::Metrics;
 use bearer_proxy::shutdown::ShutdownController;
 use bearer_proxy::token::client::FetchError;
 use bearer_proxy::token::refresher::Refresher;
 use bearer_proxy::token::{ErrorKind, TokenCell};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// Starts an issuer on a free loopback port; it stops when the test's runtime ends.
-async fn issuer(opts: IssuerOptions) -> (String, IssuerControl) {
-    let issuer = DevIssuer::bind("127.0.0.1:0".parse().unwrap(), opts)
-        .await
-        .unwrap();
-    let url = issuer.token_url();
-    let control = issuer.control();
-    tokio::spawn(issuer.serve(std::future::pending()));
-    (url, control)
-}
 
 fn token_config(url: &str, grant: GrantType) -> TokenConfig {
     let mut c: TokenConfig = serde_json::from_value(serde_json::json!({
