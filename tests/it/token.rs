@@ -366,3 +366,29 @@ async fn concurrent_invalidations_share_one_token_request() {
     }
     assert_eq!(control.request_count(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_readers_cause_one_token_request_per_lifetime() {
+    let (url, control) = issuer(IssuerOptions::default()).await;
+    let (r, cell) = refresher(token_config(&url, GrantType::ClientCredentials));
+    let (_ctl, sd) = ShutdownController::new();
+    r.spawn(sd);
+    let readers: Vec<_> = (0..1000)
+        .map(|_| {
+            let cell = cell.clone();
+            tokio::spawn(async move {
+                let first = cell.wait_valid(Duration::from_secs(5)).await.unwrap();
+                for _ in 0..200 {
+                    let t = cell.current().expect("valid token");
+                    assert_eq!(t.generation(), first.generation());
+                    tokio::task::yield_now().await;
+                }
+            })
+        })
+        .collect();
+    for r in readers {
+        r.await.unwrap();
+    }
+    // 300s tokens: the next refresh is minutes away, so every read came from one request.
+    assert_eq!(control.request_count(), 1);
+}
