@@ -38,6 +38,9 @@ python3 "$here/upstream.py" "$upstream_port" "$work/server.pem" "$work/server.ke
   > "$work/upstream.log" 2>&1 &
 pids+=($!)
 
+upstream_ready() { grep -q "upstream ready" "$work/upstream.log"; }
+until_ok 20 upstream_ready || fail "the TLS upstream never started"
+
 cat > "$work/config.toml" <<TOML
 [proxy]
 listen = "127.0.0.1:$proxy_port"

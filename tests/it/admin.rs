@@ -4,18 +4,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use bearer_proxy::issuer::{DevIssuer, Fault, IssuerControl, IssuerOptions};
+use crate::support::issuer;
+use bearer_proxy::issuer::{Fault, IssuerOptions};
 use bearer_proxy::{Server, Signal};
-
-async fn issuer(opts: IssuerOptions) -> (String, IssuerControl) {
-    let issuer = DevIssuer::bind("127.0.0.1:0".parse().unwrap(), opts)
-        .await
-        .unwrap();
-    let url = issuer.token_url();
-    let control = issuer.control();
-    tokio::spawn(issuer.serve(std::future::pending()));
-    (url, control)
-}
 
 fn config(token_url: &str) -> bearer_proxy::config::Config {
     bearer_proxy::config::from_str(
@@ -252,4 +243,61 @@ async fn readiness_flips_with_first_token_outage_and_sigterm() {
         .await
         .unwrap()
         .unwrap();
+}
+
+/// Number of series in an exposition, ignoring the process collector (whose values move but
+/// whose series are fixed).
+fn series(text: &str) -> usize {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with("process_"))
+        .count()
+}
+
+#[tokio::test]
+async fn random_hosts_add_no_series() {
+    let (url, _) = issuer(IssuerOptions::default()).await;
+    let mut cfg = config(&url);
+    cfg.proxy.unmatched = Some(bearer_proxy::config::Unmatched::Deny);
+    cfg.proxy.connect = Some(bearer_proxy::config::ConnectPolicy::Deny);
+    let server = Server::start(cfg).await.unwrap();
+    let proxy = server.proxy_addr();
+    let mut conn = crate::support::connect(proxy).await;
+    let mut ask = async |request: String| {
+        use tokio::io::AsyncWriteExt;
+        conn.write_all(request.as_bytes()).await.unwrap();
+        crate::support::read_response(&mut conn).await.unwrap()
+    };
+    let host = |i: u32| format!("h{i:x}-{}.example", i.wrapping_mul(2_654_435_761));
+    // Warm up: the first denial creates its `code` series.
+    assert_eq!(
+        ask(format!(
+            "GET http://{}/ HTTP/1.1\r\nhost: x\r\n\r\n",
+            host(0)
+        ))
+        .await
+        .status,
+        403
+    );
+    let before = series(&get(server.admin_addr(), "/metrics").await.1);
+    for i in 1..10_000u32 {
+        let h = host(i);
+        let path = format!("/p{i}?q={i}");
+        let port = 1024 + i % 60_000;
+        let resp = ask(format!(
+            "GET http://{h}:{port}{path} HTTP/1.1\r\nhost: {h}\r\n\r\n"
+        ))
+        .await;
+        assert_eq!(resp.status, 403);
+    }
+    let after = get(server.admin_addr(), "/metrics").await.1;
+    assert_eq!(series(&after), before, "request data created metric series");
+    assert!(!after.contains(".example"));
+    assert_eq!(
+        metric(
+            &after,
+            "bearer_proxy_requests_total",
+            &[("route", "unmatched"), ("code", "403")]
+        ),
+        Some(10_000.0)
+    );
 }

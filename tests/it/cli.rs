@@ -5,7 +5,8 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use bearer_proxy::issuer::{DevIssuer, IssuerControl, IssuerOptions};
+use crate::support::issuer;
+use bearer_proxy::issuer::IssuerOptions;
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 
@@ -13,16 +14,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_bearer-proxy");
 const CANARY_SECRET: &str = "canary-client-secret-5c1b";
 const CANARY_TOKEN: &str = "canary-access-token-77e2";
 const CANARY_REFRESH: &str = "canary-refresh-token-0d9f";
-
-async fn issuer(opts: IssuerOptions) -> (String, IssuerControl) {
-    let issuer = DevIssuer::bind("127.0.0.1:0".parse().unwrap(), opts)
-        .await
-        .unwrap();
-    let url = issuer.token_url();
-    let control = issuer.control();
-    tokio::spawn(issuer.serve(std::future::pending()));
-    (url, control)
-}
 
 fn canary_issuer() -> IssuerOptions {
     IssuerOptions {

@@ -3,25 +3,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::issuer;
 use bearer_proxy::config::{ClientAuth, Encoding, GrantType, TokenConfig};
-use bearer_proxy::issuer::{DevIssuer, Fault, IssuerControl, IssuerOptions};
+use bearer_proxy::issuer::{Fault, IssuerOptions};
 use bearer_proxy::metrics::Metrics;
 use bearer_proxy::shutdown::ShutdownController;
 use bearer_proxy::token::client::FetchError;
 use bearer_proxy::token::refresher::Refresher;
 use bearer_proxy::token::{ErrorKind, TokenCell};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// Starts an issuer on a free loopback port; it stops when the test's runtime ends.
-async fn issuer(opts: IssuerOptions) -> (String, IssuerControl) {
-    let issuer = DevIssuer::bind("127.0.0.1:0".parse().unwrap(), opts)
-        .await
-        .unwrap();
-    let url = issuer.token_url();
-    let control = issuer.control();
-    tokio::spawn(issuer.serve(std::future::pending()));
-    (url, control)
-}
 
 fn token_config(url: &str, grant: GrantType) -> TokenConfig {
     let mut c: TokenConfig = serde_json::from_value(serde_json::json!({
@@ -375,4 +365,30 @@ async fn concurrent_invalidations_share_one_token_request() {
         assert_eq!(w.await.unwrap().unwrap().generation(), seen + 1);
     }
     assert_eq!(control.request_count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_readers_cause_one_token_request_per_lifetime() {
+    let (url, control) = issuer(IssuerOptions::default()).await;
+    let (r, cell) = refresher(token_config(&url, GrantType::ClientCredentials));
+    let (_ctl, sd) = ShutdownController::new();
+    r.spawn(sd);
+    let readers: Vec<_> = (0..1000)
+        .map(|_| {
+            let cell = cell.clone();
+            tokio::spawn(async move {
+                let first = cell.wait_valid(Duration::from_secs(5)).await.unwrap();
+                for _ in 0..200 {
+                    let t = cell.current().expect("valid token");
+                    assert_eq!(t.generation(), first.generation());
+                    tokio::task::yield_now().await;
+                }
+            })
+        })
+        .collect();
+    for r in readers {
+        r.await.unwrap();
+    }
+    // 300s tokens: the next refresh is minutes away, so every read came from one request.
+    assert_eq!(control.request_count(), 1);
 }

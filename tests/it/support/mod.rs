@@ -1,5 +1,6 @@
 //! Test helpers: a private CA, a recording upstream (TLS or plain), a raw HTTP/1 client, a
-//! proxy started in-process on port 0, and a metrics matcher.
+//! proxy started in-process on port 0, a dev issuer, a metrics matcher, and the suite-wide
+//! secret-leak guard ([`guard_logs`]).
 
 #![allow(dead_code)]
 
@@ -27,6 +28,105 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+
+// ---------------------------------------------------------------------------------------------
+// Secret-leak guard
+
+/// Values that must never reach a log line: registered by the helpers that create tokens and
+/// secrets, checked by the global subscriber against every formatted event.
+static SECRETS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+static GUARD: std::sync::Once = std::sync::Once::new();
+
+/// Registers a secret value that must never be logged, and makes sure the guard is installed.
+pub fn never_log(secret: &str) {
+    guard_logs();
+    SECRETS.lock().unwrap().push(secret.to_owned());
+}
+
+/// Installs, once per test binary, a global `tracing` subscriber at TRACE for every crate
+/// (bearer-proxy, hyper, h2, rustls, reqwest…). Each formatted event is checked for every
+/// registered secret, for the word "canary" (the marker of test secrets), and for anything
+/// shaped like a JWT; a hit aborts the whole test run, whichever test caused it. Every helper
+/// that starts a part of the product calls this, so the whole suite's scenarios run under it.
+pub fn guard_logs() {
+    GUARD.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(|| LeakCheck(Vec::new()))
+            .try_init();
+    });
+}
+
+/// Buffers one formatted event and checks it when dropped.
+struct LeakCheck(Vec<u8>);
+
+impl std::io::Write for LeakCheck {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LeakCheck {
+    fn drop(&mut self) {
+        let line = String::from_utf8_lossy(&self.0);
+        let leaked = SECRETS
+            .lock()
+            .map(|s| s.iter().find(|v| line.contains(v.as_str())).cloned())
+            .unwrap_or_default()
+            .or_else(|| {
+                line.to_ascii_lowercase()
+                    .contains("canary")
+                    .then(|| "canary".into())
+            })
+            .or_else(|| looks_like_jwt(&line).then(|| "a JWT".into()));
+        if let Some(what) = leaked {
+            eprintln!("SECRET LEAKED INTO A LOG LINE ({what}):\n{line}");
+            std::process::abort();
+        }
+    }
+}
+
+/// `eyJ` (Base64 of `{"`) followed by a long Base64url run and a dot: a JWT header.
+fn looks_like_jwt(line: &str) -> bool {
+    line.match_indices("eyJ").any(|(i, _)| {
+        let rest = &line[i..];
+        let run = rest
+            .bytes()
+            .take_while(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+            .count();
+        run >= 16 && rest.as_bytes().get(run) == Some(&b'.')
+    })
+}
+
+/// Starts a dev token issuer on 127.0.0.1:0, registering its secrets with the leak guard.
+/// It runs until the test's runtime ends.
+pub async fn issuer(
+    opts: bearer_proxy::issuer::IssuerOptions,
+) -> (String, bearer_proxy::issuer::IssuerControl) {
+    for (_, secret) in &opts.clients {
+        never_log(secret);
+    }
+    for v in opts
+        .refresh_tokens
+        .iter()
+        .chain(&opts.codes)
+        .chain(&opts.fixed_token)
+    {
+        never_log(v);
+    }
+    let issuer = bearer_proxy::issuer::DevIssuer::bind("127.0.0.1:0".parse().unwrap(), opts)
+        .await
+        .unwrap();
+    let url = issuer.token_url();
+    let control = issuer.control();
+    tokio::spawn(issuer.serve(std::future::pending()));
+    (url, control)
+}
 
 /// Every socket wait in the tests is bounded by this, so a bug fails a test instead of hanging
 /// the suite.
@@ -389,6 +489,7 @@ client_secret = "test-secret"
 
 /// Parses a TOML configuration (plus [`TOKENS`] unless it has its own `[tokens.flinks]`).
 pub fn config(toml: &str) -> Config {
+    never_log("test-secret");
     let text = if toml.contains("[tokens.flinks]") {
         toml.to_owned()
     } else {
@@ -398,8 +499,9 @@ pub fn config(toml: &str) -> Config {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// A valid token `raw`, for `TokenCell::publish`.
+/// A valid token `raw`, for `TokenCell::publish` (registered with the leak guard).
 pub fn token(raw: &str) -> AccessToken {
+    never_log(raw);
     AccessToken::new(
         raw,
         Instant::now(),
@@ -441,6 +543,7 @@ impl TestProxy {
         tokens: BTreeMap<String, Arc<TokenCell>>,
         metrics: Arc<Metrics>,
     ) -> Self {
+        guard_logs();
         let proxy = Proxy::new(config, &tokens, metrics.clone()).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
