@@ -24,9 +24,9 @@
 #             token from the dev issuer (--fixed-token), so nothing is faked.
 #   rotation  the dev issuer hands out a new random JWT-shaped token each time, with a 5 s
 #             lifetime; refresh_ratio 0.4 makes bearer-proxy fetch one every ~1.7-2 s.
-#             bp-rotating runs against it, bp-steady (300 s tokens) against the same upstream
-#             listener, which accepts only JWT-shaped "Bearer" values and logs when each token
-#             (its signature's first 12 characters) was seen. Checked afterwards: no non-2xx,
+#             bp-rotating runs against it, bp-steady (300 s tokens) against an identical upstream
+#             listener of its own; both accept only JWT-shaped "Bearer" values and log when each
+#             token (its signature's first 12 characters) was seen. Checked afterwards: no non-2xx,
 #             several distinct tokens used per run, and no token used for longer than its
 #             lifetime (a stale token would show a longer span).
 #   tls       the upstream listens with TLS (certificate from a throwaway CA made by openssl);
@@ -41,7 +41,7 @@ LOAD_CPU=${LOAD_CPU:-0} PROXY_CPU=${PROXY_CPU:-1} NICE=${NICE:--15}
 TOKEN=${TOKEN:-e2e-6b1d0c7a93f24e58a1}
 P=${BASE_PORT:-29100}   # every port is P + a fixed offset
 
-usage() { sed -n '2,40p' "$0" | sed 's/^# \{0,1\}//'; cat <<EOF
+usage() { sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; cat <<EOF
 Options:
   --rounds N         measured rounds per scenario (default $ROUNDS; candidates interleaved,
                      order rotated every round)
