@@ -6,6 +6,7 @@
 
 mod admin;
 mod cli;
+mod faults;
 mod proxy;
 mod support;
 mod token;

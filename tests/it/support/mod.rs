@@ -719,3 +719,130 @@ pub fn peak_rss() -> u64 {
         .unwrap();
     kb * 1024
 }
+
+// ---------------------------------------------------------------------------------------------
+// Admin port, refresh attempts, ports
+
+/// `GET path` on an admin port (one request per connection).
+pub async fn admin_get(admin: SocketAddr, path: &str) -> RawResponse {
+    raw(
+        admin,
+        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+}
+
+/// The admin port's `/metrics` text.
+pub async fn scrape(admin: SocketAddr) -> String {
+    let resp = admin_get(admin, "/metrics").await;
+    assert_eq!(resp.status, 200);
+    resp.text()
+}
+
+/// Scrapes `/metrics` until `series` has the value `want`; fails after [`PATIENCE`]. Each
+/// scrape is a real request to the admin port, so this polls the server's own view (for
+/// instance `bearer_proxy_open_connections` returning to 0 once connection tasks have ended).
+pub async fn settle(admin: SocketAddr, series: &str, want: f64) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let got = metric(&scrape(admin).await, series);
+        if got == Some(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} stayed at {got:?}, expected {want}"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Waits until `cell`'s refresher has finished at least `n` attempts in all (successful or not).
+pub async fn attempts(cell: &TokenCell, n: u64) {
+    let mut rx = cell.watch_attempts();
+    tokio::time::timeout(PATIENCE, rx.wait_for(|c| *c >= n))
+        .await
+        .unwrap_or_else(|_| panic!("fewer than {n} refresh attempts"))
+        .unwrap();
+}
+
+/// Refresh attempts finished so far.
+pub fn attempts_so_far(cell: &TokenCell) -> u64 {
+    *cell.watch_attempts().borrow()
+}
+
+/// A loopback port nothing listens on (a listener was bound there and dropped).
+pub fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Copies bytes both ways between `client` and a new connection to `target` until either side
+/// ends.
+pub async fn relay(mut client: TcpStream, target: SocketAddr) {
+    if let Ok(mut upstream) = TcpStream::connect(target).await {
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    }
+}
+
+/// Reads one request head (through the empty line) from `s`; `None` if the peer closed first.
+pub async fn read_request_head(s: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte).await {
+            Ok(1) => head.push(byte[0]),
+            _ => return None,
+        }
+    }
+    Some(head)
+}
+
+/// Closes `s` with a TCP reset instead of a FIN.
+pub fn reset(s: TcpStream) {
+    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+    drop(s);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Logs
+
+/// Collects formatted log lines (install with `tracing::subscriber::set_default`; on a
+/// current-thread test runtime every task of the test logs through it).
+#[derive(Clone, Default)]
+pub struct Captured(pub Arc<Mutex<Vec<u8>>>);
+
+impl Captured {
+    /// A subscriber writing every event at `level` and above here, and the guard keeping it the
+    /// default on this thread.
+    pub fn install(&self, level: tracing::Level) -> tracing::subscriber::DefaultGuard {
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(self.clone())
+            .with_max_level(level)
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    /// Everything logged so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Captured {
+        self.clone()
+    }
+}
