@@ -1524,6 +1524,59 @@ async fn secret_rotation_under_load_recovers_without_a_failed_request() {
     rig.terminate().await;
 }
 
+/// `state_dir` not writable (missing here: as root, permissions do not stop writes). With an
+/// authorization code the code is never sent unrecorded: the token is `rejected` with the
+/// reason, requests get 503; once the directory exists the next retry exchanges the code, once.
+#[tokio::test]
+async fn unwritable_state_dir_holds_the_code_until_it_can_be_recorded() {
+    let issuer = Issuer::start(IssuerOptions {
+        codes: vec!["code-1".into()],
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("code"), "code-1\n").unwrap();
+    let state = dir.path().join("state");
+    let ca = TestCa::new();
+    let (upstream, bad) = checking_upstream(&ca, &issuer.control).await;
+    let rig = Rig::start(
+        &format!(
+            "token_url = \"{}\"\ngrant_type = \"authorization_code\"\ncode_file = \"{}\"\nstate_dir = \"{}\"",
+            issuer.url,
+            dir.path().join("code").display(),
+            state.display()
+        ),
+        r#"token_wait = "50ms""#,
+        &upstream.url(true),
+        ca,
+    )
+    .await;
+    attempts(&rig.cell, 2).await;
+    let status = rig.token_status().await;
+    assert_eq!(status["state"], "rejected");
+    assert!(
+        status["last_error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot record it as spent"),
+        "{status}"
+    );
+    assert_token_unavailable(&rig.get("/no-state").await);
+    assert_eq!(
+        issuer.control.request_count(),
+        0,
+        "the code was sent unrecorded"
+    );
+
+    std::fs::create_dir(&state).unwrap();
+    rig.cell.wait_valid(PATIENCE).await.expect("recovered");
+    assert_eq!(rig.get("/after").await.status, 200);
+    assert_eq!(issuer.control.request_count_for("authorization_code"), 1);
+    assert!(state.join("flinks.state.json").exists());
+    assert_eq!(bad.load(Ordering::SeqCst), 0);
+    rig.settled().await;
+}
+
 /// `state_dir` not writable while the server rotates refresh tokens: the new refresh token
 /// cannot be persisted (logged as an error), but it is kept in memory and used, so requests
 /// keep flowing; the superseded refresh token is never sent again.
