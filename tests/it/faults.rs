@@ -950,6 +950,60 @@ async fn upstream_reset_before_and_during_the_answer() {
     rig.settled().await;
 }
 
+/// Stale pooled connections: the upstream closes a kept-alive connection just as the next
+/// request arrives on it (its idle timeout racing ours), with a FIN or with a reset. An
+/// idempotent request is retried once on a new connection, transparently; a POST is not (it
+/// may have been processed) and gets 502 `upstream_reset`.
+#[tokio::test]
+async fn stale_pooled_upstream_connections_are_retried_transparently() {
+    // Answers one request, then drops the connection when the next one arrives.
+    fn stale(rst: bool) -> Step {
+        step(move |mut s| async move {
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirst")
+                .await
+                .unwrap();
+            if read_request_head(&mut s).await.is_some() {
+                if rst { reset(s) } else { drop(s) }
+            }
+        })
+    }
+    let addr = scripted_upstream(vec![stale(false), stale(true), stale(true)]).await;
+    let (rig, issuer) = rig_with_token(&format!("http://{addr}"), "", TestCa::new()).await;
+    let mut s = connect(rig.proxy).await;
+    let mut send = async |req: String| {
+        s.write_all(req.as_bytes()).await.unwrap();
+        read_response(&mut s).await.unwrap()
+    };
+    let get = |path: &str| format!("GET http://{HOST}{path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n");
+    assert_eq!(send(get("/a")).await.text(), "first");
+    // Closed with a FIN under the request: retried on connection 2.
+    let resp = send(get("/b")).await;
+    assert_eq!((resp.status, resp.text().as_str()), (200, "first"));
+    // Closed with a reset under the request: retried on connection 3 (HEAD and PUT too).
+    let resp = send(format!(
+        "PUT http://{HOST}/c HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 3\r\n\r\nput"
+    ))
+    .await;
+    assert_eq!((resp.status, resp.text().as_str()), (200, "first"));
+    // A POST on a stale connection is not retried.
+    let resp = send(format!(
+        "POST http://{HOST}/d HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 2\r\n\r\n{{}}"
+    ))
+    .await;
+    assert_eq!(resp.status, 502);
+    assert_eq!(resp.proxy_error().as_deref(), Some("upstream_reset"));
+    assert_eq!(send(get("/e")).await.text(), "done");
+    drop(s);
+    assert_eq!(
+        rig.metric(r#"bearer_proxy_upstream_errors_total{kind="reset",route="fdx"}"#)
+            .await,
+        1.0,
+        "only the POST failed"
+    );
+    assert!(issuer.control.issued_count() == 1);
+    rig.settled().await;
+}
+
 /// An upstream whose certificate names another host: 502 `upstream_tls`, the request (and so
 /// the token) is never sent. (An untrusted CA: `proxy.rs`.)
 #[tokio::test]
