@@ -32,6 +32,7 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
@@ -303,6 +304,11 @@ pub(crate) struct ConnShared {
     tunnel: Mutex<Option<TunnelFuture>>,
 }
 
+/// Closes a client socket with a reset: a zero linger time makes `close` send RST.
+fn reset_socket(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
 impl ConnShared {
     fn set_tunnel(&self, tunnel: TunnelFuture) {
         *self.tunnel.lock().unwrap_or_else(PoisonError::into_inner) = Some(tunnel);
@@ -352,11 +358,12 @@ impl Inner {
             let conn = for_service.clone();
             async move { Ok::<_, Infallible>(conn.inner.handle(req, &conn).await) }
         });
-        let io = TokioIo::new(WireGuard::new(
-            stream,
-            self.wire.clone(),
-            self.metrics.clone(),
-        ));
+        // Set when an answer was cut short, so the socket closes with a reset.
+        let cut = Arc::new(AtomicBool::new(false));
+        let io = TokioIo::new(
+            WireGuard::new(stream, self.wire.clone(), self.metrics.clone())
+                .reset_on_drop(cut.clone(), reset_socket),
+        );
         let conn = graceful.watch(
             self.server
                 .serve_connection_with_upgrades(io, service)
@@ -365,12 +372,19 @@ impl Inner {
         let metrics = self.metrics.clone();
         async move {
             let _slot = slot;
-            tokio::select! {
-                biased;
-                () = shutdown.reached(Phase::Terminated) => return,
-                result = conn => {
-                    if let Err(e) = result {
-                        connection_error(&metrics, e.as_ref());
+            {
+                // Kept alive past its result, so the socket is still open when `cut` is set.
+                tokio::pin!(conn);
+                tokio::select! {
+                    biased;
+                    () = shutdown.reached(Phase::Terminated) => return,
+                    result = &mut conn => {
+                        if let Err(e) = result {
+                            connection_error(&metrics, e.as_ref());
+                            if answer_was_cut(e.as_ref()) {
+                                cut.store(true, Ordering::Release);
+                            }
+                        }
                     }
                 }
             }
@@ -383,6 +397,13 @@ impl Inner {
             }
         }
     }
+}
+
+/// Whether the connection ended because the answer being written failed (the upstream's body
+/// broke off): hyper reports errors of the response body as user errors.
+fn answer_was_cut(e: &(dyn std::error::Error + 'static)) -> bool {
+    e.downcast_ref::<hyper::Error>()
+        .is_some_and(hyper::Error::is_user)
 }
 
 /// Logs a connection that ended with an error, and counts the requests hyper refused itself.

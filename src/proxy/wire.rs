@@ -31,6 +31,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -384,7 +385,13 @@ pub(crate) struct WireGuard<T> {
     stall_timer: Option<Pin<Box<Sleep>>>,
     /// A refusal to write before closing.
     refusal: Option<Refusal>,
+    /// When the flag is set at drop, the connection ends with a reset (see
+    /// [`WireGuard::reset_on_drop`]).
+    reset: Option<ResetOnDrop<T>>,
 }
+
+/// A flag, and what to do to the socket if it is set at drop.
+type ResetOnDrop<T> = (Arc<AtomicBool>, fn(&T));
 
 /// An answer written by the guard itself, then a lingering close.
 struct Refusal {
@@ -416,7 +423,17 @@ impl<T> WireGuard<T> {
             stall_deadline: None,
             stall_timer: None,
             refusal: None,
+            reset: None,
         }
+    }
+
+    /// If `flag` is set when the guard is dropped, `reset` is applied to the socket first (for
+    /// a TCP socket: a zero linger time, so closing it sends a reset instead of a FIN). An
+    /// answer cut short must not end like a complete one: for a body delimited by the end of
+    /// the connection (an HTTP/1.0 client without a length) a FIN would do exactly that.
+    pub(crate) fn reset_on_drop(mut self, flag: Arc<AtomicBool>, reset: fn(&T)) -> Self {
+        self.reset = Some((flag, reset));
+        self
     }
 
     fn refuse(&mut self, error: ProxyError) {
@@ -502,6 +519,16 @@ impl<T> WireGuard<T> {
                 self.refuse(error);
                 k
             }
+        }
+    }
+}
+
+impl<T> Drop for WireGuard<T> {
+    fn drop(&mut self) {
+        if let Some((flag, reset)) = &self.reset
+            && flag.load(Ordering::Acquire)
+        {
+            reset(&self.io);
         }
     }
 }

@@ -1004,6 +1004,44 @@ async fn stale_pooled_upstream_connections_are_retried_transparently() {
     rig.settled().await;
 }
 
+/// An HTTP/1.0 client gets a body without length when the upstream's has none (chunked): the
+/// end of the connection ends it. If the upstream's body is cut short, that end must not look
+/// like a normal one: the proxy resets the connection, so the client sees an error instead of
+/// a shorter "complete" body.
+#[tokio::test]
+async fn a_truncated_body_is_a_reset_for_an_http10_client() {
+    let addr = scripted_upstream(vec![step(|mut s| async move {
+        s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n5\r\nwor")
+            .await
+            .unwrap();
+        drop(s);
+    })])
+    .await;
+    let (rig, _issuer) = rig_with_token(&format!("http://{addr}"), "", TestCa::new()).await;
+    let mut s = connect(rig.proxy).await;
+    s.write_all(format!("GET http://{HOST}/cut HTTP/1.0\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut all = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, s.read_to_end(&mut all))
+        .await
+        .expect("never ended");
+    let err = read.expect_err(&format!(
+        "a cut body ended like a complete one: {:?}",
+        String::from_utf8_lossy(&all)
+    ));
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+    // A complete body to an HTTP/1.0 client still ends normally.
+    let mut s = connect(rig.proxy).await;
+    s.write_all(format!("GET http://{HOST}/ok HTTP/1.0\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut all = Vec::new();
+    s.read_to_end(&mut all).await.unwrap();
+    assert!(String::from_utf8_lossy(&all).ends_with("done"));
+    rig.settled().await;
+}
+
 /// An upstream whose certificate names another host: 502 `upstream_tls`, the request (and so
 /// the token) is never sent. (An untrusted CA: `proxy.rs`.)
 #[tokio::test]
