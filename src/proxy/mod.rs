@@ -182,6 +182,11 @@ impl Proxy {
             .header_read_timeout(p.idle_timeout)
             .max_buf_size(p.max_header_bytes + READ_BUFFER_SLACK)
             .max_headers(MAX_HEADERS)
+            // The end of a client's input does not cancel the request it already sent: a client
+            // that half-closes after its request still gets the answer, and so does a valid
+            // request pipelined before one the wire guard refuses (the guard ends hyper's input
+            // there). A client that is really gone is noticed when the answer is written.
+            .half_close(true)
             .keep_alive(true);
         Ok(Self {
             inner: Arc::new(Inner {

@@ -24,9 +24,10 @@
 //! header read timer runs from the end of the previous exchange until a complete head arrives,
 //! and is set to `idle_timeout`).
 //!
-//! Known limit: if a client pipelines a valid request and then a refused one in the same
-//! packets, hyper sees the end of input while still answering the first and drops the
-//! connection, so neither answer is written. No HTTP client in use pipelines requests.
+//! A valid request pipelined before a refused one is still answered: hyper serves half-closed
+//! connections (see `Proxy::new`), so the end of input the guard signals at the refused head
+//! only stops it from reading further; it writes the earlier answer, then closes, which writes
+//! the refusal.
 
 use std::io;
 use std::pin::Pin;

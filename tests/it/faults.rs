@@ -1251,8 +1251,9 @@ async fn pipelined_requests_are_answered_in_order() {
         "GET http://{HOST}/last HTTP/1.1\r\nHost: {HOST}\r\n\r\n"
     ));
     s.write_all(batch.as_bytes()).await.unwrap();
+    let mut carry = Vec::new();
     for want in ["GET /p0", "GET /p1", "GET /p2", "POST /post", "GET /last"] {
-        let resp = read_response(&mut s).await.unwrap();
+        let resp = read_pipelined(&mut s, &mut carry).await.unwrap();
         assert_eq!((resp.status, resp.text().as_str()), (200, want));
     }
     let reqs = upstream.requests();
@@ -1262,6 +1263,62 @@ async fn pipelined_requests_are_answered_in_order() {
     }
     assert_eq!(&reqs[3].body[..], b"hello");
     drop(s);
+    rig.settled().await;
+}
+
+/// A valid request pipelined with a refused one (ambiguous framing): the first is forwarded
+/// and answered, then the refusal is written and the connection closed. Nothing the client
+/// sent before the bad request is lost.
+#[tokio::test]
+async fn a_refused_request_does_not_swallow_the_answer_before_it() {
+    let upstream = Upstream::plain(|r, _| Reply::ok(&r.target)).await;
+    let (rig, issuer) = rig_with_token(&upstream.url(false), "", TestCa::new()).await;
+    let mut s = connect(rig.proxy).await;
+    s.write_all(
+        format!(
+            "GET http://{HOST}/first HTTP/1.1\r\nHost: {HOST}\r\n\r\n\
+             POST http://{HOST}/smuggle HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 4\r\n\
+             Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut carry = Vec::new();
+    let first = read_pipelined(&mut s, &mut carry)
+        .await
+        .expect("the first answer");
+    assert_eq!((first.status, first.text().as_str()), (200, "/first"));
+    let refusal = read_pipelined(&mut s, &mut carry)
+        .await
+        .expect("the refusal");
+    assert_eq!(refusal.status, 400);
+    assert_eq!(refusal.proxy_error().as_deref(), Some("bad_request"));
+    assert!(closed(&mut s).await);
+    let reqs = upstream.requests();
+    assert_eq!(reqs.len(), 1);
+    assert!(issuer.control.is_valid_token(&bearer(&reqs[0])));
+    rig.settled().await;
+}
+
+/// A client that sends its request and then shuts down its sending side (a half-close, as
+/// some HTTP/1.0 tools do) still gets the answer, even when the upstream takes its time.
+#[tokio::test]
+async fn a_half_closed_client_still_gets_its_answer() {
+    let gate = Gate::new();
+    let held = gate.clone();
+    let upstream = Upstream::plain(move |_, _| Reply::ok("answer").gated(held.clone())).await;
+    let (rig, _issuer) = rig_with_token(&upstream.url(false), "", TestCa::new()).await;
+    let mut s = connect(rig.proxy).await;
+    s.write_all(format!("GET http://{HOST}/h HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    s.shutdown().await.unwrap();
+    upstream.wait_requests(1).await;
+    gate.open();
+    let resp = read_response(&mut s).await.expect("an answer");
+    assert_eq!((resp.status, resp.text().as_str()), (200, "answer"));
+    assert!(closed(&mut s).await);
     rig.settled().await;
 }
 

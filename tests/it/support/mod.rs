@@ -560,15 +560,28 @@ pub async fn get(addr: SocketAddr, url: &str, headers: &[&str]) -> RawResponse {
 }
 
 /// Reads one response (Content-Length, chunked or until EOF). Fails if the connection ends
-/// before the body does.
+/// before the body does. Bytes read beyond the response are dropped: for pipelined responses
+/// use [`read_pipelined`].
 pub async fn read_response(s: &mut TcpStream) -> std::io::Result<RawResponse> {
-    tokio::time::timeout(PATIENCE, read_response_inner(s))
+    read_pipelined(s, &mut Vec::new()).await
+}
+
+/// Reads one response, starting with the bytes in `carry` (left over from the previous
+/// response on the connection) and leaving there whatever follows this one.
+pub async fn read_pipelined(
+    s: &mut TcpStream,
+    carry: &mut Vec<u8>,
+) -> std::io::Result<RawResponse> {
+    tokio::time::timeout(PATIENCE, read_response_inner(s, carry))
         .await
         .map_err(|_| std::io::Error::other("timed out reading a response"))?
 }
 
-async fn read_response_inner(s: &mut TcpStream) -> std::io::Result<RawResponse> {
-    let mut buf = Vec::new();
+async fn read_response_inner(
+    s: &mut TcpStream,
+    carry: &mut Vec<u8>,
+) -> std::io::Result<RawResponse> {
+    let mut buf = std::mem::take(carry);
     let head_end = loop {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break i + 4;
@@ -606,10 +619,12 @@ async fn read_response_inner(s: &mut TcpStream) -> std::io::Result<RawResponse> 
             }
             rest.extend_from_slice(&chunk[..n]);
         }
-        rest.truncate(len);
+        *carry = rest.split_off(len);
         rest
     } else if find("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
-        read_chunked(s, rest).await?
+        let (body, left) = read_chunked(s, rest).await?;
+        *carry = left;
+        body
     } else {
         s.read_to_end(&mut rest).await?;
         rest
@@ -621,7 +636,8 @@ async fn read_response_inner(s: &mut TcpStream) -> std::io::Result<RawResponse> 
     })
 }
 
-async fn read_chunked(s: &mut TcpStream, mut buf: Vec<u8>) -> std::io::Result<Vec<u8>> {
+/// A chunked body and the bytes after it (trailers are not expected).
+async fn read_chunked(s: &mut TcpStream, mut buf: Vec<u8>) -> std::io::Result<(Vec<u8>, Vec<u8>)> {
     let mut body = Vec::new();
     loop {
         let line_end = loop {
@@ -635,7 +651,11 @@ async fn read_chunked(s: &mut TcpStream, mut buf: Vec<u8>) -> std::io::Result<Ve
             .map_err(|e| std::io::Error::other(format!("bad chunk size {size_text:?}: {e}")))?;
         buf.drain(..line_end + 2);
         if size == 0 {
-            return Ok(body);
+            while buf.len() < 2 {
+                fill(s, &mut buf).await?;
+            }
+            buf.drain(..2);
+            return Ok((body, buf));
         }
         while buf.len() < size + 2 {
             fill(s, &mut buf).await?;
