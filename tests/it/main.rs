@@ -7,6 +7,7 @@
 mod admin;
 mod cli;
 mod faults;
+mod hostile;
 mod proxy;
 mod support;
 mod token;

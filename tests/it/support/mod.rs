@@ -252,8 +252,10 @@ impl Upstream {
                     let service = hyper::service::service_fn(move |req| {
                         record_and_answer(req, requests.clone(), count.clone(), handler.clone())
                     });
-                    let builder =
+                    let mut builder =
                         hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    // Room for the proxy's own headers on top of a client's 100 lines.
+                    builder.http1().max_headers(200);
                     match acceptor {
                         Some(acceptor) => {
                             let Ok(tls) = acceptor.accept(stream).await else {
