@@ -142,6 +142,11 @@ pub(super) struct Origin {
 }
 
 impl Origin {
+    /// `host[:port]` the request is sent to.
+    pub(super) fn authority(&self) -> &str {
+        self.authority.as_str()
+    }
+
     fn of(upstream: &Upstream, request_host: &str) -> Result<Self, ProxyError> {
         match upstream {
             Upstream::Fixed {
@@ -299,7 +304,7 @@ impl Inner {
     }
 
     /// Finds where `req` goes, without side effects.
-    fn target<'a>(&'a self, req: &Request<Incoming>) -> Result<Target<'a>, ProxyError> {
+    pub(super) fn target<'a, B>(&'a self, req: &Request<B>) -> Result<Target<'a>, ProxyError> {
         let uri = req.uri();
         if let Some(authority) = uri.authority() {
             // Absolute-form: the URL names the host.

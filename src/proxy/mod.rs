@@ -23,6 +23,8 @@
 mod body;
 mod error;
 mod forward;
+#[doc(hidden)]
+pub mod fuzzing;
 mod route;
 mod tunnel;
 mod upstream;

@@ -86,6 +86,38 @@ pub(crate) enum Scan {
     Reject(usize, ProxyError),
 }
 
+/// What the framer expects next, as the fuzz harness sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// A request head.
+    Head,
+    /// This many more body bytes.
+    Fixed(u64),
+    /// A chunked body.
+    Chunked,
+    /// No more framing (after `CONNECT`, or a refusal).
+    Opaque,
+}
+
+/// The length of the complete head at the start of `data` (through its empty line), if there
+/// is one; the framer's own search (for the fuzz harness).
+pub(crate) fn head_len(data: &[u8]) -> Option<usize> {
+    find_head_end(data, 0).ok()
+}
+
+/// The framer's verdict on one complete head: how its body is framed, or the refusal.
+pub(crate) fn judge_head(head: &[u8]) -> Result<Framing, ErrorCode> {
+    check_head(head)
+        .map(|state| {
+            Framer {
+                state,
+                max_head: usize::MAX,
+            }
+            .framing()
+        })
+        .map_err(|e| e.code)
+}
+
 /// Where in the message stream the framer is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -152,6 +184,16 @@ impl Framer {
 
     fn is_opaque(&self) -> bool {
         self.state == State::Opaque
+    }
+
+    /// What the framer expects next (for the fuzz harness).
+    pub(crate) fn framing(&self) -> Framing {
+        match self.state {
+            State::Head { .. } => Framing::Head,
+            State::Fixed(n) => Framing::Fixed(n),
+            State::Chunked(_) => Framing::Chunked,
+            State::Opaque => Framing::Opaque,
+        }
     }
 
     /// Follows `data`. While a head is incomplete, the next call must pass the same head again
