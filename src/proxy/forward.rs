@@ -171,10 +171,17 @@ impl Origin {
                     s.push_str(itoa(*p, &mut [0; 5]));
                 }
                 let bytes = Bytes::from(s);
+                let authority =
+                    Authority::from_maybe_shared(bytes.clone()).map_err(|_| BAD_TARGET)?;
+                // What the connector will connect to must be exactly the host that matched the
+                // wildcard, on the route's port: never another host an authority parser reads
+                // out of it.
+                if !authority.host().eq_ignore_ascii_case(host) || authority.port_u16() != *port {
+                    return Err(BAD_TARGET);
+                }
                 Ok(Self {
                     scheme: Scheme::HTTPS,
-                    authority: Authority::from_maybe_shared(bytes.clone())
-                        .map_err(|_| BAD_TARGET)?,
+                    authority,
                     host: HeaderValue::from_maybe_shared(bytes).map_err(|_| BAD_TARGET)?,
                     base_path: None,
                 })
@@ -878,6 +885,17 @@ mod tests {
         assert_eq!(o.authority.as_str(), "api.example.com:8443");
         assert_eq!(o.host, "api.example.com:8443");
         assert_eq!(o.scheme, Scheme::HTTPS);
+    }
+
+    #[test]
+    fn wildcard_origins_refuse_hosts_an_authority_parser_reads_differently() {
+        for host in ["evil:.example.com", "evil.test:443", "a@b.example.com"] {
+            assert!(
+                Origin::of(&Upstream::RequestHost { port: None }, host).is_err(),
+                "{host}"
+            );
+        }
+        assert!(Origin::of(&Upstream::RequestHost { port: Some(8443) }, "a.example.com").is_ok());
     }
 
     #[test]

@@ -496,6 +496,78 @@ async fn wildcard_and_ip_routes_match_exactly() {
     h.settled().await;
 }
 
+/// A `Host` header whose host part hides a colon (`127.0.0.1:.open.test:443`) used to match a
+/// wildcard route (the host part "ends with" `.open.test`) and then send the token to the host
+/// an authority parser reads out of it, `127.0.0.1:443` (found by the `route` fuzz target;
+/// RELIABILITY.md shows the token arriving there). Such a `Host` names no route: 400, and no
+/// connection is attempted anywhere.
+#[tokio::test]
+async fn a_colon_in_the_host_header_cannot_redirect_a_wildcard_route() {
+    let ca = TestCa::new();
+    let cfg = config(&format!(
+        r#"
+        [proxy]
+        ca_file = "{}"
+        unmatched = "deny"
+        [[routes]]
+        name = "open"
+        host = "*.open.test"
+        token = "flinks"
+        [[routes]]
+        name = "pfx"
+        host = "*.pfx.test"
+        path_prefix = "/pfx"
+        token = "flinks"
+        "#,
+        ca.pem_file().display()
+    ));
+    let proxy = TestProxy::start(&cfg).await;
+    proxy.publish(TOKEN);
+    let router = bearer_proxy::proxy::fuzzing::Router::new(&cfg).unwrap();
+    for (target, host) in [
+        ("/x", "127.0.0.1:.open.test:443"),
+        ("/x", "evil.test:x.open.test:80"),
+        ("/x", "127.0.0.1:.open.test"),
+        ("/pfx/x", "127.0.0.1:.pfx.test:443"),
+    ] {
+        let resp = raw(
+            proxy.addr,
+            format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert_refused(&resp, 400, "bad_request", host);
+        let req = http::Request::builder()
+            .uri(target)
+            .header("host", host)
+            .body(())
+            .unwrap();
+        assert_eq!(
+            router.route(&req),
+            bearer_proxy::proxy::fuzzing::Routing::Refused("bad_request"),
+            "{host}"
+        );
+    }
+    for route in ["open", "pfx"] {
+        assert_eq!(
+            proxy.metric(&format!(
+                r#"bearer_proxy_upstream_errors_total{{kind="connect",route="{route}"}}"#
+            )),
+            Some(0.0),
+            "a connection was attempted for {route}"
+        );
+    }
+    // The legitimate spellings still route.
+    let req = http::Request::builder()
+        .uri("/x")
+        .header("host", "API.Open.Test.:443")
+        .body(())
+        .unwrap();
+    assert!(matches!(
+        router.route(&req),
+        bearer_proxy::proxy::fuzzing::Routing::Route { ref authority, .. } if authority == "api.open.test"
+    ));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Expect: 100-continue
 
