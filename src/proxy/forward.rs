@@ -9,6 +9,10 @@
 //! `Authorization` value inserted, so that nothing (not even `Connection: Authorization`) can
 //! remove or duplicate it. Inserting it clones a `HeaderValue`, a reference-count bump.
 //!
+//! An idempotent request whose body was kept (at most `replay_body_limit`) is also sent once
+//! more, on a new connection, when the upstream closes a pooled connection without answering:
+//! the upstream's keep-alive timeout raced the request.
+//!
 //! Bodies stream in both directions. The only buffering is the replay copy of a small request
 //! body (at most `replay_body_limit`) and, after a replay status, at most
 //! [`CONSENT_PROBE_LIMIT`] bytes of the upstream's answer.
@@ -138,6 +142,11 @@ pub(super) struct Origin {
 }
 
 impl Origin {
+    /// `host[:port]` the request is sent to.
+    pub(super) fn authority(&self) -> &str {
+        self.authority.as_str()
+    }
+
     fn of(upstream: &Upstream, request_host: &str) -> Result<Self, ProxyError> {
         match upstream {
             Upstream::Fixed {
@@ -162,10 +171,17 @@ impl Origin {
                     s.push_str(itoa(*p, &mut [0; 5]));
                 }
                 let bytes = Bytes::from(s);
+                let authority =
+                    Authority::from_maybe_shared(bytes.clone()).map_err(|_| BAD_TARGET)?;
+                // What the connector will connect to must be exactly the host that matched the
+                // wildcard, on the route's port: never another host an authority parser reads
+                // out of it.
+                if !authority.host().eq_ignore_ascii_case(host) || authority.port_u16() != *port {
+                    return Err(BAD_TARGET);
+                }
                 Ok(Self {
                     scheme: Scheme::HTTPS,
-                    authority: Authority::from_maybe_shared(bytes.clone())
-                        .map_err(|_| BAD_TARGET)?,
+                    authority,
                     host: HeaderValue::from_maybe_shared(bytes).map_err(|_| BAD_TARGET)?,
                     base_path: None,
                 })
@@ -295,7 +311,7 @@ impl Inner {
     }
 
     /// Finds where `req` goes, without side effects.
-    fn target<'a>(&'a self, req: &Request<Incoming>) -> Result<Target<'a>, ProxyError> {
+    pub(super) fn target<'a, B>(&'a self, req: &Request<B>) -> Result<Target<'a>, ProxyError> {
         let uri = req.uri();
         if let Some(authority) = uri.authority() {
             // Absolute-form: the URL names the host.
@@ -385,7 +401,8 @@ impl Inner {
 
         // Keep a copy for one replay when it can be replayed: idempotent and small. This
         // clones the header map (the cost of being able to replay); other requests move it.
-        let replayable = !route.replay_statuses.is_empty() && is_idempotent(&parts.method);
+        // The copy also serves a retry when a pooled connection turns out to be closed.
+        let replayable = is_idempotent(&parts.method);
         let (body, replay) = match body.size_hint().exact() {
             Some(n) if replayable && n <= self.replay_body_limit as u64 => {
                 let bytes = match read_small_body(body).await {
@@ -405,12 +422,26 @@ impl Inner {
         parts.uri = uri;
         parts.version = Version::HTTP_11;
         parts.extensions = Extensions::new();
-        let resp = match self
-            .send(&route.metrics, Request::from_parts(parts, body))
-            .await
+        let mut sent = self.send_once(Request::from_parts(parts, body)).await;
+        // The upstream closed the (pooled) connection before answering: its keep-alive timeout
+        // raced this request. Nothing was answered and the request is idempotent: send it once
+        // more, on a new connection, with the current token.
+        if let (Err(SendError::Request(e)), Some(replay)) = (&sent, &replay)
+            && closed_unanswered(e)
+            && let Some(current) = route.token.current()
         {
+            tracing::info!(
+                route = %route.label,
+                error = %ErrorChain(e),
+                "upstream closed the connection without answering; retrying once"
+            );
+            sent = self
+                .send_once(replay.clone().into_request(current.header()))
+                .await;
+        }
+        let resp = match sent {
             Ok(r) => r,
-            Err(answer) => return answer,
+            Err(e) => return self.send_failed(&route.metrics, e),
         };
         if !route.is_replay_status(resp.status().as_u16()) {
             return pass_through(resp);
@@ -451,13 +482,10 @@ impl Inner {
             route.metrics.replay(ReplayResult::NoNewToken);
             return original();
         };
-        let mut req = Request::new(ProxyBody::full(replay.body));
-        *req.method_mut() = replay.method;
-        *req.uri_mut() = replay.uri;
-        *req.headers_mut() = replay.headers;
-        req.headers_mut()
-            .insert(AUTHORIZATION, fresh.header().clone());
-        match self.send(&route.metrics, req).await {
+        match self
+            .send(&route.metrics, replay.into_request(fresh.header()))
+            .await
+        {
             Ok(resp) => {
                 route
                     .metrics
@@ -502,37 +530,102 @@ impl Inner {
         metrics: &RouteMetrics,
         req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, Response<ProxyBody>> {
-        let fail = |code, kind| {
-            metrics.upstream_error(kind);
-            self.refuse(upstream_error(code))
-        };
+        self.send_once(req)
+            .await
+            .map_err(|e| self.send_failed(metrics, e))
+    }
+
+    /// One exchange through the pooled client, bounded by `response_timeout`.
+    async fn send_once(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, SendError> {
         match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+            // We never ask for an upgrade (Upgrade is stripped), so this is a broken upstream;
+            // passing it on would make hyper hand over the client's socket.
             Ok(Ok(resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
-                // We never ask for an upgrade (Upgrade is stripped), so this is a broken
-                // upstream; passing it on would make hyper hand over the client's socket.
-                Err(fail(ErrorCode::UpstreamReset, UpstreamErrorKind::Reset))
+                Err(SendError::Upgrade)
             }
             Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => {
-                let (code, kind) = classify_request_error(&e);
+            Ok(Err(e)) => Err(SendError::Request(e)),
+            Err(_) => Err(SendError::Timeout),
+        }
+    }
+
+    /// Counts, logs and answers a failed exchange.
+    fn send_failed(&self, metrics: &RouteMetrics, e: SendError) -> Response<ProxyBody> {
+        let (code, kind) = match &e {
+            SendError::Upgrade => (ErrorCode::UpstreamReset, UpstreamErrorKind::Reset),
+            SendError::Timeout => (ErrorCode::UpstreamTimeout, UpstreamErrorKind::Timeout),
+            SendError::Request(e) => {
                 tracing::warn!(
                     route = metrics.name(),
-                    error = %ErrorChain(&e),
+                    error = %ErrorChain(e),
                     "upstream request failed"
                 );
-                Err(fail(code, kind))
+                classify_request_error(e)
             }
-            Err(_) => Err(fail(ErrorCode::UpstreamTimeout, UpstreamErrorKind::Timeout)),
-        }
+        };
+        metrics.upstream_error(kind);
+        self.refuse(upstream_error(code))
     }
 }
 
+/// Why an exchange with the upstream failed.
+enum SendError {
+    /// The client failed (connect, TLS, or the connection broke).
+    Request(hyper_util::client::legacy::Error),
+    /// No response headers within `response_timeout`.
+    Timeout,
+    /// The upstream answered 101 to a request that asked for no upgrade.
+    Upgrade,
+}
+
+/// Whether the upstream closed an established connection (FIN or reset) before any answer:
+/// what a pooled connection whose server has just closed it looks like. Connect and TLS
+/// failures are not this.
+fn closed_unanswered(e: &hyper_util::client::legacy::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+    if e.is_connect() {
+        return false;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if err.is::<super::upstream::ConnectError>() {
+            return false;
+        }
+        if let Some(h) = err.downcast_ref::<hyper::Error>()
+            && (h.is_incomplete_message() || h.is_canceled())
+        {
+            return true;
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && matches!(io.kind(), ConnectionReset | BrokenPipe | ConnectionAborted)
+        {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
 /// A buffered request, ready to be sent again with a new token.
+#[derive(Clone)]
 struct Replay {
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
+}
+
+impl Replay {
+    /// The request again, carrying `authorization` (exactly one).
+    fn into_request(self, authorization: &HeaderValue) -> Request<ProxyBody> {
+        let mut req = Request::new(ProxyBody::full(self.body));
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.headers_mut() = self.headers;
+        req.headers_mut()
+            .insert(AUTHORIZATION, authorization.clone());
+        req
+    }
 }
 
 /// Displays an error with its sources (`outer: inner: root`). Client errors carry no headers,
@@ -813,6 +906,17 @@ mod tests {
         assert_eq!(o.authority.as_str(), "api.example.com:8443");
         assert_eq!(o.host, "api.example.com:8443");
         assert_eq!(o.scheme, Scheme::HTTPS);
+    }
+
+    #[test]
+    fn wildcard_origins_refuse_hosts_an_authority_parser_reads_differently() {
+        for host in ["evil:.example.com", "evil.test:443", "a@b.example.com"] {
+            assert!(
+                Origin::of(&Upstream::RequestHost { port: None }, host).is_err(),
+                "{host}"
+            );
+        }
+        assert!(Origin::of(&Upstream::RequestHost { port: Some(8443) }, "a.example.com").is_ok());
     }
 
     #[test]

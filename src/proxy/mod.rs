@@ -23,6 +23,8 @@
 mod body;
 mod error;
 mod forward;
+#[doc(hidden)]
+pub mod fuzzing;
 mod route;
 mod tunnel;
 mod upstream;
@@ -32,6 +34,7 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
@@ -181,6 +184,11 @@ impl Proxy {
             .header_read_timeout(p.idle_timeout)
             .max_buf_size(p.max_header_bytes + READ_BUFFER_SLACK)
             .max_headers(MAX_HEADERS)
+            // The end of a client's input does not cancel the request it already sent: a client
+            // that half-closes after its request still gets the answer, and so does a valid
+            // request pipelined before one the wire guard refuses (the guard ends hyper's input
+            // there). A client that is really gone is noticed when the answer is written.
+            .half_close(true)
             .keep_alive(true);
         Ok(Self {
             inner: Arc::new(Inner {
@@ -303,6 +311,11 @@ pub(crate) struct ConnShared {
     tunnel: Mutex<Option<TunnelFuture>>,
 }
 
+/// Closes a client socket with a reset: a zero linger time makes `close` send RST.
+fn reset_socket(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
 impl ConnShared {
     fn set_tunnel(&self, tunnel: TunnelFuture) {
         *self.tunnel.lock().unwrap_or_else(PoisonError::into_inner) = Some(tunnel);
@@ -352,11 +365,12 @@ impl Inner {
             let conn = for_service.clone();
             async move { Ok::<_, Infallible>(conn.inner.handle(req, &conn).await) }
         });
-        let io = TokioIo::new(WireGuard::new(
-            stream,
-            self.wire.clone(),
-            self.metrics.clone(),
-        ));
+        // Set when an answer was cut short, so the socket closes with a reset.
+        let cut = Arc::new(AtomicBool::new(false));
+        let io = TokioIo::new(
+            WireGuard::new(stream, self.wire.clone(), self.metrics.clone())
+                .reset_on_drop(cut.clone(), reset_socket),
+        );
         let conn = graceful.watch(
             self.server
                 .serve_connection_with_upgrades(io, service)
@@ -365,12 +379,19 @@ impl Inner {
         let metrics = self.metrics.clone();
         async move {
             let _slot = slot;
-            tokio::select! {
-                biased;
-                () = shutdown.reached(Phase::Terminated) => return,
-                result = conn => {
-                    if let Err(e) = result {
-                        connection_error(&metrics, e.as_ref());
+            {
+                // Kept alive past its result, so the socket is still open when `cut` is set.
+                tokio::pin!(conn);
+                tokio::select! {
+                    biased;
+                    () = shutdown.reached(Phase::Terminated) => return,
+                    result = &mut conn => {
+                        if let Err(e) = result {
+                            connection_error(&metrics, e.as_ref());
+                            if answer_was_cut(e.as_ref()) {
+                                cut.store(true, Ordering::Release);
+                            }
+                        }
                     }
                 }
             }
@@ -383,6 +404,13 @@ impl Inner {
             }
         }
     }
+}
+
+/// Whether the connection ended because the answer being written failed (the upstream's body
+/// broke off): hyper reports errors of the response body as user errors.
+fn answer_was_cut(e: &(dyn std::error::Error + 'static)) -> bool {
+    e.downcast_ref::<hyper::Error>()
+        .is_some_and(hyper::Error::is_user)
 }
 
 /// Logs a connection that ended with an error, and counts the requests hyper refused itself.

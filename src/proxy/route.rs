@@ -82,7 +82,9 @@ pub(crate) fn split_host_port(authority: &str) -> Option<(&str, Option<u16>)> {
             None => return None,
         }
     } else {
-        match authority.rsplit_once(':') {
+        // A host that is not an IPv6 literal has no colon: `evil:.example.com:443` is not the
+        // host `evil:.example.com` on port 443 (an authority parser reads the host `evil`).
+        match authority.split_once(':') {
             Some((host, port)) => (host, Some(port)),
             None => (authority, None),
         }
@@ -659,6 +661,8 @@ mod tests {
         assert_eq!(split_host_port("a:b"), None);
         assert_eq!(split_host_port(":80"), None);
         assert_eq!(split_host_port("[::1]x"), None);
+        assert_eq!(split_host_port("evil:.a.example:443"), None);
+        assert_eq!(split_host_port("a.example:443:80"), None);
         assert_eq!(normalise("[::1]"), "::1");
         assert_eq!(normalise("a.example."), "a.example");
     }

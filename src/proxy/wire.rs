@@ -24,13 +24,15 @@
 //! header read timer runs from the end of the previous exchange until a complete head arrives,
 //! and is set to `idle_timeout`).
 //!
-//! Known limit: if a client pipelines a valid request and then a refused one in the same
-//! packets, hyper sees the end of input while still answering the first and drops the
-//! connection, so neither answer is written. No HTTP client in use pipelines requests.
+//! A valid request pipelined before a refused one is still answered: hyper serves half-closed
+//! connections (see `Proxy::new`), so the end of input the guard signals at the refused head
+//! only stops it from reading further; it writes the earlier answer, then closes, which writes
+//! the refusal.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -82,6 +84,38 @@ pub(crate) enum Scan {
     Partial(usize),
     /// The head starting at this offset is refused.
     Reject(usize, ProxyError),
+}
+
+/// What the framer expects next, as the fuzz harness sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// A request head.
+    Head,
+    /// This many more body bytes.
+    Fixed(u64),
+    /// A chunked body.
+    Chunked,
+    /// No more framing (after `CONNECT`, or a refusal).
+    Opaque,
+}
+
+/// The length of the complete head at the start of `data` (through its empty line), if there
+/// is one; the framer's own search (for the fuzz harness).
+pub(crate) fn head_len(data: &[u8]) -> Option<usize> {
+    find_head_end(data, 0).ok()
+}
+
+/// The framer's verdict on one complete head: how its body is framed, or the refusal.
+pub(crate) fn judge_head(head: &[u8]) -> Result<Framing, ErrorCode> {
+    check_head(head)
+        .map(|state| {
+            Framer {
+                state,
+                max_head: usize::MAX,
+            }
+            .framing()
+        })
+        .map_err(|e| e.code)
 }
 
 /// Where in the message stream the framer is.
@@ -150,6 +184,16 @@ impl Framer {
 
     fn is_opaque(&self) -> bool {
         self.state == State::Opaque
+    }
+
+    /// What the framer expects next (for the fuzz harness).
+    pub(crate) fn framing(&self) -> Framing {
+        match self.state {
+            State::Head { .. } => Framing::Head,
+            State::Fixed(n) => Framing::Fixed(n),
+            State::Chunked(_) => Framing::Chunked,
+            State::Opaque => Framing::Opaque,
+        }
     }
 
     /// Follows `data`. While a head is incomplete, the next call must pass the same head again
@@ -460,7 +504,13 @@ pub(crate) struct WireGuard<T> {
     stall_timer: Option<Pin<Box<Sleep>>>,
     /// A refusal to write before closing.
     refusal: Option<Refusal>,
+    /// When the flag is set at drop, the connection ends with a reset (see
+    /// [`WireGuard::reset_on_drop`]).
+    reset: Option<ResetOnDrop<T>>,
 }
+
+/// A flag, and what to do to the socket if it is set at drop.
+type ResetOnDrop<T> = (Arc<AtomicBool>, fn(&T));
 
 /// An answer written by the guard itself, then a lingering close.
 struct Refusal {
@@ -492,7 +542,17 @@ impl<T> WireGuard<T> {
             stall_deadline: None,
             stall_timer: None,
             refusal: None,
+            reset: None,
         }
+    }
+
+    /// If `flag` is set when the guard is dropped, `reset` is applied to the socket first (for
+    /// a TCP socket: a zero linger time, so closing it sends a reset instead of a FIN). An
+    /// answer cut short must not end like a complete one: for a body delimited by the end of
+    /// the connection (an HTTP/1.0 client without a length) a FIN would do exactly that.
+    pub(crate) fn reset_on_drop(mut self, flag: Arc<AtomicBool>, reset: fn(&T)) -> Self {
+        self.reset = Some((flag, reset));
+        self
     }
 
     fn refuse(&mut self, error: ProxyError) {
@@ -578,6 +638,16 @@ impl<T> WireGuard<T> {
                 self.refuse(error);
                 k
             }
+        }
+    }
+}
+
+impl<T> Drop for WireGuard<T> {
+    fn drop(&mut self) {
+        if let Some((flag, reset)) = &self.reset
+            && flag.load(Ordering::Acquire)
+        {
+            reset(&self.io);
         }
     }
 }

@@ -254,6 +254,13 @@ impl TokenCell {
         generation
     }
 
+    /// A watch on the number of refresh attempts finished so far, successful or not (a
+    /// readiness signal for tests and diagnostics: wait for the refresher's next attempt
+    /// instead of sleeping).
+    pub fn watch_attempts(&self) -> watch::Receiver<u64> {
+        self.attempts.subscribe()
+    }
+
     /// Tells waiters that an attempt has finished (refresher side).
     pub(crate) fn attempt_finished(&self) {
         self.attempts.send_modify(|n| *n += 1);

@@ -432,11 +432,15 @@ impl<C: Fetch> Refresher<C> {
             // lead to sending it again.
             let previous = self.state_mut().spent_code_sha256.clone();
             self.state_mut().spent_code_sha256 = Some(store::digest(code));
-            self.persist().await.map_err(|e| {
-                FetchError::Unusable(format!(
+            if let Err(e) = self.persist().await {
+                // Not recorded, so not sent: the code is still good, and the next attempt must
+                // try it again (once the state directory is writable) rather than believe it
+                // spent.
+                self.state_mut().spent_code_sha256 = previous;
+                return Err(FetchError::Unusable(format!(
                     "not sending the authorization code: cannot record it as spent: {e}"
-                ))
-            })?;
+                )));
+            }
             Some(previous)
         } else {
             None

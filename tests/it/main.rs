@@ -6,6 +6,8 @@
 
 mod admin;
 mod cli;
+mod faults;
+mod hostile;
 mod proxy;
 mod support;
 mod token;

@@ -1005,27 +1005,6 @@ async fn above_max_connections_new_connections_wait() {
     assert_eq!(read_response(&mut second).await.unwrap().status, 200);
 }
 
-/// Collects formatted log lines.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Captured {
-        self.clone()
-    }
-}
-
 #[tokio::test]
 async fn the_access_log_has_one_line_per_request_and_never_a_token() {
     let captured = Captured::default();

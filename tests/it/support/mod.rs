@@ -352,8 +352,10 @@ impl Upstream {
                     let service = hyper::service::service_fn(move |req| {
                         record_and_answer(req, requests.clone(), count.clone(), handler.clone())
                     });
-                    let builder =
+                    let mut builder =
                         hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    // Room for the proxy's own headers on top of a client's 100 lines.
+                    builder.http1().max_headers(200);
                     match acceptor {
                         Some(acceptor) => {
                             let Ok(tls) = acceptor.accept(stream).await else {
@@ -663,15 +665,28 @@ pub async fn get(addr: SocketAddr, url: &str, headers: &[&str]) -> RawResponse {
 }
 
 /// Reads one response (Content-Length, chunked or until EOF). Fails if the connection ends
-/// before the body does.
+/// before the body does. Bytes read beyond the response are dropped: for pipelined responses
+/// use [`read_pipelined`].
 pub async fn read_response(s: &mut TcpStream) -> std::io::Result<RawResponse> {
-    tokio::time::timeout(PATIENCE, read_response_inner(s))
+    read_pipelined(s, &mut Vec::new()).await
+}
+
+/// Reads one response, starting with the bytes in `carry` (left over from the previous
+/// response on the connection) and leaving there whatever follows this one.
+pub async fn read_pipelined(
+    s: &mut TcpStream,
+    carry: &mut Vec<u8>,
+) -> std::io::Result<RawResponse> {
+    tokio::time::timeout(PATIENCE, read_response_inner(s, carry))
         .await
         .map_err(|_| std::io::Error::other("timed out reading a response"))?
 }
 
-async fn read_response_inner(s: &mut TcpStream) -> std::io::Result<RawResponse> {
-    let mut buf = Vec::new();
+async fn read_response_inner(
+    s: &mut TcpStream,
+    carry: &mut Vec<u8>,
+) -> std::io::Result<RawResponse> {
+    let mut buf = std::mem::take(carry);
     let head_end = loop {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break i + 4;
@@ -709,10 +724,12 @@ async fn read_response_inner(s: &mut TcpStream) -> std::io::Result<RawResponse> 
             }
             rest.extend_from_slice(&chunk[..n]);
         }
-        rest.truncate(len);
+        *carry = rest.split_off(len);
         rest
     } else if find("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
-        read_chunked(s, rest).await?
+        let (body, left) = read_chunked(s, rest).await?;
+        *carry = left;
+        body
     } else {
         s.read_to_end(&mut rest).await?;
         rest
@@ -724,7 +741,8 @@ async fn read_response_inner(s: &mut TcpStream) -> std::io::Result<RawResponse> 
     })
 }
 
-async fn read_chunked(s: &mut TcpStream, mut buf: Vec<u8>) -> std::io::Result<Vec<u8>> {
+/// A chunked body and the bytes after it (trailers are not expected).
+async fn read_chunked(s: &mut TcpStream, mut buf: Vec<u8>) -> std::io::Result<(Vec<u8>, Vec<u8>)> {
     let mut body = Vec::new();
     loop {
         let line_end = loop {
@@ -738,7 +756,11 @@ async fn read_chunked(s: &mut TcpStream, mut buf: Vec<u8>) -> std::io::Result<Ve
             .map_err(|e| std::io::Error::other(format!("bad chunk size {size_text:?}: {e}")))?;
         buf.drain(..line_end + 2);
         if size == 0 {
-            return Ok(body);
+            while buf.len() < 2 {
+                fill(s, &mut buf).await?;
+            }
+            buf.drain(..2);
+            return Ok((body, buf));
         }
         while buf.len() < size + 2 {
             fill(s, &mut buf).await?;
@@ -821,4 +843,131 @@ pub fn peak_rss() -> u64 {
         .and_then(|v| v.trim().parse().ok())
         .unwrap();
     kb * 1024
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admin port, refresh attempts, ports
+
+/// `GET path` on an admin port (one request per connection).
+pub async fn admin_get(admin: SocketAddr, path: &str) -> RawResponse {
+    raw(
+        admin,
+        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+}
+
+/// The admin port's `/metrics` text.
+pub async fn scrape(admin: SocketAddr) -> String {
+    let resp = admin_get(admin, "/metrics").await;
+    assert_eq!(resp.status, 200);
+    resp.text()
+}
+
+/// Scrapes `/metrics` until `series` has the value `want`; fails after [`PATIENCE`]. Each
+/// scrape is a real request to the admin port, so this polls the server's own view (for
+/// instance `bearer_proxy_open_connections` returning to 0 once connection tasks have ended).
+pub async fn settle(admin: SocketAddr, series: &str, want: f64) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let got = metric(&scrape(admin).await, series);
+        if got == Some(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} stayed at {got:?}, expected {want}"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Waits until `cell`'s refresher has finished at least `n` attempts in all (successful or not).
+pub async fn attempts(cell: &TokenCell, n: u64) {
+    let mut rx = cell.watch_attempts();
+    tokio::time::timeout(PATIENCE, rx.wait_for(|c| *c >= n))
+        .await
+        .unwrap_or_else(|_| panic!("fewer than {n} refresh attempts"))
+        .unwrap();
+}
+
+/// Refresh attempts finished so far.
+pub fn attempts_so_far(cell: &TokenCell) -> u64 {
+    *cell.watch_attempts().borrow()
+}
+
+/// A loopback port nothing listens on (a listener was bound there and dropped).
+pub fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Copies bytes both ways between `client` and a new connection to `target` until either side
+/// ends.
+pub async fn relay(mut client: TcpStream, target: SocketAddr) {
+    if let Ok(mut upstream) = TcpStream::connect(target).await {
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    }
+}
+
+/// Reads one request head (through the empty line) from `s`; `None` if the peer closed first.
+pub async fn read_request_head(s: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte).await {
+            Ok(1) => head.push(byte[0]),
+            _ => return None,
+        }
+    }
+    Some(head)
+}
+
+/// Closes `s` with a TCP reset instead of a FIN.
+pub fn reset(s: TcpStream) {
+    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+    drop(s);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Logs
+
+/// Collects formatted log lines (install with `tracing::subscriber::set_default`; on a
+/// current-thread test runtime every task of the test logs through it).
+#[derive(Clone, Default)]
+pub struct Captured(pub Arc<Mutex<Vec<u8>>>);
+
+impl Captured {
+    /// A subscriber writing every event at `level` and above here, and the guard keeping it the
+    /// default on this thread.
+    pub fn install(&self, level: tracing::Level) -> tracing::subscriber::DefaultGuard {
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(self.clone())
+            .with_max_level(level)
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    /// Everything logged so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Captured {
+        self.clone()
+    }
 }
