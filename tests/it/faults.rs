@@ -19,7 +19,6 @@
 //! `RELIABILITY.md` lists every scenario with its expected and observed behaviour.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -1324,87 +1323,6 @@ async fn a_half_closed_client_still_gets_its_answer() {
 
 // ---------------------------------------------------------------------------------------------
 // Process
-
-/// The proxy binary, with a configuration file, as a child process whose stderr is collected.
-struct Child {
-    child: tokio::process::Child,
-    proxy: SocketAddr,
-    admin: SocketAddr,
-    logs: Arc<Mutex<String>>,
-}
-
-impl Child {
-    /// Starts `bearer-proxy run` and waits for its "started" log line.
-    async fn spawn(config: &Path) -> Self {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_bearer-proxy"))
-            .arg("run")
-            .env("BEARER_PROXY_CONFIG", config)
-            .env_remove("RUST_LOG")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let logs = Arc::new(Mutex::new(String::new()));
-        let (tx, mut rx) = mpsc::channel(1);
-        let keep = logs.clone();
-        tokio::spawn(async move {
-            use tokio::io::AsyncBufReadExt;
-            let mut lines = tokio::io::BufReader::new(stderr).lines();
-            let mut tx = Some(tx);
-            while let Ok(Some(line)) = lines.next_line().await {
-                if line.contains("\"message\":\"started\"")
-                    && let Some(tx) = tx.take()
-                {
-                    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-                    let addr = |k: &str| v[k].as_str().unwrap().parse::<SocketAddr>().unwrap();
-                    let _ = tx.send((addr("proxy"), addr("admin"))).await;
-                }
-                let mut logs = keep.lock().unwrap();
-                logs.push_str(&line);
-                logs.push('\n');
-            }
-        });
-        let (proxy, admin) = tokio::time::timeout(PATIENCE, rx.recv())
-            .await
-            .expect("no \"started\" line")
-            .expect("exited before starting");
-        Self {
-            child,
-            proxy,
-            admin,
-            logs,
-        }
-    }
-
-    /// Polls `GET /readyz` until it answers `want` (bounded: the proxy is another process).
-    async fn ready_is(&self, want: u16) {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if admin_get(self.admin, "/readyz").await.status == want {
-                return;
-            }
-            assert!(Instant::now() < deadline, "/readyz never answered {want}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn signal(&self, name: &str) {
-        let pid = self.child.id().unwrap().to_string();
-        let ok = std::process::Command::new("kill")
-            .args([&format!("-{name}"), &pid])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
-    }
-
-    fn logs(&self) -> String {
-        self.logs.lock().unwrap().clone()
-    }
-}
 
 /// How one request of a load run ended.
 #[derive(Debug, PartialEq, Eq)]
