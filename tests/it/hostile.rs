@@ -440,6 +440,15 @@ async fn absolute_uri_tricks_never_move_the_token() {
             get_line(&format!("ftp://{NAMED}/l"), NAMED),
             Expect::Refused(400, "bad_request"),
         ),
+        // A port that is not a number is not the default port.
+        (
+            get_line(&format!("http://{NAMED}:99999/q"), NAMED),
+            Expect::Refused(400, "bad_request"),
+        ),
+        (
+            get_line(&format!("http://{NAMED}:8o/r"), NAMED),
+            Expect::Refused(400, "bad_request"),
+        ),
         // Origin-form: a route's host in Host is that route; anything else goes nowhere.
         (get_line("/m", NAMED), Expect::Bank("bank GET /m")),
         (
@@ -492,6 +501,10 @@ async fn wildcard_and_ip_routes_match_exactly() {
         (get_line("http://a.wild.test.evil/", "x"), denied()),
         (get_line("http://a.wild.test:8080/", "x"), denied()),
         (get_line("http://.wild.test/", "x"), denied()),
+        (
+            get_line("http://a.wild.test:65536/", "x"),
+            Expect::Refused(400, "bad_request"),
+        ),
         (
             get_line(&format!("http://{IP}/i1"), "x"),
             Expect::Bank("bank GET /i1"),
