@@ -16,7 +16,11 @@ use libfuzzer_sys::fuzz_target;
 /// Feeds `data` cut at `cuts` (increasing, ending at `data.len()`), as the guard does; returns
 /// the refusal (absolute offset, code) or where the unconsumed partial head starts and what the
 /// framer expects next.
-fn feed(max_head: usize, data: &[u8], cuts: &[usize]) -> Result<(usize, Framing), (usize, &'static str)> {
+fn feed(
+    max_head: usize,
+    data: &[u8],
+    cuts: &[usize],
+) -> Result<(usize, Framing), (usize, &'static str)> {
     let mut f = Framer::new(max_head);
     let mut start = 0;
     for &end in cuts {
@@ -105,7 +109,10 @@ fuzz_target!(|input: &[u8]| {
     assert_eq!(feed(max_head, data, &bytewise), whole, "byte by byte");
 
     // 2. The first head against httparse and hyper's framing rules.
-    let skip = data.iter().take_while(|b| matches!(b, b'\r' | b'\n')).count();
+    let skip = data
+        .iter()
+        .take_while(|b| matches!(b, b'\r' | b'\n'))
+        .count();
     let rest = &data[skip..];
     let Some(n) = head_len(rest) else {
         return;
@@ -120,12 +127,19 @@ fuzz_target!(|input: &[u8]| {
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(data) {
         Ok(httparse::Status::Complete(m)) => {
-            assert_eq!(m, skip + n, "the framer and httparse end the head at different bytes");
+            assert_eq!(
+                m,
+                skip + n,
+                "the framer and httparse end the head at different bytes"
+            );
             if req.method == Some("CONNECT") {
                 return;
             }
             if let Some(want) = hyper_framing(&req) {
-                assert_eq!(framing, want, "the framer and hyper frame the body differently");
+                assert_eq!(
+                    framing, want,
+                    "the framer and hyper frame the body differently"
+                );
             }
         }
         Ok(httparse::Status::Partial) => {
@@ -139,7 +153,10 @@ fuzz_target!(|input: &[u8]| {
                 .iter()
                 .enumerate()
                 .any(|(i, &b)| b == b'\r' && data.get(i + 1) != Some(&b'\n'));
-            assert!(lone_cr, "the framer accepted a head httparse refuses: {e:?}");
+            assert!(
+                lone_cr,
+                "the framer accepted a head httparse refuses: {e:?}"
+            );
         }
     }
 });
