@@ -1,18 +1,22 @@
 //! Criterion benchmarks of the request hot path: what every proxied request pays on top of the
-//! network. Run with `cargo bench --bench hot_path`.
+//! network. Run with `cargo bench --bench hot_path`; the end-to-end numbers are in
+//! BENCHMARKS.md (`benches/e2e.sh`).
 
 // Set-up failures in a benchmark are programming errors; a panic reports them.
 #![allow(clippy::expect_used)]
 
+use std::collections::BTreeMap;
 use std::hint::black_box;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bearer_proxy::metrics::Metrics;
+use bearer_proxy::proxy::hot_path::{self, Routes};
 use bearer_proxy::token::{AccessToken, TokenCell};
-use criterion::{Criterion, criterion_group, criterion_main};
-use http::header::AUTHORIZATION;
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use http::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
 
-fn token_cell() -> std::sync::Arc<TokenCell> {
+fn token_cell() -> Arc<TokenCell> {
     let cell = TokenCell::new("bench", Duration::from_secs(5));
     // A Flinks-sized JWT (~800 bytes): the header value is built once, not per request.
     let raw = "e".repeat(800);
@@ -28,12 +32,45 @@ fn token_cell() -> std::sync::Arc<TokenCell> {
     cell
 }
 
+fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (name, value) in pairs {
+        h.append(
+            HeaderName::from_bytes(name.as_bytes()).expect("valid name"),
+            HeaderValue::from_str(value).expect("valid value"),
+        );
+    }
+    h
+}
+
+/// What a typical app request through HTTP_PROXY carries.
+const APP_REQUEST: &[(&str, &str)] = &[
+    ("host", "ob.flinksapp.com"),
+    ("user-agent", "python-requests/2.31.0"),
+    ("accept-encoding", "gzip, deflate"),
+    ("accept", "application/json"),
+    ("connection", "keep-alive"),
+    ("proxy-connection", "keep-alive"),
+    ("x-request-id", "4f1c2a9e-5b7d-4c1e-9a57-0c6f2b8e3d11"),
+];
+
+/// What a typical upstream answer carries.
+const UPSTREAM_RESPONSE: &[(&str, &str)] = &[
+    ("date", "Wed, 26 Nov 2026 02:19:27 GMT"),
+    ("content-type", "application/json; charset=utf-8"),
+    ("content-length", "1432"),
+    ("cache-control", "no-store"),
+    ("strict-transport-security", "max-age=31536000"),
+    ("x-correlation-id", "0b0f6a52-8d1e-4e0b-a3f1-2c76a1d9e0aa"),
+    ("vary", "Accept-Encoding"),
+];
+
 fn token_injection(c: &mut Criterion) {
     let cell = token_cell();
-    let mut headers = http::HeaderMap::new();
+    let mut headers = HeaderMap::new();
     headers.insert(
         http::header::ACCEPT,
-        http::HeaderValue::from_static("application/json"),
+        HeaderValue::from_static("application/json"),
     );
     c.bench_function("token lookup + header insert", |b| {
         b.iter(|| {
@@ -42,6 +79,149 @@ fn token_injection(c: &mut Criterion) {
             black_box(&headers);
         });
     });
+}
+
+fn sanitising(c: &mut Criterion) {
+    let mut group = c.benchmark_group("strip hop-by-hop");
+    for (name, pairs) in [
+        ("app request (Connection, Proxy-Connection)", APP_REQUEST),
+        ("upstream response (none present)", UPSTREAM_RESPONSE),
+    ] {
+        let template = headers(pairs);
+        group.bench_function(name, |b| {
+            b.iter_batched_ref(
+                || template.clone(),
+                |h| hot_path::strip_hop_by_hop(black_box(h)),
+                BatchSize::SmallInput,
+            );
+        });
+    }
+    let mut listed = headers(APP_REQUEST);
+    listed.insert(
+        http::header::CONNECTION,
+        HeaderValue::from_static("keep-alive, x-hop-a, x-hop-b"),
+    );
+    listed.insert("x-hop-a", HeaderValue::from_static("1"));
+    listed.insert("x-hop-b", HeaderValue::from_static("2"));
+    group.bench_function("headers named by Connection", |b| {
+        b.iter_batched_ref(
+            || listed.clone(),
+            |h| hot_path::strip_hop_by_hop(black_box(h)),
+            BatchSize::SmallInput,
+        );
+    });
+    group.finish();
+}
+
+fn route_table() -> Routes {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("bench.toml");
+    // A sidecar with a handful of routes: exact hosts, wildcards, a port, a gateway prefix.
+    std::fs::write(
+        &path,
+        r#"
+        [tokens.t]
+        token_url = "https://issuer.example/token"
+        grant_type = "client_credentials"
+        client_id = "id"
+        client_secret = "secret"
+
+        [[routes]]
+        host = "ob.flinksapp.com"
+        token = "t"
+        [[routes]]
+        host = "api.partner.example"
+        port = 8443
+        token = "t"
+        [[routes]]
+        name = "sandbox"
+        host = "sandbox.flinksapp.com"
+        token = "t"
+        [[routes]]
+        name = "regional"
+        host = "*.api.flinksapp.com"
+        token = "t"
+        [[routes]]
+        name = "any-flinks"
+        host = "*.flinksapp.com"
+        token = "t"
+        [[routes]]
+        name = "gateway"
+        host = "gateway.internal"
+        path_prefix = "/flinks"
+        token = "t"
+        upstream = "https://ob.flinksapp.com"
+        "#,
+    )
+    .expect("write config");
+    let config = bearer_proxy::config::load(&path).expect("valid config");
+    let mut tokens = BTreeMap::new();
+    tokens.insert("t".to_owned(), token_cell());
+    Routes::build(&config, &tokens, &Metrics::new()).expect("routes")
+}
+
+fn routing(c: &mut Criterion) {
+    let routes = route_table();
+    assert_eq!(
+        routes.by_host("OB.FlinksApp.com.", None),
+        Some("ob.flinksapp.com")
+    );
+    assert_eq!(
+        routes.by_host("ca.api.flinksapp.com", None),
+        Some("regional")
+    );
+    assert_eq!(routes.by_host("example.org", None), None);
+    assert_eq!(
+        routes.by_prefix("/flinks/api/fdx/5/accounts", None),
+        Some("gateway")
+    );
+    let mut group = c.benchmark_group("route match");
+    group.bench_function("exact host", |b| {
+        b.iter(|| routes.by_host(black_box("ob.flinksapp.com"), black_box(None)));
+    });
+    group.bench_function("exact host, other case and trailing dot", |b| {
+        b.iter(|| routes.by_host(black_box("OB.FlinksApp.com."), black_box(None)));
+    });
+    group.bench_function("wildcard host", |b| {
+        b.iter(|| routes.by_host(black_box("ca.api.flinksapp.com"), black_box(None)));
+    });
+    group.bench_function("miss", |b| {
+        b.iter(|| routes.by_host(black_box("telemetry.example.org"), black_box(None)));
+    });
+    group.bench_function("path prefix", |b| {
+        b.iter(|| {
+            routes.by_prefix(
+                black_box("/flinks/api/fdx/5/accounts"),
+                black_box(Some("gateway.internal")),
+            )
+        });
+    });
+    group.finish();
+}
+
+fn wire_guard(c: &mut Criterion) {
+    // What python-requests sends through HTTP_PROXY (absolute-form), and a POST with a body.
+    let get: &[u8] =
+        b"GET http://ob.flinksapp.com/api/fdx/5/accounts?offset=0&limit=50 HTTP/1.1\r\n\
+        Host: ob.flinksapp.com\r\nUser-Agent: python-requests/2.31.0\r\n\
+        Accept-Encoding: gzip, deflate\r\nAccept: application/json\r\n\
+        Connection: keep-alive\r\nProxy-Connection: keep-alive\r\n\
+        X-Request-Id: 4f1c2a9e-5b7d-4c1e-9a57-0c6f2b8e3d11\r\n\r\n";
+    let mut post = b"POST http://ob.flinksapp.com/api/fdx/5/payments HTTP/1.1\r\n\
+        Host: ob.flinksapp.com\r\nUser-Agent: python-requests/2.31.0\r\n\
+        Content-Type: application/json\r\nContent-Length: 256\r\n\r\n"
+        .to_vec();
+    post.extend(std::iter::repeat_n(b'x', 256));
+    assert!(hot_path::wire_scan(get, 65536));
+    assert!(hot_path::wire_scan(&post, 65536));
+    let mut group = c.benchmark_group("wire guard scan");
+    group.bench_function("absolute-form GET head, 7 headers", |b| {
+        b.iter(|| hot_path::wire_scan(black_box(get), 65536));
+    });
+    group.bench_function("POST head + 256-byte body", |b| {
+        b.iter(|| hot_path::wire_scan(black_box(&post), 65536));
+    });
+    group.finish();
 }
 
 fn metric_recording(c: &mut Criterion) {
@@ -53,5 +233,12 @@ fn metric_recording(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, token_injection, metric_recording);
+criterion_group!(
+    benches,
+    token_injection,
+    sanitising,
+    routing,
+    wire_guard,
+    metric_recording
+);
 criterion_main!(benches);

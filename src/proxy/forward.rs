@@ -667,12 +667,25 @@ pub(crate) fn is_idempotent(method: &Method) -> bool {
 
 /// Removes hop-by-hop headers: those `Connection` names, then the fixed list.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the names present (comparing standard names is an integer compare) says
+    // which of the nine are there; most messages carry none, and only those present cost a
+    // hashed removal.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
+        return;
+    }
     match headers.get_all(CONNECTION).iter().take(2).count() {
         0 => {}
         1 => {
             if let Some(value) = headers.remove(CONNECTION) {
                 remove_named(headers, &value);
             }
+            present &= !1; // CONNECTION is HOP_BY_HOP[0]
         }
         _ => {
             let values: Vec<HeaderValue> = headers.get_all(CONNECTION).iter().cloned().collect();
@@ -681,19 +694,27 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
             }
         }
     }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
-/// Removes every header a `Connection` value lists.
+/// Removes every header a `Connection` value lists. Names on the fixed hop-by-hop list (such
+/// as `keep-alive`) are skipped: [`strip_hop_by_hop`] removes those that are present anyway.
 fn remove_named(headers: &mut HeaderMap, connection: &HeaderValue) {
     for token in connection.as_bytes().split(|&b| b == b',') {
         let name = token.trim_ascii();
-        // `&str` names are looked up without allocating; invalid ones match nothing.
-        if let Ok(name) = std::str::from_utf8(name)
-            && !name.is_empty()
+        if name.is_empty()
+            || HOP_BY_HOP
+                .iter()
+                .any(|h| h.as_str().as_bytes().eq_ignore_ascii_case(name))
         {
+            continue;
+        }
+        // `&str` names are looked up without allocating; invalid ones match nothing.
+        if let Ok(name) = std::str::from_utf8(name) {
             headers.remove(name);
         }
     }

@@ -428,3 +428,55 @@ fn connection_error(metrics: &Metrics, e: &(dyn std::error::Error + 'static)) {
     }
     tracing::debug!(error = %e, "client connection ended with an error");
 }
+
+/// Pieces of the request path for the criterion benchmarks (`benches/hot_path.rs`). Not a
+/// stable API: each function only forwards to the code every request runs.
+#[doc(hidden)]
+pub mod hot_path {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use http::HeaderMap;
+
+    use super::ProxyBuildError;
+    use super::route::RouteTable;
+    use super::wire::{Framer, Scan};
+    use crate::config::Config;
+    use crate::metrics::Metrics;
+    use crate::token::TokenCell;
+
+    /// Removes hop-by-hop headers, as done to every forwarded request and response.
+    pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+        super::forward::strip_hop_by_hop(headers);
+    }
+
+    /// Runs the wire guard's framing check over `bytes` (complete request heads and bodies) as
+    /// a fresh connection would; true when every byte is accepted.
+    pub fn wire_scan(bytes: &[u8], max_head: usize) -> bool {
+        Framer::new(max_head).scan(bytes) == Scan::All
+    }
+
+    /// A configuration's route table.
+    pub struct Routes(RouteTable);
+
+    impl Routes {
+        /// Resolves the routes of `config`.
+        pub fn build(
+            config: &Config,
+            tokens: &BTreeMap<String, Arc<TokenCell>>,
+            metrics: &Metrics,
+        ) -> Result<Self, ProxyBuildError> {
+            RouteTable::build(config, tokens, metrics).map(Self)
+        }
+
+        /// The label of the route an absolute-form `http://` request to `host[:port]` takes.
+        pub fn by_host(&self, host: &str, port: Option<u16>) -> Option<&str> {
+            self.0.by_host(host, port, &[80]).map(|r| &*r.label)
+        }
+
+        /// The label of the route an origin-form request for `path` takes by `path_prefix`.
+        pub fn by_prefix(&self, path: &str, host: Option<&str>) -> Option<&str> {
+            self.0.by_prefix(path, host).map(|m| &*m.route.label)
+        }
+    }
+}

@@ -53,6 +53,8 @@ pub(crate) fn client(
     Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .pool_timer(TokioTimer::new())
+        // The request path always sets Host itself.
+        .set_host(false)
         .timer(TokioTimer::new())
         .build(Connector {
             inner: https,

@@ -211,7 +211,15 @@ impl Framer {
                         continue;
                     }
                     let head = &data[pos..];
-                    match find_head_end(head, searched) {
+                    // A head that arrives whole (the usual case) is checked in the same pass
+                    // that finds its end; one that arrives in pieces is only searched for its
+                    // end, resuming where the last search stopped, and checked once complete.
+                    let found = if searched == 0 {
+                        scan_head(head)
+                    } else {
+                        find_head_end(head, searched).map(|end| (end, check_head(&head[..end])))
+                    };
+                    match found {
                         Err(searched) => {
                             if head.len() > self.max_head {
                                 return Scan::Reject(pos, TOO_LARGE);
@@ -219,11 +227,11 @@ impl Framer {
                             self.state = State::Head { searched };
                             return Scan::Partial(pos);
                         }
-                        Ok(end) => {
+                        Ok((end, checked)) => {
                             if end > self.max_head {
                                 return Scan::Reject(pos, TOO_LARGE);
                             }
-                            match check_head(&head[..end]) {
+                            match checked {
                                 Ok(next) => self.state = next,
                                 Err(e) => return Scan::Reject(pos, e),
                             }
@@ -306,10 +314,7 @@ fn hex(b: u8) -> Option<u8> {
 /// The length of the head (through its empty line), or how far the search got.
 fn find_head_end(head: &[u8], searched: usize) -> Result<usize, usize> {
     let mut i = searched;
-    while let Some(off) = head
-        .get(i..)
-        .and_then(|h| h.iter().position(|&b| b == b'\n'))
-    {
+    while let Some(off) = head.get(i..).and_then(|h| memchr::memchr(b'\n', h)) {
         let lf = i + off;
         match head.get(lf + 1..lf + 3) {
             Some([b'\n', _]) => return Ok(lf + 2),
@@ -325,45 +330,75 @@ fn find_head_end(head: &[u8], searched: usize) -> Result<usize, usize> {
     Err(head.len())
 }
 
+/// One pass over a head from its start: each line is checked as its end is found. Returns the
+/// head's length (through its empty line) with the verdict [`check_head`] would give, or, if
+/// the head is incomplete, where [`find_head_end`] should resume.
+fn scan_head(head: &[u8]) -> Result<(usize, Result<State, ProxyError>), usize> {
+    let mut checker = HeadChecker::default();
+    let mut first_error = None;
+    let mut start = 0;
+    while let Some(off) = memchr::memchr(b'\n', &head[start..]) {
+        let lf = start + off;
+        let line = &head[start..lf];
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() && start > 0 {
+            let verdict = match first_error {
+                Some(e) => Err(e),
+                None => checker.finish(),
+            };
+            return Ok((lf + 1, verdict));
+        }
+        if first_error.is_none()
+            && let Err(e) = checker.line(line)
+        {
+            first_error = Some(e);
+        }
+        start = lf + 1;
+    }
+    // Resume at the last LF (it may be followed by the start of the empty line), or after
+    // everything if there is none yet. Never 0: the head does not start with an LF.
+    Err(if start == 0 { head.len() } else { start - 1 })
+}
+
 /// Checks a complete head and says how its body is framed.
 fn check_head(head: &[u8]) -> Result<State, ProxyError> {
-    let mut lines = head
+    let mut checker = HeadChecker::default();
+    for line in head
         .split(|&b| b == b'\n')
-        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
-    let request_line = lines.next().ok_or(MALFORMED)?;
-    // `method SP request-target SP version`, with the bytes hyper's parser (httparse) accepts:
-    // anything it would refuse gets our JSON answer instead of hyper's bare 400.
-    let mut parts = request_line.splitn(3, |&b| b == b' ');
-    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
-    else {
-        return Err(MALFORMED);
-    };
-    if method.is_empty()
-        || !method.iter().all(|&b| is_tchar(b))
-        || target.is_empty()
-        || !target.iter().all(|&b| b > b' ' && b != 0x7f)
-        || std::str::from_utf8(target).is_err()
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+        .filter(|l| !l.is_empty())
     {
-        return Err(MALFORMED);
+        checker.line(line)?;
     }
-    let http10 = match version {
-        b"HTTP/1.1" => false,
-        b"HTTP/1.0" => true,
-        _ => return Err(MALFORMED),
-    };
-    let mut count = 0;
-    let mut length: Option<u64> = None;
-    let mut lengths = 0;
-    let mut codings = 0;
-    for line in lines.filter(|l| !l.is_empty()) {
+    checker.finish()
+}
+
+/// What the lines of a head said so far.
+#[derive(Default)]
+struct HeadChecker {
+    /// Lines seen (the request line included).
+    lines: usize,
+    http10: bool,
+    connect: bool,
+    length: Option<u64>,
+    lengths: usize,
+    codings: usize,
+}
+
+impl HeadChecker {
+    /// Checks one non-empty line, without its CR LF.
+    fn line(&mut self, line: &[u8]) -> Result<(), ProxyError> {
+        self.lines += 1;
+        if self.lines == 1 {
+            return self.request_line(line);
+        }
         if matches!(line[0], b' ' | b'\t') {
             return Err(AMBIGUOUS);
         }
-        count += 1;
-        if count > MAX_HEADERS {
+        if self.lines - 1 > MAX_HEADERS {
             return Err(TOO_LARGE);
         }
-        let colon = line.iter().position(|&b| b == b':').ok_or(MALFORMED)?;
+        let colon = memchr::memchr(b':', line).ok_or(MALFORMED)?;
         let (name, raw) = (&line[..colon], &line[colon + 1..]);
         // A token name; a value of visible bytes, spaces and tabs (no CR, NUL or other
         // control character).
@@ -375,32 +410,74 @@ fn check_head(head: &[u8]) -> Result<State, ProxyError> {
         }
         let value = trim(raw);
         if name.eq_ignore_ascii_case(b"content-length") {
-            lengths += 1;
+            self.lengths += 1;
             // At most 19 digits: any u64 below 10^19 fits.
             if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
                 return Err(AMBIGUOUS);
             }
-            length = Some(value.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')));
+            self.length = Some(value.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')));
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            codings += 1;
+            self.codings += 1;
             if !value.eq_ignore_ascii_case(b"chunked") {
                 return Err(AMBIGUOUS);
             }
         }
+        Ok(())
     }
-    if lengths > 1 || codings > 1 || (lengths > 0 && codings > 0) || (codings > 0 && http10) {
-        return Err(AMBIGUOUS);
-    }
-    Ok(if method == b"CONNECT" {
-        State::Opaque
-    } else if codings > 0 {
-        State::Chunked(Chunk::Start)
-    } else {
-        match length {
-            Some(n) if n > 0 => State::Fixed(n),
-            _ => State::Head { searched: 0 },
+
+    fn request_line(&mut self, line: &[u8]) -> Result<(), ProxyError> {
+        // `method SP target SP version`: the method ends at the first space, the version starts
+        // after the last one.
+        let (method, target, version) =
+            match (memchr::memchr(b' ', line), memchr::memrchr(b' ', line)) {
+                (Some(first), Some(last)) if first < last => {
+                    (&line[..first], &line[first + 1..last], &line[last + 1..])
+                }
+                _ => return Err(MALFORMED),
+            };
+        // The bytes hyper's parser (httparse) accepts: anything it would refuse gets our JSON
+        // answer instead of hyper's bare 400.
+        if method.is_empty()
+            || !method.iter().all(|&b| is_tchar(b))
+            || target.is_empty()
+            || !target.iter().all(|&b| b > b' ' && b != 0x7f)
+            || std::str::from_utf8(target).is_err()
+        {
+            return Err(MALFORMED);
         }
-    })
+        self.http10 = match version {
+            b"HTTP/1.1" => false,
+            b"HTTP/1.0" => true,
+            _ => return Err(MALFORMED),
+        };
+        self.connect = method == b"CONNECT";
+        Ok(())
+    }
+
+    /// The verdict on the whole head: how its body is framed.
+    fn finish(self) -> Result<State, ProxyError> {
+        if self.lines == 0 {
+            return Err(MALFORMED);
+        }
+        let (lengths, codings) = (self.lengths, self.codings);
+        if lengths > 1
+            || codings > 1
+            || (lengths > 0 && codings > 0)
+            || (codings > 0 && self.http10)
+        {
+            return Err(AMBIGUOUS);
+        }
+        Ok(if self.connect {
+            State::Opaque
+        } else if codings > 0 {
+            State::Chunked(Chunk::Start)
+        } else {
+            match self.length {
+                Some(n) if n > 0 => State::Fixed(n),
+                _ => State::Head { searched: 0 },
+            }
+        })
+    }
 }
 
 /// A `tchar` (RFC 9110 §5.6.2): the bytes of a method or a header name.
@@ -891,6 +968,45 @@ mod tests {
         req.extend_from_slice(b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n");
         let (s, _) = scan_all(&req);
         assert_eq!(s, Scan::Reject(first.len(), AMBIGUOUS));
+    }
+
+    /// The two-step check (find the end, then check the lines) that the one-pass scan of a
+    /// head arriving whole must agree with.
+    fn two_pass(head: &[u8]) -> Option<(usize, Result<State, ProxyError>)> {
+        find_head_end(head, 0)
+            .ok()
+            .map(|end| (end, check_head(&head[..end])))
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn one_pass_scan_agrees_with_search_then_check(
+            lines in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "GET / HTTP/1.1", "POST /x HTTP/1.0", "CONNECT a:443 HTTP/1.1", "GET /",
+                    "PUT / HTTP/1.2", "Content-Length: 5", "content-length:0", "Content-Length: 3, 3",
+                    "Transfer-Encoding: chunked", "transfer-encoding: gzip", " folded", "\tfolded",
+                    "X: y", "no colon", "Bad Name: 1", ": empty", "", "\r", "x\r",
+                ]),
+                1..12,
+            ),
+            crlf in proptest::bool::ANY,
+            tail in proptest::collection::vec(proptest::sample::select(b"\r\nab: ".to_vec()), 0..4),
+        ) {
+            let sep = if crlf { "\r\n" } else { "\n" };
+            let mut head = lines.join(sep).into_bytes();
+            head.extend_from_slice(&tail);
+            proptest::prop_assume!(!matches!(head.first(), None | Some(b'\r' | b'\n')));
+            match (scan_head(&head), two_pass(&head)) {
+                (Ok(one), Some(two)) => proptest::prop_assert_eq!(one, two),
+                (Err(resume), None) => {
+                    // Resuming the search where the scan stopped finds no end either.
+                    proptest::prop_assert!(resume > 0 && resume <= head.len());
+                    proptest::prop_assert!(find_head_end(&head, resume).is_err());
+                }
+                (one, two) => proptest::prop_assert!(false, "{one:?} vs {two:?}"),
+            }
+        }
     }
 
     #[test]
