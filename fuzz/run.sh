@@ -8,5 +8,6 @@ secs=${1:-30}
 for target in $(cargo +nightly fuzz list); do
   echo "== fuzz $target for ${secs}s"
   mkdir -p "corpus/$target"
-  cargo +nightly fuzz run "$target" "corpus/$target" -- -max_total_time="$secs" -rss_limit_mb=2048
+  cargo +nightly fuzz run "$target" "corpus/$target" -- -max_total_time="$secs" -rss_limit_mb=2048 \
+    -print_final_stats=1
 done

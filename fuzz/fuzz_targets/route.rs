@@ -5,7 +5,8 @@
 //! - a fixed upstream is exactly the configured one; a wildcard route's upstream is the
 //!   request's host, normalised, and what a connector would connect to is a subdomain of the
 //!   wildcard's suffix, on the route's port;
-//! - an absolute-form request left unrouted matches no route;
+//! - an absolute-form request left unrouted matches no route, and one whose port is not a
+//!   number is refused;
 //! - the matcher agrees with a naive model of the rules.
 #![no_main]
 
@@ -17,14 +18,38 @@ use libfuzzer_sys::fuzz_target;
 
 /// (name, host pattern, port, fixed upstream authority, path_prefix)
 const ROUTES: &[(&str, &str, Option<u16>, Option<&str>, Option<&str>)] = &[
-    ("exact", "api.bank.test", None, Some("upstream.bank.test:8443"), None),
-    ("port", "api.bank.test", Some(8443), Some("port.bank.test"), None),
+    (
+        "exact",
+        "api.bank.test",
+        None,
+        Some("upstream.bank.test:8443"),
+        None,
+    ),
+    (
+        "port",
+        "api.bank.test",
+        Some(8443),
+        Some("port.bank.test"),
+        None,
+    ),
     ("wild", "*.wild.test", None, None, None),
     ("wildport", "*.wp.test", Some(8443), None, None),
-    ("deeper", "*.api.wild.test", None, Some("deeper.bank.test"), None),
+    (
+        "deeper",
+        "*.api.wild.test",
+        None,
+        Some("deeper.bank.test"),
+        None,
+    ),
     ("ip", "10.9.8.7", None, Some("ip.bank.test"), None),
     ("v6", "fd00::7", None, Some("v6.bank.test"), None),
-    ("gw", "gw.bank.test", None, Some("gw.bank.test"), Some("/flinks")),
+    (
+        "gw",
+        "gw.bank.test",
+        None,
+        Some("gw.bank.test"),
+        Some("/flinks"),
+    ),
     ("gwwild", "*.pw.test", None, None, Some("/pw")),
 ];
 
@@ -36,7 +61,9 @@ fn router() -> &'static Router {
              grant_type = \"client_credentials\"\nclient_id = \"id\"\nclient_secret = \"s\"\n",
         );
         for (name, host, port, fixed, prefix) in ROUTES {
-            text.push_str(&format!("[[routes]]\nname = \"{name}\"\nhost = \"{host}\"\ntoken = \"t\"\n"));
+            text.push_str(&format!(
+                "[[routes]]\nname = \"{name}\"\nhost = \"{host}\"\ntoken = \"t\"\n"
+            ));
             if let Some(p) = port {
                 text.push_str(&format!("port = {p}\n"));
             }
@@ -97,7 +124,10 @@ fn check_request(uri: Uri, host_header: Option<&[u8]>) {
         Some(a) => (
             Some(a.host().to_owned()),
             a.port_u16(),
-            if uri.scheme_str().is_some_and(|s| s.eq_ignore_ascii_case("https")) {
+            if uri
+                .scheme_str()
+                .is_some_and(|s| s.eq_ignore_ascii_case("https"))
+            {
                 &[443]
             } else {
                 &[80]
@@ -112,6 +142,24 @@ fn check_request(uri: Uri, host_header: Option<&[u8]>) {
             (h.map(|h| h.0.to_owned()), h.and_then(|h| h.1), &[80, 443])
         }
     };
+    // An absolute-form port that is not a number names no route.
+    if let Some(a) = uri.authority() {
+        let after_host = a
+            .as_str()
+            .rfind(']')
+            .map_or(a.as_str(), |i| &a.as_str()[i + 1..]);
+        if a.port_u16().is_none()
+            && after_host
+                .rsplit_once(':')
+                .is_some_and(|(_, p)| !p.is_empty())
+        {
+            assert!(
+                matches!(routing, Routing::Refused(_)),
+                "{uri}: an unparsable port was routed: {routing:?}"
+            );
+            return;
+        }
+    }
     match routing {
         Routing::Route {
             label,
@@ -195,10 +243,9 @@ fuzz_target!(|data: &[u8]| {
     let first = parts.next().unwrap_or_default();
     let second = parts.next();
     // The matcher alone, against the model (patterns as configuration would spell them).
-    if let (Ok(pattern), Some(Ok(host))) = (
-        std::str::from_utf8(first),
-        second.map(std::str::from_utf8),
-    ) && valid_pattern(pattern)
+    if let (Ok(pattern), Some(Ok(host))) =
+        (std::str::from_utf8(first), second.map(std::str::from_utf8))
+        && valid_pattern(pattern)
     {
         assert_eq!(
             host_matches(pattern, host),

@@ -4,8 +4,8 @@
 
 use std::time::{Duration, SystemTime};
 
-use bearer_proxy::token::client::{MAX_LIFETIME, MIN_LIFETIME, parse_token_response};
 use bearer_proxy::token::AccessToken;
+use bearer_proxy::token::client::{MAX_LIFETIME, MIN_LIFETIME, parse_token_response};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -18,6 +18,9 @@ fuzz_target!(|data: &[u8]| {
             resp.lifetime,
             resp.scope,
         );
-        assert!(token.is_ok(), "accepted a token that is not a valid header value");
+        assert!(
+            token.is_ok(),
+            "accepted a token that is not a valid header value"
+        );
     }
 });

@@ -318,6 +318,10 @@ impl Inner {
             if authority.as_str().contains('@') {
                 return Err(USERINFO);
             }
+            // A port that is not a number (`:99999`) is not "no port": it names no route.
+            if authority.port_u16().is_none() && names_a_port(authority) {
+                return Err(BAD_TARGET);
+            }
             let defaults: &[u16] = match uri.scheme_str() {
                 Some(s) if s.eq_ignore_ascii_case("http") => &[80],
                 Some(s) if s.eq_ignore_ascii_case("https") => &[443],
@@ -644,6 +648,15 @@ impl std::fmt::Display for ErrorChain<'_> {
     }
 }
 
+/// Whether `authority` has a non-empty port part (after the host, outside IPv6 brackets).
+fn names_a_port(authority: &Authority) -> bool {
+    let s = authority.as_str();
+    let after_host = s.rfind(']').map_or(s, |i| &s[i + 1..]);
+    after_host
+        .rsplit_once(':')
+        .is_some_and(|(_, port)| !port.is_empty())
+}
+
 /// GET, HEAD, PUT, DELETE and OPTIONS may be sent twice (RFC 9110 §9.2.2; TRACE is refused).
 pub(crate) fn is_idempotent(method: &Method) -> bool {
     matches!(
@@ -917,6 +930,21 @@ mod tests {
             );
         }
         assert!(Origin::of(&Upstream::RequestHost { port: Some(8443) }, "a.example.com").is_ok());
+    }
+
+    #[test]
+    fn unparsable_ports_are_named_ports() {
+        for (a, named) in [
+            ("a:99999", true),
+            ("a:8o", true),
+            ("a:80", true),
+            ("a:", false),
+            ("a", false),
+            ("[::1]", false),
+            ("[::1]:70000", true),
+        ] {
+            assert_eq!(names_a_port(&Authority::from_static(a)), named, "{a}");
+        }
     }
 
     #[test]

@@ -416,9 +416,10 @@ fn answer_was_cut(e: &(dyn std::error::Error + 'static)) -> bool {
 /// Logs a connection that ended with an error, and counts the requests hyper refused itself.
 fn connection_error(metrics: &Metrics, e: &(dyn std::error::Error + 'static)) {
     if let Some(h) = e.downcast_ref::<hyper::Error>() {
-        // The wire guard answers oversized or malformed heads first; these are what hyper
-        // still refuses on its own (for instance invalid characters in a header), answering
-        // with a bare 400, or a bare 431 if a head could ever outgrow its buffer.
+        // The wire guard answers oversized or malformed heads first (every byte hyper's parser
+        // would refuse included); these are what hyper still refuses on its own (a request
+        // target its URI parser rejects), answering with a bare 400, or a bare 431 if a head
+        // could ever outgrow its buffer.
         if h.is_parse_too_large() {
             metrics.reject(RejectReason::HeaderTooLarge);
         } else if h.is_parse() {

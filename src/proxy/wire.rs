@@ -9,8 +9,9 @@
 //! [`WireGuard`] wraps the socket and follows the HTTP/1 message framing as bytes arrive
 //! ([`Framer`]). A request head is held back from hyper until it is complete and has been
 //! checked: over `max_header_bytes` or too many lines → 431; two lengths, a length with a
-//! transfer coding, a coding other than a single `chunked`, an obsolete line fold, or a version
-//! other than HTTP/1.0 or 1.1 (this also refuses the HTTP/2 preface) → 400. A refused head never
+//! transfer coding, a coding other than a single `chunked`, an obsolete line fold, a version
+//! other than HTTP/1.0 or 1.1 (this also refuses the HTTP/2 preface), or any byte hyper's parser
+//! (httparse) would refuse → 400. A refused head never
 //! reaches hyper: hyper sees the connection end, closes its side, and the guard writes the JSON
 //! answer before the socket shuts down. Bodies are only counted (and chunk framing followed) to
 //! know where the next head starts; they go straight into hyper's buffer without a copy.
@@ -72,7 +73,7 @@ const AMBIGUOUS: ProxyError = ProxyError::new(
 const MALFORMED: ProxyError = ProxyError::new(
     ErrorCode::BadRequest,
     "malformed request head: expected an HTTP/1.1 or HTTP/1.0 request line and \"name: value\" \
-     header lines",
+     header lines, without control characters",
 );
 
 /// What the framer decided about the bytes it was given.
@@ -398,10 +399,16 @@ impl HeadChecker {
             return Err(TOO_LARGE);
         }
         let colon = memchr::memchr(b':', line).ok_or(MALFORMED)?;
-        let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
-        if name.is_empty() || name.iter().any(u8::is_ascii_whitespace) {
+        let (name, raw) = (&line[..colon], &line[colon + 1..]);
+        // A token name; a value of visible bytes, spaces and tabs (no CR, NUL or other
+        // control character).
+        if name.is_empty()
+            || !name.iter().all(|&b| is_tchar(b))
+            || !raw.iter().all(|&b| b == b'\t' || (b >= b' ' && b != 0x7f))
+        {
             return Err(MALFORMED);
         }
+        let value = trim(raw);
         if name.eq_ignore_ascii_case(b"content-length") {
             self.lengths += 1;
             // At most 19 digits: any u64 below 10^19 fits.
@@ -421,10 +428,23 @@ impl HeadChecker {
     fn request_line(&mut self, line: &[u8]) -> Result<(), ProxyError> {
         // `method SP target SP version`: the method ends at the first space, the version starts
         // after the last one.
-        let (method, version) = match (memchr::memchr(b' ', line), memchr::memrchr(b' ', line)) {
-            (Some(first), Some(last)) => (&line[..first], &line[last + 1..]),
-            _ => return Err(MALFORMED),
-        };
+        let (method, target, version) =
+            match (memchr::memchr(b' ', line), memchr::memrchr(b' ', line)) {
+                (Some(first), Some(last)) if first < last => {
+                    (&line[..first], &line[first + 1..last], &line[last + 1..])
+                }
+                _ => return Err(MALFORMED),
+            };
+        // The bytes hyper's parser (httparse) accepts: anything it would refuse gets our JSON
+        // answer instead of hyper's bare 400.
+        if method.is_empty()
+            || !method.iter().all(|&b| is_tchar(b))
+            || target.is_empty()
+            || !target.iter().all(|&b| b > b' ' && b != 0x7f)
+            || std::str::from_utf8(target).is_err()
+        {
+            return Err(MALFORMED);
+        }
         self.http10 = match version {
             b"HTTP/1.1" => false,
             b"HTTP/1.0" => true,
@@ -458,6 +478,11 @@ impl HeadChecker {
             }
         })
     }
+}
+
+/// A `tchar` (RFC 9110 §5.6.2): the bytes of a method or a header name.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 fn trim(mut v: &[u8]) -> &[u8] {
@@ -902,6 +927,14 @@ mod tests {
             b"GET /\r\n\r\n",
             b"GET / HTTP/1.1\r\nno colon\r\n\r\n",
             b"GET / HTTP/1.1\r\nContent-Length : 3\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX-A: a\rb\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX-A: a\0b\r\n\r\n",
+            b"GET /\0 HTTP/1.1\r\n\r\n",
+            b"GET /\xff HTTP/1.1\r\n\r\n",
+            b"GET  / HTTP/1.1\r\n\r\n",
+            b"G(T / HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX\x01A: a\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX-A: a\x7f\r\n\r\n",
         ] {
             let (s, _) = scan_all(req);
             assert_eq!(

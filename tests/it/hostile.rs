@@ -220,9 +220,11 @@ async fn a_request_inside_a_body_stays_a_body() {
     h.assert_token_only_at_the_bank();
 }
 
-/// Control characters the HTTP grammar forbids (a bare CR in a value, NUL in a value or the
-/// target, a control character in a name, a space before the colon): 400, the connection
-/// closes, nothing is forwarded.
+/// Bytes the HTTP grammar forbids (a bare CR in a value, NUL or DEL in a value or the target, a
+/// control character or a non-token byte in a name or the method, a space before the colon,
+/// two spaces in the request line, a target that is not UTF-8): 400 with the proxy's JSON body
+/// and `x-bearer-proxy-error` (not hyper's bare 400), the connection closes, nothing is
+/// forwarded.
 #[tokio::test]
 async fn control_characters_in_the_head_are_refused() {
     let h = Hostile::start("forward", "").await;
@@ -251,11 +253,29 @@ async fn control_characters_in_the_head_are_refused() {
             "space before the colon",
             format!("GET http://{NAMED}/ HTTP/1.1\r\nHost : {NAMED}\r\n\r\n"),
         ),
+        (
+            "DEL in a value",
+            format!("GET http://{NAMED}/ HTTP/1.1\r\nHost: {NAMED}\r\nX-A: a\x7f\r\n\r\n"),
+        ),
+        (
+            "two spaces in the request line",
+            format!("GET  http://{NAMED}/ HTTP/1.1\r\nHost: {NAMED}\r\n\r\n"),
+        ),
+        (
+            "a method that is not a token",
+            format!("G(T http://{NAMED}/ HTTP/1.1\r\nHost: {NAMED}\r\n\r\n"),
+        ),
     ] {
         let (resp, closed) = exchange(h.proxy.addr, req.as_bytes()).await;
-        assert_eq!(resp.status, 400, "{what}");
+        assert_refused(&resp, 400, "bad_request", what);
         assert!(closed, "{what}: connection left open");
     }
+    // A target that is not UTF-8.
+    let mut req = format!("GET http://{NAMED}/").into_bytes();
+    req.extend_from_slice(b"\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n");
+    let (resp, closed) = exchange(h.proxy.addr, &req).await;
+    assert_refused(&resp, 400, "bad_request", "non-UTF-8 target");
+    assert!(closed);
     assert!(h.bank.requests().is_empty() && h.evil.requests().is_empty());
     h.settled().await;
 }
@@ -420,6 +440,15 @@ async fn absolute_uri_tricks_never_move_the_token() {
             get_line(&format!("ftp://{NAMED}/l"), NAMED),
             Expect::Refused(400, "bad_request"),
         ),
+        // A port that is not a number is not the default port.
+        (
+            get_line(&format!("http://{NAMED}:99999/q"), NAMED),
+            Expect::Refused(400, "bad_request"),
+        ),
+        (
+            get_line(&format!("http://{NAMED}:8o/r"), NAMED),
+            Expect::Refused(400, "bad_request"),
+        ),
         // Origin-form: a route's host in Host is that route; anything else goes nowhere.
         (get_line("/m", NAMED), Expect::Bank("bank GET /m")),
         (
@@ -472,6 +501,10 @@ async fn wildcard_and_ip_routes_match_exactly() {
         (get_line("http://a.wild.test.evil/", "x"), denied()),
         (get_line("http://a.wild.test:8080/", "x"), denied()),
         (get_line("http://.wild.test/", "x"), denied()),
+        (
+            get_line("http://a.wild.test:65536/", "x"),
+            Expect::Refused(400, "bad_request"),
+        ),
         (
             get_line(&format!("http://{IP}/i1"), "x"),
             Expect::Bank("bank GET /i1"),

@@ -9,5 +9,6 @@ mod cli;
 mod faults;
 mod hostile;
 mod proxy;
+mod soak;
 mod support;
 mod token;
