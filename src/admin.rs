@@ -144,37 +144,31 @@ impl Admin {
                 &json!({"ready": false, "reason": "shutting down", "phase": phase_name(phase)}),
             );
         }
-        let not_valid: Vec<Value> = self
+        let not_valid: Vec<(&str, &'static str)> = self
             .tokens
             .iter()
             .filter(|cell| cell.current().is_none())
-            .map(|cell| {
-                let s = cell.status();
-                json!({"token": cell.name(), "state": s.state.as_str()})
-            })
+            .map(|cell| (cell.name(), cell.status().state.as_str()))
             .collect();
         if not_valid.is_empty() {
-            json_response(StatusCode::OK, &json!({"ready": true}))
-        } else {
-            let names: Vec<String> = not_valid
-                .iter()
-                .map(|t| {
-                    format!(
-                        "{} is {}",
-                        t["token"].as_str().unwrap_or(""),
-                        t["state"].as_str().unwrap_or("")
-                    )
-                })
-                .collect();
-            json_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &json!({
-                    "ready": false,
-                    "reason": format!("no valid token: {}", names.join(", ")),
-                    "tokens": not_valid,
-                }),
-            )
+            return json_response(StatusCode::OK, &json!({"ready": true}));
         }
+        let reason: Vec<String> = not_valid
+            .iter()
+            .map(|(name, state)| format!("{name} is {state}"))
+            .collect();
+        let tokens: Vec<Value> = not_valid
+            .iter()
+            .map(|(name, state)| json!({"token": name, "state": state}))
+            .collect();
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({
+                "ready": false,
+                "reason": format!("no valid token: {}", reason.join(", ")),
+                "tokens": tokens,
+            }),
+        )
     }
 
     /// The `/status` document.

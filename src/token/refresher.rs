@@ -330,28 +330,27 @@ impl<C: Fetch> Refresher<C> {
                 };
                 let delay = delay.max(e.retry_after().unwrap_or_default().min(MAX_RETRY_AFTER));
                 let valid = self.cell.current().is_some();
-                if kind == ErrorKind::Rejected {
-                    tracing::error!(
-                        token = %self.cfg.name,
-                        error = %e,
-                        reason = e.reason(),
-                        status = e.status(),
-                        failures = self.failures,
-                        retry_in_secs = delay.as_secs_f64(),
-                        token_still_valid = valid,
+                // The same fields at two levels: tracing needs the level as a constant.
+                macro_rules! failed {
+                    ($level:ident, $msg:literal) => {
+                        tracing::$level!(
+                            token = %self.cfg.name,
+                            error = %e,
+                            reason = e.reason(),
+                            status = e.status(),
+                            failures = self.failures,
+                            retry_in_secs = delay.as_secs_f64(),
+                            token_still_valid = valid,
+                            $msg
+                        )
+                    };
+                }
+                match kind {
+                    ErrorKind::Rejected => failed!(
+                        error,
                         "token request rejected; retrying slowly (fix the credentials)"
-                    );
-                } else {
-                    tracing::warn!(
-                        token = %self.cfg.name,
-                        error = %e,
-                        reason = e.reason(),
-                        status = e.status(),
-                        failures = self.failures,
-                        retry_in_secs = delay.as_secs_f64(),
-                        token_still_valid = valid,
-                        "token refresh failed; will retry"
-                    );
+                    ),
+                    ErrorKind::Transient => failed!(warn, "token refresh failed; will retry"),
                 }
                 delay
             }
