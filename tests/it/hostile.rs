@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bearer_proxy::proxy::pseudonym;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -603,21 +603,6 @@ async fn a_colon_in_the_host_header_cannot_redirect_a_wildcard_route() {
 
 // ---------------------------------------------------------------------------------------------
 // Expect: 100-continue
-
-/// Reads a response head only (a `100 Continue` has no body).
-async fn read_head(s: &mut TcpStream) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(PATIENCE, s.read(&mut byte))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(n, 1, "closed after {:?}", String::from_utf8_lossy(&head));
-        head.push(byte[0]);
-    }
-    String::from_utf8(head).unwrap()
-}
 
 /// `Expect: 100-continue` to a routed host: the proxy says `100 Continue`, then forwards the
 /// body with the token. To an unrouted host that is denied, or a routed one without a token:

@@ -274,21 +274,6 @@ async fn connect_to_a_routed_host_is_refused_with_an_explanation() {
     );
 }
 
-/// Reads a response head (for CONNECT, whose 200 has no body framing).
-async fn read_head(s: &mut tokio::net::TcpStream) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(PATIENCE, s.read(&mut byte))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(n, 1, "closed after {:?}", String::from_utf8_lossy(&head));
-        head.push(byte[0]);
-    }
-    String::from_utf8(head).unwrap()
-}
-
 #[tokio::test]
 async fn connect_tunnels_unrouted_hosts_end_to_end() {
     let echo = echo_server().await;

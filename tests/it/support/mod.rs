@@ -666,6 +666,22 @@ pub async fn get(addr: SocketAddr, url: &str, headers: &[&str]) -> RawResponse {
 
 /// Reads one response (Content-Length, chunked or until EOF). Fails if the connection ends
 /// before the body does. Bytes read beyond the response are dropped: for pipelined responses
+/// Reads a response head only, byte by byte (a `100 Continue` or a CONNECT `200` has no body
+/// framing to follow).
+pub async fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(PATIENCE, s.read(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 1, "closed after {:?}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    String::from_utf8(head).unwrap()
+}
+
 /// use [`read_pipelined`].
 pub async fn read_response(s: &mut TcpStream) -> std::io::Result<RawResponse> {
     read_pipelined(s, &mut Vec::new()).await
