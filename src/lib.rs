@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod secret;
 pub mod shutdown;
+pub mod time;
 pub mod tls;
 pub mod token;
 
