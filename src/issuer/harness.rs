@@ -16,14 +16,18 @@ use super::{DevIssuer, IssuerControl, IssuerOptions};
 
 /// A serving issuer and the means to stop it.
 pub(super) struct Running {
+    /// The issuer's switches and observations.
     pub(super) control: IssuerControl,
+    /// `http://127.0.0.1:<port>`.
     pub(super) base: String,
+    /// The token endpoint URL.
     pub(super) url: String,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
 
 impl Running {
+    /// Stops the issuer and checks that `serve` returns promptly.
     pub(super) async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -35,6 +39,7 @@ impl Running {
     }
 }
 
+/// Binds an issuer on 127.0.0.1:0 and serves it until [`Running::stop`].
 pub(super) async fn start(opts: IssuerOptions) -> Running {
     let issuer = DevIssuer::bind("127.0.0.1:0".parse().unwrap(), opts)
         .await
@@ -55,6 +60,7 @@ pub(super) async fn start(opts: IssuerOptions) -> Running {
     }
 }
 
+/// An HTTP client that ignores proxy variables.
 pub(super) fn client() -> reqwest::Client {
     // reqwest is built without a default crypto provider; plain http needs none, but the
     // builder wants one installed. A second install in the same process fails harmlessly.
@@ -71,10 +77,12 @@ pub(super) fn cc_json() -> Value {
     })
 }
 
+/// POSTs `body` as JSON.
 pub(super) async fn post_json(url: &str, body: &Value) -> reqwest::Response {
     client().post(url).json(body).send().await.unwrap()
 }
 
+/// POSTs `body` form-urlencoded.
 pub(super) async fn post_form(url: &str, body: &[(&str, &str)]) -> reqwest::Response {
     let encoded = form_urlencoded::Serializer::new(String::new())
         .extend_pairs(body)
@@ -97,16 +105,19 @@ pub(super) fn basic_header(id: &str, secret: &str) -> String {
     )
 }
 
+/// The status and JSON body.
 pub(super) async fn json_of(response: reqwest::Response) -> (StatusCode, Value) {
     let status = response.status();
     (status, response.json().await.unwrap())
 }
 
+/// The status and the OAuth `error` code.
 pub(super) async fn error_of(response: reqwest::Response) -> (StatusCode, String) {
     let (status, body) = json_of(response).await;
     (status, body["error"].as_str().unwrap().to_owned())
 }
 
+/// The claims of a JWT-shaped token, checking its shape on the way.
 pub(super) fn claims_of(token: &str) -> Value {
     let parts: Vec<&str> = token.split('.').collect();
     assert_eq!(parts.len(), 3, "JWT-shaped: {token}");

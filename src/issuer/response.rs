@@ -22,6 +22,7 @@ pub(super) struct OAuthError {
 }
 
 impl OAuthError {
+    /// An answer with this status, `error` code and description.
     pub(super) fn new(status: StatusCode, code: &'static str, description: &'static str) -> Self {
         Self {
             status,
@@ -30,10 +31,12 @@ impl OAuthError {
         }
     }
 
+    /// 400 `invalid_request`: the request itself is unusable.
     pub(super) fn invalid_request(description: &'static str) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", description)
     }
 
+    /// 400 `invalid_grant`: the code, refresh token or redirect URI is not accepted.
     pub(super) fn invalid_grant(description: &'static str) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_grant", description)
     }
@@ -49,6 +52,7 @@ impl OAuthError {
         Self::new(status, "invalid_client", description)
     }
 
+    /// The JSON answer, with a Basic challenge on a 401.
     pub(super) fn into_response(self) -> Response<Full<Bytes>> {
         let mut response = error_response(self.status, self.code, self.description);
         if self.status == StatusCode::UNAUTHORIZED {
