@@ -46,7 +46,7 @@ use response::error_response;
 use state::Shared;
 
 /// The token endpoint path (Flinks').
-pub const TOKEN_PATH: &str = "/api/v1/token";
+const TOKEN_PATH: &str = "/api/v1/token";
 /// A second path for the token endpoint, the common OAuth2 spelling.
 const TOKEN_ALIAS: &str = "/token";
 /// Prefix of the control API paths.
