@@ -23,9 +23,9 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-use crate::cli::rfc3339;
 use crate::metrics::Metrics;
 use crate::shutdown::{Phase, Shutdown};
+use crate::time::rfc3339;
 use crate::token::{ErrorKind, TokenCell, TokenStatus};
 
 /// A probe or a scrape sends its whole request at once; anything slower is not a client we

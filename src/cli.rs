@@ -1,26 +1,77 @@
-//! The command line: `run` (the default), `check`, `token`, `dev-issuer`. `main.rs` only calls
-//! [`main`] and exits with the code it returns.
+//! The command line: `run` (the default), `check`, `token`, and, in a build with the default
+//! `dev-tools` feature, `dev-issuer` and `demo`. `main.rs` calls [`run`] and, if it fails,
+//! prints the [`Failure`] once and exits with its code.
 //!
-//! Exit codes: [`EXIT_OK`], [`EXIT_FAILURE`] (a runtime failure: a listener could not be bound,
-//! a token could not be obtained), [`EXIT_CONFIG`] (invalid configuration or usage; nothing was
-//! started).
+//! Exit codes: 0 success; 1 a runtime failure (a listener could not be bound, a token could not
+//! be obtained); 2 invalid configuration or command line (nothing was started). clap exits 2 on
+//! its own for a command line it cannot parse.
 
+use std::fmt;
+use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::process::ExitCode;
 
+use anyhow::{Context as _, anyhow};
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, Config, GrantType};
 use crate::metrics::Metrics;
+use crate::shutdown::os_signals;
+use crate::time::{from_unix_secs, rfc3339};
 use crate::token::TokenCell;
 use crate::token::refresher::Refresher;
 
-/// Success.
-pub const EXIT_OK: u8 = 0;
-/// A runtime failure.
-pub const EXIT_FAILURE: u8 = 1;
-/// Invalid configuration or command line; nothing was started.
-pub const EXIT_CONFIG: u8 = 2;
+/// Exit code of a runtime failure.
+const EXIT_FAILURE: u8 = 1;
+/// Exit code of an invalid configuration or command line; nothing was started.
+const EXIT_CONFIG: u8 = 2;
+
+/// Why a command failed, and the exit code that tells a supervisor which kind of failure it was.
+#[derive(Debug)]
+pub struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl Failure {
+    /// Invalid configuration or command line (exit 2): fixing the input is the cure.
+    fn config(error: anyhow::Error) -> Self {
+        Self {
+            code: EXIT_CONFIG,
+            error,
+        }
+    }
+
+    /// The exit code to end the process with.
+    pub fn exit_code(&self) -> ExitCode {
+        ExitCode::from(self.code)
+    }
+
+    /// What went wrong; print it with `{:#}` to include every cause.
+    pub fn error(&self) -> &anyhow::Error {
+        &self.error
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    /// Anything not known to be the input's fault is a runtime failure (exit 1).
+    fn from(error: anyhow::Error) -> Self {
+        Self {
+            code: EXIT_FAILURE,
+            error,
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if f.alternate() {
+            write!(f, "{:#}", self.error)
+        } else {
+            write!(f, "{}", self.error)
+        }
+    }
+}
 
 /// Adds OAuth2 bearer tokens to a legacy app's HTTP calls.
 #[derive(Debug, Parser)]
@@ -48,8 +99,10 @@ pub enum Command {
     },
     /// Run a local token endpoint implementing Flinks' `/api/v1/token` contract, for demos,
     /// tests and benchmarks. Its failure switches are under `POST /control/...`.
+    #[cfg(feature = "dev-tools")]
     DevIssuer(DevIssuerArgs),
     /// Run the whole mechanism on loopback: dev issuer, an echo API and the proxy.
+    #[cfg(feature = "dev-tools")]
     Demo {
         /// Proxy address.
         #[arg(long, default_value = "127.0.0.1:3128")]
@@ -61,6 +114,7 @@ pub enum Command {
 }
 
 /// Options of `bearer-proxy dev-issuer`.
+#[cfg(feature = "dev-tools")]
 #[derive(Debug, clap::Args)]
 pub struct DevIssuerArgs {
     /// Address to listen on (loopback: this is a development tool).
@@ -89,42 +143,38 @@ pub struct DevIssuerArgs {
     pub rotate_refresh_tokens: bool,
 }
 
-/// Parses the command line and runs the command.
-pub fn main() -> u8 {
+/// Parses the command line and runs the command. Errors are returned, not printed: `main.rs`
+/// prints them once.
+pub fn run() -> Result<(), Failure> {
     let cli = Cli::parse();
+    let path = cli.config.as_deref();
     match cli.command.unwrap_or(Command::Run) {
-        Command::Run => run(cli.config.as_deref()),
-        Command::Check => check(cli.config.as_deref()),
-        Command::Token { name } => token(cli.config.as_deref(), name.as_deref()),
+        Command::Run => run_proxy(path),
+        Command::Check => check(path),
+        Command::Token { name } => token(path, name.as_deref()),
+        #[cfg(feature = "dev-tools")]
         Command::DevIssuer(args) => dev_issuer(args),
-        Command::Demo { listen, admin } => match runtime(1) {
-            Ok(rt) => rt.block_on(crate::demo::run(crate::demo::DemoAddrs {
-                proxy: listen,
-                admin,
-            })),
-            Err(e) => {
-                eprintln!("bearer-proxy: cannot start the runtime: {e}");
-                EXIT_FAILURE
-            }
-        },
+        #[cfg(feature = "dev-tools")]
+        Command::Demo { listen, admin } => demo(listen, admin),
     }
 }
 
-fn load(path: Option<&Path>) -> Result<Config, u8> {
-    let Some(path) = path else {
-        eprintln!(
-            "bearer-proxy: no configuration: pass --config PATH or set BEARER_PROXY_CONFIG \
-             (try `bearer-proxy demo` for a local demo)"
-        );
-        return Err(EXIT_CONFIG);
-    };
-    config::load(path).map_err(|e| {
-        eprintln!("bearer-proxy: {}: {e}", path.display());
-        EXIT_CONFIG
-    })
+/// What to say when no configuration was given.
+#[cfg(feature = "dev-tools")]
+const NO_CONFIG: &str = "no configuration: pass --config PATH or set BEARER_PROXY_CONFIG \
+                         (try `bearer-proxy demo` for a local demo)";
+/// What to say when no configuration was given (this build has no `demo` to suggest).
+#[cfg(not(feature = "dev-tools"))]
+const NO_CONFIG: &str = "no configuration: pass --config PATH or set BEARER_PROXY_CONFIG";
+
+fn load(path: Option<&Path>) -> Result<Config, Failure> {
+    let path = path.ok_or_else(|| Failure::config(anyhow!(NO_CONFIG)))?;
+    config::load(path).map_err(|e| Failure::config(anyhow!("{}: {e}", path.display())))
 }
 
-fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+/// Runs `work` to completion on a new runtime with `workers` threads (1: the current thread
+/// only; 0: one per core).
+fn block_on<T>(workers: usize, work: impl Future<Output = T>) -> Result<T, Failure> {
     let mut b = if workers == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -134,88 +184,41 @@ fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
         }
         b
     };
-    b.enable_all().build()
+    let rt = b.enable_all().build().context("cannot start the runtime")?;
+    Ok(rt.block_on(work))
 }
 
-fn run(path: Option<&Path>) -> u8 {
-    let config = match load(path) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    if let Err(e) = crate::logging::init(&config.log) {
-        eprintln!("bearer-proxy: logging: {e}");
-        return EXIT_CONFIG;
-    }
-    let rt = match runtime(config.proxy.workers) {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("bearer-proxy: cannot start the runtime: {e}");
-            return EXIT_FAILURE;
-        }
-    };
-    rt.block_on(async {
-        let server = match crate::Server::start(config).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = format!("{e:#}"), "cannot start");
-                eprintln!("bearer-proxy: {e:#}");
-                return EXIT_FAILURE;
-            }
-        };
-        let signals = match os_signals() {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("bearer-proxy: cannot install signal handlers: {e}");
-                return EXIT_FAILURE;
-            }
-        };
+fn run_proxy(path: Option<&Path>) -> Result<(), Failure> {
+    let config = load(path)?;
+    crate::logging::init(&config.log).map_err(|e| Failure::config(anyhow!("logging: {e}")))?;
+    block_on(config.proxy.workers, async {
+        let server = crate::Server::start(config)
+            .await
+            .inspect_err(|e| tracing::error!(error = format!("{e:#}"), "cannot start"))?;
+        let signals = os_signals().context("cannot install signal handlers")?;
         server.run(signals).await;
-        EXIT_OK
-    })
+        Ok(())
+    })?
 }
 
-/// SIGTERM and SIGINT, delivered as [`crate::Signal`]s.
-pub fn os_signals() -> std::io::Result<tokio::sync::mpsc::Receiver<crate::Signal>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tokio::spawn(async move {
-        loop {
-            let s = tokio::select! {
-                Some(()) = term.recv() => crate::Signal::Terminate,
-                Some(()) = int.recv() => crate::Signal::Interrupt,
-                else => return,
-            };
-            if tx.send(s).await.is_err() {
-                return;
-            }
-        }
-    });
-    Ok(rx)
-}
-
-fn check(path: Option<&Path>) -> u8 {
-    let config = match load(path) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
+fn check(path: Option<&Path>) -> Result<(), Failure> {
+    let config = load(path)?;
     let problems = file_problems(&config);
     print!("{}", summary(&config));
     if problems.is_empty() {
         println!("configuration OK");
-        EXIT_OK
-    } else {
-        eprintln!(
-            "bearer-proxy: {} problem{}:",
-            problems.len(),
-            if problems.len() == 1 { "" } else { "s" }
-        );
-        for p in &problems {
-            eprintln!("  - {p}");
-        }
-        EXIT_CONFIG
+        return Ok(());
     }
+    let mut message = format!(
+        "{} problem{}:",
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" }
+    );
+    for p in &problems {
+        message.push_str("\n  - ");
+        message.push_str(p);
+    }
+    Err(Failure::config(anyhow::Error::msg(message)))
 }
 
 /// Secret and CA files that cannot be read, and state directories that cannot be written.
@@ -309,112 +312,86 @@ fn summary(config: &Config) -> String {
     s
 }
 
-fn token(path: Option<&Path>, name: Option<&str>) -> u8 {
-    let config = match load(path) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
+fn token(path: Option<&Path>, name: Option<&str>) -> Result<(), Failure> {
+    let config = load(path)?;
     let name = match (name, config.tokens.len()) {
         (Some(n), _) => n.to_owned(),
         (None, 1) => config.tokens.keys().next().cloned().unwrap_or_default(),
         (None, _) => {
-            eprintln!(
-                "bearer-proxy: name the token: one of {}",
+            return Err(Failure::config(anyhow!(
+                "name the token: one of {}",
                 config.tokens.keys().cloned().collect::<Vec<_>>().join(", ")
-            );
-            return EXIT_CONFIG;
+            )));
         }
     };
     let Some(cfg) = config.tokens.get(&name).cloned() else {
-        eprintln!("bearer-proxy: no [tokens.{name}] in the configuration");
-        return EXIT_CONFIG;
+        return Err(Failure::config(anyhow!(
+            "no [tokens.{name}] in the configuration"
+        )));
     };
-    let rt = match runtime(1) {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("bearer-proxy: cannot start the runtime: {e}");
-            return EXIT_FAILURE;
-        }
-    };
-    rt.block_on(async {
+    block_on(1, async {
         let cell = TokenCell::new(name.as_str(), cfg.forced_refresh_interval);
         let metrics = Metrics::new();
-        let mut refresher = match Refresher::new(cfg, cell, metrics.token(&name)) {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("bearer-proxy: tokens.{name}: {e}");
-                return EXIT_FAILURE;
+        let mut refresher = Refresher::new(cfg, cell, metrics.token(&name))
+            .map_err(|e| anyhow!("tokens.{name}: {e}"))?;
+        let f = refresher.refresh().await.map_err(|e| {
+            let mut message = format!("token {name}: {e}");
+            if let Some(o) = e.oauth() {
+                message.push_str(&format!("\n  error:             {}", o.code));
+                if let Some(d) = &o.description {
+                    message.push_str(&format!("\n  error_description: {d}"));
+                }
             }
-        };
-        match refresher.refresh().await {
-            Ok(f) => {
-                println!("token        {name}");
-                println!(
-                    "type         {}",
-                    f.token_type
-                        .as_deref()
-                        .unwrap_or("(not sent; Bearer assumed)")
-                );
-                println!(
-                    "lifetime     {}s (from {:?})",
-                    f.lifetime.as_secs(),
-                    f.lifetime_source
-                );
-                println!("expires      {}", rfc3339(f.expires_wall));
-                println!(
-                    "scope        {}",
-                    f.scope.as_deref().unwrap_or("(not sent)")
-                );
-                if f.refresh_token_rotated {
-                    println!("refresh      the server sent a new refresh token (persisted)");
-                }
-                if let Some(claims) = f.claims {
-                    for (k, v) in claims {
-                        let shown = match (k.as_str(), v.as_u64()) {
-                            ("exp" | "iat", Some(secs)) => format!(
-                                "{} ({})",
-                                secs,
-                                rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
-                            ),
-                            _ => v.to_string(),
-                        };
-                        println!("claim {k:<7}{shown}");
+            anyhow::Error::msg(message)
+        })?;
+        println!("token        {name}");
+        println!(
+            "type         {}",
+            f.token_type
+                .as_deref()
+                .unwrap_or("(not sent; Bearer assumed)")
+        );
+        println!(
+            "lifetime     {}s (from {:?})",
+            f.lifetime.as_secs(),
+            f.lifetime_source
+        );
+        println!("expires      {}", rfc3339(f.expires_wall));
+        println!(
+            "scope        {}",
+            f.scope.as_deref().unwrap_or("(not sent)")
+        );
+        if f.refresh_token_rotated {
+            println!("refresh      the server sent a new refresh token (persisted)");
+        }
+        if let Some(claims) = f.claims {
+            for (k, v) in claims {
+                let shown = match (k.as_str(), v.as_u64()) {
+                    ("exp" | "iat", Some(secs)) => {
+                        format!("{} ({})", secs, rfc3339(from_unix_secs(secs)))
                     }
-                }
-                EXIT_OK
-            }
-            Err(e) => {
-                eprintln!("bearer-proxy: token {name}: {e}");
-                if let Some(o) = e.oauth() {
-                    eprintln!("  error:             {}", o.code);
-                    if let Some(d) = &o.description {
-                        eprintln!("  error_description: {d}");
-                    }
-                }
-                EXIT_FAILURE
+                    _ => v.to_string(),
+                };
+                println!("claim {k:<7}{shown}");
             }
         }
-    })
+        Ok(())
+    })?
 }
 
-fn dev_issuer(args: DevIssuerArgs) -> u8 {
+#[cfg(feature = "dev-tools")]
+fn dev_issuer(args: DevIssuerArgs) -> Result<(), Failure> {
     let text_logs = crate::config::LogConfig {
         format: crate::config::LogFormat::Text,
         ..Default::default()
     };
+    // Not fatal: the dev issuer works without logs (a subscriber may already be installed).
     if let Err(e) = crate::logging::init(&text_logs) {
         eprintln!("bearer-proxy: logging: {e}");
     }
-    let rt = match runtime(1) {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("bearer-proxy: cannot start the runtime: {e}");
-            return EXIT_FAILURE;
-        }
-    };
     let defaults = crate::issuer::IssuerOptions::default();
     let opts = crate::issuer::IssuerOptions {
-        lifetime: Duration::from_secs(args.lifetime),
+        lifetime: std::time::Duration::from_secs(args.lifetime),
         clients: vec![(args.client_id, args.client_secret)],
         codes: if args.codes.is_empty() {
             defaults.codes
@@ -430,35 +407,26 @@ fn dev_issuer(args: DevIssuerArgs) -> u8 {
         fixed_token: args.fixed_token,
         ..defaults
     };
-    rt.block_on(async {
-        let issuer = match crate::issuer::DevIssuer::bind(args.listen, opts).await {
-            Ok(i) => i,
-            Err(e) => {
-                eprintln!(
-                    "bearer-proxy: dev-issuer: cannot listen on {}: {e}",
-                    args.listen
-                );
-                return EXIT_FAILURE;
-            }
-        };
+    block_on(1, async {
+        let issuer = crate::issuer::DevIssuer::bind(args.listen, opts)
+            .await
+            .with_context(|| format!("dev-issuer: cannot listen on {}", args.listen))?;
         println!("dev issuer: token endpoint {}", issuer.token_url());
-        let mut signals = match os_signals() {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("bearer-proxy: cannot install signal handlers: {e}");
-                return EXIT_FAILURE;
-            }
-        };
+        let mut signals = os_signals().context("cannot install signal handlers")?;
         issuer
             .serve(async move {
                 signals.recv().await;
             })
             .await;
-        EXIT_OK
-    })
+        Ok(())
+    })?
 }
 
-/// RFC 3339 (UTC, seconds) for humans and the status page.
-pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+#[cfg(feature = "dev-tools")]
+fn demo(proxy: std::net::SocketAddr, admin: std::net::SocketAddr) -> Result<(), Failure> {
+    use crate::demo::{DemoAddrs, DemoError};
+    block_on(1, crate::demo::run(DemoAddrs { proxy, admin }))?.map_err(|e| match e {
+        DemoError::Config(e) => Failure::config(anyhow!("demo: {e}")),
+        DemoError::Failed(e) => Failure::from(e.context("demo")),
+    })
 }

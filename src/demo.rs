@@ -8,6 +8,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
@@ -18,6 +19,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::issuer::{DevIssuer, IssuerOptions};
+use crate::shutdown::os_signals;
 
 /// The host the demo routes; `.test` is reserved (RFC 2606) and never resolves.
 pub const DEMO_HOST: &str = "api.demo.test";
@@ -79,9 +81,20 @@ upstream = "http://{echo}"
     crate::config::from_str(&text, config::FileFormat::Toml, Some(HashMap::new()))
 }
 
-/// Runs the demo until Ctrl-C or SIGTERM. Returns an exit code.
-pub async fn run(addrs: DemoAddrs) -> u8 {
-    let issuer = match DevIssuer::bind(
+/// Why the demo could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// The generated configuration was refused (a bug, or addresses the proxy cannot use).
+    #[error("the generated configuration is invalid: {0}")]
+    Config(#[from] crate::config::ConfigErrors),
+    /// A part could not start.
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
+}
+
+/// Runs the demo until Ctrl-C or SIGTERM.
+pub async fn run(addrs: DemoAddrs) -> Result<(), DemoError> {
+    let issuer = DevIssuer::bind(
         SocketAddr::from(([127, 0, 0, 1], 0)),
         IssuerOptions {
             lifetime: DEMO_LIFETIME,
@@ -89,35 +102,14 @@ pub async fn run(addrs: DemoAddrs) -> u8 {
         },
     )
     .await
-    {
-        Ok(i) => i,
-        Err(e) => {
-            eprintln!("bearer-proxy demo: cannot start the dev issuer: {e}");
-            return crate::cli::EXIT_FAILURE;
-        }
-    };
+    .context("cannot start the dev issuer")?;
     let token_url = issuer.token_url();
-    let echo = match TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("bearer-proxy demo: cannot start the echo API: {e}");
-            return crate::cli::EXIT_FAILURE;
-        }
-    };
-    let echo_addr = match echo.local_addr() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("bearer-proxy demo: {e}");
-            return crate::cli::EXIT_FAILURE;
-        }
-    };
-    let config = match config(addrs, &token_url, echo_addr) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("bearer-proxy demo: {e}");
-            return crate::cli::EXIT_CONFIG;
-        }
-    };
+    let echo = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .context("cannot start the echo API")?;
+    let echo_addr = echo.local_addr().context("the echo API's address")?;
+    let config = config(addrs, &token_url, echo_addr)?;
+    // Not fatal: the demo still works without logs.
     if let Err(e) = crate::logging::init(&config.log) {
         eprintln!("bearer-proxy demo: logging: {e}");
     }
@@ -127,14 +119,9 @@ pub async fn run(addrs: DemoAddrs) -> u8 {
         let _ = issuer_stop.wait_for(|s| *s).await;
     }));
     tokio::spawn(serve_echo(echo));
-    let server = match crate::Server::start(config).await {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("bearer-proxy demo: {e:#}");
-            eprintln!("(use --listen and --admin to pick other ports)");
-            return crate::cli::EXIT_FAILURE;
-        }
-    };
+    let server = crate::Server::start(config)
+        .await
+        .context("cannot start the proxy (use --listen and --admin to pick other ports)")?;
     let proxy = server.proxy_addr();
     let admin = server.admin_addr();
     println!(
@@ -153,16 +140,10 @@ pub async fn run(addrs: DemoAddrs) -> u8 {
         DEMO_LIFETIME.as_secs() * 3 / 4 * 85 / 100,
         DEMO_LIFETIME.as_secs() * 3 / 4,
     );
-    let signals = match crate::cli::os_signals() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("bearer-proxy demo: cannot install signal handlers: {e}");
-            return crate::cli::EXIT_FAILURE;
-        }
-    };
+    let signals = os_signals().context("cannot install signal handlers")?;
     server.run(signals).await;
     let _ = stop_tx.send(true);
-    crate::cli::EXIT_OK
+    Ok(())
 }
 
 /// The echo API: answers every request with what it received, the token shortened.

@@ -11,11 +11,17 @@
 //! - [`proxy`]: the forward proxy: routing, token injection, TLS origination, streaming.
 //! - [`admin`]: the admin port (`/metrics`, `/livez`, `/readyz`, `/status`).
 //! - [`tls`]: trust roots for outbound TLS.
-//! - [`shutdown`]: the phases of a graceful stop.
+//! - [`shutdown`]: OS signals and the phases of a graceful stop.
+//! - [`time`]: wall-clock time as text (RFC 3339) and as seconds since the Unix epoch.
 //! - [`logging`]: the tracing subscriber.
-//! - [`issuer`]: the built-in dev token endpoint (demo, tests, benchmarks).
-//! - [`demo`]: `bearer-proxy demo`, the whole mechanism on loopback.
+//! - `issuer`: the built-in dev token endpoint (demo, tests, benchmarks).
+//! - `demo`: `bearer-proxy demo`, the whole mechanism on loopback.
 //! - [`cli`]: the command-line commands behind the thin `main.rs`.
+//!
+//! # Features
+//! - `dev-tools` (default): the dev issuer with its fault-injection control API, and the
+//!   `dev-issuer` and `demo` commands. Build a sidecar without them with
+//!   `--no-default-features`.
 //!
 //! A token flows token endpoint → [`token::refresher::Refresher`] → [`token::TokenCell`] →
 //! request. [`Server`] wires the parts together for `bearer-proxy run`.
@@ -24,13 +30,16 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+#[cfg(feature = "dev-tools")]
 pub mod demo;
+#[cfg(feature = "dev-tools")]
 pub mod issuer;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod secret;
 pub mod shutdown;
+pub mod time;
 pub mod tls;
 pub mod token;
 
@@ -46,19 +55,10 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+pub use crate::shutdown::Signal;
 use crate::shutdown::{Phase, Shutdown, ShutdownController};
 use crate::token::TokenCell;
 use crate::token::refresher::Refresher;
-
-/// A stop request delivered to [`Server::run`] (from SIGTERM/SIGINT in the binary, from a
-/// channel in tests).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Signal {
-    /// SIGTERM: drain, then stop gracefully. A second one stops at once.
-    Terminate,
-    /// SIGINT (Ctrl-C): the same as SIGTERM.
-    Interrupt,
-}
 
 /// A started bearer-proxy: listeners bound and tasks running.
 pub struct Server {

@@ -1,11 +1,45 @@
-//! Shutdown: the phases a stopping process goes through, and the handle every task watches.
+//! Shutdown: the signals that ask for it, the phases a stopping process goes through, and the
+//! handle every task watches.
 //!
 //! SIGTERM starts [`Phase::Draining`]: readiness turns false but the proxy keeps accepting, so
 //! that Kubernetes has time to take the pod out of its endpoints. After `drain_delay` comes
 //! [`Phase::Stopping`]: the listener closes and in-flight requests get `shutdown_grace` to
 //! finish. A second SIGTERM or SIGINT skips straight to [`Phase::Terminated`].
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+
+/// A stop request delivered to [`crate::Server::run`] (from SIGTERM/SIGINT in the binary, from a
+/// channel in tests).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGTERM: drain, then stop gracefully. A second one stops at once.
+    Terminate,
+    /// SIGINT (Ctrl-C): the same as SIGTERM.
+    Interrupt,
+}
+
+/// SIGTERM and SIGINT, delivered as [`Signal`]s. Must be called inside a tokio runtime; the
+/// handlers stay installed for the life of the process.
+pub fn os_signals() -> std::io::Result<mpsc::Receiver<Signal>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    // A few queued signals are plenty: only the first two change anything.
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            let s = tokio::select! {
+                Some(()) = term.recv() => Signal::Terminate,
+                Some(()) = int.recv() => Signal::Interrupt,
+                else => return,
+            };
+            if tx.send(s).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
 
 /// Where the process is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

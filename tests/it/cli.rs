@@ -195,6 +195,36 @@ async fn run_without_config_exits_2() {
 }
 
 #[tokio::test]
+async fn run_exits_1_naming_the_key_when_the_proxy_port_is_taken() {
+    let (url, _) = issuer(canary_issuer()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &url, "client_credentials", "");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let text = std::fs::read_to_string(&config).unwrap().replacen(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"{}\"", taken.local_addr().unwrap()),
+        1,
+    );
+    std::fs::write(&config, text).unwrap();
+    let out = run(&["run"], &config, &[]).await;
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    // The failure is printed once, with its cause, on a line of its own.
+    let printed: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("bearer-proxy: "))
+        .collect();
+    assert_eq!(printed.len(), 1, "{}", out.stderr);
+    assert!(
+        printed[0].starts_with("bearer-proxy: proxy.listen: cannot listen on 127.0.0.1:"),
+        "{}",
+        out.stderr
+    );
+    assert_no_canary(&out.stdout);
+    assert_no_canary(&out.stderr);
+}
+
+#[tokio::test]
 async fn run_refreshes_and_stops_on_sigterm_without_leaking_secrets() {
     let (url, control) = issuer(canary_issuer()).await;
     let dir = tempfile::tempdir().unwrap();

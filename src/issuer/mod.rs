@@ -1,0 +1,206 @@
+//! The built-in dev issuer: a local OAuth2 token endpoint speaking Flinks'
+//! `POST /api/v1/token` contract, with failure switches and observation hooks for the local demo,
+//! the integration tests (in-process) and the benchmarks (as a subprocess the CLI starts).
+//!
+//! It is dev tooling, compiled only with the default-on `dev-tools` cargo feature: a sidecar
+//! built with `--no-default-features` has neither this module nor its fault-injection API.
+//!
+//! This file binds and serves ([`DevIssuer`]) and routes a request to its endpoint. The parts:
+//! - `endpoint.rs`: the token endpoint: client authentication and the grants;
+//! - `control.rs`: [`IssuerControl`] and the `/control/...` HTTP switches;
+//! - `fault.rs`: the injectable failures ([`Fault`]) and their answers;
+//! - `state.rs`: [`IssuerOptions`], the shared state and request log, token minting;
+//! - `params.rs`: reading a body and its parameters; `response.rs`: JSON and OAuth error answers.
+
+mod control;
+mod endpoint;
+mod fault;
+#[cfg(test)]
+mod harness;
+mod params;
+mod response;
+mod state;
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+pub use control::IssuerControl;
+pub use fault::Fault;
+pub use state::{IssuedToken, IssuerOptions, RecordedRequest};
+
+use response::error_response;
+use state::Shared;
+
+/// The token endpoint path (Flinks').
+const TOKEN_PATH: &str = "/api/v1/token";
+/// A second path for the token endpoint, the common OAuth2 spelling.
+const TOKEN_ALIAS: &str = "/token";
+/// Prefix of the control API paths.
+const CONTROL_PREFIX: &str = "/control/";
+/// How long `serve` lets in-flight requests finish after shutdown before cutting connections:
+/// ample for a loopback token request, short enough that a configured delay cannot hold up a
+/// test that stops the issuer.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// Pause after a failed `accept` (e.g. out of file descriptors) so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// A bound, not yet serving, dev issuer.
+pub struct DevIssuer {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for DevIssuer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DevIssuer")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DevIssuer {
+    /// Binds the listening socket (`127.0.0.1:0` picks a free port). Nothing is served until
+    /// [`DevIssuer::serve`] runs, but connections queue in the backlog meanwhile.
+    pub async fn bind(addr: SocketAddr, opts: IssuerOptions) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let local_addr = listener.local_addr()?;
+        Ok(Self {
+            listener,
+            local_addr,
+            shared: Arc::new(Shared::new(opts)),
+        })
+    }
+
+    /// The bound address (with the real port when bound to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// `http://<addr>` with no trailing slash; an unspecified bind address (`0.0.0.0`, `::`)
+    /// is replaced by loopback so the URL can be connected to.
+    pub fn base_url(&self) -> String {
+        let mut addr = self.local_addr;
+        match addr.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => addr.set_ip(Ipv4Addr::LOCALHOST.into()),
+            IpAddr::V6(ip) if ip.is_unspecified() => addr.set_ip(Ipv6Addr::LOCALHOST.into()),
+            _ => {}
+        }
+        format!("http://{addr}")
+    }
+
+    /// The token endpoint URL, `<base_url>/api/v1/token`.
+    pub fn token_url(&self) -> String {
+        format!("{}{TOKEN_PATH}", self.base_url())
+    }
+
+    /// A handle on the switches and observations; it stays usable after `serve` returns.
+    pub fn control(&self) -> IssuerControl {
+        IssuerControl {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Serves until `shutdown` resolves, each connection in its own task. Then it stops
+    /// accepting, lets in-flight requests finish for up to a second, closes every connection
+    /// and returns.
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) {
+        let DevIssuer {
+            listener, shared, ..
+        } = self;
+        let mut http = hyper::server::conn::http1::Builder::new();
+        // The timer enables hyper's header read timeout, so an idle half-open client cannot pin
+        // a task forever.
+        http.timer(TokioTimer::new());
+        let graceful = GracefulShutdown::new();
+        let mut connections = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _peer)) => {
+                        let shared = Arc::clone(&shared);
+                        let service = service_fn(move |req| {
+                            let shared = Arc::clone(&shared);
+                            async move { Ok::<_, Infallible>(handle(&shared, req).await) }
+                        });
+                        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+                        connections.spawn(async move {
+                            if let Err(e) = conn.await {
+                                tracing::debug!(error = %e, "dev issuer: connection error");
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "dev issuer: accept failed");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    }
+                },
+            }
+        }
+        drop(listener);
+        if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::debug!("dev issuer: cutting connections still busy after the grace period");
+        }
+        connections.shutdown().await;
+    }
+}
+
+/// Routes a request.
+async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    if path == TOKEN_PATH || path == TOKEN_ALIAS {
+        return endpoint::token_endpoint(shared, req).await;
+    }
+    if shared.control_api
+        && let Some(command) = path.strip_prefix(CONTROL_PREFIX)
+    {
+        let command = command.to_owned();
+        return control::control_endpoint(shared, &command, req).await;
+    }
+    error_response(StatusCode::NOT_FOUND, "invalid_request", "no such endpoint")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::harness::{cc_json, client, start};
+    use super::*;
+
+    #[tokio::test]
+    async fn serve_returns_on_shutdown_and_stops_accepting() {
+        let issuer = start(IssuerOptions::default()).await;
+        let url = issuer.url.clone();
+        let http = client();
+        assert_eq!(
+            http.post(&url)
+                .json(&cc_json())
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            StatusCode::OK
+        );
+        issuer.stop().await;
+        // The pooled keep-alive connection was closed and no new one is accepted.
+        assert!(http.post(&url).json(&cc_json()).send().await.is_err());
+    }
+}

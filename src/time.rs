@@ -1,0 +1,44 @@
+//! Wall-clock time as people and Prometheus read it: RFC 3339 text, and seconds since the Unix
+//! epoch. Scheduling never uses these; it runs on tokio's clock (`tokio::time::Instant`).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// RFC 3339 in UTC with whole seconds (`2026-01-02T03:04:05Z`), for humans and the status page.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Whole seconds since the Unix epoch, as JWT `iat`/`exp` claims count them. A time before the
+/// epoch (a badly set clock) counts as 0 rather than failing: these values are descriptive.
+pub fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Seconds since the Unix epoch with the fraction, as Prometheus timestamp gauges hold them;
+/// 0 before the epoch, as with [`unix_secs`].
+pub fn unix_secs_f64(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The time `secs` seconds after the Unix epoch (a JWT `exp` or `iat` claim).
+pub fn from_unix_secs(secs: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conversions_agree_and_clamp_before_the_epoch() {
+        let t = from_unix_secs(1_767_323_045);
+        assert_eq!(rfc3339(t), "2026-01-02T03:04:05Z");
+        assert_eq!(unix_secs(t), 1_767_323_045);
+        assert_eq!(unix_secs(t + Duration::from_millis(900)), 1_767_323_045);
+        assert!((unix_secs_f64(t + Duration::from_millis(500)) - 1_767_323_045.5).abs() < 1e-6);
+        let before = UNIX_EPOCH - Duration::from_secs(1);
+        assert_eq!(unix_secs(before), 0);
+        assert_eq!(unix_secs_f64(before), 0.0);
+    }
+}
