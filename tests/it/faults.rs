@@ -781,7 +781,10 @@ async fn three_second_tokens_from_a_flapping_endpoint_never_reach_the_upstream_e
     assert_token_unavailable(&refused);
     assert_eq!(rig.token_status().await["state"], "expired");
     endpoint.up().await;
-    rig.cell.wait_valid(PATIENCE).await.expect("token after the outage");
+    rig.cell
+        .wait_valid(PATIENCE)
+        .await
+        .expect("token after the outage");
     assert_eq!(rig.get("/after").await.status, 200);
     let statuses = load.stop().await;
     assert!(
@@ -911,7 +914,10 @@ async fn a_wrong_token_url_is_misconfiguration_not_rejected_credentials() {
     assert!(message.contains("token_url looks wrong"), "{status}");
     // Four failures, then a token, well within the first minute of backoff.
     let started = Instant::now();
-    rig.cell.wait_valid(Duration::from_secs(10)).await.expect("token");
+    rig.cell
+        .wait_valid(Duration::from_secs(10))
+        .await
+        .expect("token");
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_eq!(
         rig.metric(r#"bearer_proxy_token_refreshes_total{result="rejected",token="flinks"}"#)
