@@ -68,9 +68,10 @@ impl TokenState {
 /// Class of a refresh failure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorKind {
-    /// A retry can fix it (connect, timeout, 5xx, 408, 429, malformed body).
+    /// A retry can fix it (connect, timeout, 5xx, 408, 429, malformed body), or it is not the
+    /// credentials' fault (an error status without an OAuth `error`: a wrong `token_url`).
     Transient,
-    /// The token endpoint refused the credentials (400/401/403).
+    /// The token endpoint refused the credentials (a 4xx with an OAuth `error`).
     Rejected,
 }
 

@@ -1859,7 +1859,9 @@ async fn unwritable_state_dir_holds_the_code_until_it_can_be_recorded() {
 
 /// `state_dir` not writable while the server rotates refresh tokens: the new refresh token
 /// cannot be persisted (logged as an error), but it is kept in memory and used, so requests
-/// keep flowing; the superseded refresh token is never sent again.
+/// keep flowing; the superseded refresh token is never sent again. `/status` and
+/// `bearer_proxy_token_state_persisted` say the token lives only in memory, so an alert can
+/// fire before a restart loses it.
 #[tokio::test]
 async fn unwritable_state_dir_keeps_a_rotated_refresh_token_in_memory() {
     let issuer = Issuer::start(IssuerOptions {
@@ -1904,6 +1906,14 @@ async fn unwritable_state_dir_keeps_a_rotated_refresh_token_in_memory() {
         rig.logs
             .text()
             .contains("cannot persist the new refresh token")
+    );
+    assert_eq!(rig.token_status().await["refresh_token_persisted"], false);
+    assert_eq!(
+        metric(
+            &scrape(rig.admin).await,
+            r#"bearer_proxy_token_state_persisted{token="flinks"}"#
+        ),
+        Some(0.0)
     );
     assert_eq!(bad.load(Ordering::SeqCst), 0);
     rig.settled().await;
