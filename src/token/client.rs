@@ -218,8 +218,8 @@ impl FetchError {
     }
 
     /// Replaces every occurrence of each of `secrets` (and their URL-encoded forms) in the
-    /// text this error carries with [`REDACTED`], then cuts that text to its length limit.
-    /// Empty secrets are ignored.
+    /// text this error carries with [`REDACTED`] (the OAuth texts are cut to their length limit
+    /// again afterwards). Empty secrets are ignored.
     pub fn redact(&mut self, secrets: &[&str]) {
         let redactor = Redactor::new(secrets.iter().copied());
         match self {
