@@ -240,6 +240,8 @@ fn token_json(s: &TokenStatus) -> Value {
         "consecutive_failures": s.consecutive_failures,
         "next_attempt": time(s.next_attempt),
         "refreshes": {"ok": s.refreshes_ok, "failed": s.refreshes_failed},
+        // false while a refresh token the server rotated is held only in memory.
+        "refresh_token_persisted": !s.refresh_token_in_memory_only,
     })
 }
 

@@ -68,6 +68,7 @@ pub const REFRESH_ERROR_REASONS: &[&str] = &[
     "server_error",
     "temporarily_unavailable",
     "credentials_unreadable",
+    "not_oauth",
     "other",
 ];
 
@@ -190,6 +191,7 @@ pub struct Metrics {
     token_last_success: prometheus::GaugeVec,
     token_valid: IntGaugeVec,
     token_forced: IntCounterVec,
+    token_state_persisted: IntGaugeVec,
     requests: IntCounterVec,
     request_duration: HistogramVec,
     upstream_errors: IntCounterVec,
@@ -331,6 +333,18 @@ impl Metrics {
                 "Refreshes forced by an upstream rejecting the token.",
                 &["token"],
             ),
+            token_state_persisted: register(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "bearer_proxy_token_state_persisted",
+                        "0 while a refresh token the server rotated is kept only in memory \
+                         (state_dir unwritable or unset: a restart loses it), else 1.",
+                    ),
+                    &["token"],
+                )
+                .unwrap_or_else(panic_free),
+            ),
             requests: counter_vec(
                 &r,
                 "bearer_proxy_requests_total",
@@ -405,6 +419,12 @@ impl Metrics {
             last_success: self.token_last_success.with_label_values(&[name]),
             valid: self.token_valid.with_label_values(&[name]),
             forced: self.token_forced.with_label_values(&[name]),
+            state_persisted: {
+                let g = self.token_state_persisted.with_label_values(&[name]);
+                // Nothing is held only in memory until a refresh token is rotated.
+                g.set(1);
+                g
+            },
         }
     }
 
@@ -472,6 +492,8 @@ pub struct TokenMetrics {
     pub valid: IntGauge,
     /// Forced refreshes.
     pub forced: IntCounter,
+    /// 0 while a rotated refresh token is kept only in memory.
+    pub state_persisted: IntGauge,
 }
 
 impl TokenMetrics {

@@ -5,12 +5,12 @@
 use std::time::{Duration, SystemTime};
 
 use bearer_proxy::token::AccessToken;
-use bearer_proxy::token::client::{MAX_LIFETIME, MIN_LIFETIME, parse_token_response};
+use bearer_proxy::token::client::{MAX_LIFETIME, parse_token_response};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(resp) = parse_token_response(data, Duration::from_secs(60), SystemTime::now()) {
-        assert!(resp.lifetime >= MIN_LIFETIME && resp.lifetime <= MAX_LIFETIME);
+        assert!(!resp.lifetime.is_zero() && resp.lifetime <= MAX_LIFETIME);
         let token = AccessToken::new(
             resp.access_token.expose(),
             tokio::time::Instant::now(),

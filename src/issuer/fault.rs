@@ -30,6 +30,19 @@ pub enum Fault {
     OAuthError(String),
     /// 200 with an HTML body (`text/html`): not JSON, not a token.
     Malformed,
+    /// Exactly this answer, for what no well-behaved server sends: a redirect, a 404 page, an
+    /// error echoing a secret, a token with a lifetime of zero or an `exp` in the past. A
+    /// status that is not a valid code is answered 500; invalid header names or values are
+    /// left out. Tests set it through [`IssuerControl::fail_next`](super::IssuerControl::fail_next)
+    /// only; the control API has no name for it.
+    Raw {
+        /// The status code.
+        status: u16,
+        /// Header lines, in order.
+        headers: Vec<(String, String)>,
+        /// The body, verbatim.
+        body: String,
+    },
 }
 
 impl Fault {
@@ -67,6 +80,24 @@ impl Fault {
                     CONTENT_TYPE,
                     HeaderValue::from_static("text/html; charset=utf-8"),
                 );
+                response
+            }
+            Fault::Raw {
+                status,
+                headers,
+                body,
+            } => {
+                let mut response = Response::new(Full::new(Bytes::from(body.clone())));
+                *response.status_mut() =
+                    StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                for (name, value) in headers {
+                    if let (Ok(name), Ok(value)) = (
+                        http::header::HeaderName::from_bytes(name.as_bytes()),
+                        HeaderValue::from_str(value),
+                    ) {
+                        response.headers_mut().append(name, value);
+                    }
+                }
                 response
             }
         }

@@ -4,8 +4,16 @@
 //! Parsing is lenient where real servers differ (`expires_in` as integer, float or string; a
 //! missing `expires_in` falls back to the JWT `exp`, then to `default_lifetime`) and strict
 //! where safety needs it (a token that cannot be a header value, or of a type other than
-//! `Bearer`, is refused; bodies are size-bounded). Errors are [`FetchError`]s, classified as
-//! transient (retry soon) or rejected (the credentials were refused: retry slowly).
+//! `Bearer`, is refused; a lifetime of zero or less, or a JWT `exp` in the past, is malformed;
+//! bodies are size-bounded). A lifetime is never raised: the token is not used a moment longer
+//! than the server granted. Errors are [`FetchError`]s, classified as transient (retry soon) or
+//! rejected (the credentials were refused: retry slowly). An error answer without an OAuth
+//! `error` (a redirect, a 404 from a wrong `token_url`, a gateway's page) is not a rejection.
+//!
+//! Whatever text the server sends back (`error`, `error_description`, `token_type`, `scope`) is
+//! shown on the status page and logged, so every secret the request carried (client secret,
+//! refresh token, code, also URL-encoded and as the Basic credential) is replaced by
+//! [`REDACTED`] before the text is cut to length or stored anywhere.
 
 use std::time::{Duration, SystemTime};
 
@@ -22,15 +30,14 @@ use crate::token::ErrorKind;
 /// Token responses are a few kilobytes at most (a JWT with generous claims). Anything larger is
 /// a misbehaving server, and is refused without buffering it.
 pub const MAX_RESPONSE_BYTES: usize = 256 * 1024;
-/// Lifetimes shorter than this (including zero and negative ones) are raised to it, so that a
-/// broken server cannot make the refresher spin.
-pub const MIN_LIFETIME: Duration = Duration::from_secs(5);
 /// Lifetimes longer than this are capped: no sane access token lives a day, and a refresh per
 /// day costs nothing.
 pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// OAuth error codes and descriptions are shown on the status page and in logs; they are cut to
 /// this length so a hostile server cannot flood either.
 const MAX_ERROR_TEXT: usize = 256;
+/// What a secret echoed by the token server is replaced with.
+pub const REDACTED: &str = "[redacted]";
 
 /// What is being exchanged for an access token.
 #[derive(Clone, Debug)]
@@ -78,7 +85,7 @@ pub enum LifetimeSource {
 pub struct TokenResponse {
     /// The access token.
     pub access_token: Secret,
-    /// Its lifetime, clamped to [`MIN_LIFETIME`]..=[`MAX_LIFETIME`].
+    /// Its lifetime as granted (greater than zero), capped at [`MAX_LIFETIME`].
     pub lifetime: Duration,
     /// Where the lifetime came from.
     pub lifetime_source: LifetimeSource,
@@ -115,7 +122,7 @@ pub enum FetchError {
     #[error("cannot reach the token endpoint: {0}")]
     Connect(String),
     /// The server answered with an error status.
-    #[error("token endpoint answered HTTP {status}{}", oauth_suffix(.oauth))]
+    #[error("token endpoint answered HTTP {status}{}", http_suffix(*.status, .oauth))]
     Http {
         /// The status.
         status: u16,
@@ -132,8 +139,22 @@ pub enum FetchError {
     UnsupportedToken(String),
 }
 
-fn oauth_suffix(oauth: &Option<OAuthError>) -> String {
+/// Whether an error status without an OAuth `error` is one a working endpoint may send
+/// (overload, timeouts, rate limits): then it is plain transient, not a misconfiguration.
+fn overload_status(status: u16) -> bool {
+    status >= 500 || status == 408 || status == 429
+}
+
+fn http_suffix(status: u16, oauth: &Option<OAuthError>) -> String {
     match oauth {
+        None if (300..400).contains(&status) => {
+            ": a redirect, not followed; token_url looks wrong (point it at the final URL)".into()
+        }
+        None if !overload_status(status) => {
+            " without an OAuth error: token_url looks wrong, or something in front of the \
+             token endpoint refuses the request"
+                .into()
+        }
         None => String::new(),
         Some(OAuthError {
             code,
@@ -147,22 +168,22 @@ fn oauth_suffix(oauth: &Option<OAuthError>) -> String {
 }
 
 impl FetchError {
-    /// Transient (retry with backoff) or rejected (retry slowly).
+    /// Transient (retry with backoff) or rejected (retry slowly). Only an OAuth `error` in a
+    /// 4xx answer rejects the credentials; an answer without one (a redirect, a 404) is a
+    /// misconfiguration or a gateway's doing, retried with the normal backoff.
     pub fn kind(&self) -> ErrorKind {
         match self {
             FetchError::Timeout | FetchError::Connect(_) | FetchError::Malformed(_) => {
                 ErrorKind::Transient
             }
-            FetchError::Http { status, oauth, .. } => {
-                let retryable_code = oauth.as_ref().is_some_and(|o| {
-                    o.code == "temporarily_unavailable" || o.code == "server_error"
-                });
-                if *status >= 500 || *status == 408 || *status == 429 || retryable_code {
+            FetchError::Http { status, oauth, .. } => match oauth {
+                None => ErrorKind::Transient,
+                Some(o) if o.code == "temporarily_unavailable" || o.code == "server_error" => {
                     ErrorKind::Transient
-                } else {
-                    ErrorKind::Rejected
                 }
-            }
+                Some(_) if overload_status(*status) => ErrorKind::Transient,
+                Some(_) => ErrorKind::Rejected,
+            },
             FetchError::Credentials(_)
             | FetchError::Unusable(_)
             | FetchError::UnsupportedToken(_) => ErrorKind::Rejected,
@@ -182,10 +203,37 @@ impl FetchError {
                 429 => "http_429",
                 408 => "timeout",
                 s if *s >= 500 => "http_5xx",
-                _ => oauth
-                    .as_ref()
-                    .map_or("other", |o| crate::metrics::refresh_error_reason(&o.code)),
+                _ => oauth.as_ref().map_or("not_oauth", |o| {
+                    crate::metrics::refresh_error_reason(&o.code)
+                }),
             },
+        }
+    }
+
+    /// Whether the answer says the configuration is wrong rather than the server busy or the
+    /// credentials refused: an error status without an OAuth `error` that no working endpoint
+    /// sends for load (a redirect, a 404, a gateway's 403).
+    pub fn misconfigured(&self) -> bool {
+        matches!(self, FetchError::Http { status, oauth: None, .. } if !overload_status(*status))
+    }
+
+    /// Replaces every occurrence of each of `secrets` (and their URL-encoded forms) in the
+    /// text this error carries with [`REDACTED`] (the OAuth texts are cut to their length limit
+    /// again afterwards). Empty secrets are ignored.
+    pub fn redact(&mut self, secrets: &[&str]) {
+        let redactor = Redactor::new(secrets.iter().copied());
+        match self {
+            FetchError::Http { oauth: Some(o), .. } => {
+                o.code = redactor.clean(&o.code);
+                o.description = o.description.as_deref().map(|d| redactor.clean(d));
+            }
+            FetchError::Unusable(m)
+            | FetchError::Connect(m)
+            | FetchError::Malformed(m)
+            | FetchError::UnsupportedToken(m) => *m = redactor.apply(m),
+            FetchError::Http { oauth: None, .. }
+            | FetchError::Timeout
+            | FetchError::Credentials(_) => {}
         }
     }
 
@@ -396,11 +444,79 @@ impl TokenClient {
             }
             body.extend_from_slice(&chunk);
         }
+        let sent = sent_secrets(self.client_auth, creds, grant);
+        let redactor = Redactor::new(sent.iter().map(String::as_str));
         if status.is_success() {
-            parse_token_response(&body, self.default_lifetime, SystemTime::now())
+            parse_response(&body, self.default_lifetime, SystemTime::now(), &redactor)
         } else {
-            Err(http_error(status, &body, retry_after))
+            Err(http_error(status, &body, retry_after, &redactor))
         }
+    }
+}
+
+/// Every secret value one token request carries, in every form the server saw it: the client
+/// secret, the refresh token or code, and the Basic credential when that is how the client
+/// authenticates.
+fn sent_secrets(client_auth: ClientAuth, creds: &Credentials, grant: &Grant) -> Vec<String> {
+    let mut sent: Vec<String> = creds
+        .client_secret
+        .iter()
+        .map(|s| s.expose().to_owned())
+        .collect();
+    match grant {
+        Grant::ClientCredentials => {}
+        Grant::RefreshToken(s) | Grant::AuthorizationCode(s) => sent.push(s.expose().to_owned()),
+    }
+    if client_auth == ClientAuth::Basic && creds.client_secret.is_some() {
+        let header = basic_auth(creds);
+        if let Some(credential) = header.strip_prefix("Basic ") {
+            sent.push(credential.to_owned());
+        }
+    }
+    sent
+}
+
+/// Replaces known secret values in text a token server sent back, before that text is cut to
+/// length (a secret cut in half would escape an exact match) or stored.
+#[derive(Default)]
+struct Redactor {
+    /// The values to replace, raw and form-urlencoded, longest first so that a secret that
+    /// contains another is replaced whole.
+    needles: Vec<String>,
+}
+
+impl Redactor {
+    fn new<'a>(secrets: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut needles = Vec::new();
+        for secret in secrets.into_iter().filter(|s| !s.is_empty()) {
+            let encoded: String = url::form_urlencoded::byte_serialize(secret.as_bytes()).collect();
+            if encoded != secret {
+                needles.push(encoded);
+            }
+            needles.push(secret.to_owned());
+        }
+        needles.sort_by_key(|n| std::cmp::Reverse(n.len()));
+        needles.dedup();
+        Self { needles }
+    }
+
+    /// `text` with every needle replaced by [`REDACTED`].
+    fn apply(&self, text: &str) -> String {
+        let mut out = text.to_owned();
+        for needle in &self.needles {
+            if out.contains(needle.as_str()) {
+                out = out.replace(needle.as_str(), REDACTED);
+            }
+        }
+        out
+    }
+
+    /// Server text made fit for the status page and logs: control characters dropped first (so
+    /// one planted inside a secret cannot hide it from the match), secrets replaced, then cut
+    /// to [`MAX_ERROR_TEXT`] characters.
+    fn clean(&self, text: &str) -> String {
+        let visible: String = text.chars().filter(|c| !c.is_control()).collect();
+        self.apply(&visible).chars().take(MAX_ERROR_TEXT).collect()
     }
 }
 
@@ -459,14 +575,12 @@ pub fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duratio
     Some(when.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-fn clean_text(s: &str) -> String {
-    s.chars()
-        .filter(|c| !c.is_control())
-        .take(MAX_ERROR_TEXT)
-        .collect()
-}
-
-fn http_error(status: StatusCode, body: &[u8], retry_after: Option<Duration>) -> FetchError {
+fn http_error(
+    status: StatusCode,
+    body: &[u8],
+    retry_after: Option<Duration>,
+    redactor: &Redactor,
+) -> FetchError {
     #[derive(Deserialize)]
     struct Raw {
         error: Option<serde_json::Value>,
@@ -480,11 +594,11 @@ fn http_error(status: StatusCode, body: &[u8], retry_after: Option<Duration>) ->
     let oauth = serde_json::from_slice::<Raw>(body).ok().and_then(|raw| {
         let code = raw.error.and_then(as_text)?;
         Some(OAuthError {
-            code: clean_text(&code),
+            code: redactor.clean(&code),
             description: raw
                 .error_description
                 .and_then(as_text)
-                .map(|d| clean_text(&d)),
+                .map(|d| redactor.clean(&d)),
         })
     });
     FetchError::Http {
@@ -499,6 +613,16 @@ pub fn parse_token_response(
     body: &[u8],
     default_lifetime: Duration,
     now: SystemTime,
+) -> Result<TokenResponse, FetchError> {
+    parse_response(body, default_lifetime, now, &Redactor::default())
+}
+
+/// [`parse_token_response`], with the secrets of the request redacted from any text kept.
+fn parse_response(
+    body: &[u8],
+    default_lifetime: Duration,
+    now: SystemTime,
+    redactor: &Redactor,
 ) -> Result<TokenResponse, FetchError> {
     #[derive(Deserialize)]
     struct Raw {
@@ -533,7 +657,7 @@ pub fn parse_token_response(
         Some(serde_json::Value::String(t)) => {
             return Err(FetchError::UnsupportedToken(format!(
                 "token_type {:?} is not Bearer",
-                clean_text(&t)
+                redactor.clean(&t)
             )));
         }
         Some(_) => return Err(FetchError::Malformed("token_type is not a string".into())),
@@ -545,17 +669,27 @@ pub fn parse_token_response(
             None => (default_lifetime.as_secs_f64(), LifetimeSource::Default),
         },
     };
+    let Some(lifetime) = granted_lifetime(seconds) else {
+        return Err(FetchError::Malformed(match lifetime_source {
+            LifetimeSource::ExpiresIn => format!("expires_in is {seconds}: not a lifetime"),
+            LifetimeSource::JwtExp => format!(
+                "the token's JWT exp is {:.0} s in the past (or this host's clock is ahead)",
+                -seconds
+            ),
+            LifetimeSource::Default => "default_lifetime is zero".into(),
+        }));
+    };
     let refresh_token = match raw.refresh_token {
         Some(serde_json::Value::String(s)) if !s.is_empty() => Some(Secret::new(s)),
         _ => None,
     };
     let scope = match raw.scope {
-        Some(serde_json::Value::String(s)) => Some(clean_text(&s)),
+        Some(serde_json::Value::String(s)) => Some(redactor.clean(&s)),
         _ => None,
     };
     Ok(TokenResponse {
         access_token: Secret::new(access_token),
-        lifetime: clamp_lifetime(seconds),
+        lifetime,
         lifetime_source,
         refresh_token,
         scope,
@@ -573,14 +707,16 @@ fn number(v: &serde_json::Value) -> Option<f64> {
     n.is_finite().then_some(n)
 }
 
-/// Clamps a lifetime in seconds to [`MIN_LIFETIME`]..=[`MAX_LIFETIME`] without overflow.
-pub fn clamp_lifetime(seconds: f64) -> Duration {
-    if !seconds.is_finite() || seconds <= MIN_LIFETIME.as_secs_f64() {
-        MIN_LIFETIME
+/// A granted lifetime in seconds as a duration capped at [`MAX_LIFETIME`] (without overflow);
+/// `None` for zero, a negative or a non-finite value. Short lifetimes are kept as they are:
+/// the refresh *schedule* has a floor, the lifetime never does.
+pub fn granted_lifetime(seconds: f64) -> Option<Duration> {
+    if !seconds.is_finite() || seconds <= 0.0 {
+        None
     } else if seconds >= MAX_LIFETIME.as_secs_f64() {
-        MAX_LIFETIME
+        Some(MAX_LIFETIME)
     } else {
-        Duration::from_secs_f64(seconds)
+        Some(Duration::from_secs_f64(seconds)).filter(|d| !d.is_zero())
     }
 }
 
@@ -634,12 +770,41 @@ mod tests {
         assert_eq!(lt("299"), Duration::from_secs(299));
         assert_eq!(lt("299.5"), Duration::from_secs_f64(299.5));
         assert_eq!(lt("\"300\""), Duration::from_secs(300));
-        assert_eq!(lt("0"), MIN_LIFETIME);
-        assert_eq!(lt("-5"), MIN_LIFETIME);
+        // Short lifetimes are kept, never raised.
+        assert_eq!(lt("3"), Duration::from_secs(3));
+        assert_eq!(lt("1"), Duration::from_secs(1));
+        assert_eq!(lt("0.5"), Duration::from_millis(500));
         assert_eq!(lt("1e12"), MAX_LIFETIME);
         assert_eq!(lt("\"1e400\""), DEFAULT, "non-finite counts as absent");
         assert_eq!(lt("\"NaN\""), DEFAULT);
         assert_eq!(lt("\"soon\""), DEFAULT);
+    }
+
+    #[test]
+    fn zero_or_negative_lifetimes_are_malformed_and_transient() {
+        for e in ["0", "-5", "\"0\"", "-0.5", "1e-300"] {
+            let err = parse(&format!(r#"{{"access_token":"t","expires_in":{e}}}"#)).unwrap_err();
+            assert!(matches!(err, FetchError::Malformed(_)), "{e}: {err:?}");
+            assert_eq!(err.kind(), ErrorKind::Transient, "{e}");
+            assert_eq!(err.reason(), "malformed");
+        }
+    }
+
+    #[test]
+    fn a_jwt_exp_in_the_past_is_malformed() {
+        let now = SystemTime::now();
+        let exp = unix_seconds(now) as u64 - 30;
+        let token = jwt(&format!(r#"{{"sub":"u","exp":{exp}}}"#));
+        let err = parse_token_response(
+            format!(r#"{{"access_token":"{token}"}}"#).as_bytes(),
+            DEFAULT,
+            now,
+        )
+        .unwrap_err();
+        assert!(matches!(err, FetchError::Malformed(_)), "{err:?}");
+        assert_eq!(err.kind(), ErrorKind::Transient);
+        assert!(err.to_string().contains("in the past"), "{err}");
+        assert!(!err.to_string().contains(&token));
     }
 
     #[test]
@@ -688,7 +853,12 @@ mod tests {
     #[test]
     fn error_classification() {
         let e = |status: u16, body: &str| {
-            http_error(StatusCode::from_u16(status).unwrap(), body.as_bytes(), None)
+            http_error(
+                StatusCode::from_u16(status).unwrap(),
+                body.as_bytes(),
+                None,
+                &Redactor::default(),
+            )
         };
         let rejected = e(
             400,
@@ -705,8 +875,12 @@ mod tests {
             e(401, r#"{"error":"invalid_client"}"#).reason(),
             "invalid_client"
         );
-        assert_eq!(e(403, "").kind(), ErrorKind::Rejected);
+        assert_eq!(
+            e(403, r#"{"error":"access_denied"}"#).kind(),
+            ErrorKind::Rejected
+        );
         assert_eq!(e(400, r#"{"error":"made_up"}"#).reason(), "other");
+        assert_eq!(e(400, r#"{"error":"made_up"}"#).kind(), ErrorKind::Rejected);
         assert_eq!(e(500, "").kind(), ErrorKind::Transient);
         assert_eq!(e(503, "").reason(), "http_5xx");
         assert_eq!(e(429, "").reason(), "http_429");
@@ -716,9 +890,73 @@ mod tests {
             e(400, r#"{"error":"temporarily_unavailable"}"#).kind(),
             ErrorKind::Transient
         );
+        // Answers without an OAuth error are not a rejection of the credentials.
+        for status in [301, 302, 307, 400, 401, 403, 404, 405] {
+            let err = e(status, "<html>Not Found</html>");
+            assert_eq!(err.kind(), ErrorKind::Transient, "{status}");
+            assert_eq!(err.reason(), "not_oauth", "{status}");
+            assert!(err.misconfigured(), "{status}");
+            assert!(err.to_string().contains("token_url looks wrong"), "{err}");
+            assert!(err.to_string().contains(&format!("HTTP {status}")), "{err}");
+        }
+        assert!(!e(503, "").misconfigured());
+        assert!(!e(400, r#"{"error":"invalid_grant"}"#).misconfigured());
         let long = "x".repeat(10_000);
         let big = e(400, &format!(r#"{{"error":"{long}"}}"#));
         assert!(big.oauth().unwrap().code.len() <= MAX_ERROR_TEXT);
+    }
+
+    #[test]
+    fn secrets_the_server_echoes_are_redacted_before_truncation() {
+        let redactor = Redactor::new(["canary-s3cret/+", "rt-canary"]);
+        let body = serde_json::json!({
+            "error": "invalid_client rt-canary",
+            // Raw, URL-encoded, with a planted control character, and cut at the length limit.
+            "error_description": format!(
+                "bad secret canary-s3cret/+ or {} or canary-s3\u{1}cret/+ {}canary-s3cret/+",
+                "canary-s3cret%2F%2B",
+                "x".repeat(MAX_ERROR_TEXT - 10)
+            ),
+        });
+        let err = http_error(
+            StatusCode::UNAUTHORIZED,
+            body.to_string().as_bytes(),
+            None,
+            &redactor,
+        );
+        let shown = format!("{err} {err:?}");
+        assert!(!shown.contains("canary"), "{shown}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains(REDACTED), "{shown}");
+        assert!(err.oauth().unwrap().description.as_ref().unwrap().len() <= MAX_ERROR_TEXT);
+        // Text kept from a successful answer too.
+        let t = parse_response(
+            br#"{"access_token":"t","token_type":"rt-canary"}"#,
+            DEFAULT,
+            SystemTime::now(),
+            &redactor,
+        )
+        .unwrap_err();
+        assert!(!t.to_string().contains("canary"), "{t}");
+        // And any other error, after the fact.
+        let mut m = FetchError::Connect("rt-canary".into());
+        m.redact(&["rt-canary", ""]);
+        assert_eq!(m.to_string(), "cannot reach the token endpoint: [redacted]");
+    }
+
+    #[test]
+    fn the_basic_credential_counts_as_a_sent_secret() {
+        let creds = Credentials {
+            client_id: Secret::new("id"),
+            client_secret: Some(Secret::new("s")),
+        };
+        let sent = sent_secrets(
+            ClientAuth::Basic,
+            &creds,
+            &Grant::RefreshToken(Secret::new("rt")),
+        );
+        assert!(sent.contains(&"s".to_owned()) && sent.contains(&"rt".to_owned()));
+        assert!(sent.contains(&STANDARD.encode("id:s")), "{sent:?}");
     }
 
     #[test]

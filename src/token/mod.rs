@@ -6,7 +6,9 @@
 //! writer. The token endpoint client lives in [`client`], refresh-token persistence in [`store`].
 //!
 //! An expired token is never handed out: validity is checked against tokio's monotonic clock at
-//! the moment of use, not by a timer that might fire late.
+//! the moment of use, not by a timer that might fire late, and ends [`expiry_leeway`] before the
+//! expiry the server granted, so a token is not sent in its last moments (it could expire on
+//! the way to the upstream).
 
 pub mod client;
 pub mod refresher;
@@ -24,17 +26,35 @@ use tokio::time::Instant;
 
 pub use refresher::{ErrorInfo, ErrorKind, TokenState, TokenStatus};
 
+/// The share of a token's lifetime at its end during which it is no longer sent: 10 % is 0.3 s
+/// of a 3 s token and 0.1 s of a 1 s one, enough for a request to cross the network and for
+/// modest clock skew at the upstream, while a short token stays usable for most of its life.
+pub const EXPIRY_LEEWAY_FRACTION: f64 = 0.1;
+/// The longest leeway, whatever the lifetime: a few seconds cover any sane transit time, and a
+/// long-lived token should not be retired minutes early.
+pub const MAX_EXPIRY_LEEWAY: Duration = Duration::from_secs(5);
+
+/// How long before its granted expiry a token of `lifetime` stops being sent:
+/// [`EXPIRY_LEEWAY_FRACTION`] of the lifetime, at most [`MAX_EXPIRY_LEEWAY`].
+pub fn expiry_leeway(lifetime: Duration) -> Duration {
+    lifetime
+        .mul_f64(EXPIRY_LEEWAY_FRACTION)
+        .min(MAX_EXPIRY_LEEWAY)
+}
+
 /// An access token ready to be injected.
 pub struct AccessToken {
     /// `Bearer <token>`, built once and marked sensitive (HTTP/2 never indexes it).
     header: HeaderValue,
     /// Monotonic expiry: the moment the token request was sent plus the lifetime.
     expires_at: Instant,
+    /// The last moment the token is sent: `expires_at` less [`expiry_leeway`].
+    usable_until: Instant,
     /// Wall-clock expiry, for metrics and the status page only.
     expires_wall: SystemTime,
     /// Which token this is, counting from 1 per cell; lets a 401 name the token it saw.
     generation: u64,
-    /// The lifetime the server granted (after clamping).
+    /// The lifetime the server granted (never raised; capped only at the client's maximum).
     lifetime: Duration,
     /// The `scope` the server granted, if it said.
     scope: Option<String>,
@@ -55,6 +75,7 @@ impl AccessToken {
         Ok(Self {
             header,
             expires_at: sent_at + lifetime,
+            usable_until: sent_at + lifetime - expiry_leeway(lifetime),
             expires_wall: sent_wall + lifetime,
             generation: 0,
             lifetime,
@@ -67,9 +88,14 @@ impl AccessToken {
         &self.header
     }
 
-    /// Monotonic expiry.
+    /// Monotonic expiry, as granted by the server.
     pub fn expires_at(&self) -> Instant {
         self.expires_at
+    }
+
+    /// The last moment the token is sent (the expiry less [`expiry_leeway`]).
+    pub fn usable_until(&self) -> Instant {
+        self.usable_until
     }
 
     /// Wall-clock expiry (informational).
@@ -92,9 +118,9 @@ impl AccessToken {
         self.scope.as_deref()
     }
 
-    /// Whether the token may still be sent at `now`.
+    /// Whether the token may still be sent at `now`: before its expiry less the leeway.
     pub fn is_valid_at(&self, now: Instant) -> bool {
-        now < self.expires_at
+        now < self.usable_until
     }
 }
 
@@ -335,6 +361,39 @@ mod tests {
         tokio::time::advance(Duration::from_secs(10)).await;
         assert!(cell.current().is_none());
         assert!(cell.wait_valid(Duration::from_secs(1)).await.is_none());
+    }
+
+    #[test]
+    fn leeway_is_a_fraction_of_short_lifetimes_and_capped_for_long_ones() {
+        assert_eq!(
+            expiry_leeway(Duration::from_secs(3)),
+            Duration::from_millis(300)
+        );
+        assert_eq!(
+            expiry_leeway(Duration::from_secs(1)),
+            Duration::from_millis(100)
+        );
+        assert_eq!(expiry_leeway(Duration::from_secs(300)), MAX_EXPIRY_LEEWAY);
+        assert_eq!(expiry_leeway(Duration::ZERO), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_three_second_token_is_served_until_its_expiry_less_the_leeway() {
+        let cell = TokenCell::new("t", Duration::from_secs(5));
+        let t = cell.publish(token(3));
+        let issued = Instant::now();
+        tokio::time::sleep_until(issued + Duration::from_millis(2699)).await;
+        assert_eq!(cell.current().expect("valid at 2.699 s").generation(), t);
+        // From the expiry less 0.3 s on, never again, and no waiter gets it either.
+        tokio::time::sleep_until(issued + Duration::from_millis(2700)).await;
+        assert!(cell.current().is_none(), "sent in its last 0.3 s");
+        assert!(cell.wait_valid(Duration::from_secs(1)).await.is_none());
+        assert!(!cell.status().valid);
+        // The granted expiry stays what the server said.
+        assert_eq!(
+            cell.latest().unwrap().expires_at(),
+            issued + Duration::from_secs(3)
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,6 +1,6 @@
 //! The background refresher: one task per configured token. It obtains a token at start,
 //! renews it at `refresh_ratio` of its lifetime (jittered, never later than `refresh_margin`
-//! before expiry), backs off exponentially with full jitter on transient failures, retries
+//! or the expiry leeway before expiry, and never sooner than [`MIN_REFRESH_DELAY`]), backs off exponentially with full jitter on transient failures, retries
 //! slowly after a rejection (re-reading the secret files each time, so a rotated Kubernetes
 //! secret recovers without a restart), answers forced refreshes from [`TokenCell::invalidate`],
 //! and persists refresh tokens through [`Store`].
@@ -30,8 +30,9 @@ use crate::token::{AccessToken, TokenCell};
 /// together spread their token requests instead of hitting the endpoint at the same instant.
 pub const REFRESH_JITTER: f64 = 0.15;
 /// Shortest delay between two scheduled refreshes, whatever the lifetime: keeps a server that
-/// grants very short tokens from making us spin.
-pub const MIN_REFRESH_DELAY: Duration = Duration::from_secs(1);
+/// grants absurdly short tokens from making us spin (at most four requests a second), while a
+/// 1 s token, whose schedule is half its lifetime, is still renewed before it expires.
+pub const MIN_REFRESH_DELAY: Duration = Duration::from_millis(250);
 /// Longest `Retry-After` honoured. Longer than a Flinks token lives; waiting longer would only
 /// guarantee an expired token.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
@@ -67,9 +68,10 @@ impl TokenState {
 /// Class of a refresh failure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorKind {
-    /// A retry can fix it (connect, timeout, 5xx, 408, 429, malformed body).
+    /// A retry can fix it (connect, timeout, 5xx, 408, 429, malformed body), or it is not the
+    /// credentials' fault (an error status without an OAuth `error`: a wrong `token_url`).
     Transient,
-    /// The token endpoint refused the credentials (400/401/403).
+    /// The token endpoint refused the credentials (a 4xx with an OAuth `error`).
     Rejected,
 }
 
@@ -119,6 +121,9 @@ pub struct TokenStatus {
     pub refreshes_ok: u64,
     /// Failed refreshes.
     pub refreshes_failed: u64,
+    /// A refresh token the server rotated is held only in memory: the state file could not be
+    /// written (or no `state_dir` is set), so a restart would lose it.
+    pub refresh_token_in_memory_only: bool,
 }
 
 impl TokenStatus {
@@ -141,12 +146,16 @@ impl TokenStatus {
 }
 
 /// Delay before the next scheduled refresh of a token that lives `lifetime`: `ratio` of it, less
-/// up to [`REFRESH_JITTER`] of that (`unit` in 0..1 picks where), never later than `margin`
-/// before expiry (or half the lifetime if the margin is longer than that), and never less than
-/// [`MIN_REFRESH_DELAY`].
+/// up to [`REFRESH_JITTER`] of that (`unit` in 0..1 picks where), never later than `margin` (or
+/// twice the expiry leeway, if longer) before expiry, or half the lifetime if that is later still,
+/// and never less than [`MIN_REFRESH_DELAY`]. Only this schedule has a floor: the token itself
+/// is never used beyond its lifetime.
 pub fn refresh_delay(lifetime: Duration, ratio: f64, margin: Duration, unit: f64) -> Duration {
     let unit = unit.clamp(0.0, 1.0);
     let target = lifetime.mul_f64(ratio.clamp(0.0, 1.0) * (1.0 - REFRESH_JITTER * unit));
+    // Twice the leeway: the token stops being served one leeway before expiry, and the new one
+    // should be in place another leeway before that.
+    let margin = margin.max(crate::token::expiry_leeway(lifetime) * 2);
     let latest = lifetime.saturating_sub(margin).max(lifetime / 2);
     target.min(latest).max(MIN_REFRESH_DELAY)
 }
@@ -207,6 +216,9 @@ pub struct Refresher<C = TokenClient> {
     state: Option<State>,
     /// Failures since the last success.
     failures: u32,
+    /// A rotated refresh token is held only in memory (see
+    /// [`TokenStatus::refresh_token_in_memory_only`]).
+    in_memory_only: bool,
 }
 
 impl<C> std::fmt::Debug for Refresher<C> {
@@ -246,6 +258,7 @@ impl<C: Fetch> Refresher<C> {
             store,
             state: None,
             failures: 0,
+            in_memory_only: false,
         }
     }
 
@@ -260,7 +273,7 @@ impl<C: Fetch> Refresher<C> {
         // Set once the expiry of the current token has been reported, so it is reported once.
         let mut expiry_reported = true;
         loop {
-            let expiry = self.cell.latest().map(|t| t.expires_at());
+            let expiry = self.cell.latest().map(|t| t.usable_until());
             let forced = tokio::select! {
                 biased;
                 () = shutdown.reached(Phase::Terminated) => return,
@@ -350,6 +363,10 @@ impl<C: Fetch> Refresher<C> {
                         error,
                         "token request rejected; retrying slowly (fix the credentials)"
                     ),
+                    ErrorKind::Transient if e.misconfigured() => failed!(
+                        error,
+                        "the token endpoint's answer is not OAuth (check token_url); will retry"
+                    ),
                     ErrorKind::Transient => failed!(warn, "token refresh failed; will retry"),
                 }
                 delay
@@ -376,6 +393,20 @@ impl<C: Fetch> Refresher<C> {
     /// refresh token first. Used by the loop and by `bearer-proxy token`.
     pub async fn refresh(&mut self) -> Result<Fetched, FetchError> {
         self.cell.update_status(|s| s.in_flight = true);
+        if self.in_memory_only && self.store.is_some() {
+            // The state directory may be writable again: save what only memory holds.
+            match self.persist().await {
+                Ok(()) => {
+                    tracing::info!(token = %self.cfg.name, "the refresh token is persisted again");
+                    self.set_in_memory_only(false);
+                }
+                Err(e) => tracing::warn!(
+                    token = %self.cfg.name,
+                    error = %e,
+                    "the refresh token is still held only in memory"
+                ),
+            }
+        }
         let started = Instant::now();
         let result = self.try_refresh().await;
         self.metrics
@@ -448,7 +479,22 @@ impl<C: Fetch> Refresher<C> {
         let sent_wall = SystemTime::now();
         let resp = match self.client.fetch(&creds, &grant).await {
             Ok(r) => r,
-            Err(e) => {
+            Err(mut e) => {
+                // Whatever the server sent back is shown and logged: no secret it echoes may be.
+                let stored = self.state.as_ref().and_then(|s| s.refresh_token.clone());
+                let sent = match &grant {
+                    Grant::ClientCredentials => None,
+                    Grant::RefreshToken(s) | Grant::AuthorizationCode(s) => Some(s.expose()),
+                };
+                let secrets: Vec<&str> = creds
+                    .client_secret
+                    .as_ref()
+                    .map(Secret::expose)
+                    .into_iter()
+                    .chain(sent)
+                    .chain(stored.as_deref())
+                    .collect();
+                e.redact(&secrets);
                 if let Some(previous) = code_marked
                     && !e.server_may_have_seen()
                 {
@@ -632,16 +678,29 @@ impl<C: Fetch> Refresher<C> {
                 token = %self.cfg.name,
                 error = %e,
                 "cannot persist the new refresh token; it is kept in memory and will be lost on \
-                 restart"
+                 restart (retried before every refresh)"
             );
+            self.set_in_memory_only(true);
         } else if self.store.is_none() {
             tracing::warn!(
                 token = %self.cfg.name,
                 "the server sent a new refresh token but no state_dir is configured; it will be \
                  lost on restart"
             );
+            self.set_in_memory_only(true);
+        } else {
+            self.set_in_memory_only(false);
         }
         true
+    }
+
+    /// Records whether a rotated refresh token is held only in memory, on the status page and
+    /// in `bearer_proxy_token_state_persisted`.
+    fn set_in_memory_only(&mut self, yes: bool) {
+        self.in_memory_only = yes;
+        self.metrics.state_persisted.set(i64::from(!yes));
+        self.cell
+            .update_status(|s| s.refresh_token_in_memory_only = yes);
     }
 }
 
@@ -675,6 +734,25 @@ mod tests {
         assert_eq!(
             refresh_delay(Duration::from_millis(100), 0.75, S(30), 0.0),
             MIN_REFRESH_DELAY
+        );
+    }
+
+    #[test]
+    fn short_lifetimes_are_refreshed_before_they_stop_being_served() {
+        for ms in [1_000u64, 2_000, 3_000, 5_000] {
+            let lifetime = Duration::from_millis(ms);
+            let usable = lifetime - crate::token::expiry_leeway(lifetime);
+            for margin in [Duration::ZERO, S(1), S(30)] {
+                for unit in [0.0, 0.5, 1.0] {
+                    let d = refresh_delay(lifetime, 0.95, margin, unit);
+                    assert!(d < usable, "{lifetime:?} margin {margin:?}: {d:?}");
+                }
+            }
+        }
+        // A 1 s token is renewed at half its life, not after a whole second.
+        assert_eq!(
+            refresh_delay(S(1), 0.75, S(30), 0.0),
+            Duration::from_millis(500)
         );
     }
 
@@ -827,11 +905,12 @@ mod tests {
         let (cell, _ctl) = start(config(), &fake);
         let first = cell.wait_valid(S(1)).await.expect("first token");
         let issued = Instant::now();
-        // Valid right up to expiry, even though every refresh since ~40s has failed.
-        tokio::time::sleep_until(issued + S(59)).await;
+        // Valid right up to expiry less the leeway (5 s of a 60 s token), even though every
+        // refresh since ~40s has failed.
+        tokio::time::sleep_until(issued + Duration::from_millis(54_999)).await;
         assert_eq!(cell.current().unwrap().generation(), first.generation());
         assert_eq!(cell.status().state, TokenState::Refreshing);
-        tokio::time::sleep_until(issued + S(61)).await;
+        tokio::time::sleep_until(issued + S(55)).await;
         assert!(cell.current().is_none(), "an expired token was handed out");
         assert!(cell.wait_valid(S(2)).await.is_none());
         assert_eq!(cell.status().state, TokenState::Expired);
@@ -845,6 +924,72 @@ mod tests {
         // Backing off: far fewer attempts than one per second over ~11 minutes.
         assert!(times.len() < 60, "{} attempts", times.len());
         assert!(cell.status().consecutive_failures as usize == times.len() - 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn three_second_tokens_are_renewed_before_expiry_and_never_served_after_it() {
+        // Three tokens, then the endpoint fails for good.
+        let fake = Fake::new(
+            vec![
+                Answer::Token(S(3)),
+                Answer::Token(S(3)),
+                Answer::Token(S(3)),
+            ],
+            || Answer::Fail(server_error),
+        );
+        let (cell, _ctl) = start(config(), &fake);
+        cell.wait_valid(S(1)).await.expect("first token");
+        let t0 = Instant::now();
+        let mut last_generation = 0;
+        // Every 50 ms for 12 s: whatever is handed out is inside its own lifetime less the
+        // leeway, and while refreshes succeed there is no gap.
+        while Instant::now() < t0 + S(12) {
+            let now = Instant::now();
+            match cell.current() {
+                Some(t) => {
+                    assert!(
+                        now < t.expires_at() - Duration::from_millis(300),
+                        "late use"
+                    );
+                    assert!(now >= t.expires_at() - S(3), "token from the future");
+                    last_generation = t.generation();
+                }
+                None => assert_eq!(last_generation, 3, "a gap at {:?}", now - t0),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let times = fake.times();
+        for pair in times[..3].windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!(gap < Duration::from_millis(2_700), "refresh after {gap:?}");
+        }
+        // After the outage began the last token expired: none is handed out, and the state
+        // says so.
+        assert!(cell.current().is_none());
+        assert!(cell.wait_valid(Duration::from_millis(500)).await.is_none());
+        assert_eq!(cell.status().state, TokenState::Expired);
+        assert!(!cell.status().valid);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_malformed_lifetime_is_retried_with_backoff_and_nothing_is_served() {
+        let fake = Fake::new(
+            vec![
+                Answer::Fail(|| FetchError::Malformed("expires_in is 0: not a lifetime".into())),
+                Answer::Fail(|| FetchError::Malformed("expires_in is -5: not a lifetime".into())),
+            ],
+            || Answer::Token(S(300)),
+        );
+        let (cell, _ctl) = start(config(), &fake);
+        let t = cell
+            .wait_valid(S(10))
+            .await
+            .expect("a token after the retries");
+        assert_eq!(t.generation(), 1, "nothing was published before");
+        let times = fake.times();
+        assert_eq!(times.len(), 3);
+        // Backed off (backoff_initial, 1 s by default), not the rejection's slow retry.
+        assert!(times[1] - times[0] >= S(1) && times[1] - times[0] < S(30));
     }
 
     #[tokio::test(start_paused = true)]
@@ -964,7 +1109,7 @@ mod tests {
 
         #[test]
         fn refresh_happens_before_expiry(
-            lifetime_ms in 5_000u64..86_400_000,
+            lifetime_ms in 1_000u64..86_400_000,
             ratio in 0.01f64..0.99,
             margin_ms in 0u64..600_000,
             unit in 0.0f64..=1.0,
@@ -972,7 +1117,8 @@ mod tests {
             let lifetime = Duration::from_millis(lifetime_ms);
             let d = refresh_delay(lifetime, ratio, Duration::from_millis(margin_ms), unit);
             prop_assert!(d >= MIN_REFRESH_DELAY);
-            prop_assert!(d < lifetime, "{d:?} >= {lifetime:?}");
+            let usable = lifetime - crate::token::expiry_leeway(lifetime);
+            prop_assert!(d < usable, "{d:?} >= {usable:?}");
             prop_assert!(d <= lifetime.mul_f64(ratio).max(MIN_REFRESH_DELAY));
         }
     }

@@ -1,5 +1,8 @@
 //! Refresh-token persistence under `state_dir`: one small JSON file per token, written
-//! atomically (temporary file, fsync, rename, fsync of the directory) with mode 0600.
+//! atomically (temporary file, fsync, rename, fsync of the directory) with mode 0600. The
+//! temporary file is always created new (`O_CREAT|O_EXCL`, which never follows a symbolic
+//! link), so nothing planted at its path, neither a link out of `state_dir` nor a file with a
+//! wider mode, receives the refresh token.
 //!
 //! It remembers three things that must survive a restart:
 //! - the refresh token obtained from a code exchange or rotated by the server;
@@ -88,7 +91,10 @@ impl Store {
     /// never a mix.
     pub async fn save(&self, state: &State) -> Result<(), StoreError> {
         let path = self.path.clone();
-        let bytes = serde_json::to_vec(state).unwrap_or_default();
+        let bytes = serde_json::to_vec(state).map_err(|e| StoreError {
+            path: self.path.clone(),
+            source: std::io::Error::other(e),
+        })?;
         let result = tokio::task::spawn_blocking(move || write_atomic(&path, &bytes)).await;
         let source = match result {
             Ok(Ok(())) => return Ok(()),
@@ -103,20 +109,32 @@ impl Store {
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = path.with_extension("json.tmp");
-    {
-        let mut f = std::fs::OpenOptions::new()
+    let create = || {
+        std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
+            .open(&tmp)
+    };
+    let mut f = match create() {
+        // Left by a crash, or planted (a link, a file with another mode): remove the entry
+        // itself (never what a link points to) and create a fresh file; if something puts it
+        // back in between, give up rather than write through it.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::remove_file(&tmp)?;
+            create()?
+        }
+        other => other?,
+    };
+    // The umask can only have narrowed 0600; make it exactly that before the first byte.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
     std::fs::rename(&tmp, path)?;
     // Make the rename itself durable.
     std::fs::File::open(dir)?.sync_all()
@@ -153,6 +171,53 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         assert!(!dir.path().join("flinks.state.json.tmp").exists());
         assert!(!format!("{state:?}").contains("rt-canary"));
+    }
+
+    #[tokio::test]
+    async fn a_symlink_planted_at_the_temporary_path_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().join("stolen");
+        std::fs::write(&target, "untouched").unwrap();
+        let store = Store::new(dir.path(), "t");
+        std::os::unix::fs::symlink(&target, dir.path().join("t.state.json.tmp")).unwrap();
+        let state = State {
+            refresh_token: Some("rt-canary".into()),
+            ..State::default()
+        };
+        store.save(&state).await.unwrap();
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "untouched");
+        assert_eq!(store.load().await.unwrap(), state);
+        assert!(
+            !std::fs::symlink_metadata(store.path())
+                .unwrap()
+                .is_symlink()
+        );
+        // A dangling link (pointing where a file could be created) is not followed either.
+        let dangling = outside.path().join("created");
+        std::os::unix::fs::symlink(&dangling, dir.path().join("t.state.json.tmp")).unwrap();
+        store.save(&state).await.unwrap();
+        assert!(!dangling.exists());
+    }
+
+    #[tokio::test]
+    async fn a_wider_mode_left_on_existing_files_is_not_kept() {
+        use std::os::unix::fs::PermissionsExt;
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path(), "t");
+        let tmp = dir.path().join("t.state.json.tmp");
+        for existing in [&tmp, &store.path().to_path_buf()] {
+            std::fs::write(existing, "{}").unwrap();
+            std::fs::set_permissions(existing, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        store.save(&State::default()).await.unwrap();
+        let mode = std::fs::metadata(store.path())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(!tmp.exists());
     }
 
     #[tokio::test]

@@ -56,8 +56,19 @@ impl Rig {
     /// secret), `proxy` extra `[proxy]` TOML; the route `fdx` (host [`HOST`]) forwards to
     /// `upstream`, whose certificate `ca` signed.
     async fn start(token: &str, proxy: &str, upstream: &str, ca: TestCa) -> Self {
+        Self::start_logging(tracing::Level::INFO, token, proxy, upstream, ca).await
+    }
+
+    /// [`Rig::start`], capturing the logs at `level` and above.
+    async fn start_logging(
+        level: tracing::Level,
+        token: &str,
+        proxy: &str,
+        upstream: &str,
+        ca: TestCa,
+    ) -> Self {
         let logs = Captured::default();
-        let guard = logs.install(tracing::Level::INFO);
+        let guard = logs.install(level);
         // Defaults for the keys `token` does not set.
         let defaults: String = [
             ("grant_type", "\"client_credentials\""),
@@ -719,6 +730,203 @@ async fn token_endpoint_flapping_never_disturbs_requests() {
     assert!(rig.refresh_errors("connect").await >= 3.0);
     assert!(rig.cell.status().refreshes_ok >= 4);
     rig.settled().await;
+    rig.terminate().await;
+}
+
+/// Short tokens (3 s) from a flapping endpoint: each is renewed before it stops being served,
+/// none is sent after its expiry less the leeway (the upstream checks every token against the
+/// issuer's own expiry as it arrives), and an outage longer than a token's life gives the
+/// clients 503 `token_unavailable`, never the API's 401 for an expired token.
+#[tokio::test]
+async fn three_second_tokens_from_a_flapping_endpoint_never_reach_the_upstream_expired() {
+    let issuer = Issuer::start(IssuerOptions {
+        lifetime: Duration::from_secs(3),
+        ..Default::default()
+    })
+    .await;
+    let mut endpoint = Flapper::new(issuer.addr).await;
+    let ca = TestCa::new();
+    let (upstream, bad) = checking_upstream(&ca, &issuer.control).await;
+    let rig = Rig::start(
+        &token_toml(endpoint.addr),
+        "token_wait = \"100ms\"",
+        &upstream.url(true),
+        ca,
+    )
+    .await;
+    let first = rig.cell.wait_valid(PATIENCE).await.expect("first token");
+    assert_eq!(first.lifetime(), Duration::from_secs(3), "not raised");
+    let load = Load::start(rig.proxy);
+    // Short outages: each refused attempt is retried and the token never lapses.
+    for _ in 0..3 {
+        endpoint.down().await;
+        let failed = rig.cell.status().refreshes_failed;
+        while rig.cell.status().refreshes_failed == failed {
+            attempts(&rig.cell, attempts_so_far(&rig.cell) + 1).await;
+        }
+        endpoint.up().await;
+        let ok = rig.cell.status().refreshes_ok;
+        while rig.cell.status().refreshes_ok == ok {
+            attempts(&rig.cell, attempts_so_far(&rig.cell) + 1).await;
+        }
+    }
+    // An outage past the token's life: the proxy stops sending it and answers 503 itself.
+    endpoint.down().await;
+    let deadline = Instant::now() + PATIENCE;
+    while rig.cell.current().is_some() {
+        assert!(Instant::now() < deadline, "the token never lapsed");
+        attempts(&rig.cell, attempts_so_far(&rig.cell) + 1).await;
+    }
+    let refused = rig.get("/during-the-outage").await;
+    assert_token_unavailable(&refused);
+    assert_eq!(rig.token_status().await["state"], "expired");
+    endpoint.up().await;
+    rig.cell
+        .wait_valid(PATIENCE)
+        .await
+        .expect("token after the outage");
+    assert_eq!(rig.get("/after").await.status, 200);
+    let statuses = load.stop().await;
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 503),
+        "{statuses:?}"
+    );
+    assert!(statuses.contains(&200));
+    assert_eq!(
+        bad.load(Ordering::SeqCst),
+        0,
+        "an expired (or unknown) token reached the upstream"
+    );
+    rig.settled().await;
+    rig.terminate().await;
+}
+
+/// A token endpoint that echoes the client secret back (in `error_description`, in `error`,
+/// URL-encoded): the status page and every log line, down to TRACE, show `[redacted]` instead.
+#[tokio::test]
+async fn secrets_echoed_by_the_token_endpoint_never_reach_status_or_logs() {
+    let secret = "canary-echo/secret+1";
+    never_log(secret);
+    let issuer = Issuer::start(IssuerOptions {
+        clients: vec![("demo-client".into(), secret.into())],
+        ..Default::default()
+    })
+    .await;
+    let encoded: String = url::form_urlencoded::byte_serialize(secret.as_bytes()).collect();
+    let echo = |status: u16, body: serde_json::Value| Fault::Raw {
+        status,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: body.to_string(),
+    };
+    issuer.control.fail_next(
+        1,
+        echo(
+            401,
+            serde_json::json!({
+                "error": "invalid_client",
+                "error_description": format!("client_secret {secret} does not match"),
+            }),
+        ),
+    );
+    issuer.control.fail_next(
+        1,
+        echo(
+            400,
+            serde_json::json!({
+                "error": format!("bad_{secret}"),
+                "error_description": format!("body was client_secret={encoded}"),
+            }),
+        ),
+    );
+    let ca = TestCa::new();
+    let upstream = plain_ok_upstream(&ca).await;
+    let rig = Rig::start_logging(
+        tracing::Level::TRACE,
+        &format!(
+            "token_url = \"{}\"\nclient_secret = \"{secret}\"\nbackoff_max = \"50ms\"",
+            issuer.url
+        ),
+        "",
+        &upstream.url(true),
+        ca,
+    )
+    .await;
+    // Look at the status page after each of the two echoing answers.
+    let mut pages = Vec::new();
+    for n in 1..=2 {
+        attempts(&rig.cell, n).await;
+        pages.push(admin_get(rig.admin, "/status").await.text());
+    }
+    rig.cell.wait_valid(PATIENCE).await.expect("token after");
+    for page in &pages {
+        assert!(page.contains("[redacted]"), "{page}");
+        assert!(!page.contains("canary"), "{page}");
+        assert!(!page.contains(&encoded), "{page}");
+    }
+    let logs = rig.logs.text();
+    assert!(logs.contains("[redacted]"), "{logs}");
+    assert!(!logs.contains("canary"), "{logs}");
+    assert!(!logs.contains(&encoded), "{logs}");
+    rig.terminate().await;
+}
+
+/// A wrong `token_url` (a redirect, a 404 page: no OAuth `error`) is a misconfiguration, said
+/// so on the status page and in the logs, and retried with the normal backoff: not counted as
+/// a rejection (which would page with the wrong advice) and not retried slowly.
+#[tokio::test]
+async fn a_wrong_token_url_is_misconfiguration_not_rejected_credentials() {
+    let issuer = Issuer::start(IssuerOptions::default()).await;
+    let raw = |status: u16, headers: Vec<(String, String)>| Fault::Raw {
+        status,
+        headers,
+        body: "<html>Not here</html>".into(),
+    };
+    issuer.control.fail_next(
+        1,
+        raw(
+            302,
+            vec![("location".into(), "https://login.example/".into())],
+        ),
+    );
+    issuer.control.fail_next(3, raw(404, vec![]));
+    let ca = TestCa::new();
+    let upstream = plain_ok_upstream(&ca).await;
+    // A long backoff_max: a rejection would wait that long, the backoff starts at 50 ms.
+    let rig = Rig::start(
+        &format!("{}\nbackoff_max = \"60s\"", issuer.toml()),
+        "",
+        &upstream.url(true),
+        ca,
+    )
+    .await;
+    attempts(&rig.cell, 1).await;
+    let status = rig.token_status().await;
+    let message = status["last_error"]["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("HTTP 302"), "{status}");
+    assert!(message.contains("token_url looks wrong"), "{status}");
+    attempts(&rig.cell, 2).await;
+    let status = rig.token_status().await;
+    assert_eq!(status["last_error"]["kind"], "transient", "{status}");
+    assert_eq!(status["last_error"]["reason"], "not_oauth", "{status}");
+    assert_ne!(status["state"], "rejected", "{status}");
+    let message = status["last_error"]["message"].as_str().unwrap();
+    assert!(message.contains("HTTP 404"), "{status}");
+    assert!(message.contains("token_url looks wrong"), "{status}");
+    // Four failures, then a token, well within the first minute of backoff.
+    let started = Instant::now();
+    rig.cell
+        .wait_valid(Duration::from_secs(10))
+        .await
+        .expect("token");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(
+        rig.metric(r#"bearer_proxy_token_refreshes_total{result="rejected",token="flinks"}"#)
+            .await,
+        0.0
+    );
+    assert_eq!(rig.refresh_errors("not_oauth").await, 4.0);
+    let logs = rig.logs.text();
+    assert!(logs.contains("check token_url"), "{logs}");
     rig.terminate().await;
 }
 
@@ -1651,7 +1859,9 @@ async fn unwritable_state_dir_holds_the_code_until_it_can_be_recorded() {
 
 /// `state_dir` not writable while the server rotates refresh tokens: the new refresh token
 /// cannot be persisted (logged as an error), but it is kept in memory and used, so requests
-/// keep flowing; the superseded refresh token is never sent again.
+/// keep flowing; the superseded refresh token is never sent again. `/status` and
+/// `bearer_proxy_token_state_persisted` say the token lives only in memory, so an alert can
+/// fire before a restart loses it.
 #[tokio::test]
 async fn unwritable_state_dir_keeps_a_rotated_refresh_token_in_memory() {
     let issuer = Issuer::start(IssuerOptions {
@@ -1696,6 +1906,14 @@ async fn unwritable_state_dir_keeps_a_rotated_refresh_token_in_memory() {
         rig.logs
             .text()
             .contains("cannot persist the new refresh token")
+    );
+    assert_eq!(rig.token_status().await["refresh_token_persisted"], false);
+    assert_eq!(
+        metric(
+            &scrape(rig.admin).await,
+            r#"bearer_proxy_token_state_persisted{token="flinks"}"#
+        ),
+        Some(0.0)
     );
     assert_eq!(bad.load(Ordering::SeqCst), 0);
     rig.settled().await;

@@ -1,5 +1,6 @@
 //! Soak under rotation: the proxy binary as a child process for `SOAK_SECS` seconds (240 by
-//! default) while tokens rotate every few seconds, the dev issuer fails every
+//! default) while tokens rotate every few seconds (`SOAK_LIFETIME`, 6 s, for the first two
+//! thirds of the run, then `SOAK_SHORT_LIFETIME`, 3 s, for the last third), the dev issuer fails every
 //! `SOAK_FAIL_EVERY`th token request (500, 503, 429 with `Retry-After`, HTML in turn), the
 //! client secret is rotated every `SOAK_ROTATE_SECS` seconds with a Kubernetes `..data` swap,
 //! and `SOAK_CONCURRENCY` clients send about `SOAK_RPS` requests per second: GETs with
@@ -7,7 +8,8 @@
 //! deliberate errors (an unreachable upstream, a denied host).
 //!
 //! The upstream checks every request as it arrives: exactly one `Authorization`, a token the
-//! issuer handed out and that has not expired, a body byte-for-byte what the client sent.
+//! issuer handed out and that has not expired (by the issuer's own clock, also in the
+//! short-token phase), a body byte-for-byte what the client sent.
 //! Clients check every answer byte for byte. RSS and open file descriptors of the proxy process
 //! are measured with no client connected, after warm-up and at the end.
 //!
@@ -36,7 +38,8 @@ use crate::support::*;
 const HOST: &str = "api.soak.test";
 const CLIENT_ID: &str = "soak-client";
 /// `refresh_ratio`: with the 6 s lifetime a token is renewed every 2.55–3 s, leaving more than
-/// 3 s for an injected failure (a 429 asks for 1 s) before it would expire.
+/// 3 s for an injected failure (a 429 asks for 1 s) before it would expire; a 3 s token is
+/// renewed every 1.275–1.5 s and served until 2.7 s (the 10 % expiry leeway).
 const REFRESH_RATIO: f64 = 0.5;
 
 fn env_or<T: FromStr>(name: &str, default: T) -> T {
@@ -395,6 +398,7 @@ async fn soak_under_rotation() {
     let fail_every: u64 = env_or("SOAK_FAIL_EVERY", 5);
     let rotate_every = Duration::from_secs(env_or("SOAK_ROTATE_SECS", 30));
     let lifetime = Duration::from_secs(env_or("SOAK_LIFETIME", 6));
+    let short_lifetime = Duration::from_secs(env_or("SOAK_SHORT_LIFETIME", 3));
     let bin =
         std::env::var("SOAK_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_bearer-proxy").into());
     let warmup = Duration::from_secs((secs / 8).max(15));
@@ -404,8 +408,8 @@ async fn soak_under_rotation() {
         "SOAK_SECS must exceed the warm-up ({warmup:?})"
     );
     println!(
-        "soak: {secs}s, {rps} req/s from {clients} clients, token lifetime {lifetime:?} \
-         (refresh_ratio {REFRESH_RATIO}), every {fail_every}th token request fails, client \
+        "soak: {secs}s, {rps} req/s from {clients} clients, token lifetime {lifetime:?} then \
+         {short_lifetime:?} for the last third (refresh_ratio {REFRESH_RATIO}), every {fail_every}th token request fails, client \
          secret rotated every {rotate_every:?}, binary {bin}"
     );
 
@@ -559,6 +563,16 @@ upstream = "http://127.0.0.1:{closed}"
         })
     };
 
+    // The last third of the run hands out short tokens.
+    let short_from = total * 2 / 3;
+    let shortener = {
+        let control = control.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(start + short_from).await;
+            control.set_lifetime(short_lifetime);
+        })
+    };
+
     // Warm-up, then the first measurement at rest.
     tokio::time::sleep_until(start + warmup).await;
     let first = at_rest(&load, &child, &stats, clients).await;
@@ -595,6 +609,7 @@ upstream = "http://127.0.0.1:{closed}"
     }
     injector.await.unwrap();
     rotator.await.unwrap();
+    shortener.await.unwrap();
 
     let text = scrape(child.admin).await;
     let m = |series: &str| metric(&text, series).unwrap_or(0.0);
@@ -622,11 +637,24 @@ upstream = "http://127.0.0.1:{closed}"
     let injected = injected.load(Ordering::SeqCst);
     let rotations = rotations.load(Ordering::SeqCst);
     let distinct = stats.tokens.lock().unwrap().len();
+    let short_used = {
+        let seen = stats.tokens.lock().unwrap();
+        control
+            .issued_tokens()
+            .iter()
+            .filter(|t| t.expires_at.duration_since(t.issued_at).ok() == Some(short_lifetime))
+            .filter(|t| seen.contains(t.access_token.expose()))
+            .count()
+    };
     let secs_run = elapsed.as_secs_f64();
-    let lifetimes = secs_run / lifetime.as_secs_f64();
-    // Scheduled refreshes come 2.55-3 s apart: at most this many in the run.
-    let min_gap = lifetime.as_secs_f64() * REFRESH_RATIO * (1.0 - 0.15);
-    let most_refreshes = (secs_run / min_gap).ceil() + 1.0;
+    let long_secs = short_from.as_secs_f64().min(secs_run);
+    let short_secs = secs_run - long_secs;
+    let lifetimes = long_secs / lifetime.as_secs_f64() + short_secs / short_lifetime.as_secs_f64();
+    // Scheduled refreshes come 2.55-3 s apart (1.275-1.5 s with short tokens): at most this
+    // many in the run.
+    let min_gap = |l: Duration| l.as_secs_f64() * REFRESH_RATIO * (1.0 - 0.15);
+    let most_refreshes =
+        (long_secs / min_gap(lifetime) + short_secs / min_gap(short_lifetime)).ceil() + 2.0;
     println!("soak: ---- figures ----");
     println!(
         "soak: duration {secs_run:.0}s; requests answered correctly {ok}, deliberate errors \
@@ -643,7 +671,8 @@ upstream = "http://127.0.0.1:{closed}"
     );
     println!(
         "soak: violations: {missing} without a token, {invalid} with an unknown or expired \
-         token, {corrupt} corrupted bodies"
+         token, {corrupt} corrupted bodies; {short_used} short ({short_lifetime:?}) tokens \
+         reached the upstream"
     );
     println!(
         "soak: at rest: RSS {:.1} MiB -> {:.1} MiB, fds {} -> {} (upstream connections {} -> {})",
@@ -696,6 +725,11 @@ upstream = "http://127.0.0.1:{closed}"
         (
             "tokens kept rotating (at least one per lifetime)",
             refreshed >= lifetimes.floor(),
+        ),
+        (
+            "the short-token phase ran: short tokens reached the upstream (each checked \
+             unexpired on arrival)",
+            short_used as f64 >= (short_secs / short_lifetime.as_secs_f64()).floor(),
         ),
         (
             "memory flat: RSS at the end within max(4 MiB, 10 %) of RSS after warm-up",

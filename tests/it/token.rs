@@ -324,6 +324,88 @@ async fn authorization_code_is_exchanged_once_even_across_restarts() {
     assert_eq!(control.request_count_for("refresh_token"), 2);
 }
 
+/// A rotated refresh token that cannot be written is kept in memory, and says so on the status
+/// and in `bearer_proxy_token_state_persisted` until a later attempt manages to write it.
+#[tokio::test]
+async fn a_rotated_refresh_token_held_only_in_memory_is_reported_until_persisted() {
+    let (url, _) = issuer(IssuerOptions {
+        rotate_refresh_tokens: true,
+        refresh_tokens: vec!["rt-memory".into()],
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("refresh_token");
+    std::fs::write(&file, "rt-memory").unwrap();
+    let state = dir.path().join("not-yet");
+    let mut cfg = token_config(&url, GrantType::RefreshToken);
+    cfg.refresh_token_file = Some(file);
+    cfg.state_dir = Some(state.clone());
+    let metrics = Metrics::new();
+    let cell = TokenCell::new("t", cfg.forced_refresh_interval);
+    let mut r = Refresher::new(cfg, cell.clone(), metrics.token("t")).unwrap();
+    let gauge = |m: &Metrics| {
+        crate::support::metric(
+            &m.encode(),
+            r#"bearer_proxy_token_state_persisted{token="t"}"#,
+        )
+    };
+    assert_eq!(gauge(&metrics), Some(1.0), "nothing held in memory yet");
+    assert!(r.refresh().await.unwrap().refresh_token_rotated);
+    assert!(cell.status().refresh_token_in_memory_only);
+    assert_eq!(gauge(&metrics), Some(0.0));
+    // Still unwritable: still reported, and the token in memory keeps working.
+    r.refresh().await.unwrap();
+    assert_eq!(gauge(&metrics), Some(0.0));
+    // The directory appears: the next attempt saves the token and clears the report.
+    std::fs::create_dir(&state).unwrap();
+    r.refresh().await.unwrap();
+    assert!(!cell.status().refresh_token_in_memory_only);
+    assert_eq!(gauge(&metrics), Some(1.0));
+    assert!(state.join("t.state.json").exists());
+}
+
+/// Absurd lifetimes from a real token endpoint (zero, negative, a JWT `exp` in the past) are
+/// malformed answers: transient, nothing published.
+#[tokio::test]
+async fn zero_negative_and_past_lifetimes_are_malformed_and_publish_nothing() {
+    let (url, control) = issuer(IssuerOptions::default()).await;
+    let past = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 60;
+    use base64::Engine as _;
+    let b64 = |s: String| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let jwt = format!(
+        "{}.{}.sig",
+        b64(r#"{"alg":"none"}"#.into()),
+        b64(format!(r#"{{"sub":"u","exp":{past}}}"#))
+    );
+    for body in [
+        r#"{"access_token":"canary-zero","token_type":"Bearer","expires_in":0}"#.to_owned(),
+        r#"{"access_token":"canary-neg","token_type":"Bearer","expires_in":-30}"#.to_owned(),
+        format!(r#"{{"access_token":"{jwt}","token_type":"Bearer"}}"#),
+    ] {
+        control.fail_next(
+            1,
+            Fault::Raw {
+                status: 200,
+                headers: vec![("content-type".into(), "application/json".into())],
+                body,
+            },
+        );
+    }
+    let (mut r, cell) = refresher(token_config(&url, GrantType::ClientCredentials));
+    for _ in 0..3 {
+        let e = r.refresh().await.unwrap_err();
+        assert!(matches!(e, FetchError::Malformed(_)), "{e:?}");
+        assert_eq!(e.kind(), ErrorKind::Transient);
+        assert!(cell.latest().is_none(), "a token was published");
+    }
+    assert!(r.refresh().await.is_ok());
+}
+
 #[tokio::test]
 async fn an_unwritable_state_dir_keeps_the_code_unsent() {
     let (url, control) = issuer(IssuerOptions::default()).await;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Soak under rotation (RELIABILITY.md): the proxy binary runs for a few minutes while tokens
-# rotate every ~3 s, the dev issuer fails every 5th token request, the client secret is rotated
+# rotate every ~3 s (6 s tokens, then 3 s tokens renewed every ~1.4 s for the last third), the
+# dev issuer fails every 5th token request, the client secret is rotated
 # with a Kubernetes ..data swap every 30 s, and 8 clients send ~100 requests/s. The upstream
 # checks every token and body as it arrives; RSS and descriptors are compared at rest.
 #
@@ -23,7 +24,7 @@ while (($#)); do
       cargo build --locked --release --quiet
       export SOAK_BIN=$PWD/target/release/bearer-proxy
       shift ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "soak: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
