@@ -188,7 +188,15 @@ async fn a_stalled_401_body_does_not_hold_the_consent_probe() {
 /// client has gone (before, it kept its slot forever).
 #[tokio::test]
 async fn a_silent_tunnel_is_closed_after_the_idle_timeout() {
-    let (addr, open) = stalling_upstream(b"").await;
+    // A host that accepts and then neither reads nor writes nor closes.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
     let p = proxy("idle_timeout = \"300ms\"", "").await;
     let mut s = connect(p.addr).await;
     s.write_all(format!("CONNECT {addr} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
@@ -201,8 +209,7 @@ async fn a_silent_tunnel_is_closed_after_the_idle_timeout() {
     until_metric(&p, "bearer_proxy_open_tunnels", 0.0).await;
     until_metric(&p, "bearer_proxy_open_connections", 0.0).await;
     assert!(closed(&mut s).await);
-    drop(s);
-    let _ = open;
+    held.abort();
 }
 
 /// A flood of silent connections to the admin port is capped at [`MAX_CONNECTIONS`]: beyond
