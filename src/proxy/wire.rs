@@ -1023,6 +1023,7 @@ mod tests {
             "http://[::1]]/",
             "http://a:b:c/",
             "http://%/",
+            "http:///x",
         ] {
             let head = format!("GET {target} HTTP/1.1\r\n\r\n");
             let (s, _) = scan_all(head.as_bytes());
