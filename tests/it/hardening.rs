@@ -414,7 +414,12 @@ async fn dot_segments_never_leave_the_base_path() {
 #[tokio::test]
 async fn unparsable_targets_get_the_json_400() {
     let p = proxy("", "").await;
-    for target in ["http://[::1/", "http://[::1]]:80/", "http://a:b:c/x", "http:///x"] {
+    for target in [
+        "http://[::1/",
+        "http://[::1]]:80/",
+        "http://a:b:c/x",
+        "http:///x",
+    ] {
         let resp = raw(
             p.addr,
             format!("GET {target} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes(),
