@@ -159,7 +159,7 @@ fn hyper_chunked(data: &[u8]) -> Chunked {
                         Some(S::Start)
                     }
                     (S::EndCr, b'\r') => Some(S::EndLf),
-                    (S::EndCr | S::Trailer, b'\r') => Some(S::TrailerLf),
+                    (S::Trailer, b'\r') => Some(S::TrailerLf),
                     (S::EndCr | S::Trailer, _) => Some(S::Trailer),
                     (S::TrailerLf, b'\n') => Some(S::EndCr),
                     (S::EndLf, b'\n') => return Chunked::End(i + 1),
