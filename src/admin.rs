@@ -22,6 +22,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::metrics::Metrics;
 use crate::shutdown::{Phase, Shutdown};
@@ -33,6 +34,12 @@ use crate::token::{ErrorKind, TokenCell, TokenStatus};
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause after a failed `accept` (out of file descriptors) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// Admin connections served at once. Probes, a scrape or two and an operator's curl need a
+/// handful; 64 leaves room for a busy cluster while a flood of connections to this port
+/// (reachable on the pod IP) cannot take the file descriptors the proxy port needs: above it
+/// the listener stops accepting and new connections wait in the kernel's backlog, and each
+/// admitted one that stays silent is closed after `HEADER_READ_TIMEOUT`.
+pub const MAX_CONNECTIONS: usize = 64;
 
 /// What the admin port reports on.
 #[derive(Clone)]
@@ -71,7 +78,16 @@ impl Admin {
         let terminated = self.shutdown.clone();
         let stop = terminated.reached(Phase::Terminated);
         tokio::pin!(stop);
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         loop {
+            // A slot before `accept`, as on the proxy port.
+            let permit = tokio::select! {
+                () = &mut stop => return,
+                permit = slots.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+            };
             let (stream, _) = tokio::select! {
                 () = &mut stop => return,
                 accepted = listener.accept() => match accepted {
@@ -92,6 +108,7 @@ impl Admin {
                 }),
             );
             tokio::spawn(async move {
+                let _permit = permit;
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "admin: connection error");
                 }

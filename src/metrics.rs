@@ -131,10 +131,21 @@ pub enum UpstreamErrorKind {
     Timeout,
     /// The connection broke mid-exchange.
     Reset,
+    /// The response body stopped moving for `idle_timeout` (the answer was cut).
+    BodyTimeout,
+    /// The response's framing was refused (a transfer coding other than one `chunked`).
+    BadResponse,
 }
 
 impl UpstreamErrorKind {
-    const ALL: [UpstreamErrorKind; 4] = [Self::Connect, Self::Tls, Self::Timeout, Self::Reset];
+    const ALL: [UpstreamErrorKind; 6] = [
+        Self::Connect,
+        Self::Tls,
+        Self::Timeout,
+        Self::Reset,
+        Self::BodyTimeout,
+        Self::BadResponse,
+    ];
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -142,6 +153,8 @@ impl UpstreamErrorKind {
             Self::Tls => "tls",
             Self::Timeout => "timeout",
             Self::Reset => "reset",
+            Self::BodyTimeout => "body_timeout",
+            Self::BadResponse => "bad_response",
         }
     }
 }
@@ -524,7 +537,7 @@ struct RouteInner {
     /// takes the vector's lock once; every later one is a plain atomic increment.
     codes: Box<[OnceLock<IntCounter>]>,
     duration: Histogram,
-    upstream_errors: [IntCounter; 4],
+    upstream_errors: [IntCounter; 6],
     replays: [IntCounter; 5],
 }
 

@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{
-    AUTHORIZATION, CONNECTION, HOST, HeaderMap, HeaderName, HeaderValue, PROXY_AUTHENTICATE,
-    PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE, VIA,
+    AUTHORIZATION, CONNECTION, CONTENT_LENGTH, HOST, HeaderMap, HeaderName, HeaderValue,
+    PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE, VIA,
 };
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Extensions, Method, Request, Response, StatusCode, Uri, Version};
@@ -31,7 +31,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use super::body::ProxyBody;
+use super::body::{BodyError, ProxyBody};
 use super::error::{ErrorCode, ProxyError};
 use super::route::{Route, Upstream, normalise, split_host_port};
 use super::upstream::classify_request_error;
@@ -86,7 +86,22 @@ const BAD_TARGET: ProxyError = ProxyError::new(
 );
 const TRACE_REFUSED: ProxyError = ProxyError::new(
     ErrorCode::MethodNotAllowed,
-    "TRACE is not forwarded: it would echo the injected Authorization header back",
+    "TRACE and TRACK are not forwarded (in any letter case): they would echo the injected \
+     Authorization header back",
+);
+const DOT_SEGMENT: ProxyError = ProxyError::new(
+    ErrorCode::BadRequest,
+    "request paths with \".\" or \"..\" segments (also percent-encoded) are refused on routes \
+     with a base path: the upstream could resolve them outside the route's base path",
+);
+const BAD_RESPONSE: ProxyError = ProxyError::new(
+    ErrorCode::UpstreamReset,
+    "the upstream's response used a transfer coding other than one \"chunked\"; it was not \
+     passed on",
+);
+const BODY_STALLED: ProxyError = ProxyError::new(
+    ErrorCode::UpstreamTimeout,
+    "the upstream sent a response head, then its body did not move within idle_timeout",
 );
 const LOOP: ProxyError = ProxyError::new(
     ErrorCode::Loop,
@@ -276,7 +291,7 @@ impl Inner {
         if self.is_loop(req.headers()) {
             return (self.refuse(LOOP), metrics);
         }
-        if req.method() == Method::TRACE {
+        if is_trace(req.method()) {
             return (self.refuse(TRACE_REFUSED), metrics);
         }
         let target = match target {
@@ -390,6 +405,11 @@ impl Inner {
             },
         };
         let (mut parts, body) = req.into_parts();
+        if origin.base_path.is_some()
+            && has_dot_segment(parts.uri.path().get(strip..).unwrap_or(""))
+        {
+            return self.refuse(DOT_SEGMENT);
+        }
         let Ok(uri) = target_uri(&origin, std::mem::take(&mut parts.uri), strip) else {
             return self.refuse(BAD_TARGET);
         };
@@ -421,7 +441,7 @@ impl Inner {
                 };
                 (ProxyBody::full(bytes), Some(replay))
             }
-            _ => (ProxyBody::stream(body), None),
+            _ => (ProxyBody::request(body), None),
         };
         parts.uri = uri;
         parts.version = Version::HTTP_11;
@@ -448,7 +468,7 @@ impl Inner {
             Err(e) => return self.send_failed(&route.metrics, e),
         };
         if !route.is_replay_status(resp.status().as_u16()) {
-            return pass_through(resp);
+            return self.pass_through(&route.metrics, resp);
         }
         self.after_rejection(route, resp, token.generation(), replay)
             .await
@@ -462,16 +482,32 @@ impl Inner {
         seen: u64,
         replay: Option<Replay>,
     ) -> Response<ProxyBody> {
-        let (parts, mut body) = resp.into_parts();
-        let (prefix, complete) = match read_prefix(&mut body, CONSENT_PROBE_LIMIT).await {
+        let (mut parts, mut body) = resp.into_parts();
+        if check_response_framing(&mut parts.headers).is_err() {
+            route.metrics.upstream_error(UpstreamErrorKind::BadResponse);
+            return self.refuse(BAD_RESPONSE);
+        }
+        let idle = self.wire.idle_timeout;
+        let (prefix, complete) = match read_prefix(&mut body, CONSENT_PROBE_LIMIT, idle).await {
             Ok(p) => p,
-            Err(e) => {
+            Err(ProbeError::Stalled) => {
+                tracing::warn!(route = %route.label, "upstream body stalled during the probe");
+                route.metrics.upstream_error(UpstreamErrorKind::BodyTimeout);
+                return self.refuse(BODY_STALLED);
+            }
+            Err(ProbeError::Body(e)) => {
                 tracing::warn!(route = %route.label, error = %e, "upstream body failed");
                 route.metrics.upstream_error(UpstreamErrorKind::Reset);
                 return self.refuse(upstream_error(ErrorCode::UpstreamReset));
             }
         };
-        let original = || respond(parts, ProxyBody::prefixed(prefix.clone(), body));
+        let metrics = &route.metrics;
+        let original = || {
+            respond(
+                parts,
+                ProxyBody::prefixed(prefix.clone(), body, idle, metrics),
+            )
+        };
         if complete && is_consent_revoked(&prefix) {
             route.metrics.replay(ReplayResult::ConsentRevoked);
             return original();
@@ -498,7 +534,7 @@ impl Inner {
                     } else {
                         ReplayResult::Ok
                     });
-                pass_through(resp)
+                self.pass_through(&route.metrics, resp)
             }
             Err(answer) => answer,
         }
@@ -520,9 +556,9 @@ impl Inner {
         parts.headers.append(VIA, self.via.clone());
         parts.version = Version::HTTP_11;
         parts.extensions = Extensions::new();
-        let req = Request::from_parts(parts, ProxyBody::stream(body));
+        let req = Request::from_parts(parts, ProxyBody::request(body));
         match self.send(&self.unmatched_metrics, req).await {
-            Ok(resp) => pass_through(resp),
+            Ok(resp) => self.pass_through(&self.unmatched_metrics, resp),
             Err(answer) => answer,
         }
     }
@@ -553,8 +589,33 @@ impl Inner {
         }
     }
 
+    /// The upstream response, minus hop-by-hop headers, its body streaming and timed per read;
+    /// a 502 if its framing is refused.
+    fn pass_through(
+        &self,
+        metrics: &RouteMetrics,
+        resp: Response<Incoming>,
+    ) -> Response<ProxyBody> {
+        let (mut parts, body) = resp.into_parts();
+        if check_response_framing(&mut parts.headers).is_err() {
+            metrics.upstream_error(UpstreamErrorKind::BadResponse);
+            return self.refuse(BAD_RESPONSE);
+        }
+        respond(
+            parts,
+            ProxyBody::response(body, self.wire.idle_timeout, metrics),
+        )
+    }
+
     /// Counts, logs and answers a failed exchange.
     fn send_failed(&self, metrics: &RouteMetrics, e: SendError) -> Response<ProxyBody> {
+        if let SendError::Request(e) = &e
+            && client_body_failed(e)
+        {
+            // The app's own request body was malformed or cut short: its fault, not the
+            // upstream's.
+            return self.refuse(BODY_UNREADABLE);
+        }
         let (code, kind) = match &e {
             SendError::Upgrade => (ErrorCode::UpstreamReset, UpstreamErrorKind::Reset),
             SendError::Timeout => (ErrorCode::UpstreamTimeout, UpstreamErrorKind::Timeout),
@@ -720,10 +781,95 @@ fn remove_named(headers: &mut HeaderMap, connection: &HeaderValue) {
     }
 }
 
-/// The upstream response, minus hop-by-hop headers, streaming.
-fn pass_through(resp: Response<Incoming>) -> Response<ProxyBody> {
-    let (parts, body) = resp.into_parts();
-    respond(parts, ProxyBody::stream(body))
+/// Whether the exchange failed because the client's request body did (see [`BodyError`]).
+fn client_body_failed(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if matches!(err.downcast_ref::<BodyError>(), Some(BodyError::Client(_))) {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// An upstream response's framing as hyper's client read it, checked before it is passed on.
+/// With `Transfer-Encoding`, hyper framed the body by the coding and ignored any
+/// `Content-Length`, which is removed here so the app cannot read the body by a length the
+/// message did not have; a coding other than exactly one `chunked` (such as `gzip, chunked`,
+/// whose decoded bytes would still be gzip) is refused.
+fn check_response_framing(headers: &mut HeaderMap) -> Result<(), ()> {
+    let mut codings = headers.get_all(TRANSFER_ENCODING).iter();
+    match (codings.next(), codings.next()) {
+        (None, _) => Ok(()),
+        (Some(v), None) if v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") => {
+            headers.remove(CONTENT_LENGTH);
+            Ok(())
+        }
+        _ => Err(()),
+    }
+}
+
+/// TRACE, and TRACK (its IIS twin), in any letter case: method names are case-sensitive
+/// tokens, so `trace` is a different method to hyper but the same to many servers.
+fn is_trace(method: &Method) -> bool {
+    let m = method.as_str().as_bytes();
+    m.eq_ignore_ascii_case(b"TRACE") || m.eq_ignore_ascii_case(b"TRACK")
+}
+
+/// Whether `path` has a `.` or `..` segment, also percent-encoded (`%2e`, `.%2E`, …). Some
+/// servers also split segments at `\\` or an encoded slash (`%2f`, `%5c`) and ignore `;…`
+/// parameters (`..;`), so those count too: refusing a strange path costs nothing, letting one
+/// climb out of the base path could send the token to another API on the host.
+fn has_dot_segment(path: &str) -> bool {
+    let mut rest = path.as_bytes();
+    // Dots in the current segment so far; `None` once it has anything else.
+    let mut dots = Some(0u8);
+    let mut params = false;
+    loop {
+        let (sep, skip) = match rest {
+            [] => (true, 0),
+            [b'/' | b'\\', ..] => (true, 1),
+            [b'%', b'2', f, ..] if f.eq_ignore_ascii_case(&b'f') => (true, 3),
+            [b'%', b'5', c, ..] if c.eq_ignore_ascii_case(&b'c') => (true, 3),
+            _ => (false, 0),
+        };
+        if sep {
+            if matches!(dots, Some(1 | 2)) {
+                return true;
+            }
+            if rest.is_empty() {
+                return false;
+            }
+            rest = &rest[skip..];
+            dots = Some(0);
+            params = false;
+            continue;
+        }
+        if params {
+            rest = &rest[1..];
+            continue;
+        }
+        match rest {
+            [b'.', tail @ ..] => {
+                dots = dots.map(|d| d.saturating_add(1));
+                rest = tail;
+            }
+            [b'%', b'2', e, tail @ ..] if e.eq_ignore_ascii_case(&b'e') => {
+                dots = dots.map(|d| d.saturating_add(1));
+                rest = tail;
+            }
+            [b';', tail @ ..] => {
+                params = true;
+                rest = tail;
+            }
+            [_, tail @ ..] => {
+                dots = None;
+                rest = tail;
+            }
+            [] => unreachable!("handled as a separator"),
+        }
+    }
 }
 
 /// An upstream response's head, sanitised, with `body`.
@@ -774,18 +920,31 @@ async fn read_small_body(body: Incoming) -> Result<Bytes, hyper::Error> {
     Ok(body.collect().await?.to_bytes())
 }
 
-/// Reads up to about `limit` bytes; says whether that was the whole body. Trailers met here
-/// are dropped (FDX answers have none).
-async fn read_prefix(body: &mut Incoming, limit: usize) -> Result<(Bytes, bool), hyper::Error> {
+/// Why the consent probe could not read the start of a body.
+enum ProbeError {
+    /// The body broke off.
+    Body(hyper::Error),
+    /// No frame within `idle_timeout`.
+    Stalled,
+}
+
+/// Reads up to about `limit` bytes, each read waiting at most `idle`; says whether that was
+/// the whole body. Trailers met here are dropped (FDX answers have none).
+async fn read_prefix(
+    body: &mut Incoming,
+    limit: usize,
+    idle: Duration,
+) -> Result<(Bytes, bool), ProbeError> {
     let mut buf = BytesMut::new();
     while buf.len() < limit {
         if body.is_end_stream() {
             return Ok((buf.freeze(), true));
         }
-        match body.frame().await {
-            None => return Ok((buf.freeze(), true)),
-            Some(frame) => {
-                if let Ok(data) = frame?.into_data() {
+        match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => return Err(ProbeError::Stalled),
+            Ok(None) => return Ok((buf.freeze(), true)),
+            Ok(Some(frame)) => {
+                if let Ok(data) = frame.map_err(ProbeError::Body)?.into_data() {
                     buf.put(data);
                 }
             }
@@ -958,6 +1117,75 @@ mod tests {
         assert!(!is_consent_revoked(b"602"));
         assert!(!is_consent_revoked(b"not json"));
         assert!(!is_consent_revoked(b""));
+    }
+
+    #[test]
+    fn dot_segments_are_found_in_every_spelling() {
+        for p in [
+            "/..",
+            "/../x",
+            "/a/./b",
+            "/a/.",
+            "/%2e%2E/x",
+            "/.%2e/x",
+            "/%2e./x",
+            "/%2E",
+            "/a/..;/b",
+            "/a/..;x=1/b",
+            "/a\\..\\b",
+            "/a%2f..%2fb",
+            "/a%5C..",
+            "..",
+            ".",
+        ] {
+            assert!(has_dot_segment(p), "{p}");
+        }
+        for p in [
+            "/",
+            "/a/b",
+            "/.well-known/x",
+            "/a..b",
+            "/.../x",
+            "/a/b.",
+            "/%2ex",
+            "",
+            "/a/;..",
+            "/x%2",
+        ] {
+            assert!(!has_dot_segment(p), "{p}");
+        }
+    }
+
+    #[test]
+    fn trace_and_track_are_recognised_in_any_case() {
+        for m in ["TRACE", "trace", "Trace", "TRACK", "track", "tRaCk"] {
+            assert!(is_trace(&Method::from_bytes(m.as_bytes()).unwrap()), "{m}");
+        }
+        for m in ["GET", "TRACES", "TRAC"] {
+            assert!(!is_trace(&Method::from_bytes(m.as_bytes()).unwrap()), "{m}");
+        }
+    }
+
+    #[test]
+    fn response_framing_drops_a_length_beside_chunked_and_refuses_other_codings() {
+        let mut h = headers(&[("transfer-encoding", "Chunked"), ("content-length", "5")]);
+        assert!(check_response_framing(&mut h).is_ok());
+        assert!(h.get(CONTENT_LENGTH).is_none());
+        let mut h = headers(&[("content-length", "5")]);
+        assert!(check_response_framing(&mut h).is_ok());
+        assert!(h.get(CONTENT_LENGTH).is_some());
+        for te in [
+            &["gzip, chunked"][..],
+            &["gzip"],
+            &["chunked", "chunked"],
+            &["chunked, chunked"],
+        ] {
+            let mut h = HeaderMap::new();
+            for v in te {
+                h.append(TRANSFER_ENCODING, HeaderValue::from_static(v));
+            }
+            assert!(check_response_framing(&mut h).is_err(), "{te:?}");
+        }
     }
 
     #[test]

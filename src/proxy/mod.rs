@@ -178,9 +178,9 @@ impl Proxy {
         server
             .http1()
             .timer(TokioTimer::new())
-            // The wire guard times a head from its first byte (header_read_timeout); hyper's
-            // timer runs from the end of the previous exchange until a complete head has been
-            // handed over, which makes it the keep-alive idle timeout.
+            // The wire guard times a head from its first byte (header_read_timeout) and the wait
+            // for that first byte (idle_timeout). hyper's timer, which only starts once it
+            // parses (not while the auto builder sniffs the protocol), is a backstop.
             .header_read_timeout(p.idle_timeout)
             .max_buf_size(p.max_header_bytes + READ_BUFFER_SLACK)
             .max_headers(MAX_HEADERS)
@@ -417,9 +417,8 @@ fn answer_was_cut(e: &(dyn std::error::Error + 'static)) -> bool {
 fn connection_error(metrics: &Metrics, e: &(dyn std::error::Error + 'static)) {
     if let Some(h) = e.downcast_ref::<hyper::Error>() {
         // The wire guard answers oversized or malformed heads first (every byte hyper's parser
-        // would refuse included); these are what hyper still refuses on its own (a request
-        // target its URI parser rejects), answering with a bare 400, or a bare 431 if a head
-        // could ever outgrow its buffer.
+        // and the URI parser would refuse included); these are what hyper would still refuse
+        // on its own with a bare 400, or a bare 431 if a head could ever outgrow its buffer.
         if h.is_parse_too_large() {
             metrics.reject(RejectReason::HeaderTooLarge);
         } else if h.is_parse() {

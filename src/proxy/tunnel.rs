@@ -6,13 +6,26 @@
 //! `connect_timeout`), answers 200 and copies bytes both ways until either side closes;
 //! `deny` answers 403.
 //!
+//! A tunnel through which no byte moves in either direction for `idle_timeout` is closed
+//! (the check runs every `idle_timeout`, so a silent tunnel ends between one and two of them):
+//! a client that has gone while the remote host stays silent (or the reverse) would otherwise
+//! keep its slot forever, since a half-closed tunnel waits for the other side's end.
+//!
 //! The copy runs in the client connection's own task after hyper hands the socket over (see
 //! `ConnShared`), so a tunnel keeps its connection slot, counts in `open_connections` and
 //! `open_tunnels`, delays a graceful stop like any connection, and ends at `Terminated`.
 
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
@@ -76,7 +89,7 @@ impl Inner {
             return self.refuse(DENIED);
         }
         let dial = TcpStream::connect((normalise(host), port));
-        let mut upstream = match tokio::time::timeout(self.connect_timeout, dial).await {
+        let upstream = match tokio::time::timeout(self.connect_timeout, dial).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "CONNECT target unreachable");
@@ -93,6 +106,7 @@ impl Inner {
         let _ = upstream.set_nodelay(true);
         let on_upgrade = hyper::upgrade::on(req);
         let gauge = self.metrics.open_tunnels.clone();
+        let idle = self.wire.idle_timeout;
         conn.set_tunnel(Box::pin(async move {
             let upgraded = match on_upgrade.await {
                 Ok(u) => u,
@@ -103,13 +117,110 @@ impl Inner {
             };
             gauge.inc();
             let _gauge = TunnelGauge(gauge);
-            let mut client = TokioIo::new(upgraded);
-            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                tracing::debug!(error = %e, "tunnel ended with an error");
-            }
+            copy_until_idle(TokioIo::new(upgraded), upstream, idle).await;
         }));
         let mut resp = Response::new(ProxyBody::empty());
         *resp.status_mut() = StatusCode::OK;
         resp
+    }
+}
+
+/// Copies both ways until either side's copy ends with the other, or nothing moved for a
+/// whole `idle` period.
+async fn copy_until_idle<A, B>(client: A, upstream: B, idle: Duration)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let moved = Arc::new(AtomicU64::new(0));
+    let mut client = Counted(client, moved.clone());
+    let mut upstream = Counted(upstream, moved.clone());
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+    tokio::pin!(copy);
+    let mut seen = 0;
+    loop {
+        tokio::select! {
+            result = &mut copy => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "tunnel ended with an error");
+                }
+                return;
+            }
+            () = tokio::time::sleep(idle) => {
+                let now = moved.load(Ordering::Relaxed);
+                if now == seen {
+                    tracing::debug!("tunnel idle for idle_timeout; closing");
+                    return;
+                }
+                seen = now;
+            }
+        }
+    }
+}
+
+/// A stream that adds the bytes read from it to a shared counter.
+struct Counted<T>(T, Arc<AtomicU64>);
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.0).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            this.1.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, data)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::time::Instant;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnel_moving_bytes_stays_and_a_silent_one_closes() {
+        let (client, mut app) = tokio::io::duplex(64);
+        let (upstream, mut remote) = tokio::io::duplex(64);
+        let idle = Duration::from_secs(10);
+        let start = Instant::now();
+        let tunnel = tokio::spawn(copy_until_idle(client, upstream, idle));
+        // Traffic every 6 s for a minute keeps it open.
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            app.write_all(b"x").await.unwrap();
+            let mut b = [0u8; 1];
+            remote.read_exact(&mut b).await.unwrap();
+        }
+        assert!(!tunnel.is_finished());
+        // The app goes; the remote host stays silent: closed within two idle periods.
+        drop(app);
+        tunnel.await.unwrap();
+        assert!(start.elapsed() <= Duration::from_secs(60 + 20));
     }
 }

@@ -13,17 +13,18 @@
 //! other than HTTP/1.0 or 1.1 (this also refuses the HTTP/2 preface), or any byte hyper's parser
 //! (httparse) would refuse → 400. A refused head never
 //! reaches hyper: hyper sees the connection end, closes its side, and the guard writes the JSON
-//! answer before the socket shuts down. Bodies are only counted (and chunk framing followed) to
-//! know where the next head starts; they go straight into hyper's buffer without a copy.
+//! answer before the socket shuts down. Bodies are only counted (and chunk framing followed,
+//! with exactly the rules of hyper's decoder) to know where the next head starts; they go
+//! straight into hyper's buffer without a copy. A chunked body hyper's decoder would refuse
+//! ends the input at the offending byte: hyper fails that request's body (the request path
+//! answers 400) and never parses another byte of the connection. The guard never stops
+//! following the framing while hyper still parses (only a `CONNECT` tunnel is unframed).
 //!
-//! The guard also owns the two timers that hyper does not have:
+//! The guard also owns the connection's timers (hyper's own header timer is only a backstop):
 //! * `header_read_timeout`, counted from the first byte of a head, cuts slowloris clients;
-//! * `idle_timeout` cuts a connection on which hyper waits for body bytes (or for the client to
-//!   read the response) and nothing moves in either direction for that long.
-//!
-//! Waiting for the next request on an idle keep-alive connection is timed by hyper itself (its
-//! header read timer runs from the end of the previous exchange until a complete head arrives,
-//! and is set to `idle_timeout`).
+//! * `idle_timeout` cuts a connection on which hyper waits for the first byte of a request head
+//!   (the first request, or the next one on a keep-alive connection), for body bytes, or for
+//!   the client to read the response, and nothing moves for that long.
 //!
 //! A valid request pipelined before a refused one is still answered: hyper serves half-closed
 //! connections (see `Proxy::new`), so the end of input the guard signals at the refused head
@@ -69,6 +70,16 @@ const AMBIGUOUS: ProxyError = ProxyError::new(
     "ambiguous request framing: Content-Length together with Transfer-Encoding, Content-Length \
      repeated or not a number, a transfer coding other than one \"chunked\", or a folded header \
      line; the request was not forwarded",
+);
+const BAD_CHUNK: ProxyError = ProxyError::new(
+    ErrorCode::BadRequest,
+    "malformed chunked request body: the request was not forwarded completely",
+)
+.closing();
+const BAD_URI: ProxyError = ProxyError::new(
+    ErrorCode::BadRequest,
+    "malformed request target: the URL cannot be parsed (check brackets around IPv6 \
+     addresses, the port and the characters used)",
 );
 const MALFORMED: ProxyError = ProxyError::new(
     ErrorCode::BadRequest,
@@ -129,7 +140,8 @@ enum State {
     Fixed(u64),
     /// A chunked body.
     Chunked(Chunk),
-    /// No longer framed: after `CONNECT`, or after bytes hyper will refuse anyway.
+    /// No longer framed: after `CONNECT` (a tunnel), or after a refusal (no byte after it is
+    /// handed to hyper).
     Opaque,
 }
 
@@ -138,8 +150,8 @@ enum State {
 enum Chunk {
     /// First hex digit of a size line.
     Start,
-    /// More hex digits; `digits` so far.
-    Size { size: u64, digits: u8 },
+    /// More hex digits; the value so far.
+    Size(u64),
     /// Spaces after the size.
     SizeLws(u64),
     /// A chunk extension, up to CR.
@@ -255,43 +267,39 @@ impl Framer {
                         left => Chunk::Data(left),
                     });
                 }
-                State::Chunked(chunk) => {
-                    self.state = chunk_byte(chunk, data[pos]);
-                    pos += 1;
-                }
+                State::Chunked(chunk) => match chunk_byte(chunk, data[pos]) {
+                    Some(next) => {
+                        self.state = next;
+                        pos += 1;
+                    }
+                    // hyper would fail the body here and close; the guard ends the input
+                    // at this byte, so nothing after it is ever parsed.
+                    None => return Scan::Reject(pos, BAD_CHUNK),
+                },
             }
         }
         Scan::All
     }
 }
 
-/// The next state after one framing byte of a chunked body. Anything hyper's decoder would
-/// refuse makes the stream opaque: hyper then fails the request and closes the connection.
-fn chunk_byte(chunk: Chunk, b: u8) -> State {
+/// The next state after one framing byte of a chunked body, or `None` where hyper's decoder
+/// (`proto/h1/decode.rs`) would refuse the byte. The rules are hyper's: a size is hex digits
+/// whose *value* must fit a u64 (any number of leading zeros is fine), then optional spaces or
+/// tabs, an optional extension up to CR (an LF inside it is refused), CR LF; data; CR LF; after
+/// the zero-size chunk, trailer lines each ending in CR LF, then an empty line. The guard
+/// refuses whatever hyper refuses, so it never has to stop following the stream.
+fn chunk_byte(chunk: Chunk, b: u8) -> Option<State> {
     let next = match (chunk, b) {
-        (Chunk::Start, _) => match hex(b) {
-            Some(d) => Chunk::Size {
-                size: u64::from(d),
-                digits: 1,
-            },
-            None => return State::Opaque,
-        },
-        (Chunk::Size { size, digits }, _) if hex(b).is_some() => {
-            // 16 hex digits fill a u64; hyper refuses an overflow.
-            if digits >= 16 {
-                return State::Opaque;
-            }
-            Chunk::Size {
-                size: size * 16 + u64::from(hex(b).unwrap_or(0)),
-                digits: digits + 1,
-            }
+        (Chunk::Start, _) => Chunk::Size(u64::from(hex(b)?)),
+        (Chunk::Size(size), _) if hex(b).is_some() => {
+            Chunk::Size(size.checked_mul(16)?.checked_add(u64::from(hex(b)?))?)
         }
-        (Chunk::Size { size, .. } | Chunk::SizeLws(size), b' ' | b'\t') => Chunk::SizeLws(size),
-        (Chunk::Size { size, .. } | Chunk::SizeLws(size), b';') => Chunk::Extension(size),
-        (Chunk::Size { size, .. } | Chunk::SizeLws(size) | Chunk::Extension(size), b'\r') => {
+        (Chunk::Size(size) | Chunk::SizeLws(size), b' ' | b'\t') => Chunk::SizeLws(size),
+        (Chunk::Size(size) | Chunk::SizeLws(size), b';') => Chunk::Extension(size),
+        (Chunk::Size(size) | Chunk::SizeLws(size) | Chunk::Extension(size), b'\r') => {
             Chunk::SizeLf(size)
         }
-        (Chunk::Extension(_), b'\n') => return State::Opaque,
+        (Chunk::Extension(_), b'\n') => return None,
         (Chunk::Extension(size), _) => Chunk::Extension(size),
         (Chunk::SizeLf(0), b'\n') => Chunk::EndCr,
         (Chunk::SizeLf(size), b'\n') => Chunk::Data(size),
@@ -301,10 +309,10 @@ fn chunk_byte(chunk: Chunk, b: u8) -> State {
         (Chunk::Trailer, b'\r') => Chunk::TrailerLf,
         (Chunk::EndCr | Chunk::Trailer, _) => Chunk::Trailer,
         (Chunk::TrailerLf, b'\n') => Chunk::EndCr,
-        (Chunk::EndLf, b'\n') => return State::Head { searched: 0 },
-        _ => return State::Opaque,
+        (Chunk::EndLf, b'\n') => return Some(State::Head { searched: 0 }),
+        _ => return None,
     };
-    State::Chunked(next)
+    Some(State::Chunked(next))
 }
 
 fn hex(b: u8) -> Option<u8> {
@@ -445,6 +453,11 @@ impl HeadChecker {
         {
             return Err(MALFORMED);
         }
+        // hyper hands the target to the `http` crate's URI parser and answers a bare 400 if it
+        // refuses it (`http://[::1/`, a bad authority, …): refuse those here with the JSON one.
+        if !uri_is_plainly_valid(target) && http::Uri::try_from(target).is_err() {
+            return Err(BAD_URI);
+        }
         self.http10 = match version {
             b"HTTP/1.1" => false,
             b"HTTP/1.0" => true,
@@ -478,6 +491,52 @@ impl HeadChecker {
             }
         })
     }
+}
+
+/// The longest request target the `http` crate parses.
+const MAX_URI_LEN: usize = u16::MAX as usize - 1;
+
+/// Whether `target` has a shape the `http` crate's URI parser certainly accepts: origin-form
+/// (`/path?query`) or `http(s)://host[:port]/path?query` with a plain DNS-style host, in the
+/// unreserved, sub-delimiter, `:@/?%` bytes. Nearly every request takes this check, which
+/// allocates nothing; anything else (IPv6 literals, user info, unusual bytes, `CONNECT`'s
+/// `host:port`) is parsed by the `http` crate itself, which copies the target once.
+fn uri_is_plainly_valid(target: &[u8]) -> bool {
+    fn plain(b: u8) -> bool {
+        b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b)
+    }
+    if target.len() > MAX_URI_LEN {
+        return false;
+    }
+    let path = if target.first() == Some(&b'/') {
+        target
+    } else {
+        let rest = match target.iter().position(|&b| b == b':') {
+            Some(4) if target[..4].eq_ignore_ascii_case(b"http") => &target[4..],
+            Some(5) if target[..5].eq_ignore_ascii_case(b"https") => &target[5..],
+            _ => return false,
+        };
+        let Some(rest) = rest.strip_prefix(b"://") else {
+            return false;
+        };
+        let end = rest.iter().position(|&b| b == b'/').unwrap_or(rest.len());
+        let (authority, path) = rest.split_at(end);
+        let (host, port) = match authority.iter().position(|&b| b == b':') {
+            Some(i) => (&authority[..i], Some(&authority[i + 1..])),
+            None => (authority, None),
+        };
+        if host.is_empty()
+            || !host
+                .iter()
+                .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            || port
+                .is_some_and(|p| p.is_empty() || p.len() > 5 || !p.iter().all(u8::is_ascii_digit))
+        {
+            return false;
+        }
+        path
+    };
+    path.iter().all(|&b| plain(b))
 }
 
 /// A `tchar` (RFC 9110 §5.6.2): the bytes of a method or a header name.
@@ -585,12 +644,20 @@ impl<T> WireGuard<T> {
             error = error.code.as_str(),
             "request refused before parsing"
         );
-        if let Some(reason) = error.code.reject_reason() {
+        // Inside a body, hyper already has the request: it sees its body end early and the
+        // request path answers (400 `bad_request`, counted there); the guard only ends the
+        // input. Writing its own answer too would put a second response on the wire.
+        let silent = self.framer.in_body();
+        if !silent && let Some(reason) = error.code.reject_reason() {
             self.metrics.reject(reason);
         }
         self.framer.state = State::Opaque;
         self.refusal = Some(Refusal {
-            bytes: error.http1_bytes(),
+            bytes: if silent {
+                Vec::new()
+            } else {
+                error.http1_bytes()
+            },
             written: 0,
             shut: false,
             lingered: 0,
@@ -615,10 +682,13 @@ impl<T> WireGuard<T> {
                 "request head not received within header_read_timeout",
             ));
         }
-        if reading && !self.framer.in_body() {
-            // Between requests, or waiting for the app's response: hyper's timer applies.
+        if reading && self.framer.is_opaque() {
             return Poll::Pending;
         }
+        // Waiting for the first byte of a head (the first request, or the next one on a
+        // keep-alive connection), for body bytes, or for a blocked write: all count as idle.
+        // hyper reads nothing while the app's response is pending (`half_close`), so this
+        // never times a slow upstream.
         let idle = self.limits.idle_timeout;
         let deadline = *self
             .stall_deadline
@@ -947,6 +1017,42 @@ mod tests {
     }
 
     #[test]
+    fn targets_the_uri_parser_refuses_get_a_json_400() {
+        for target in [
+            "http://[::1/",
+            "http://[::1]]/",
+            "http://a:b:c/",
+            "http://%/",
+            "http:///x",
+        ] {
+            let head = format!("GET {target} HTTP/1.1\r\n\r\n");
+            let (s, _) = scan_all(head.as_bytes());
+            assert_eq!(s, Scan::Reject(0, BAD_URI), "{target}");
+        }
+        for target in [
+            "/a?b=c",
+            "http://[::1]:8080/x",
+            "http://h.example:99999/",
+            "a.example:443",
+            "*",
+        ] {
+            let head = format!("GET {target} HTTP/1.1\r\n\r\n");
+            assert_eq!(scan_all(head.as_bytes()).0, Scan::All, "{target}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_allocation_free_uri_check_never_accepts_what_http_refuses(
+            target in "(/|https?://|HTTP://)[a-z0-9.:\\[\\]@%/?#\\-]{0,24}"
+        ) {
+            if uri_is_plainly_valid(target.as_bytes()) {
+                proptest::prop_assert!(http::Uri::try_from(target.as_str()).is_ok(), "{}", target);
+            }
+        }
+    }
+
+    #[test]
     fn oversized_heads_are_refused_before_they_end() {
         let mut f = Framer::new(64);
         let mut req = b"GET / HTTP/1.1\r\nX-Big: ".to_vec();
@@ -1017,13 +1123,45 @@ mod tests {
     }
 
     #[test]
-    fn bad_chunk_framing_leaves_it_to_hyper() {
-        let (s, f) = scan_all(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n");
+    fn bad_chunk_framing_is_refused_where_hyper_would_refuse_it() {
+        let head = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        for (body, at) in [
+            (&b"zz\r\n"[..], 0),
+            (b"11111111111111111\r\n", 16),
+            (b"3\r\nabcX", 6),
+            (b"3;ext\nabc", 5),
+            (b"0\r\nX-T: 1\rX", 10),
+        ] {
+            let mut req = head.to_vec();
+            req.extend_from_slice(body);
+            let (s, _) = scan_all(&req);
+            assert_eq!(
+                s,
+                Scan::Reject(head.len() + at, BAD_CHUNK),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn leading_zeros_in_a_chunk_size_are_followed_like_hyper() {
+        // 20 hex digits whose value fits a u64: hyper accepts it, so the guard keeps framing
+        // and refuses the smuggling shapes that follow.
+        let req = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\
+                    00000000000000000005\r\nhello\r\n0\r\n\r\n";
+        let (s, f) = scan_all(req);
         assert_eq!(s, Scan::All);
-        assert!(f.is_opaque());
-        let (_, f) =
-            scan_all(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n11111111111111111\r\n");
-        assert!(f.is_opaque(), "size overflow");
+        assert_eq!(f.state, State::Head { searched: 0 });
+        let mut next = req.to_vec();
+        next.extend_from_slice(
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        );
+        assert_eq!(scan_all(&next).0, Scan::Reject(req.len(), AMBIGUOUS));
+        let max = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0000ffffffffffffffff\r\n";
+        let (s, f) = scan_all(max);
+        assert_eq!(s, Scan::All);
+        assert_eq!(f.state, State::Chunked(Chunk::Data(u64::MAX)));
     }
 
     fn guard(
@@ -1128,12 +1266,27 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn an_idle_connection_between_requests_is_left_to_hyper() {
+    async fn a_silent_connection_times_out_after_idle_timeout() {
         let (client, server) = tokio::io::duplex(1024);
         let mut g = guard(server, Duration::from_millis(10));
         let mut buf = [0u8; 16];
-        let read = tokio::time::timeout(Duration::from_secs(3600), g.read(&mut buf)).await;
-        assert!(read.is_err(), "no timer of ours fires while idle");
+        let start = Instant::now();
+        let err = g.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(start.elapsed(), Duration::from_secs(60));
         drop(client);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_wait_for_the_next_head_times_out_after_idle_timeout() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut g = guard(server, Duration::from_millis(10));
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        assert!(g.read(&mut buf).await.unwrap() > 0);
+        let start = Instant::now();
+        let err = g.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(start.elapsed(), Duration::from_secs(60));
     }
 }

@@ -7,6 +7,7 @@
 mod admin;
 mod cli;
 mod faults;
+mod hardening;
 mod hostile;
 mod proxy;
 mod soak;
