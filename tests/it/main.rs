@@ -12,3 +12,4 @@ mod proxy;
 mod soak;
 mod support;
 mod token;
+mod underscore;
