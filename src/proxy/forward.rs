@@ -383,7 +383,7 @@ impl Inner {
         strip: usize,
         mut req: Request<Incoming>,
     ) -> Response<ProxyBody> {
-        if let Some(refused) = self.underscore_headers(req.headers_mut()) {
+        if let Some(refused) = self.underscore_names(req.headers_mut()) {
             return refused;
         }
         let token = match route.token.current() {
@@ -517,7 +517,7 @@ impl Inner {
 
     async fn forward_unmatched(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
-        if let Some(refused) = self.underscore_headers(&mut parts.headers) {
+        if let Some(refused) = self.underscore_names(&mut parts.headers) {
             return refused;
         }
         let Some(host) = parts

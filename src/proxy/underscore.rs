@@ -55,10 +55,7 @@ const SENSITIVE_NAMES: [&str; 9] = [
 impl Inner {
     /// Applies `proxy.underscore_headers` to a request about to be forwarded and counts what it
     /// did; the proxy's answer if the request is refused.
-    pub(super) fn underscore_headers(
-        &self,
-        headers: &mut HeaderMap,
-    ) -> Option<Response<ProxyBody>> {
+    pub(super) fn underscore_names(&self, headers: &mut HeaderMap) -> Option<Response<ProxyBody>> {
         match apply(self.underscore_headers, headers) {
             Ok(0) => None,
             Ok(dropped) => {

@@ -66,6 +66,8 @@ impl Upstreams {
 
     /// The client of the credential at `pool`.
     pub(crate) fn credential(&self, pool: usize) -> &UpstreamClient {
+        // An invariant of `Proxy::new`, not a run-time condition: there is no sensible fallback
+        // (another credential's pool is exactly what must never be used).
         #[allow(clippy::expect_used)]
         self.credentials
             .get(pool)
