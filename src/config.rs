@@ -57,6 +57,10 @@ pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
 /// In-flight requests get this long to finish once we stop accepting. With the drain delay this
 /// stays inside Kubernetes' default 30s `terminationGracePeriodSeconds`.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+/// nginx's default (`underscores_in_headers off`): header names with `_` are removed before
+/// forwarding, because CGI-style upstreams (and many WSGI/Rack servers) read `_` as `-`, so such
+/// a name can mean a different header upstream than the one the proxy checked.
+pub const DEFAULT_UNDERSCORE_HEADERS: UnderscoreHeaders = UnderscoreHeaders::Drop;
 /// A sidecar serves one app: one worker thread is the cheapest and is what linkerd2-proxy does.
 /// A shared gateway sets this to its CPU count (or 0 for one per available CPU).
 pub const DEFAULT_WORKERS: usize = 1;
@@ -128,6 +132,20 @@ pub enum ConnectPolicy {
     Deny,
 }
 
+/// What to do with request headers whose name contains `_` (Envoy's
+/// `headers_with_underscores_action`). Whatever the setting, a name that reads as a framing,
+/// hop-by-hop, `Host` or `Authorization` header once `_` is read as `-` is refused with 400.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnderscoreHeaders {
+    /// Remove them before forwarding.
+    Drop,
+    /// Answer 400 `bad_request`.
+    Reject,
+    /// Forward them as they are.
+    Allow,
+}
+
 /// `[proxy]`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default)]
@@ -171,6 +189,8 @@ pub struct ProxyConfig {
     /// and the system store; for upstreams behind a private CA. Certificates are always
     /// verified: there is no way to turn verification off.
     pub ca_file: Option<PathBuf>,
+    /// Request headers whose name contains `_`: `drop`, `reject` or `allow`.
+    pub underscore_headers: UnderscoreHeaders,
 }
 
 impl Default for ProxyConfig {
@@ -191,6 +211,7 @@ impl Default for ProxyConfig {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             workers: DEFAULT_WORKERS,
             ca_file: None,
+            underscore_headers: DEFAULT_UNDERSCORE_HEADERS,
         }
     }
 }
@@ -1198,6 +1219,34 @@ mod tests {
         assert!(keys.contains(&"tokens.a.refresh_token_file"), "{keys:?}");
         assert!(keys.contains(&"tokens.b.code_file"), "{keys:?}");
         assert!(keys.contains(&"tokens.b.state_dir"), "{keys:?}");
+    }
+
+    #[test]
+    fn underscore_headers_default_to_drop_and_name_the_key_when_invalid() {
+        assert_eq!(
+            toml(MINIMAL).unwrap().proxy.underscore_headers,
+            UnderscoreHeaders::Drop
+        );
+        for (text, want) in [
+            ("drop", UnderscoreHeaders::Drop),
+            ("reject", UnderscoreHeaders::Reject),
+            ("allow", UnderscoreHeaders::Allow),
+        ] {
+            let c = toml(&format!(
+                "[proxy]\nunderscore_headers = \"{text}\"\n{MINIMAL}"
+            ))
+            .unwrap();
+            assert_eq!(c.proxy.underscore_headers, want);
+        }
+        let env = HashMap::from([(
+            "BEARER_PROXY__PROXY__UNDERSCORE_HEADERS".to_owned(),
+            "reject".to_owned(),
+        )]);
+        let c = from_str(MINIMAL, config::FileFormat::Toml, Some(env)).unwrap();
+        assert_eq!(c.proxy.underscore_headers, UnderscoreHeaders::Reject);
+        let errs = toml(&format!("[proxy]\nunderscore_headers = \"off\"\n{MINIMAL}")).unwrap_err();
+        assert_eq!(errs.0.len(), 1, "{errs}");
+        assert_eq!(errs.0[0].key, "proxy.underscore_headers", "{errs}");
     }
 
     #[test]

@@ -120,6 +120,27 @@ impl RejectReason {
     }
 }
 
+/// What happened to a request header whose name contains `_` (`action` label of
+/// `bearer_proxy_underscore_headers_total`). Headers forwarded under `allow` are not counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnderscoreAction {
+    /// Removed before forwarding (`underscore_headers = "drop"`).
+    Dropped,
+    /// Its request was refused with 400.
+    Refused,
+}
+
+impl UnderscoreAction {
+    const ALL: [UnderscoreAction; 2] = [Self::Dropped, Self::Refused];
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Dropped => "dropped",
+            Self::Refused => "refused",
+        }
+    }
+}
+
 /// Class of upstream failure (`kind` label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UpstreamErrorKind {
@@ -210,6 +231,7 @@ pub struct Metrics {
     upstream_errors: IntCounterVec,
     replays: IntCounterVec,
     rejected: [IntCounter; RejectReason::ALL.len()],
+    underscore_headers: [IntCounter; UnderscoreAction::ALL.len()],
     /// Every route handle handed out, for the status page (filled at start-up only).
     routes: std::sync::Mutex<Vec<RouteMetrics>>,
     /// Connections from clients currently open on the proxy port.
@@ -299,6 +321,14 @@ impl Metrics {
             &["reason"],
         );
         let rejected = RejectReason::ALL.map(|k| rejected_vec.with_label_values(&[k.as_str()]));
+        let underscore_vec = counter_vec(
+            &r,
+            "bearer_proxy_underscore_headers_total",
+            "Request headers whose name contains '_', dropped or refused with their request.",
+            &["action"],
+        );
+        let underscore_headers =
+            UnderscoreAction::ALL.map(|a| underscore_vec.with_label_values(&[a.as_str()]));
         let m = Self {
             token_refreshes: counter_vec(
                 &r,
@@ -384,6 +414,7 @@ impl Metrics {
                 &["route", "result"],
             ),
             rejected,
+            underscore_headers,
             routes: std::sync::Mutex::new(Vec::new()),
             open_connections: register(
                 &r,
@@ -474,6 +505,11 @@ impl Metrics {
     /// Counts a request the proxy answered itself.
     pub fn reject(&self, reason: RejectReason) {
         self.rejected[reason as usize].inc();
+    }
+
+    /// Counts `n` request headers whose name contains `_`.
+    pub fn underscore_headers(&self, action: UnderscoreAction, n: u64) {
+        self.underscore_headers[action as usize].inc_by(n);
     }
 
     /// Brings `bearer_proxy_token_valid` up to date with the tokens' validity at this moment
@@ -604,6 +640,7 @@ mod tests {
         r.request(999, 0.01);
         r.upstream_error(UpstreamErrorKind::Tls);
         m.reject(RejectReason::Loop);
+        m.underscore_headers(UnderscoreAction::Dropped, 2);
         let text = m.encode();
         for needle in [
             "bearer_proxy_build_info{version=\"",
@@ -613,6 +650,8 @@ mod tests {
             "bearer_proxy_requests_total{code=\"200\",route=\"fdx\"} 2",
             "bearer_proxy_upstream_errors_total{kind=\"tls\",route=\"fdx\"} 1",
             "bearer_proxy_rejected_requests_total{reason=\"loop\"} 1",
+            "bearer_proxy_underscore_headers_total{action=\"dropped\"} 2",
+            "bearer_proxy_underscore_headers_total{action=\"refused\"} 0",
             "bearer_proxy_open_connections 0",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");

@@ -1,10 +1,11 @@
 //! The request path: which target a request has, the checks every forwarded request passes,
-//! header sanitising and token injection, sending through the pooled client, and the replay
-//! after an upstream rejects the token.
+//! header sanitising and token injection, sending through the credential's pooled client, and
+//! the replay after an upstream rejects the token.
 //!
 //! A routed request is never forwarded without a valid token, and the token goes only to the
-//! route's own upstream. Its headers are sanitised in this order: hop-by-hop headers (and those
-//! `Connection` names) removed, any client `Authorization` removed, `Host` set from the
+//! route's own upstream. Its headers are sanitised in this order: header names containing `_`
+//! dropped or refused (`underscore.rs`, before any wait for a token), hop-by-hop headers (and
+//! those `Connection` names) removed, any client `Authorization` removed, `Host` set from the
 //! target, our `Via` appended, the route's static headers set, and last the token's pre-built
 //! `Authorization` value inserted, so that nothing (not even `Connection: Authorization`) can
 //! remove or duplicate it. Inserting it clones a `HeaderValue`, a reference-count bump.
@@ -34,7 +35,7 @@ use tokio::time::Instant;
 use super::body::{BodyError, ProxyBody};
 use super::error::{ErrorCode, ProxyError};
 use super::route::{Route, Upstream, normalise, split_host_port};
-use super::upstream::classify_request_error;
+use super::upstream::{UpstreamClient, classify_request_error};
 use super::{ConnShared, Inner};
 use crate::config::Unmatched;
 use crate::metrics::{ReplayResult, RouteMetrics, UpstreamErrorKind};
@@ -395,8 +396,11 @@ impl Inner {
         route: &Route,
         origin: Origin,
         strip: usize,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
     ) -> Response<ProxyBody> {
+        if let Some(refused) = self.underscore_names(req.headers_mut()) {
+            return refused;
+        }
         let token = match route.token.current() {
             Some(t) => t,
             None => match route.token.wait_valid(self.token_wait).await {
@@ -446,7 +450,10 @@ impl Inner {
         parts.uri = uri;
         parts.version = Version::HTTP_11;
         parts.extensions = Extensions::new();
-        let mut sent = self.send_once(Request::from_parts(parts, body)).await;
+        let client = self.upstreams.credential(route.pool);
+        let mut sent = self
+            .send_once(client, Request::from_parts(parts, body))
+            .await;
         // The upstream closed the (pooled) connection before answering: its keep-alive timeout
         // raced this request. Nothing was answered and the request is idempotent: send it once
         // more, on a new connection, with the current token.
@@ -460,7 +467,7 @@ impl Inner {
                 "upstream closed the connection without answering; retrying once"
             );
             sent = self
-                .send_once(replay.clone().into_request(current.header()))
+                .send_once(client, replay.clone().into_request(current.header()))
                 .await;
         }
         let resp = match sent {
@@ -523,7 +530,11 @@ impl Inner {
             return original();
         };
         match self
-            .send(&route.metrics, replay.into_request(fresh.header()))
+            .send(
+                self.upstreams.credential(route.pool),
+                &route.metrics,
+                replay.into_request(fresh.header()),
+            )
             .await
         {
             Ok(resp) => {
@@ -542,6 +553,9 @@ impl Inner {
 
     async fn forward_unmatched(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
+        if let Some(refused) = self.underscore_names(&mut parts.headers) {
+            return refused;
+        }
         let Some(host) = parts
             .uri
             .authority()
@@ -557,27 +571,36 @@ impl Inner {
         parts.version = Version::HTTP_11;
         parts.extensions = Extensions::new();
         let req = Request::from_parts(parts, ProxyBody::request(body));
-        match self.send(&self.unmatched_metrics, req).await {
+        match self
+            .send(self.upstreams.unmatched(), &self.unmatched_metrics, req)
+            .await
+        {
             Ok(resp) => self.pass_through(&self.unmatched_metrics, resp),
             Err(answer) => answer,
         }
     }
 
-    /// Sends through the pooled client, bounded by `response_timeout` (until the response
-    /// headers). Failures become the proxy's own answers.
+    /// Sends through `client`, bounded by `response_timeout` (until the response headers).
+    /// Failures become the proxy's own answers.
     async fn send(
         &self,
+        client: &UpstreamClient,
         metrics: &RouteMetrics,
         req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, Response<ProxyBody>> {
-        self.send_once(req)
+        self.send_once(client, req)
             .await
             .map_err(|e| self.send_failed(metrics, e))
     }
 
-    /// One exchange through the pooled client, bounded by `response_timeout`.
-    async fn send_once(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, SendError> {
-        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+    /// One exchange through `client` (the credential's own pool), bounded by
+    /// `response_timeout`.
+    async fn send_once(
+        &self,
+        client: &UpstreamClient,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, SendError> {
+        match tokio::time::timeout(self.response_timeout, client.request(req)).await {
             // We never ask for an upgrade (Upgrade is stripped), so this is a broken upstream;
             // passing it on would make hyper hand over the client's socket.
             Ok(Ok(resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {

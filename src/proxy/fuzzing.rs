@@ -1,6 +1,6 @@
 //! Entry points for the fuzz targets in `fuzz/`: the host matcher and normaliser, the routing
-//! decision, the hop-by-hop header sanitiser and the wire guard's framer, each reachable
-//! without sockets. Not a supported API; hidden from the documentation.
+//! decision, the hop-by-hop header sanitiser, the underscore header policy and the wire guard's
+//! framer, each reachable without sockets. Not a supported API; hidden from the documentation.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -34,6 +34,15 @@ pub fn split_host_port(authority: &str) -> Option<(&str, Option<u16>)> {
 /// Removes hop-by-hop headers, as on every forwarded request and response.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     super::forward::strip_hop_by_hop(headers);
+}
+
+/// Applies `proxy.underscore_headers` as on every forwarded request: `Ok(n)` with `n` header
+/// lines dropped, or the refusal's error code.
+pub fn underscore_headers(
+    policy: crate::config::UnderscoreHeaders,
+    headers: &mut HeaderMap,
+) -> Result<u64, &'static str> {
+    super::underscore::apply(policy, headers).map_err(|r| r.error.code.as_str())
 }
 
 /// The wire guard's framing state machine.

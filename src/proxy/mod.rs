@@ -7,7 +7,8 @@
 //!   header size, header and stall timeouts);
 //! * `route.rs`: the route table and host matching;
 //! * `forward.rs`: the request path (targets, sanitising, token injection, replay);
-//! * `upstream.rs`: the pooled upstream client and its error classes;
+//! * `upstream.rs`: the pooled upstream clients (one per credential) and their error classes;
+//! * `underscore.rs`: request header names containing `_` (`proxy.underscore_headers`);
 //! * `tunnel.rs`: `CONNECT`;
 //! * `body.rs`, `error.rs`: the body type and the proxy's own answers.
 //!
@@ -27,6 +28,7 @@ mod forward;
 pub mod fuzzing;
 mod route;
 mod tunnel;
+mod underscore;
 mod upstream;
 mod wire;
 
@@ -46,14 +48,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::config::{Config, ConnectPolicy, Unmatched};
+use crate::config::{Config, ConnectPolicy, UnderscoreHeaders, Unmatched};
 use crate::metrics::{Metrics, RejectReason, RouteMetrics};
 use crate::shutdown::{Phase, Shutdown};
 use crate::tls::TlsError;
 use crate::token::TokenCell;
 
 use route::RouteTable;
-use upstream::UpstreamClient;
+use upstream::Upstreams;
 use wire::{MAX_HEADERS, WireGuard, WireLimits};
 
 /// hyper's read buffer is this much larger than `max_header_bytes`, so that the wire guard's
@@ -111,8 +113,8 @@ impl std::fmt::Debug for Proxy {
 pub(crate) struct Inner {
     /// Routes, with their tokens, upstreams and metric handles.
     routes: RouteTable,
-    /// The shared pooled upstream client.
-    client: UpstreamClient,
+    /// The pooled upstream clients, one per credential.
+    upstreams: Upstreams,
     /// For rejects and gauges.
     metrics: Arc<Metrics>,
     /// Policy for unrouted hosts.
@@ -137,6 +139,8 @@ pub(crate) struct Inner {
     replay_body_limit: usize,
     /// `log.access`.
     access_log: bool,
+    /// `proxy.underscore_headers`.
+    underscore_headers: UnderscoreHeaders,
     /// Limits for each connection's wire guard.
     wire: Arc<WireLimits>,
     /// `proxy.max_connections`.
@@ -173,7 +177,7 @@ impl Proxy {
     ) -> Result<Self, ProxyBuildError> {
         let p = &config.proxy;
         let routes = RouteTable::build(config, tokens, &metrics)?;
-        let client = upstream::client(p.ca_file.as_deref(), p.connect_timeout)?;
+        let upstreams = Upstreams::new(p.ca_file.as_deref(), p.connect_timeout, tokens.len())?;
         let mut server = auto::Builder::new(TokioExecutor::new());
         server
             .http1()
@@ -195,7 +199,7 @@ impl Proxy {
                 unmatched_metrics: metrics.route("unmatched"),
                 connect_metrics: metrics.route("connect"),
                 routes,
-                client,
+                upstreams,
                 unmatched: p.unmatched(),
                 connect: p.connect(),
                 via: via(),
@@ -205,6 +209,7 @@ impl Proxy {
                 connect_timeout: p.connect_timeout,
                 replay_body_limit: p.replay_body_limit,
                 access_log: config.log.access,
+                underscore_headers: p.underscore_headers,
                 wire: Arc::new(WireLimits {
                     max_head: p.max_header_bytes,
                     header_timeout: p.header_read_timeout,

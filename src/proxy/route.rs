@@ -129,6 +129,9 @@ pub(crate) struct Route {
     prefix: Option<Box<str>>,
     /// The token injected.
     pub(crate) token: Arc<TokenCell>,
+    /// Its token's position in the token map: the index of the pooled client the route's
+    /// requests use (one per credential, see `upstream.rs`).
+    pub(crate) pool: usize,
     /// Where requests go.
     pub(crate) upstream: Upstream,
     /// Static headers set on every upstream request.
@@ -162,15 +165,15 @@ impl Route {
             route: rc.label().to_owned(),
             reason,
         };
-        let token =
-            tokens
-                .get(&rc.token)
-                .cloned()
-                .ok_or_else(|| ProxyBuildError::MissingToken {
-                    index,
-                    route: rc.label().to_owned(),
-                    token: rc.token.clone(),
-                })?;
+        let (pool, token) = tokens
+            .iter()
+            .enumerate()
+            .find_map(|(i, (name, cell))| (*name == rc.token).then(|| (i, cell.clone())))
+            .ok_or_else(|| ProxyBuildError::MissingToken {
+                index,
+                route: rc.label().to_owned(),
+                token: rc.token.clone(),
+            })?;
         let pattern = HostPattern::parse(&rc.host);
         let upstream = match &rc.upstream {
             Some(url) => fixed_from_url(url).map_err(fail)?,
@@ -206,6 +209,7 @@ impl Route {
                 .as_deref()
                 .map(|p| p.strip_suffix('/').unwrap_or(p).into()),
             token,
+            pool,
             upstream,
             headers,
             replay_statuses: rc.replay_statuses.clone().into_boxed_slice(),

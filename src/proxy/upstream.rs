@@ -1,5 +1,12 @@
-//! The one pooled client every forwarded request goes through, and how its failures are told
-//! apart.
+//! The pooled clients forwarded requests go through, and how their failures are told apart.
+//!
+//! There is one pooled client per credential (`[tokens.<name>]`) and one for requests sent
+//! without a token (`unmatched = "forward"`), all sharing one connector. hyper-util's pool is
+//! keyed by scheme and authority only, so separate pools are what keep a connection that
+//! carried one credential's requests from ever carrying another's: two routes with different
+//! tokens to the same upstream use different connections, and even a desync we cannot see (an
+//! upstream reading a header differently) cannot answer one credential's request with another's
+//! exchange. A route holds its client's index, so choosing it costs nothing per request.
 //!
 //! TLS always verifies the upstream's certificate against the trust store of `tls.rs` (plus
 //! `proxy.ca_file`); ALPN offers HTTP/2 and HTTP/1.1 and the pool uses whichever the upstream
@@ -30,14 +37,54 @@ use crate::tls::TlsError;
 /// request rarely races the upstream's close.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The shared client.
+/// One pooled client.
 pub(crate) type UpstreamClient = Client<Connector, ProxyBody>;
 
-/// Builds the shared client.
-pub(crate) fn client(
+/// The pooled clients: one per credential, one for requests without a token.
+pub(crate) struct Upstreams {
+    /// Indexed by `Route::pool`, the position of the route's token in `[tokens]`.
+    credentials: Box<[UpstreamClient]>,
+    /// For `unmatched = "forward"`: the app's own headers, no token.
+    unmatched: UpstreamClient,
+}
+
+impl Upstreams {
+    /// `credentials` pooled clients and the unmatched one, over one connector.
+    pub(crate) fn new(
+        ca_file: Option<&std::path::Path>,
+        connect_timeout: Duration,
+        credentials: usize,
+    ) -> Result<Self, TlsError> {
+        let connector = connector(ca_file, connect_timeout)?;
+        Ok(Self {
+            credentials: (0..credentials)
+                .map(|_| client(connector.clone()))
+                .collect(),
+            unmatched: client(connector),
+        })
+    }
+
+    /// The client of the credential at `pool`.
+    pub(crate) fn credential(&self, pool: usize) -> &UpstreamClient {
+        // An invariant of `Proxy::new`, not a run-time condition: there is no sensible fallback
+        // (another credential's pool is exactly what must never be used).
+        #[allow(clippy::expect_used)]
+        self.credentials
+            .get(pool)
+            .expect("a route's pool is in range because routes and clients come from one token map")
+    }
+
+    /// The client for requests without a token.
+    pub(crate) fn unmatched(&self) -> &UpstreamClient {
+        &self.unmatched
+    }
+}
+
+/// The connector every pooled client shares (TLS settings and the trust store, loaded once).
+fn connector(
     ca_file: Option<&std::path::Path>,
     connect_timeout: Duration,
-) -> Result<UpstreamClient, TlsError> {
+) -> Result<Connector, TlsError> {
     // hyper-rustls sets ALPN itself (`enable_all_versions`: h2, http/1.1) and refuses a
     // configuration that already has some.
     let tls = crate::tls::client_config(ca_file, &[])?;
@@ -50,16 +97,21 @@ pub(crate) fn client(
         .https_or_http()
         .enable_all_versions()
         .wrap_connector(Tcp(http));
-    Ok(Client::builder(TokioExecutor::new())
+    Ok(Connector {
+        inner: https,
+        timeout: connect_timeout,
+    })
+}
+
+/// A pooled client over `connector`, with a pool of its own.
+fn client(connector: Connector) -> UpstreamClient {
+    Client::builder(TokioExecutor::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .pool_timer(TokioTimer::new())
         // The request path always sets Host itself.
         .set_host(false)
         .timer(TokioTimer::new())
-        .build(Connector {
-            inner: https,
-            timeout: connect_timeout,
-        }))
+        .build(connector)
 }
 
 /// Why a connection to an upstream could not be made.

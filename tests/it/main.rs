@@ -13,3 +13,4 @@ mod proxy;
 mod soak;
 mod support;
 mod token;
+mod underscore;
