@@ -1703,7 +1703,7 @@ upstream = "{upstream}"
         .await
         .expect("did not exit")
         .unwrap();
-    let logs = child.logs();
+    let logs = child.logs().await;
     assert_eq!(status.code(), Some(0), "{logs}");
     assert!(logs.contains("stopped"), "{logs}");
     assert!(!logs.contains("panicked"), "{logs}");

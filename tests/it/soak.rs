@@ -625,7 +625,7 @@ upstream = "http://127.0.0.1:{closed}"
         .await
         .expect("did not exit after SIGTERM")
         .unwrap();
-    let logs = child.logs();
+    let logs = child.logs().await;
 
     // Figures.
     let ok = load.results.ok.load(Ordering::SeqCst);

@@ -997,6 +997,8 @@ pub struct Child {
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
     logs: Arc<Mutex<String>>,
+    /// The task collecting stderr; it ends at EOF, once the process has exited.
+    reader: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Child {
@@ -1025,7 +1027,7 @@ impl Child {
         let logs = Arc::new(Mutex::new(String::new()));
         let (tx, mut rx) = tokio::sync::mpsc::channel(1);
         let keep = logs.clone();
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             use tokio::io::AsyncBufReadExt;
             let mut lines = tokio::io::BufReader::new(stderr).lines();
             let mut tx = Some(tx);
@@ -1051,6 +1053,7 @@ impl Child {
             proxy,
             admin,
             logs,
+            reader: Some(reader),
         }
     }
 
@@ -1076,7 +1079,15 @@ impl Child {
         assert!(ok);
     }
 
-    pub fn logs(&self) -> String {
+    /// Everything the process wrote to stderr. Call after it exited: this waits (bounded) for
+    /// the collecting task to reach EOF, so the last lines are not lost to a race with `wait()`.
+    pub async fn logs(&mut self) -> String {
+        if let Some(reader) = self.reader.take() {
+            tokio::time::timeout(PATIENCE, reader)
+                .await
+                .expect("stderr not closed after the process exited")
+                .unwrap();
+        }
         self.logs.lock().unwrap().clone()
     }
 }
