@@ -16,12 +16,14 @@
 //! - [`issuer`]: the built-in dev token endpoint (demo, tests, benchmarks).
 //! - [`demo`]: `bearer-proxy demo`, the whole mechanism on loopback.
 //! - [`cli`]: the command-line commands behind the thin `main.rs`.
+//! - [`build`]: build identity (version, git commit, cargo features).
 //!
 //! A token flows token endpoint → [`token::refresher::Refresher`] → [`token::TokenCell`] →
 //! request. [`Server`] wires the parts together for `bearer-proxy run`.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod build;
 pub mod cli;
 pub mod config;
 pub mod demo;
