@@ -73,6 +73,7 @@ for label in title description licenses version revision; do
     fail "label org.opencontainers.image.$label missing or empty"
 done
 ok "OCI labels"
+# shellcheck disable=SC2016 # a Go template, not shell
 ports=$(inspect '{{range $p, $_ := .Config.ExposedPorts}}{{$p}} {{end}}')
 [[ $ports == *3128/tcp* && $ports == *9901/tcp* ]] || fail "exposed ports: $ports"
 ok "exposes 3128 and 9901"
