@@ -67,7 +67,11 @@ fn git(dir: &Path, args: &[&str]) -> String {
         .current_dir(dir)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
@@ -96,7 +100,10 @@ fn build_script_finds_the_commit_only_of_its_own_checkout() {
     let head = git(&repo, &["rev-parse", "HEAD"]);
     let (vars, watched) = run(&exe, &repo, &[]);
     assert_eq!(vars["BEARER_PROXY_COMMIT"], head);
-    assert!(watched.iter().any(|p| p.ends_with(".git/HEAD")), "{watched:?}");
+    assert!(
+        watched.iter().any(|p| p.ends_with(".git/HEAD")),
+        "{watched:?}"
+    );
     assert!(
         watched.iter().any(|p| p.ends_with("refs/heads/main")),
         "{watched:?}"
@@ -126,7 +133,10 @@ fn build_script_lists_features_as_cargo_toml_spells_them() {
     let (vars, _) = run(
         &exe,
         tmp.path(),
-        &[("CARGO_FEATURE_DEV_TOOLS", "1"), ("CARGO_FEATURE_ALPHA", "1")],
+        &[
+            ("CARGO_FEATURE_DEV_TOOLS", "1"),
+            ("CARGO_FEATURE_ALPHA", "1"),
+        ],
     );
     assert_eq!(vars["BEARER_PROXY_FEATURES"], "alpha,dev-tools");
     assert_eq!(
