@@ -23,8 +23,9 @@
 #             the features these flags select (checked).
 #   ENGINE    docker or podman; default docker when a Docker daemon answers, else podman.
 #
-# Writes to DIR: <name>-<version>.cdx.json (CycloneDX SBOM of the binary's crates, from
-# Cargo.lock) and <name>-<version>.txt (image reference, id, size, version line of the binary).
+# Writes to DIR: <name>-<version>.cdx.json (CycloneDX 1.6 SBOM of the crates in Cargo.lock
+# that are normal dependencies) and <name>-<version>.txt (image reference, id, size, the
+# binary's version line).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -63,7 +64,7 @@ ref="$name:$version"
 mkdir -p "$out"
 echo "image.sh: $ref with $engine (version $version, commit ${commit:-unknown}, feature flags '${features}')"
 
-build_args=(--build-arg "VERSION=$version" --build-arg "GIT_COMMIT=$commit" --build-arg "FEATURES=$features")
+build_args=(--build-arg "VERSION=$version" --build-arg "GIT_COMMIT=${commit:-unknown}" --build-arg "FEATURES=$features")
 if $stage; then
   "$engine" build -f deploy/Dockerfile --target image "${build_args[@]}" -t "$ref" .
 else
@@ -115,6 +116,16 @@ echo "image.sh: $ref id ${id:0:12} size $((size / 1024)) KiB"
 if $sbom; then
   command -v cargo-sbom >/dev/null ||
     { echo "image.sh: cargo-sbom missing: cargo install --locked cargo-sbom (or --no-sbom)" >&2; exit 1; }
-  cargo sbom --output-format cyclone_dx_json_1_4 > "$base.cdx.json"
+  # cargo-sbom lists the crates of Cargo.lock that are normal dependencies (no dev-dependencies),
+  # for every platform. It names the document after the directory and the user running it;
+  # name it after the image instead.
+  cargo sbom --output-format cyclone_dx_json_1_6 |
+    python3 -c 'import json, sys
+d = json.load(sys.stdin)
+c = d["metadata"]["component"]
+c.update(name=sys.argv[1], version=sys.argv[2], type="container")
+c["properties"] = [{"name": "image.id", "value": sys.argv[3]}, {"name": "vcs.revision", "value": sys.argv[4]}]
+d["metadata"].pop("authors", None)
+json.dump(d, sys.stdout, indent=1)' "$name" "$version" "$id" "${commit:-unknown}" > "$base.cdx.json"
   echo "image.sh: SBOM $base.cdx.json"
 fi
