@@ -19,8 +19,8 @@
 # Environment:
 #   FEATURES  cargo feature flags for the binary, e.g. FEATURES=--no-default-features; empty (the
 #             default) means the default features. Passed to cargo here, or as the FEATURES
-#             build argument with --stage. With --binary, the binary's own --version must list
-#             the features these flags select (checked).
+#             build argument with --stage. The image's `--version` line is printed; an image
+#             that lists dev-tools under FEATURES=--no-default-features is refused.
 #   ENGINE    docker or podman; default docker when a Docker daemon answers, else podman.
 #
 # Writes to DIR: <name>-<version>.cdx.json (CycloneDX 1.6 SBOM of the crates in Cargo.lock
