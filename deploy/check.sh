@@ -3,7 +3,8 @@
 # the tools first; this script installs nothing). Exits non-zero on the first failed step.
 #
 #   1. lint: hadolint on deploy/Dockerfile, shellcheck on the scripts
-#   2. copies in sync: the kustomize config files equal config/*, generated files are current
+#   2. copies in sync: the kustomize config files equal config/*, generated files are current;
+#      the overlays name the image tag deploy/image.sh builds (the Cargo.toml version)
 #   3. render every kustomization (base, overlays/sidecar, overlays/gateway, monitoring)
 #   4. schemas: built-in kinds with kubernetes-validate (strict), Prometheus Operator kinds with
 #      deploy/validate.py's own schemas; cross-references (selectors, ports, names)
@@ -42,7 +43,8 @@ hadolint deploy/Dockerfile
 echo "ok"
 
 step "lint: shellcheck"
-shellcheck deploy/check.sh deploy/install-tools.sh config/check.sh
+shellcheck deploy/check.sh deploy/install-tools.sh deploy/image.sh config/check.sh \
+  tests/image/run.sh
 echo "ok"
 
 step "copies of config/ used by kustomize are identical"
@@ -50,6 +52,16 @@ step "copies of config/ used by kustomize are identical"
 cmp config/flinks-client-credentials.toml $k8s/base/config.toml
 cmp config/gateway.yaml $k8s/overlays/gateway/config.yaml
 echo "ok"
+
+step "overlays name the image deploy/image.sh builds (bearer-proxy:<Cargo.toml version>)"
+version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -1)
+for overlay in sidecar gateway; do
+  kust=$k8s/overlays/$overlay/kustomization.yaml
+  grep -q '^  - name: bearer-proxy$' "$kust" || { echo "$kust: no images entry for bearer-proxy" >&2; exit 1; }
+  grep -q "^    newName: [^ ]*/bearer-proxy\$" "$kust" || { echo "$kust: newName must end in /bearer-proxy" >&2; exit 1; }
+  grep -q "^    newTag: \"$version\"\$" "$kust" || { echo "$kust: newTag must be \"$version\"" >&2; exit 1; }
+done
+echo "ok ($version)"
 
 step "generated files are current (prometheusrule.yaml, grafana-dashboard.json)"
 python3 $mon/generate.py --check

@@ -213,7 +213,9 @@ impl Admin {
             })
             .collect();
         json!({
-            "version": env!("CARGO_PKG_VERSION"),
+            "version": crate::build::VERSION,
+            "commit": crate::build::COMMIT,
+            "features": crate::build::features().collect::<Vec<_>>(),
             "phase": phase_name(self.shutdown.phase()),
             "tokens": tokens,
             "routes": routes,

@@ -75,7 +75,7 @@ impl fmt::Display for Failure {
 
 /// Adds OAuth2 bearer tokens to a legacy app's HTTP calls.
 #[derive(Debug, Parser)]
-#[command(name = "bearer-proxy", version, about)]
+#[command(name = "bearer-proxy", version = crate::build::VERSION_LINE, about)]
 pub struct Cli {
     /// Configuration file (TOML or YAML).
     #[arg(long, short, global = true, env = "BEARER_PROXY_CONFIG")]

@@ -17,6 +17,7 @@
 //! - `issuer`: the built-in dev token endpoint (demo, tests, benchmarks).
 //! - `demo`: `bearer-proxy demo`, the whole mechanism on loopback.
 //! - [`cli`]: the command-line commands behind the thin `main.rs`.
+//! - [`build`]: build identity (version, git commit, cargo features).
 //!
 //! # Features
 //! - `dev-tools` (default): the dev issuer with its fault-injection control API, and the
@@ -28,6 +29,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod build;
 pub mod cli;
 pub mod config;
 #[cfg(feature = "dev-tools")]

@@ -307,12 +307,16 @@ impl Metrics {
             &r,
             IntGaugeVec::new(
                 Opts::new("bearer_proxy_build_info", "Build information; always 1."),
-                &["version"],
+                &["version", "commit", "features"],
             )
             .unwrap_or_else(panic_free),
         );
         build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .with_label_values(&[
+                crate::build::VERSION,
+                crate::build::COMMIT,
+                crate::build::FEATURES,
+            ])
             .set(1);
         let rejected_vec = counter_vec(
             &r,
@@ -643,7 +647,6 @@ mod tests {
         m.underscore_headers(UnderscoreAction::Dropped, 2);
         let text = m.encode();
         for needle in [
-            "bearer_proxy_build_info{version=\"",
             "bearer_proxy_token_refreshes_total{result=\"ok\",token=\"flinks\"} 1",
             "bearer_proxy_token_refresh_errors_total{reason=\"invalid_grant\",token=\"flinks\"} 1",
             "bearer_proxy_token_refresh_errors_total{reason=\"other\",token=\"flinks\"} 1",
@@ -657,5 +660,15 @@ mod tests {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
         assert!(!text.contains("code=\"999\""));
+        let build_info = format!(
+            "bearer_proxy_build_info{{commit=\"{}\",features=\"{}\",version=\"{}\"}} 1",
+            crate::build::COMMIT,
+            crate::build::FEATURES,
+            crate::build::VERSION
+        );
+        assert!(
+            text.contains(&build_info),
+            "missing {build_info} in\n{text}"
+        );
     }
 }

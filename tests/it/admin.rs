@@ -119,9 +119,19 @@ async fn metrics_count_refreshes_and_expose_expiry() {
         metric(
             &text,
             "bearer_proxy_build_info",
-            &[("version", env!("CARGO_PKG_VERSION"))]
+            &[
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("commit", bearer_proxy::build::COMMIT),
+                ("features", bearer_proxy::build::FEATURES),
+            ]
         ) == Some(1.0)
     );
+    let (_, status) = get(admin, "/status").await;
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(status["commit"], bearer_proxy::build::COMMIT);
+    let features: Vec<&str> = bearer_proxy::build::features().collect();
+    assert_eq!(status["features"], serde_json::json!(features));
     assert!(text.contains("process_resident_memory_bytes"));
 }
 

@@ -182,6 +182,41 @@ async fn check_accepts_a_good_config_and_names_every_problem() {
     }
 }
 
+/// `--version` names the commit this checkout is at (the build script re-runs when HEAD moves),
+/// `unknown` outside a checkout, or the commit given to the build in `BEARER_PROXY_GIT_COMMIT`.
+#[tokio::test]
+async fn version_prints_the_commit_and_features() {
+    let out = Command::new(BIN).arg("--version").output().await.unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        stdout,
+        format!("bearer-proxy {}\n", bearer_proxy::build::VERSION_LINE)
+    );
+    let root = env!("CARGO_MANIFEST_DIR");
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(root)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let in_checkout = git(&["rev-parse", "--show-toplevel"]).is_some_and(|top| {
+        Path::new(&top).canonicalize().ok() == Path::new(root).canonicalize().ok()
+    });
+    let expected = match option_env!("BEARER_PROXY_GIT_COMMIT").filter(|c| !c.is_empty()) {
+        Some(given) => given.to_owned(),
+        None if in_checkout => git(&["rev-parse", "HEAD"]).unwrap(),
+        None => "unknown".to_owned(),
+    };
+    assert!(
+        stdout.contains(&format!("(commit {expected}, features: ")),
+        "{stdout}"
+    );
+}
+
 #[tokio::test]
 async fn run_without_config_exits_2() {
     let out = Command::new(BIN)

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod admin;
+mod build;
 mod cli;
 mod faults;
 mod hardening;
