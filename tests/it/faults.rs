@@ -123,14 +123,16 @@ impl Rig {
         get(self.proxy, &format!("http://{HOST}{path}"), &[]).await
     }
 
-    async fn metric(&self, series: &str) -> f64 {
-        metric(&scrape(self.admin).await, series).unwrap_or(0.0)
+    async fn metric(&self, series: Metric) -> f64 {
+        series.value_in(&scrape(self.admin).await).unwrap_or(0.0)
     }
 
     async fn refresh_errors(&self, reason: &str) -> f64 {
-        self.metric(&format!(
-            r#"bearer_proxy_token_refresh_errors_total{{reason="{reason}",token="flinks"}}"#
-        ))
+        self.metric(
+            metric("bearer_proxy_token_refresh_errors_total")
+                .label("reason", reason)
+                .label("token", "flinks"),
+        )
         .await
     }
 
@@ -141,7 +143,7 @@ impl Rig {
 
     /// Every accepted connection has closed and its task has ended; nothing panicked.
     async fn settled(&self) {
-        settle(self.admin, "bearer_proxy_open_connections", 0.0).await;
+        settle(self.admin, metric("bearer_proxy_open_connections"), 0.0).await;
         let logs = self.logs.text();
         assert!(!logs.contains("panicked"), "{logs}");
     }
@@ -629,14 +631,20 @@ async fn token_endpoint_malformed_and_oversized_answers_are_transient() {
     rig.cell.wait_valid(PATIENCE).await.expect("recovered");
     assert_eq!(
         rig.metric(
-            r#"bearer_proxy_token_refreshes_total{result="transient_error",token="flinks"}"#
+            metric("bearer_proxy_token_refreshes_total")
+                .label("result", "transient_error")
+                .label("token", "flinks")
         )
         .await,
         n
     );
     assert_eq!(
-        rig.metric(r#"bearer_proxy_token_refreshes_total{result="rejected",token="flinks"}"#)
-            .await,
+        rig.metric(
+            metric("bearer_proxy_token_refreshes_total")
+                .label("result", "rejected")
+                .label("token", "flinks")
+        )
+        .await,
         0.0
     );
     assert!(rig.refresh_errors("malformed").await >= n - 1.0);
@@ -920,8 +928,12 @@ async fn a_wrong_token_url_is_misconfiguration_not_rejected_credentials() {
         .expect("token");
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_eq!(
-        rig.metric(r#"bearer_proxy_token_refreshes_total{result="rejected",token="flinks"}"#)
-            .await,
+        rig.metric(
+            metric("bearer_proxy_token_refreshes_total")
+                .label("result", "rejected")
+                .label("token", "flinks")
+        )
+        .await,
         0.0
     );
     assert_eq!(rig.refresh_errors("not_oauth").await, 4.0);
@@ -952,8 +964,12 @@ async fn upstream_refused_then_listening_recovers() {
     assert_eq!(resp.status, 502);
     assert_eq!(resp.proxy_error().as_deref(), Some("upstream_unreachable"));
     assert_eq!(
-        rig.metric(r#"bearer_proxy_upstream_errors_total{kind="connect",route="fdx"}"#)
-            .await,
+        rig.metric(
+            metric("bearer_proxy_upstream_errors_total")
+                .label("kind", "connect")
+                .label("route", "fdx")
+        )
+        .await,
         1.0
     );
     let real = Upstream::plain(|_, _| Reply::ok("back")).await;
@@ -988,8 +1004,12 @@ async fn upstream_blackholed_is_cut_by_the_timeouts() {
     assert_eq!(resp.status, 502);
     assert_eq!(resp.proxy_error().as_deref(), Some("upstream_unreachable"));
     assert_eq!(
-        rig.metric(r#"bearer_proxy_upstream_errors_total{kind="timeout",route="fdx"}"#)
-            .await,
+        rig.metric(
+            metric("bearer_proxy_upstream_errors_total")
+                .label("kind", "timeout")
+                .label("route", "fdx")
+        )
+        .await,
         1.0
     );
     rig.settled().await;
@@ -1139,8 +1159,12 @@ async fn upstream_reset_before_and_during_the_answer() {
     assert_eq!(resp.status, 502);
     assert_eq!(resp.proxy_error().as_deref(), Some("upstream_reset"));
     assert_eq!(
-        rig.metric(r#"bearer_proxy_upstream_errors_total{kind="reset",route="fdx"}"#)
-            .await,
+        rig.metric(
+            metric("bearer_proxy_upstream_errors_total")
+                .label("kind", "reset")
+                .label("route", "fdx")
+        )
+        .await,
         1.0
     );
     for path in ["/length", "/chunked"] {
@@ -1207,8 +1231,12 @@ async fn stale_pooled_upstream_connections_are_retried_transparently() {
     assert_eq!(send(get("/e")).await.text(), "done");
     drop(s);
     assert_eq!(
-        rig.metric(r#"bearer_proxy_upstream_errors_total{kind="reset",route="fdx"}"#)
-            .await,
+        rig.metric(
+            metric("bearer_proxy_upstream_errors_total")
+                .label("kind", "reset")
+                .label("route", "fdx")
+        )
+        .await,
         1.0,
         "only the POST failed"
     );
@@ -1909,10 +1937,9 @@ async fn unwritable_state_dir_keeps_a_rotated_refresh_token_in_memory() {
     );
     assert_eq!(rig.token_status().await["refresh_token_persisted"], false);
     assert_eq!(
-        metric(
-            &scrape(rig.admin).await,
-            r#"bearer_proxy_token_state_persisted{token="flinks"}"#
-        ),
+        metric("bearer_proxy_token_state_persisted")
+            .label("token", "flinks")
+            .value_in(&scrape(rig.admin).await),
         Some(0.0)
     );
     assert_eq!(bad.load(Ordering::SeqCst), 0);

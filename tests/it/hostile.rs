@@ -110,7 +110,7 @@ impl Hostile {
     /// All client connections closed and their tasks ended.
     async fn settled(&self) {
         let deadline = Instant::now() + PATIENCE;
-        while self.proxy.metric("bearer_proxy_open_connections") != Some(0.0) {
+        while self.proxy.metric(metric("bearer_proxy_open_connections")) != Some(0.0) {
             assert!(Instant::now() < deadline, "a connection was left open");
             tokio::task::yield_now().await;
         }
@@ -180,7 +180,7 @@ async fn more_smuggling_shapes_are_refused_before_any_upstream() {
     assert!(h.bank.requests().is_empty() && h.evil.requests().is_empty());
     assert_eq!(
         h.proxy
-            .metric(r#"bearer_proxy_rejected_requests_total{reason="bad_request"}"#),
+            .metric(metric("bearer_proxy_rejected_requests_total").label("reason", "bad_request")),
         Some(shapes.len() as f64 + 1.0)
     );
     h.settled().await;
@@ -582,9 +582,11 @@ async fn a_colon_in_the_host_header_cannot_redirect_a_wildcard_route() {
     }
     for route in ["open", "pfx"] {
         assert_eq!(
-            proxy.metric(&format!(
-                r#"bearer_proxy_upstream_errors_total{{kind="connect",route="{route}"}}"#
-            )),
+            proxy.metric(
+                metric("bearer_proxy_upstream_errors_total")
+                    .label("kind", "connect")
+                    .label("route", route)
+            ),
             Some(0.0),
             "a connection was attempted for {route}"
         );

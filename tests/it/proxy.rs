@@ -142,8 +142,11 @@ async fn curl_through_the_proxy_gets_exactly_one_token() {
     assert!(via.contains(&format!("1.1 {}", pseudonym())), "{via}");
     assert_no_hop_by_hop(r);
     assert_eq!(
-        f.proxy
-            .metric(r#"bearer_proxy_requests_total{code="200",route="fdx"}"#),
+        f.proxy.metric(
+            metric("bearer_proxy_requests_total")
+                .label("code", "200")
+                .label("route", "fdx")
+        ),
         Some(1.0)
     );
 }
@@ -184,7 +187,11 @@ async fn unrouted_hosts_are_forwarded_without_a_token_and_with_the_apps_headers(
     assert!(r.all("via").join(",").contains(pseudonym()));
     assert_no_hop_by_hop(r);
     assert_eq!(
-        proxy.metric(r#"bearer_proxy_requests_total{code="200",route="unmatched"}"#),
+        proxy.metric(
+            metric("bearer_proxy_requests_total")
+                .label("code", "200")
+                .label("route", "unmatched")
+        ),
         Some(1.0)
     );
 }
@@ -269,7 +276,7 @@ async fn connect_to_a_routed_host_is_refused_with_an_explanation() {
     }
     assert_eq!(
         f.proxy
-            .metric(r#"bearer_proxy_rejected_requests_total{reason="denied"}"#),
+            .metric(metric("bearer_proxy_rejected_requests_total").label("reason", "denied")),
         Some(2.0)
     );
 }
@@ -296,10 +303,16 @@ async fn connect_tunnels_unrouted_hosts_end_to_end() {
             .unwrap();
         assert_eq!(back, message);
     }
-    assert_eq!(f.proxy.metric("bearer_proxy_open_tunnels"), Some(1.0));
     assert_eq!(
-        f.proxy
-            .metric(r#"bearer_proxy_requests_total{code="200",route="connect"}"#),
+        f.proxy.metric(metric("bearer_proxy_open_tunnels")),
+        Some(1.0)
+    );
+    assert_eq!(
+        f.proxy.metric(
+            metric("bearer_proxy_requests_total")
+                .label("code", "200")
+                .label("route", "connect")
+        ),
         Some(1.0)
     );
 }
@@ -356,7 +369,7 @@ async fn ambiguous_framing_is_refused_and_the_upstream_never_contacted() {
     );
     assert_eq!(
         f.proxy
-            .metric(r#"bearer_proxy_rejected_requests_total{reason="bad_request"}"#),
+            .metric(metric("bearer_proxy_rejected_requests_total").label("reason", "bad_request")),
         Some(shapes.len() as f64)
     );
     // A well-framed chunked request on the same proxy still works.
@@ -397,8 +410,9 @@ async fn oversized_header_sections_get_a_json_431_even_when_split() {
     assert_eq!(resp.status, 431);
     assert_eq!(resp.proxy_error().as_deref(), Some("header_too_large"));
     assert_eq!(
-        f.proxy
-            .metric(r#"bearer_proxy_rejected_requests_total{reason="header_too_large"}"#),
+        f.proxy.metric(
+            metric("bearer_proxy_rejected_requests_total").label("reason", "header_too_large")
+        ),
         Some(2.0)
     );
     assert_eq!(
@@ -465,7 +479,11 @@ async fn an_upstream_with_an_untrusted_certificate_gets_no_request() {
             >= 1
     );
     assert_eq!(
-        proxy.metric(r#"bearer_proxy_upstream_errors_total{kind="tls",route="fdx"}"#),
+        proxy.metric(
+            metric("bearer_proxy_upstream_errors_total")
+                .label("kind", "tls")
+                .label("route", "fdx")
+        ),
         Some(1.0)
     );
 }
@@ -487,8 +505,9 @@ async fn without_a_token_the_answer_is_503_with_retry_after() {
         0
     );
     assert_eq!(
-        f.proxy
-            .metric(r#"bearer_proxy_rejected_requests_total{reason="token_unavailable"}"#),
+        f.proxy.metric(
+            metric("bearer_proxy_rejected_requests_total").label("reason", "token_unavailable")
+        ),
         Some(1.0)
     );
 }
@@ -630,7 +649,10 @@ async fn graceful_stop_finishes_the_request_in_flight_and_closes_idle_connection
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(f.proxy.metric("bearer_proxy_open_connections"), Some(0.0));
+    assert_eq!(
+        f.proxy.metric(metric("bearer_proxy_open_connections")),
+        Some(0.0)
+    );
 }
 
 #[tokio::test]
@@ -646,7 +668,10 @@ async fn terminated_returns_at_once() {
     f.upstream.wait_requests(1).await;
     f.proxy.stop(Phase::Terminated).await;
     assert!(read_response(&mut busy).await.is_err());
-    assert_eq!(f.proxy.metric("bearer_proxy_open_connections"), Some(0.0));
+    assert_eq!(
+        f.proxy.metric(metric("bearer_proxy_open_connections")),
+        Some(0.0)
+    );
     drop(gate);
 }
 
@@ -755,8 +780,11 @@ async fn a_get_rejected_with_401_is_replayed_once_with_the_new_token() {
         assert_eq!(&r.body[..], b"body");
     }
     assert_eq!(
-        f.proxy
-            .metric(r#"bearer_proxy_replays_total{result="ok",route="fdx"}"#),
+        f.proxy.metric(
+            metric("bearer_proxy_replays_total")
+                .label("result", "ok")
+                .label("route", "fdx")
+        ),
         Some(1.0)
     );
 }
@@ -774,8 +802,11 @@ async fn a_post_rejected_with_401_is_not_replayed() {
     assert_eq!(resp.text(), r#"{"code":401}"#);
     assert_eq!(f.upstream.requests().len(), 1);
     assert_eq!(
-        f.proxy
-            .metric(r#"bearer_proxy_replays_total{result="not_replayable",route="fdx"}"#),
+        f.proxy.metric(
+            metric("bearer_proxy_replays_total")
+                .label("result", "not_replayable")
+                .label("route", "fdx")
+        ),
         Some(1.0)
     );
     // The next request uses the new token.
@@ -799,8 +830,11 @@ async fn a_revoked_consent_is_passed_through_without_a_refresh() {
         assert_eq!(resp.text(), body, "the body is passed through intact");
         assert_eq!(f.upstream.requests().len(), 1);
         assert_eq!(
-            f.proxy
-                .metric(r#"bearer_proxy_replays_total{result="consent_revoked",route="fdx"}"#),
+            f.proxy.metric(
+                metric("bearer_proxy_replays_total")
+                    .label("result", "consent_revoked")
+                    .label("route", "fdx")
+            ),
             Some(1.0)
         );
         // The handler published tok-2 itself; the proxy did not ask for anything.
@@ -816,8 +850,11 @@ async fn a_replay_rejected_again_is_passed_through() {
     assert_eq!(resp.text(), "second");
     assert_eq!(f.upstream.requests().len(), 2);
     assert_eq!(
-        f.proxy
-            .metric(r#"bearer_proxy_replays_total{result="rejected_again",route="fdx"}"#),
+        f.proxy.metric(
+            metric("bearer_proxy_replays_total")
+                .label("result", "rejected_again")
+                .label("route", "fdx")
+        ),
         Some(1.0)
     );
 }
@@ -836,8 +873,11 @@ async fn without_a_newer_token_the_401_is_passed_through() {
     assert_eq!(resp.text(), "nope");
     assert_eq!(f.upstream.requests().len(), 1);
     assert_eq!(
-        f.proxy
-            .metric(r#"bearer_proxy_replays_total{result="no_new_token",route="fdx"}"#),
+        f.proxy.metric(
+            metric("bearer_proxy_replays_total")
+                .label("result", "no_new_token")
+                .label("route", "fdx")
+        ),
         Some(1.0)
     );
 }
@@ -944,7 +984,11 @@ async fn upstream_failures_are_classified() {
     assert_eq!(resp.status, 502);
     assert_eq!(resp.proxy_error().as_deref(), Some("upstream_unreachable"));
     assert_eq!(
-        proxy.metric(r#"bearer_proxy_upstream_errors_total{kind="connect",route="fdx"}"#),
+        proxy.metric(
+            metric("bearer_proxy_upstream_errors_total")
+                .label("kind", "connect")
+                .label("route", "fdx")
+        ),
         Some(1.0)
     );
 
@@ -961,8 +1005,11 @@ async fn upstream_failures_are_classified() {
     assert_eq!(resp.status, 504);
     assert_eq!(resp.proxy_error().as_deref(), Some("upstream_timeout"));
     assert_eq!(
-        f.proxy
-            .metric(r#"bearer_proxy_upstream_errors_total{kind="timeout",route="fdx"}"#),
+        f.proxy.metric(
+            metric("bearer_proxy_upstream_errors_total")
+                .label("kind", "timeout")
+                .label("route", "fdx")
+        ),
         Some(1.0)
     );
     gate.open();
@@ -1162,8 +1209,11 @@ async fn refresher_get_is_replayed_with_a_fresh_token_and_post_is_not() {
         "one start-up token, one forced refresh"
     );
     assert_eq!(
-        f.proxy
-            .metric(r#"bearer_proxy_replays_total{result="ok",route="fdx"}"#),
+        f.proxy.metric(
+            metric("bearer_proxy_replays_total")
+                .label("result", "ok")
+                .label("route", "fdx")
+        ),
         Some(1.0)
     );
 
@@ -1182,8 +1232,11 @@ async fn refresher_get_is_replayed_with_a_fresh_token_and_post_is_not() {
         .collect();
     assert_eq!(posts.len(), 1, "a POST is never sent twice");
     assert_eq!(
-        f.proxy
-            .metric(r#"bearer_proxy_replays_total{result="not_replayable",route="fdx"}"#),
+        f.proxy.metric(
+            metric("bearer_proxy_replays_total")
+                .label("result", "not_replayable")
+                .label("route", "fdx")
+        ),
         Some(1.0)
     );
 }
@@ -1213,8 +1266,11 @@ async fn fifty_concurrent_401s_cause_one_token_request() {
         "each request was sent twice: rejected, then replayed"
     );
     assert_eq!(
-        f.proxy
-            .metric(r#"bearer_proxy_replays_total{result="ok",route="fdx"}"#),
+        f.proxy.metric(
+            metric("bearer_proxy_replays_total")
+                .label("result", "ok")
+                .label("route", "fdx")
+        ),
         Some(N as f64)
     );
 }

@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{PATIENCE, guard_logs, metric, never_log};
+use super::{Metric, PATIENCE, guard_logs, never_log};
 
 /// Starts a dev token issuer on 127.0.0.1:0, registering its secrets with the leak guard.
 /// It runs until the test's runtime ends.
@@ -134,8 +134,8 @@ impl TestProxy {
     }
 
     /// One metric's value from the text exposition.
-    pub fn metric(&self, series: &str) -> Option<f64> {
-        metric(&self.metrics.encode(), series)
+    pub fn metric(&self, series: Metric) -> Option<f64> {
+        series.value_in(&self.metrics.encode())
     }
 
     /// Moves to `phase` and waits for `serve` to return.
