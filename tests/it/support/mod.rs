@@ -4,6 +4,7 @@
 
 mod cert;
 mod client;
+mod fixture;
 mod logs;
 mod metrics;
 mod process;
@@ -12,6 +13,7 @@ mod upstream;
 
 pub use cert::*;
 pub use client::*;
+pub use fixture::*;
 pub use logs::*;
 pub use metrics::*;
 pub use process::*;
