@@ -3,9 +3,13 @@
 //! alone in-process with tokens published by hand ([`FixtureBuilder::in_process`]), or the
 //! whole server with its refresher and admin port ([`FixtureBuilder::server`]).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
+use bearer_proxy::config::Config;
+use bearer_proxy::metrics::Metrics;
 use bearer_proxy::token::TokenCell;
 use bearer_proxy::{Server, Signal};
 use tokio::sync::mpsc;
@@ -32,6 +36,12 @@ pub struct FixtureBuilder {
     alpn: Vec<&'static [u8]>,
     /// The level from which [`ServerFixture::logs`] captures; INFO is what operators see.
     level: tracing::Level,
+    /// Changes to the parsed configuration, for what TOML here does not reach.
+    configure: Option<Box<dyn FnOnce(&mut Config)>>,
+    /// The in-process proxy's `flinks` cell, when the test keeps one itself.
+    cell: Option<Arc<TokenCell>>,
+    /// The in-process proxy's metrics, when the test shares them with a refresher.
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// A builder for the route `fdx` with host `host` and a fresh CA.
@@ -44,6 +54,9 @@ pub fn fixture(host: &'static str) -> FixtureBuilder {
         token: String::new(),
         alpn: vec![b"http/1.1"],
         level: tracing::Level::INFO,
+        configure: None,
+        cell: None,
+        metrics: None,
     }
 }
 
@@ -81,16 +94,36 @@ impl FixtureBuilder {
         self
     }
 
+    /// Changes the parsed configuration before the proxy is built.
+    pub fn configure(mut self, change: impl FnOnce(&mut Config) + 'static) -> Self {
+        self.configure = Some(Box::new(change));
+        self
+    }
+
+    /// Serves the in-process proxy's `flinks` token from `cell`.
+    pub fn cell(mut self, cell: Arc<TokenCell>) -> Self {
+        self.cell = Some(cell);
+        self
+    }
+
+    /// Records the in-process proxy's metrics in `metrics`.
+    pub fn metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
     /// The CA, for an upstream a test builds itself.
     pub fn ca(&self) -> &TestCa {
         &self.ca
     }
 
     /// The configuration text of the in-process proxy with the route to `upstream` (the
-    /// `[tokens.flinks]` table comes from [`super::TOKENS`] when parsed with [`config`]).
+    /// `[tokens.flinks]` table comes from [`super::TOKENS`] unless [`FixtureBuilder::token`]
+    /// was given).
     pub fn toml(&self, upstream: &str) -> String {
         format!(
             r#"
+            {tokens}
             [proxy]
             ca_file = "{ca}"
             {proxy}
@@ -101,11 +134,48 @@ impl FixtureBuilder {
             upstream = "{upstream}"
             {route}
             "#,
+            tokens = self.token_table(),
             ca = self.ca.pem_file().display(),
             proxy = self.proxy,
             host = self.host,
             route = self.route,
         )
+    }
+
+    /// `[tokens.flinks]` with the test's keys, defaults for the rest; empty if the test gave
+    /// none.
+    fn token_table(&self) -> String {
+        if self.token.is_empty() {
+            return String::new();
+        }
+        // Short backoffs and timeout, so failures and recoveries happen within a test's
+        // patience.
+        let defaults: String = [
+            ("grant_type", "\"client_credentials\""),
+            ("client_id", "\"demo-client\""),
+            ("backoff_initial", "\"50ms\""),
+            ("backoff_max", "\"200ms\""),
+            ("timeout", "\"2s\""),
+        ]
+        .iter()
+        .filter(|(k, _)| {
+            !self
+                .token
+                .lines()
+                .any(|l| l.trim_start().starts_with(&format!("{k} ")))
+        })
+        .map(|(k, v)| format!("{k} = {v}\n"))
+        .collect();
+        format!("[tokens.flinks]\n{defaults}{}", self.token)
+    }
+
+    /// The parsed configuration, with the test's changes.
+    fn config(&mut self, upstream: &str) -> Config {
+        let mut config = config(&self.toml(upstream));
+        if let Some(change) = self.configure.take() {
+            change(&mut config);
+        }
+        config
     }
 
     /// A TLS upstream for `localhost` signed by the CA, answering through `handler`.
@@ -123,10 +193,26 @@ impl FixtureBuilder {
         handler: impl Fn(&Recorded, usize) -> Reply + Send + Sync + 'static,
     ) -> ProxyFixture {
         let upstream = self.tls_upstream(handler).await;
-        let proxy = TestProxy::start(&config(&self.toml(&upstream.url(true)))).await;
+        let mut fixture = self.in_process_to(&upstream.url(true)).await;
+        fixture.upstream = Some(upstream);
+        fixture
+    }
+
+    /// The proxy alone, in-process, with the route pointing at `upstream`, which the test runs.
+    pub async fn in_process_to(mut self, upstream: &str) -> ProxyFixture {
+        let config = self.config(upstream);
+        let proxy = match (self.cell.take(), self.metrics.take()) {
+            (None, None) => TestProxy::start(&config).await,
+            (cell, metrics) => {
+                // The route's token is `flinks`; five seconds is TokenCell's usual grace.
+                let cell = cell.unwrap_or_else(|| TokenCell::new("flinks", Duration::from_secs(5)));
+                let tokens = BTreeMap::from([("flinks".to_owned(), cell)]);
+                TestProxy::start_with(&config, tokens, metrics.unwrap_or_else(Metrics::new)).await
+            }
+        };
         ProxyFixture {
             _ca: self.ca,
-            upstream,
+            upstream: None,
             proxy,
         }
     }
@@ -145,52 +231,14 @@ impl FixtureBuilder {
     }
 
     /// The whole server with the route pointing at `upstream`, which the test runs.
-    pub async fn server_to(self, upstream: &str) -> ServerFixture {
+    pub async fn server_to(mut self, upstream: &str) -> ServerFixture {
         let logs = Captured::default();
         let guard = logs.install(self.level);
-        // Defaults for the keys the test does not set: short backoffs and timeout so
-        // failures and recoveries happen within a test's patience.
-        let defaults: String = [
-            ("grant_type", "\"client_credentials\""),
-            ("client_id", "\"demo-client\""),
-            ("backoff_initial", "\"50ms\""),
-            ("backoff_max", "\"200ms\""),
-            ("timeout", "\"2s\""),
-        ]
-        .iter()
-        .filter(|(k, _)| {
-            !self
-                .token
-                .lines()
-                .any(|l| l.trim_start().starts_with(&format!("{k} ")))
-        })
-        .map(|(k, v)| format!("{k} = {v}\n"))
-        .collect();
-        let cfg = config(&format!(
-            r#"
-            [proxy]
-            listen = "127.0.0.1:0"
-            ca_file = "{ca}"
-            drain_delay = "0s"
-            {proxy}
-            [admin]
-            listen = "127.0.0.1:0"
-            [tokens.flinks]
-            {defaults}
-            {token}
-            [[routes]]
-            name = "fdx"
-            host = "{host}"
-            token = "flinks"
-            upstream = "{upstream}"
-            {route}
-            "#,
-            ca = self.ca.pem_file().display(),
-            proxy = self.proxy,
-            token = self.token,
-            host = self.host,
-            route = self.route,
-        ));
+        // The whole server listens on its own ports, has an admin port, and drains at once.
+        self.proxy.push_str(
+            "listen = \"127.0.0.1:0\"\ndrain_delay = \"0s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        );
+        let cfg = self.config(upstream);
         let server = Server::start(cfg).await.unwrap();
         let (signals, rx) = mpsc::channel(4);
         ServerFixture {
@@ -208,11 +256,22 @@ impl FixtureBuilder {
     }
 }
 
-/// The proxy alone in front of a TLS upstream.
+/// The proxy alone in front of an upstream.
 pub struct ProxyFixture {
-    pub _ca: TestCa,
-    pub upstream: Upstream,
+    /// Signed the upstream's certificate; its PEM file lives as long as this.
+    _ca: TestCa,
+    /// The upstream [`FixtureBuilder::in_process`] started (none with `in_process_to`).
+    upstream: Option<Upstream>,
     pub proxy: TestProxy,
+}
+
+impl ProxyFixture {
+    /// The upstream [`FixtureBuilder::in_process`] started.
+    pub fn upstream(&self) -> &Upstream {
+        self.upstream
+            .as_ref()
+            .expect("an upstream, because the fixture was built with `in_process`")
+    }
 }
 
 /// A running server with its admin port, and the logs of this test's thread.
