@@ -123,15 +123,6 @@ fn assert_refused(resp: &RawResponse, status: u16, code: &str, what: &str) {
     assert_eq!(resp.proxy_error().as_deref(), Some(code), "{what}");
 }
 
-/// Sends `request` on a new connection; the answer, and whether the proxy then closed the
-/// connection.
-async fn exchange(addr: SocketAddr, request: &[u8]) -> (RawResponse, bool) {
-    let mut s = connect(addr).await;
-    s.write_all(request).await.unwrap();
-    let resp = read_response(&mut s).await.unwrap();
-    (resp, closed(&mut s).await)
-}
-
 // ---------------------------------------------------------------------------------------------
 // Request smuggling
 

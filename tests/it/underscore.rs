@@ -68,14 +68,6 @@ fn underscore_metric(p: &TestProxy, action: &str) -> f64 {
         .unwrap()
 }
 
-/// Sends `request` on a new connection; the answer, and whether the proxy then closed it.
-async fn exchange(addr: SocketAddr, request: &[u8]) -> (RawResponse, bool) {
-    let mut s = connect(addr).await;
-    s.write_all(request).await.unwrap();
-    let resp = read_response(&mut s).await.unwrap();
-    (resp, closed(&mut s).await)
-}
-
 // ---------------------------------------------------------------------------------------------
 // The three settings
 

@@ -70,6 +70,33 @@ pub async fn get(addr: SocketAddr, url: &str, headers: &[&str]) -> RawResponse {
     raw(addr, req.as_bytes()).await
 }
 
+/// Sends `request` on a new connection; the answer, and whether the peer then closed the
+/// connection (within [`PATIENCE`]).
+pub async fn exchange(addr: SocketAddr, request: &[u8]) -> (RawResponse, bool) {
+    let mut s = connect(addr).await;
+    s.write_all(request).await.unwrap();
+    let resp = read_response(&mut s).await.unwrap();
+    (resp, closed(&mut s).await)
+}
+
+/// `GET http://<host><path>` through the proxy at `addr` on a new connection, checking the
+/// response is never a complete message: the client's reader must hit the end of the
+/// connection (or a reset) before the body is complete.
+pub async fn assert_cut_short(addr: SocketAddr, host: &str, path: &str) {
+    let mut s = connect(addr).await;
+    s.write_all(format!("GET http://{host}{path} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let err = read_response(&mut s).await.unwrap_err();
+    assert!(
+        matches!(
+            err.kind(),
+            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+        ),
+        "{path}: {err}"
+    );
+}
+
 /// Reads one response (Content-Length, chunked or until EOF). Fails if the connection ends
 /// before the body does. Bytes read beyond the response are dropped: for pipelined responses
 /// use [`read_pipelined`].

@@ -20,6 +20,9 @@ use super::{
     admin_get, config, get, metric, scrape, settle,
 };
 
+/// A change to the parsed configuration.
+type Configure = Box<dyn FnOnce(&mut Config)>;
+
 /// What a test changes about the shared setup; [`fixture`] starts one.
 pub struct FixtureBuilder {
     /// The route's host.
@@ -37,7 +40,7 @@ pub struct FixtureBuilder {
     /// The level from which [`ServerFixture::logs`] captures; INFO is what operators see.
     level: tracing::Level,
     /// Changes to the parsed configuration, for what TOML here does not reach.
-    configure: Option<Box<dyn FnOnce(&mut Config)>>,
+    configure: Option<Configure>,
     /// The in-process proxy's `flinks` cell, when the test keeps one itself.
     cell: Option<Arc<TokenCell>>,
     /// The in-process proxy's metrics, when the test shares them with a refresher.

@@ -13,7 +13,7 @@ use super::{PATIENCE, admin_get};
 #[derive(Clone, Debug)]
 pub struct Metric {
     name: String,
-    labels: Vec<(String, String)>,
+    labels: Labels,
 }
 
 /// The series `name` with no labels yet; add them with [`Metric::label`].
@@ -60,8 +60,11 @@ impl fmt::Display for Metric {
     }
 }
 
+/// A sample's labels, unescaped, in the order written.
+type Labels = Vec<(String, String)>;
+
 /// Splits one sample line into name, labels (unescaped) and value; `None` if it is not one.
-fn sample(line: &str) -> Option<(&str, Vec<(String, String)>, f64)> {
+fn sample(line: &str) -> Option<(&str, Labels, f64)> {
     let name_end = line.find(['{', ' '])?;
     let name = &line[..name_end];
     let mut rest = &line[name_end..];
