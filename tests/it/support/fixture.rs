@@ -32,6 +32,8 @@ pub struct FixtureBuilder {
     proxy: String,
     /// Extra keys of the route.
     route: String,
+    /// More routes (name, host) to the same upstream with the same token.
+    more_routes: Vec<(&'static str, &'static str)>,
     /// Extra `[tokens.flinks]` TOML for [`FixtureBuilder::server`] (at least `token_url` and
     /// the secret).
     token: String,
@@ -54,6 +56,7 @@ pub fn fixture(host: &'static str) -> FixtureBuilder {
         ca: TestCa::new(),
         proxy: String::new(),
         route: String::new(),
+        more_routes: Vec::new(),
         token: String::new(),
         alpn: vec![b"http/1.1"],
         level: tracing::Level::INFO,
@@ -75,6 +78,12 @@ impl FixtureBuilder {
     pub fn route(mut self, toml: &str) -> Self {
         self.route.push_str(toml);
         self.route.push('\n');
+        self
+    }
+
+    /// Adds a route `name` for `host` to the same upstream and token.
+    pub fn also_route(mut self, name: &'static str, host: &'static str) -> Self {
+        self.more_routes.push((name, host));
         self
     }
 
@@ -124,6 +133,16 @@ impl FixtureBuilder {
     /// `[tokens.flinks]` table comes from [`super::TOKENS`] unless [`FixtureBuilder::token`]
     /// was given).
     pub fn toml(&self, upstream: &str) -> String {
+        let more_routes: String = self
+            .more_routes
+            .iter()
+            .map(|(name, host)| {
+                format!(
+                    "[[routes]]\nname = \"{name}\"\nhost = \"{host}\"\ntoken = \"flinks\"\n\
+                     upstream = \"{upstream}\"\n"
+                )
+            })
+            .collect();
         format!(
             r#"
             {tokens}
@@ -136,6 +155,7 @@ impl FixtureBuilder {
             token = "flinks"
             upstream = "{upstream}"
             {route}
+            {more_routes}
             "#,
             tokens = self.token_table(),
             ca = self.ca.pem_file().display(),
