@@ -345,7 +345,8 @@ mod tests {
 
     use super::super::IssuerOptions;
     use super::super::harness::{
-        basic_header, cc_json, claims_of, client, error_of, json_of, post_form, post_json, start,
+        Refused, basic_header, cc_json, claims_of, client, error_of, json_of, post_form, post_json,
+        start,
     };
     use super::super::params::MAX_BODY;
     use super::*;
@@ -461,58 +462,35 @@ mod tests {
         let issuer = start(IssuerOptions::default()).await;
         let mut wrong = cc_json();
         wrong["client_secret"] = "nope".into();
-        assert_eq!(
-            error_of(post_json(&issuer.url, &wrong).await).await,
-            (StatusCode::BAD_REQUEST, "invalid_client".into())
-        );
         let mut unknown = cc_json();
         unknown["client_id"] = "stranger".into();
-        assert_eq!(
-            error_of(post_json(&issuer.url, &unknown).await).await,
-            (StatusCode::BAD_REQUEST, "invalid_client".into())
-        );
-        // client_credentials without a secret.
-        let no_secret = json!({ "grant_type": "client_credentials", "client_id": "demo-client" });
-        assert_eq!(
-            error_of(post_json(&issuer.url, &no_secret).await).await,
-            (StatusCode::BAD_REQUEST, "invalid_client".into())
-        );
-        // Two methods at once.
-        let response = client()
-            .post(&issuer.url)
-            .header(AUTHORIZATION, basic_header("demo-client", "demo-secret"))
-            .json(&cc_json())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            error_of(response).await,
-            (StatusCode::BAD_REQUEST, "invalid_request".into())
-        );
-        // Not Basic.
-        let response = client()
-            .post(&issuer.url)
-            .header(AUTHORIZATION, "Bearer abc")
-            .json(&json!({ "grant_type": "client_credentials" }))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            error_of(response).await,
-            (StatusCode::UNAUTHORIZED, "invalid_client".into())
-        );
-        // Basic but not Base64.
-        let response = client()
-            .post(&issuer.url)
-            .header(AUTHORIZATION, "Basic !!!")
-            .json(&json!({ "grant_type": "client_credentials" }))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            error_of(response).await,
-            (StatusCode::BAD_REQUEST, "invalid_request".into())
-        );
+        let bad = StatusCode::BAD_REQUEST;
+        let bare = json!({ "grant_type": "client_credentials" });
+        Refused::check_all(
+            &issuer.url,
+            vec![
+                Refused::json("a wrong secret", wrong, bad, "invalid_client"),
+                Refused::json("an unknown client", unknown, bad, "invalid_client"),
+                Refused::json(
+                    "client_credentials without a secret",
+                    json!({ "grant_type": "client_credentials", "client_id": "demo-client" }),
+                    bad,
+                    "invalid_client",
+                ),
+                Refused::json("two methods at once", cc_json(), bad, "invalid_request")
+                    .authorization(basic_header("demo-client", "demo-secret")),
+                Refused::json(
+                    "an Authorization that is not Basic",
+                    bare.clone(),
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_client",
+                )
+                .authorization("Bearer abc"),
+                Refused::json("Basic but not Base64", bare, bad, "invalid_request")
+                    .authorization("Basic !!!"),
+            ],
+        )
+        .await;
         assert!(issuer.control.issued_tokens().is_empty());
         issuer.stop().await;
     }
@@ -520,50 +498,42 @@ mod tests {
     #[tokio::test]
     async fn unknown_or_missing_grant_and_bad_bodies() {
         let issuer = start(IssuerOptions::default()).await;
-        let mut body = cc_json();
-        body["grant_type"] = "password".into();
-        assert_eq!(
-            error_of(post_json(&issuer.url, &body).await).await,
-            (StatusCode::BAD_REQUEST, "unsupported_grant_type".into())
-        );
-        let body = json!({ "client_id": "demo-client", "client_secret": "demo-secret" });
-        assert_eq!(
-            error_of(post_json(&issuer.url, &body).await).await,
-            (StatusCode::BAD_REQUEST, "invalid_request".into())
-        );
-        // Not JSON although labelled so; a text/plain body; a repeated parameter.
-        let response = client()
-            .post(&issuer.url)
-            .header(CONTENT_TYPE, "application/json")
-            .body("grant_type=client_credentials")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            error_of(response).await,
-            (StatusCode::BAD_REQUEST, "invalid_request".into())
-        );
-        let response = client()
-            .post(&issuer.url)
-            .header(CONTENT_TYPE, "text/plain")
-            .body("{}")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            error_of(response).await,
-            (StatusCode::BAD_REQUEST, "invalid_request".into())
-        );
-        let form = [
-            ("grant_type", "client_credentials"),
-            ("grant_type", "client_credentials"),
-            ("client_id", "demo-client"),
-            ("client_secret", "demo-secret"),
-        ];
-        assert_eq!(
-            error_of(post_form(&issuer.url, &form).await).await,
-            (StatusCode::BAD_REQUEST, "invalid_request".into())
-        );
+        let mut password = cc_json();
+        password["grant_type"] = "password".into();
+        let bad = StatusCode::BAD_REQUEST;
+        let raw = |case, content_type, body: &str| Refused {
+            case,
+            authorization: None,
+            content_type,
+            body: body.as_bytes().to_vec(),
+            status: bad,
+            error: "invalid_request",
+        };
+        Refused::check_all(
+            &issuer.url,
+            vec![
+                Refused::json("an unknown grant", password, bad, "unsupported_grant_type"),
+                Refused::json(
+                    "no grant_type",
+                    json!({ "client_id": "demo-client", "client_secret": "demo-secret" }),
+                    bad,
+                    "invalid_request",
+                ),
+                raw(
+                    "not JSON although labelled so",
+                    "application/json",
+                    "grant_type=client_credentials",
+                ),
+                raw("a text/plain body", "text/plain", "{}"),
+                raw(
+                    "a repeated parameter",
+                    "application/x-www-form-urlencoded",
+                    "grant_type=client_credentials&grant_type=client_credentials\
+                     &client_id=demo-client&client_secret=demo-secret",
+                ),
+            ],
+        )
+        .await;
         // Too large, wrong method, wrong path.
         let response = client()
             .post(&issuer.url)

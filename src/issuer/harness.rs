@@ -105,6 +105,65 @@ pub(super) fn basic_header(id: &str, secret: &str) -> String {
     )
 }
 
+/// One request the token endpoint must refuse, as a row of a table: what it is, what is
+/// sent, and the OAuth answer it must get.
+pub(super) struct Refused {
+    /// Says which row failed.
+    pub(super) case: &'static str,
+    /// An `Authorization` header, if any.
+    pub(super) authorization: Option<String>,
+    pub(super) content_type: &'static str,
+    pub(super) body: Vec<u8>,
+    pub(super) status: StatusCode,
+    /// The OAuth `error` code.
+    pub(super) error: &'static str,
+}
+
+impl Refused {
+    /// A row whose body is `body` as JSON.
+    pub(super) fn json(
+        case: &'static str,
+        body: Value,
+        status: StatusCode,
+        error: &'static str,
+    ) -> Self {
+        Self {
+            case,
+            authorization: None,
+            content_type: "application/json",
+            body: body.to_string().into_bytes(),
+            status,
+            error,
+        }
+    }
+
+    /// The same row with an `Authorization` header.
+    pub(super) fn authorization(mut self, value: impl Into<String>) -> Self {
+        self.authorization = Some(value.into());
+        self
+    }
+
+    /// Sends every row to `url` in order and checks each answer, naming the row that differs.
+    pub(super) async fn check_all(url: &str, rows: Vec<Self>) {
+        for row in rows {
+            let mut request = client()
+                .post(url)
+                .header(CONTENT_TYPE, row.content_type)
+                .body(row.body);
+            if let Some(value) = row.authorization {
+                request = request.header(http::header::AUTHORIZATION, value);
+            }
+            let response = request.send().await.unwrap();
+            assert_eq!(
+                error_of(response).await,
+                (row.status, row.error.to_owned()),
+                "{}",
+                row.case
+            );
+        }
+    }
+}
+
 /// The status and JSON body.
 pub(super) async fn json_of(response: reqwest::Response) -> (StatusCode, Value) {
     let status = response.status();

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::support::issuer;
+use crate::support::{issuer, metric};
 use bearer_proxy::issuer::{Fault, IssuerOptions};
 use bearer_proxy::{Server, Signal};
 
@@ -30,34 +30,6 @@ backoff_max = "200ms"
         Some(HashMap::new()),
     )
     .unwrap()
-}
-
-/// Parses Prometheus text into `name{sorted labels}` → value.
-pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            Some((series.to_owned(), value.parse().ok()?))
-        })
-        .collect()
-}
-
-/// The value of `name` with exactly these labels (in any order).
-pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let mut want: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-    want.sort();
-    parse_metrics(text).into_iter().find_map(|(series, value)| {
-        let (n, rest) = series.split_once('{').unwrap_or((series.as_str(), "}"));
-        let mut got: Vec<String> = rest
-            .trim_end_matches('}')
-            .split(',')
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect();
-        got.sort();
-        (n == name && got == want).then_some(value)
-    })
 }
 
 async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
@@ -86,24 +58,23 @@ async fn metrics_count_refreshes_and_expose_expiry() {
     let (code, text) = get(admin, "/metrics").await;
     assert_eq!(code, 200);
     let refreshes = |result| {
-        metric(
-            &text,
-            "bearer_proxy_token_refreshes_total",
-            &[("token", "flinks"), ("result", result)],
-        )
+        metric("bearer_proxy_token_refreshes_total")
+            .label("token", "flinks")
+            .label("result", result)
+            .value_in(&text)
     };
     assert_eq!(refreshes("ok"), Some(1.0));
     assert_eq!(refreshes("rejected"), Some(0.0));
     assert_eq!(
-        metric(&text, "bearer_proxy_token_valid", &[("token", "flinks")]),
+        metric("bearer_proxy_token_valid")
+            .label("token", "flinks")
+            .value_in(&text),
         Some(1.0)
     );
-    let expiry = metric(
-        &text,
-        "bearer_proxy_token_expiry_timestamp_seconds",
-        &[("token", "flinks")],
-    )
-    .unwrap();
+    let expiry = metric("bearer_proxy_token_expiry_timestamp_seconds")
+        .label("token", "flinks")
+        .value_in(&text)
+        .unwrap();
     let expected = token
         .expires_wall()
         .duration_since(std::time::UNIX_EPOCH)
@@ -116,15 +87,12 @@ async fn metrics_count_refreshes_and_expose_expiry() {
         .as_secs_f64();
     assert!((expiry - now - 300.0).abs() < 5.0);
     assert!(
-        metric(
-            &text,
-            "bearer_proxy_build_info",
-            &[
-                ("version", env!("CARGO_PKG_VERSION")),
-                ("commit", bearer_proxy::build::COMMIT),
-                ("features", bearer_proxy::build::FEATURES),
-            ]
-        ) == Some(1.0)
+        metric("bearer_proxy_build_info")
+            .label("version", env!("CARGO_PKG_VERSION"))
+            .label("commit", bearer_proxy::build::COMMIT)
+            .label("features", bearer_proxy::build::FEATURES)
+            .value_in(&text)
+            == Some(1.0)
     );
     let (_, status) = get(admin, "/status").await;
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
@@ -303,11 +271,10 @@ async fn random_hosts_add_no_series() {
     assert_eq!(series(&after), before, "request data created metric series");
     assert!(!after.contains(".example"));
     assert_eq!(
-        metric(
-            &after,
-            "bearer_proxy_requests_total",
-            &[("route", "unmatched"), ("code", "403")]
-        ),
+        metric("bearer_proxy_requests_total")
+            .label("route", "unmatched")
+            .label("code", "403")
+            .value_in(&after),
         Some(10_000.0)
     );
 }

@@ -24,8 +24,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bearer_proxy::issuer::{DevIssuer, Fault, IssuerControl, IssuerOptions};
-use bearer_proxy::token::TokenCell;
-use bearer_proxy::{Server, Signal};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -37,134 +35,7 @@ use crate::support::*;
 const HOST: &str = "api.bank.test";
 
 // ---------------------------------------------------------------------------------------------
-// The rig: the whole server in front of an upstream, with a token endpoint
-
-/// A running server with its admin port, and the logs of this test's thread.
-struct Rig {
-    proxy: SocketAddr,
-    admin: SocketAddr,
-    cell: Arc<TokenCell>,
-    signals: mpsc::Sender<Signal>,
-    running: Option<JoinHandle<()>>,
-    logs: Captured,
-    _log_guard: tracing::subscriber::DefaultGuard,
-    _ca: TestCa,
-}
-
-impl Rig {
-    /// Starts the server. `token` is extra `[tokens.flinks]` TOML (at least `token_url` and the
-    /// secret), `proxy` extra `[proxy]` TOML; the route `fdx` (host [`HOST`]) forwards to
-    /// `upstream`, whose certificate `ca` signed.
-    async fn start(token: &str, proxy: &str, upstream: &str, ca: TestCa) -> Self {
-        Self::start_logging(tracing::Level::INFO, token, proxy, upstream, ca).await
-    }
-
-    /// [`Rig::start`], capturing the logs at `level` and above.
-    async fn start_logging(
-        level: tracing::Level,
-        token: &str,
-        proxy: &str,
-        upstream: &str,
-        ca: TestCa,
-    ) -> Self {
-        let logs = Captured::default();
-        let guard = logs.install(level);
-        // Defaults for the keys `token` does not set.
-        let defaults: String = [
-            ("grant_type", "\"client_credentials\""),
-            ("client_id", "\"demo-client\""),
-            ("backoff_initial", "\"50ms\""),
-            ("backoff_max", "\"200ms\""),
-            ("timeout", "\"2s\""),
-        ]
-        .iter()
-        .filter(|(k, _)| {
-            !token
-                .lines()
-                .any(|l| l.trim_start().starts_with(&format!("{k} ")))
-        })
-        .map(|(k, v)| format!("{k} = {v}\n"))
-        .collect();
-        let cfg = config(&format!(
-            r#"
-            [proxy]
-            listen = "127.0.0.1:0"
-            ca_file = "{ca}"
-            drain_delay = "0s"
-            {proxy}
-            [admin]
-            listen = "127.0.0.1:0"
-            [tokens.flinks]
-            {defaults}
-            {token}
-            [[routes]]
-            name = "fdx"
-            host = "{HOST}"
-            token = "flinks"
-            upstream = "{upstream}"
-            "#,
-            ca = ca.pem_file().display()
-        ));
-        let server = Server::start(cfg).await.unwrap();
-        let (signals, rx) = mpsc::channel(4);
-        Self {
-            proxy: server.proxy_addr(),
-            admin: server.admin_addr(),
-            cell: server.tokens()["flinks"].clone(),
-            signals,
-            running: Some(tokio::spawn(server.run(rx))),
-            logs,
-            _log_guard: guard,
-            _ca: ca,
-        }
-    }
-
-    async fn get(&self, path: &str) -> RawResponse {
-        get(self.proxy, &format!("http://{HOST}{path}"), &[]).await
-    }
-
-    async fn metric(&self, series: &str) -> f64 {
-        metric(&scrape(self.admin).await, series).unwrap_or(0.0)
-    }
-
-    async fn refresh_errors(&self, reason: &str) -> f64 {
-        self.metric(&format!(
-            r#"bearer_proxy_token_refresh_errors_total{{reason="{reason}",token="flinks"}}"#
-        ))
-        .await
-    }
-
-    /// The `flinks` entry of `GET /status`.
-    async fn token_status(&self) -> serde_json::Value {
-        admin_get(self.admin, "/status").await.json()["tokens"]["flinks"].clone()
-    }
-
-    /// Every accepted connection has closed and its task has ended; nothing panicked.
-    async fn settled(&self) {
-        settle(self.admin, "bearer_proxy_open_connections", 0.0).await;
-        let logs = self.logs.text();
-        assert!(!logs.contains("panicked"), "{logs}");
-    }
-
-    /// SIGTERM; waits for `run` to return, then checks nothing is left behind.
-    async fn terminate(mut self) {
-        self.signals.send(Signal::Terminate).await.unwrap();
-        tokio::time::timeout(PATIENCE, self.running.take().unwrap())
-            .await
-            .expect("the server did not stop")
-            .unwrap();
-        let logs = self.logs.text();
-        assert!(!logs.contains("panicked"), "{logs}");
-    }
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        if let Some(running) = &self.running {
-            running.abort();
-        }
-    }
-}
+// The token endpoint and the upstream the server is put in front of
 
 /// A dev issuer serving until the test ends.
 struct Issuer {
@@ -213,37 +84,30 @@ fn bearer(r: &Recorded) -> String {
         .to_owned()
 }
 
-/// A TLS upstream answering 200, and checking as each request arrives that it carries exactly
+/// An upstream handler answering 200, and checking as each request arrives that it carries exactly
 /// one token the issuer handed out and that has not expired. Returns the upstream and the
 /// count of requests that did not.
-async fn checking_upstream(ca: &TestCa, issuer: &IssuerControl) -> (Upstream, Arc<AtomicUsize>) {
+fn checking(
+    issuer: &IssuerControl,
+) -> (
+    impl Fn(&Recorded, usize) -> Reply + Send + Sync + 'static,
+    Arc<AtomicUsize>,
+) {
     let bad = Arc::new(AtomicUsize::new(0));
     let count = bad.clone();
     let issuer = issuer.clone();
-    let upstream = Upstream::tls(
-        ca.server_config(&["localhost"], &[b"http/1.1"]),
-        move |r, _| {
-            let auth = r.all("authorization");
-            let ok = auth.len() == 1
-                && auth[0]
-                    .strip_prefix("Bearer ")
-                    .is_some_and(|t| issuer.is_valid_token(t));
-            if !ok {
-                count.fetch_add(1, Ordering::SeqCst);
-            }
-            Reply::ok("ok")
-        },
-    )
-    .await;
-    (upstream, bad)
-}
-
-/// A TLS upstream that answers 200 "ok" and checks nothing.
-async fn plain_ok_upstream(ca: &TestCa) -> Upstream {
-    Upstream::tls(ca.server_config(&["localhost"], &[b"http/1.1"]), |_, _| {
+    let check = move |r: &Recorded, _| {
+        let auth = r.all("authorization");
+        let ok = auth.len() == 1
+            && auth[0]
+                .strip_prefix("Bearer ")
+                .is_some_and(|t| issuer.is_valid_token(t));
+        if !ok {
+            count.fetch_add(1, Ordering::SeqCst);
+        }
         Reply::ok("ok")
-    })
-    .await
+    };
+    (check, bad)
 }
 
 /// 503 `token_unavailable` with `Retry-After`.
@@ -312,16 +176,12 @@ impl Load {
 #[tokio::test]
 async fn token_endpoint_refused_then_listening_recovers() {
     let port = closed_port();
-    let ca = TestCa::new();
-    let upstream = plain_ok_upstream(&ca).await;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let rig = Rig::start(
-        &token_toml(addr),
-        r#"token_wait = "100ms""#,
-        &upstream.url(true),
-        ca,
-    )
-    .await;
+    let rig = fixture(HOST)
+        .token(&token_toml(addr))
+        .proxy(r#"token_wait = "100ms""#)
+        .server(|_, _| Reply::ok("ok"))
+        .await;
     attempts(&rig.cell, 2).await;
     assert_token_unavailable(&rig.get("/refused").await);
     assert!(rig.refresh_errors("connect").await >= 2.0);
@@ -331,7 +191,7 @@ async fn token_endpoint_refused_then_listening_recovers() {
     let issuer = Issuer::at(&addr.to_string(), IssuerOptions::default()).await;
     rig.cell.wait_valid(PATIENCE).await.expect("recovered");
     assert_eq!(rig.get("/after").await.status, 200);
-    let reqs = upstream.requests();
+    let reqs = rig.upstream().requests();
     assert_eq!(reqs.len(), 1, "nothing was sent without a token");
     assert!(issuer.control.is_valid_token(&bearer(&reqs[0])));
     assert_eq!(admin_get(rig.admin, "/readyz").await.status, 200);
@@ -346,18 +206,15 @@ async fn token_endpoint_refused_then_listening_recovers() {
 async fn token_endpoint_blackholed_times_out_then_recovers() {
     let issuer = Issuer::start(IssuerOptions::default()).await;
     let hole = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ca = TestCa::new();
-    let (upstream, bad) = checking_upstream(&ca, &issuer.control).await;
-    let rig = Rig::start(
-        &format!(
+    let (check, bad) = checking(&issuer.control);
+    let rig = fixture(HOST)
+        .token(&format!(
             "{}\ntimeout = \"200ms\"",
             token_toml(hole.local_addr().unwrap())
-        ),
-        r#"token_wait = "100ms""#,
-        &upstream.url(true),
-        ca,
-    )
-    .await;
+        ))
+        .proxy(r#"token_wait = "100ms""#)
+        .server(check)
+        .await;
     attempts(&rig.cell, 2).await;
     assert_token_unavailable(&rig.get("/blackholed").await);
     assert!(rig.refresh_errors("timeout").await >= 2.0);
@@ -373,7 +230,7 @@ async fn token_endpoint_blackholed_times_out_then_recovers() {
     rig.cell.wait_valid(PATIENCE).await.expect("recovered");
     assert_eq!(rig.get("/after").await.status, 200);
     assert_eq!(bad.load(Ordering::SeqCst), 0);
-    assert_eq!(upstream.requests().len(), 1);
+    assert_eq!(rig.upstream().requests().len(), 1);
     rig.settled().await;
 }
 
@@ -384,15 +241,12 @@ async fn token_endpoint_blackholed_times_out_then_recovers() {
 async fn token_endpoint_slow_is_cut_by_timeout_then_recovers() {
     let issuer = Issuer::start(IssuerOptions::default()).await;
     issuer.control.set_delay(Duration::from_secs(20));
-    let ca = TestCa::new();
-    let (upstream, bad) = checking_upstream(&ca, &issuer.control).await;
-    let rig = Rig::start(
-        &format!("{}\ntimeout = \"200ms\"", issuer.toml()),
-        r#"token_wait = "100ms""#,
-        &upstream.url(true),
-        ca,
-    )
-    .await;
+    let (check, bad) = checking(&issuer.control);
+    let rig = fixture(HOST)
+        .token(&format!("{}\ntimeout = \"200ms\"", issuer.toml()))
+        .proxy(r#"token_wait = "100ms""#)
+        .server(check)
+        .await;
     attempts(&rig.cell, 2).await;
     assert_token_unavailable(&rig.get("/slow").await);
     assert!(rig.refresh_errors("timeout").await >= 2.0);
@@ -415,16 +269,13 @@ async fn token_endpoint_slow_is_cut_by_timeout_then_recovers() {
 async fn token_endpoint_5xx_streaks_back_off_and_recover() {
     let issuer = Issuer::start(IssuerOptions::default()).await;
     issuer.control.fail_next(1000, Fault::ServerError);
-    let ca = TestCa::new();
-    let (upstream, bad) = checking_upstream(&ca, &issuer.control).await;
+    let (check, bad) = checking(&issuer.control);
     // A 300 s token refreshed after ~1 s (the 1 s floor), so a streak meets a valid token.
-    let rig = Rig::start(
-        &format!("{}\nrefresh_ratio = 0.003", issuer.toml()),
-        r#"token_wait = "50ms""#,
-        &upstream.url(true),
-        ca,
-    )
-    .await;
+    let rig = fixture(HOST)
+        .token(&format!("{}\nrefresh_ratio = 0.003", issuer.toml()))
+        .proxy(r#"token_wait = "50ms""#)
+        .server(check)
+        .await;
     attempts(&rig.cell, 3).await;
     assert_token_unavailable(&rig.get("/streak").await);
     assert!(rig.refresh_errors("http_5xx").await >= 3.0);
@@ -473,15 +324,12 @@ async fn token_endpoint_429_retry_after_is_honoured() {
             retry_after_secs: 2,
         },
     );
-    let ca = TestCa::new();
-    let (upstream, bad) = checking_upstream(&ca, &issuer.control).await;
-    let rig = Rig::start(
-        &issuer.toml(),
-        r#"token_wait = "50ms""#,
-        &upstream.url(true),
-        ca,
-    )
-    .await;
+    let (check, bad) = checking(&issuer.control);
+    let rig = fixture(HOST)
+        .token(&issuer.toml())
+        .proxy(r#"token_wait = "50ms""#)
+        .server(check)
+        .await;
     attempts(&rig.cell, 1).await;
     assert_token_unavailable(&rig.get("/limited").await);
     rig.cell
@@ -513,15 +361,12 @@ async fn token_endpoint_rejections_retry_slowly_and_recover() {
     issuer
         .control
         .fail_next(1, Fault::OAuthError("invalid_grant".into()));
-    let ca = TestCa::new();
-    let (upstream, bad) = checking_upstream(&ca, &issuer.control).await;
-    let rig = Rig::start(
-        &format!("{}\nbackoff_max = \"400ms\"", issuer.toml()),
-        r#"token_wait = "50ms""#,
-        &upstream.url(true),
-        ca,
-    )
-    .await;
+    let (check, bad) = checking(&issuer.control);
+    let rig = fixture(HOST)
+        .token(&format!("{}\nbackoff_max = \"400ms\"", issuer.toml()))
+        .proxy(r#"token_wait = "50ms""#)
+        .server(check)
+        .await;
     attempts(&rig.cell, 1).await;
     let status = rig.token_status().await;
     assert_eq!(status["state"], "rejected");
@@ -615,33 +460,36 @@ async fn token_endpoint_malformed_and_oversized_answers_are_transient() {
     ];
     let n = script.len() as f64;
     let endpoint = scripted_endpoint(script, issuer.addr).await;
-    let ca = TestCa::new();
-    let (upstream, bad) = checking_upstream(&ca, &issuer.control).await;
-    let rig = Rig::start(
-        &token_toml(endpoint),
-        r#"token_wait = "50ms""#,
-        &upstream.url(true),
-        ca,
-    )
-    .await;
+    let (check, bad) = checking(&issuer.control);
+    let rig = fixture(HOST)
+        .token(&token_toml(endpoint))
+        .proxy(r#"token_wait = "50ms""#)
+        .server(check)
+        .await;
     attempts(&rig.cell, 1).await;
     assert_token_unavailable(&rig.get("/malformed").await);
     rig.cell.wait_valid(PATIENCE).await.expect("recovered");
     assert_eq!(
         rig.metric(
-            r#"bearer_proxy_token_refreshes_total{result="transient_error",token="flinks"}"#
+            metric("bearer_proxy_token_refreshes_total")
+                .label("result", "transient_error")
+                .label("token", "flinks")
         )
         .await,
         n
     );
     assert_eq!(
-        rig.metric(r#"bearer_proxy_token_refreshes_total{result="rejected",token="flinks"}"#)
-            .await,
+        rig.metric(
+            metric("bearer_proxy_token_refreshes_total")
+                .label("result", "rejected")
+                .label("token", "flinks")
+        )
+        .await,
         0.0
     );
     assert!(rig.refresh_errors("malformed").await >= n - 1.0);
     assert_eq!(rig.get("/after").await.status, 200);
-    let reqs = upstream.requests();
+    let reqs = rig.upstream().requests();
     assert_eq!(reqs.len(), 1);
     assert!(reqs[0].headers.get("x-evil").is_none());
     assert_eq!(bad.load(Ordering::SeqCst), 0);
@@ -699,16 +547,15 @@ async fn token_endpoint_flapping_never_disturbs_requests() {
     })
     .await;
     let mut endpoint = Flapper::new(issuer.addr).await;
-    let ca = TestCa::new();
-    let (upstream, bad) = checking_upstream(&ca, &issuer.control).await;
+    let (check, bad) = checking(&issuer.control);
     // Refresh about every second (the floor), so each cycle meets the next scheduled attempt.
-    let rig = Rig::start(
-        &format!("{}\nrefresh_ratio = 0.2", token_toml(endpoint.addr)),
-        "",
-        &upstream.url(true),
-        ca,
-    )
-    .await;
+    let rig = fixture(HOST)
+        .token(&format!(
+            "{}\nrefresh_ratio = 0.2",
+            token_toml(endpoint.addr)
+        ))
+        .server(check)
+        .await;
     rig.cell.wait_valid(PATIENCE).await.expect("first token");
     let load = Load::start(rig.proxy);
     for _ in 0..3 {
@@ -745,15 +592,12 @@ async fn three_second_tokens_from_a_flapping_endpoint_never_reach_the_upstream_e
     })
     .await;
     let mut endpoint = Flapper::new(issuer.addr).await;
-    let ca = TestCa::new();
-    let (upstream, bad) = checking_upstream(&ca, &issuer.control).await;
-    let rig = Rig::start(
-        &token_toml(endpoint.addr),
-        "token_wait = \"100ms\"",
-        &upstream.url(true),
-        ca,
-    )
-    .await;
+    let (check, bad) = checking(&issuer.control);
+    let rig = fixture(HOST)
+        .token(&token_toml(endpoint.addr))
+        .proxy("token_wait = \"100ms\"")
+        .server(check)
+        .await;
     let first = rig.cell.wait_valid(PATIENCE).await.expect("first token");
     assert_eq!(first.lifetime(), Duration::from_secs(3), "not raised");
     let load = Load::start(rig.proxy);
@@ -838,19 +682,14 @@ async fn secrets_echoed_by_the_token_endpoint_never_reach_status_or_logs() {
             }),
         ),
     );
-    let ca = TestCa::new();
-    let upstream = plain_ok_upstream(&ca).await;
-    let rig = Rig::start_logging(
-        tracing::Level::TRACE,
-        &format!(
+    let rig = fixture(HOST)
+        .token(&format!(
             "token_url = \"{}\"\nclient_secret = \"{secret}\"\nbackoff_max = \"50ms\"",
             issuer.url
-        ),
-        "",
-        &upstream.url(true),
-        ca,
-    )
-    .await;
+        ))
+        .logs(tracing::Level::TRACE)
+        .server(|_, _| Reply::ok("ok"))
+        .await;
     // Look at the status page after each of the two echoing answers.
     let mut pages = Vec::new();
     for n in 1..=2 {
@@ -889,16 +728,11 @@ async fn a_wrong_token_url_is_misconfiguration_not_rejected_credentials() {
         ),
     );
     issuer.control.fail_next(3, raw(404, vec![]));
-    let ca = TestCa::new();
-    let upstream = plain_ok_upstream(&ca).await;
     // A long backoff_max: a rejection would wait that long, the backoff starts at 50 ms.
-    let rig = Rig::start(
-        &format!("{}\nbackoff_max = \"60s\"", issuer.toml()),
-        "",
-        &upstream.url(true),
-        ca,
-    )
-    .await;
+    let rig = fixture(HOST)
+        .token(&format!("{}\nbackoff_max = \"60s\"", issuer.toml()))
+        .server(|_, _| Reply::ok("ok"))
+        .await;
     attempts(&rig.cell, 1).await;
     let status = rig.token_status().await;
     let message = status["last_error"]["message"].as_str().unwrap().to_owned();
@@ -920,8 +754,12 @@ async fn a_wrong_token_url_is_misconfiguration_not_rejected_credentials() {
         .expect("token");
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_eq!(
-        rig.metric(r#"bearer_proxy_token_refreshes_total{result="rejected",token="flinks"}"#)
-            .await,
+        rig.metric(
+            metric("bearer_proxy_token_refreshes_total")
+                .label("result", "rejected")
+                .label("token", "flinks")
+        )
+        .await,
         0.0
     );
     assert_eq!(rig.refresh_errors("not_oauth").await, 4.0);
@@ -934,9 +772,9 @@ async fn a_wrong_token_url_is_misconfiguration_not_rejected_credentials() {
 // Upstream
 
 /// A server with a valid token (issuer in-process) in front of `upstream`.
-async fn rig_with_token(upstream: &str, proxy: &str, ca: TestCa) -> (Rig, Issuer) {
+async fn rig_with_token(setup: FixtureBuilder, upstream: &str) -> (ServerFixture, Issuer) {
     let issuer = Issuer::start(IssuerOptions::default()).await;
-    let rig = Rig::start(&issuer.toml(), proxy, upstream, ca).await;
+    let rig = setup.token(&issuer.toml()).server_to(upstream).await;
     rig.cell.wait_valid(PATIENCE).await.expect("first token");
     (rig, issuer)
 }
@@ -946,14 +784,17 @@ async fn rig_with_token(upstream: &str, proxy: &str, ca: TestCa) -> (Rig, Issuer
 #[tokio::test]
 async fn upstream_refused_then_listening_recovers() {
     let port = closed_port();
-    let (rig, _issuer) =
-        rig_with_token(&format!("http://127.0.0.1:{port}"), "", TestCa::new()).await;
+    let (rig, _issuer) = rig_with_token(fixture(HOST), &format!("http://127.0.0.1:{port}")).await;
     let resp = rig.get("/down").await;
     assert_eq!(resp.status, 502);
     assert_eq!(resp.proxy_error().as_deref(), Some("upstream_unreachable"));
     assert_eq!(
-        rig.metric(r#"bearer_proxy_upstream_errors_total{kind="connect",route="fdx"}"#)
-            .await,
+        rig.metric(
+            metric("bearer_proxy_upstream_errors_total")
+                .label("kind", "connect")
+                .label("route", "fdx")
+        )
+        .await,
         1.0
     );
     let real = Upstream::plain(|_, _| Reply::ok("back")).await;
@@ -979,17 +820,20 @@ async fn upstream_refused_then_listening_recovers() {
 async fn upstream_blackholed_is_cut_by_the_timeouts() {
     let hole = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (rig, _issuer) = rig_with_token(
+        fixture(HOST).proxy("connect_timeout = \"200ms\"\nresponse_timeout = \"300ms\""),
         &format!("https://localhost:{}", hole.local_addr().unwrap().port()),
-        "connect_timeout = \"200ms\"\nresponse_timeout = \"300ms\"",
-        TestCa::new(),
     )
     .await;
     let resp = rig.get("/tls-hole").await;
     assert_eq!(resp.status, 502);
     assert_eq!(resp.proxy_error().as_deref(), Some("upstream_unreachable"));
     assert_eq!(
-        rig.metric(r#"bearer_proxy_upstream_errors_total{kind="timeout",route="fdx"}"#)
-            .await,
+        rig.metric(
+            metric("bearer_proxy_upstream_errors_total")
+                .label("kind", "timeout")
+                .label("route", "fdx")
+        )
+        .await,
         1.0
     );
     rig.settled().await;
@@ -1009,9 +853,8 @@ async fn upstream_blackholed_is_cut_by_the_timeouts() {
         drop(_held);
     });
     let (rig, _issuer) = rig_with_token(
+        fixture(HOST).proxy("response_timeout = \"300ms\""),
         &format!("http://{addr}"),
-        "response_timeout = \"300ms\"",
-        TestCa::new(),
     )
     .await;
     let resp = rig.get("/plain-hole").await;
@@ -1053,9 +896,8 @@ async fn upstream_stalling_mid_headers_gets_504() {
         }
     });
     let (rig, _issuer) = rig_with_token(
+        fixture(HOST).proxy("response_timeout = \"300ms\""),
         &format!("http://{addr}"),
-        "response_timeout = \"300ms\"",
-        TestCa::new(),
     )
     .await;
     let resp = rig.get("/slow").await;
@@ -1128,7 +970,7 @@ async fn upstream_reset_before_and_during_the_answer() {
         }),
     ])
     .await;
-    let (rig, _issuer) = rig_with_token(&format!("http://{addr}"), "", TestCa::new()).await;
+    let (rig, _issuer) = rig_with_token(fixture(HOST), &format!("http://{addr}")).await;
 
     let resp = raw(
         rig.proxy,
@@ -1139,23 +981,16 @@ async fn upstream_reset_before_and_during_the_answer() {
     assert_eq!(resp.status, 502);
     assert_eq!(resp.proxy_error().as_deref(), Some("upstream_reset"));
     assert_eq!(
-        rig.metric(r#"bearer_proxy_upstream_errors_total{kind="reset",route="fdx"}"#)
-            .await,
+        rig.metric(
+            metric("bearer_proxy_upstream_errors_total")
+                .label("kind", "reset")
+                .label("route", "fdx")
+        )
+        .await,
         1.0
     );
     for path in ["/length", "/chunked"] {
-        let mut s = connect(rig.proxy).await;
-        s.write_all(format!("GET http://{HOST}{path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let err = read_response(&mut s).await.unwrap_err();
-        assert!(
-            matches!(
-                err.kind(),
-                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
-            ),
-            "{path}: {err}"
-        );
+        assert_cut_short(rig.proxy, HOST, path).await;
     }
     // Recovery: the next request is served.
     assert_eq!(rig.get("/next").await.text(), "done");
@@ -1180,7 +1015,7 @@ async fn stale_pooled_upstream_connections_are_retried_transparently() {
         })
     }
     let addr = scripted_upstream(vec![stale(false), stale(true), stale(true)]).await;
-    let (rig, issuer) = rig_with_token(&format!("http://{addr}"), "", TestCa::new()).await;
+    let (rig, issuer) = rig_with_token(fixture(HOST), &format!("http://{addr}")).await;
     let mut s = connect(rig.proxy).await;
     let mut send = async |req: String| {
         s.write_all(req.as_bytes()).await.unwrap();
@@ -1207,8 +1042,12 @@ async fn stale_pooled_upstream_connections_are_retried_transparently() {
     assert_eq!(send(get("/e")).await.text(), "done");
     drop(s);
     assert_eq!(
-        rig.metric(r#"bearer_proxy_upstream_errors_total{kind="reset",route="fdx"}"#)
-            .await,
+        rig.metric(
+            metric("bearer_proxy_upstream_errors_total")
+                .label("kind", "reset")
+                .label("route", "fdx")
+        )
+        .await,
         1.0,
         "only the POST failed"
     );
@@ -1229,7 +1068,7 @@ async fn a_truncated_body_is_a_reset_for_an_http10_client() {
         drop(s);
     })])
     .await;
-    let (rig, _issuer) = rig_with_token(&format!("http://{addr}"), "", TestCa::new()).await;
+    let (rig, _issuer) = rig_with_token(fixture(HOST), &format!("http://{addr}")).await;
     let mut s = connect(rig.proxy).await;
     s.write_all(format!("GET http://{HOST}/cut HTTP/1.0\r\n\r\n").as_bytes())
         .await
@@ -1258,13 +1097,14 @@ async fn a_truncated_body_is_a_reset_for_an_http10_client() {
 /// the token) is never sent. (An untrusted CA: `proxy.rs`.)
 #[tokio::test]
 async fn upstream_certificate_for_another_host_gets_no_request() {
-    let ca = TestCa::new();
-    let upstream = Upstream::tls(ca.server_config(&["other.test"], &[b"http/1.1"]), |_, _| {
-        Reply::ok("must not happen")
-    })
+    let setup = fixture(HOST);
+    let upstream = Upstream::tls(
+        setup.ca().server_config(&["other.test"], &[b"http/1.1"]),
+        |_, _| Reply::ok("must not happen"),
+    )
     .await;
     let url = upstream.url(true);
-    let (rig, _issuer) = rig_with_token(&url, "", ca).await;
+    let (rig, _issuer) = rig_with_token(setup, &url).await;
     let resp = rig.get("/x").await;
     assert_eq!(resp.status, 502);
     assert_eq!(resp.proxy_error().as_deref(), Some("upstream_tls"));
@@ -1322,7 +1162,7 @@ async fn body_recording_upstream() -> (SocketAddr, mpsc::Receiver<(u64, bool)>) 
 #[tokio::test]
 async fn client_disconnecting_mid_request_body() {
     let (addr, mut bodies) = body_recording_upstream().await;
-    let (rig, _issuer) = rig_with_token(&format!("http://{addr}"), "", TestCa::new()).await;
+    let (rig, _issuer) = rig_with_token(fixture(HOST), &format!("http://{addr}")).await;
 
     // Streamed (a POST is never buffered): 1 MiB announced, 100 KiB sent.
     let mut s = connect(rig.proxy).await;
@@ -1381,7 +1221,7 @@ async fn client_disconnecting_mid_response() {
         }
     })
     .await;
-    let (rig, _issuer) = rig_with_token(&upstream.url(false), "", TestCa::new()).await;
+    let (rig, _issuer) = rig_with_token(fixture(HOST), &upstream.url(false)).await;
     let mut s = connect(rig.proxy).await;
     s.write_all(format!("GET http://{HOST}/big HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes())
         .await
@@ -1413,9 +1253,8 @@ async fn client_stalling_is_cut_by_idle_timeout() {
     })
     .await;
     let (rig, _issuer) = rig_with_token(
+        fixture(HOST).proxy(r#"idle_timeout = "300ms""#),
         &format!("http://{addr}"),
-        r#"idle_timeout = "300ms""#,
-        TestCa::new(),
     )
     .await;
     let mut s = connect(rig.proxy).await;
@@ -1432,8 +1271,11 @@ async fn client_stalling_is_cut_by_idle_timeout() {
     drop(rig);
 
     // Not reading a 256 MiB answer: the proxy's writes block, then it gives up.
-    let (rig, _issuer) =
-        rig_with_token(&big.url(false), r#"idle_timeout = "300ms""#, TestCa::new()).await;
+    let (rig, _issuer) = rig_with_token(
+        fixture(HOST).proxy(r#"idle_timeout = "300ms""#),
+        &big.url(false),
+    )
+    .await;
     let mut s = connect(rig.proxy).await;
     s.write_all(format!("GET http://{HOST}/big HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes())
         .await
@@ -1448,7 +1290,7 @@ async fn client_stalling_is_cut_by_idle_timeout() {
 #[tokio::test]
 async fn pipelined_requests_are_answered_in_order() {
     let upstream = Upstream::plain(|r, _| Reply::ok(&format!("{} {}", r.method, r.target))).await;
-    let (rig, issuer) = rig_with_token(&upstream.url(false), "", TestCa::new()).await;
+    let (rig, issuer) = rig_with_token(fixture(HOST), &upstream.url(false)).await;
     let mut s = connect(rig.proxy).await;
     let mut batch = String::new();
     for i in 0..3 {
@@ -1484,7 +1326,7 @@ async fn pipelined_requests_are_answered_in_order() {
 #[tokio::test]
 async fn a_refused_request_does_not_swallow_the_answer_before_it() {
     let upstream = Upstream::plain(|r, _| Reply::ok(&r.target)).await;
-    let (rig, issuer) = rig_with_token(&upstream.url(false), "", TestCa::new()).await;
+    let (rig, issuer) = rig_with_token(fixture(HOST), &upstream.url(false)).await;
     let mut s = connect(rig.proxy).await;
     s.write_all(
         format!(
@@ -1520,7 +1362,7 @@ async fn a_half_closed_client_still_gets_its_answer() {
     let gate = Gate::new();
     let held = gate.clone();
     let upstream = Upstream::plain(move |_, _| Reply::ok("answer").gated(held.clone())).await;
-    let (rig, _issuer) = rig_with_token(&upstream.url(false), "", TestCa::new()).await;
+    let (rig, _issuer) = rig_with_token(fixture(HOST), &upstream.url(false)).await;
     let mut s = connect(rig.proxy).await;
     s.write_all(format!("GET http://{HOST}/h HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes())
         .await
@@ -1761,18 +1603,12 @@ async fn secret_rotation_under_load_recovers_without_a_failed_request() {
     })
     .await;
     let mut secrets = SecretDir::new("secret-v0");
-    let ca = TestCa::new();
-    let (upstream, bad) = checking_upstream(&ca, &issuer.control).await;
-    let rig = Rig::start(
-        &format!(
+    let (check, bad) = checking(&issuer.control);
+    let rig = fixture(HOST).token(&format!(
             "token_url = \"{}\"\nclient_secret_file = \"{}\"\nrefresh_ratio = 0.2\nbackoff_max = \"300ms\"",
             issuer.url,
             secrets.path().display()
-        ),
-        "",
-        &upstream.url(true),
-        ca,
-    )
+        )).server(check)
     .await;
     let first = rig.cell.wait_valid(PATIENCE).await.expect("first token");
     let load = Load::start(rig.proxy);
@@ -1817,19 +1653,13 @@ async fn unwritable_state_dir_holds_the_code_until_it_can_be_recorded() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("code"), "code-1\n").unwrap();
     let state = dir.path().join("state");
-    let ca = TestCa::new();
-    let (upstream, bad) = checking_upstream(&ca, &issuer.control).await;
-    let rig = Rig::start(
-        &format!(
+    let (check, bad) = checking(&issuer.control);
+    let rig = fixture(HOST).token(&format!(
             "token_url = \"{}\"\ngrant_type = \"authorization_code\"\ncode_file = \"{}\"\nstate_dir = \"{}\"",
             issuer.url,
             dir.path().join("code").display(),
             state.display()
-        ),
-        r#"token_wait = "50ms""#,
-        &upstream.url(true),
-        ca,
-    )
+        )).proxy(r#"token_wait = "50ms""#).server(check)
     .await;
     attempts(&rig.cell, 2).await;
     let status = rig.token_status().await;
@@ -1873,21 +1703,17 @@ async fn unwritable_state_dir_keeps_a_rotated_refresh_token_in_memory() {
     .await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("refresh_token"), "rt-original\n").unwrap();
-    let ca = TestCa::new();
-    let (upstream, bad) = checking_upstream(&ca, &issuer.control).await;
-    let rig = Rig::start(
-        &format!(
+    let (check, bad) = checking(&issuer.control);
+    let rig = fixture(HOST)
+        .token(&format!(
             "token_url = \"{}\"\ngrant_type = \"refresh_token\"\nrefresh_token_file = \"{}\"\n\
              state_dir = \"{}\"\nrefresh_ratio = 0.2",
             issuer.url,
             dir.path().join("refresh_token").display(),
             dir.path().join("missing").display()
-        ),
-        "",
-        &upstream.url(true),
-        ca,
-    )
-    .await;
+        ))
+        .server(check)
+        .await;
     rig.cell.wait_valid(PATIENCE).await.expect("first token");
     assert_eq!(rig.get("/one").await.status, 200);
     while rig.cell.status().refreshes_ok < 3 {
@@ -1909,10 +1735,9 @@ async fn unwritable_state_dir_keeps_a_rotated_refresh_token_in_memory() {
     );
     assert_eq!(rig.token_status().await["refresh_token_persisted"], false);
     assert_eq!(
-        metric(
-            &scrape(rig.admin).await,
-            r#"bearer_proxy_token_state_persisted{token="flinks"}"#
-        ),
+        metric("bearer_proxy_token_state_persisted")
+            .label("token", "flinks")
+            .value_in(&scrape(rig.admin).await),
         Some(0.0)
     );
     assert_eq!(bad.load(Ordering::SeqCst), 0);

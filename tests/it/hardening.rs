@@ -32,13 +32,13 @@ async fn proxy(extra: &str, routes: &str) -> TestProxy {
 }
 
 /// Polls `p`'s metric `series` until it is `want`; fails after [`PATIENCE`].
-async fn until_metric(p: &TestProxy, series: &str, want: f64) {
+async fn until_metric(p: &TestProxy, series: Metric, want: f64) {
     let deadline = Instant::now() + PATIENCE;
-    while p.metric(series) != Some(want) {
+    while p.metric(series.clone()) != Some(want) {
         assert!(
             Instant::now() < deadline,
             "{series} stayed at {:?}, expected {want}",
-            p.metric(series)
+            p.metric(series.clone())
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -153,9 +153,13 @@ async fn a_stalled_upstream_body_is_cut_and_counted() {
     read_head(&mut s).await;
     drop(s);
     until_zero(&open, "the upstream connection of a gone client").await;
-    until_metric(&p, "bearer_proxy_open_connections", 0.0).await;
+    until_metric(&p, metric("bearer_proxy_open_connections"), 0.0).await;
     assert_eq!(
-        p.metric("bearer_proxy_upstream_errors_total{kind=\"body_timeout\",route=\"unmatched\"}"),
+        p.metric(
+            metric("bearer_proxy_upstream_errors_total")
+                .label("kind", "body_timeout")
+                .label("route", "unmatched")
+        ),
         Some(3.0)
     );
 }
@@ -179,7 +183,11 @@ async fn a_stalled_401_body_does_not_hold_the_consent_probe() {
     assert_eq!(resp.proxy_error().as_deref(), Some("upstream_timeout"));
     until_zero(&open, "the upstream connection").await;
     assert_eq!(
-        p.metric("bearer_proxy_upstream_errors_total{kind=\"body_timeout\",route=\"bank\"}"),
+        p.metric(
+            metric("bearer_proxy_upstream_errors_total")
+                .label("kind", "body_timeout")
+                .label("route", "bank")
+        ),
         Some(1.0)
     );
 }
@@ -203,11 +211,11 @@ async fn a_silent_tunnel_is_closed_after_the_idle_timeout() {
         .await
         .unwrap();
     assert!(read_head(&mut s).await.starts_with("HTTP/1.1 200"));
-    until_metric(&p, "bearer_proxy_open_tunnels", 1.0).await;
+    until_metric(&p, metric("bearer_proxy_open_tunnels"), 1.0).await;
     // Half-close from the client; the remote host stays silent and open.
     s.shutdown().await.unwrap();
-    until_metric(&p, "bearer_proxy_open_tunnels", 0.0).await;
-    until_metric(&p, "bearer_proxy_open_connections", 0.0).await;
+    until_metric(&p, metric("bearer_proxy_open_tunnels"), 0.0).await;
+    until_metric(&p, metric("bearer_proxy_open_connections"), 0.0).await;
     assert!(closed(&mut s).await);
     held.abort();
 }
@@ -301,7 +309,11 @@ async fn upstream_transfer_codings_are_checked() {
     assert_eq!(resp.status, 502);
     assert_eq!(resp.proxy_error().as_deref(), Some("upstream_reset"));
     assert_eq!(
-        p.metric("bearer_proxy_upstream_errors_total{kind=\"bad_response\",route=\"unmatched\"}"),
+        p.metric(
+            metric("bearer_proxy_upstream_errors_total")
+                .label("kind", "bad_response")
+                .label("route", "unmatched")
+        ),
         Some(1.0)
     );
 }
@@ -329,11 +341,15 @@ async fn a_malformed_chunked_request_body_is_a_400() {
         assert!(closed(&mut s).await);
     }
     assert_eq!(
-        p.metric("bearer_proxy_rejected_requests_total{reason=\"bad_request\"}"),
+        p.metric(metric("bearer_proxy_rejected_requests_total").label("reason", "bad_request")),
         Some(2.0)
     );
     assert_eq!(
-        p.metric("bearer_proxy_upstream_errors_total{kind=\"reset\",route=\"unmatched\"}"),
+        p.metric(
+            metric("bearer_proxy_upstream_errors_total")
+                .label("kind", "reset")
+                .label("route", "unmatched")
+        ),
         Some(0.0)
     );
 }

@@ -31,56 +31,26 @@ const IP: &str = "10.9.8.7";
 /// `10.9.8.7`) must get the token on every request; `evil` (plain, `127.0.0.1:<port>`) is what
 /// unrouted requests reach and must never see it.
 struct Hostile {
-    _ca: TestCa,
-    bank: Upstream,
+    /// `bank` is the fixture's upstream, behind the routes `fdx` (host [`NAMED`]), `wild` and
+    /// `ip`.
+    f: ProxyFixture,
     evil: Upstream,
-    proxy: TestProxy,
 }
 
 impl Hostile {
     /// `unmatched` is `forward` or `deny`; `extra` more `[proxy]` TOML.
     async fn start(unmatched: &str, extra: &str) -> Self {
-        let ca = TestCa::new();
-        let bank = Upstream::tls(ca.server_config(&["localhost"], &[b"http/1.1"]), |r, _| {
-            Reply::ok(&format!("bank {} {}", r.method, r.target))
-        })
-        .await;
+        let f = fixture(NAMED)
+            .proxy(&format!(
+                "unmatched = \"{unmatched}\"\nconnect = \"deny\"\ntoken_wait = \"100ms\"\n{extra}"
+            ))
+            .also_route("wild", "*.wild.test")
+            .also_route("ip", IP)
+            .in_process(|r, _| Reply::ok(&format!("bank {} {}", r.method, r.target)))
+            .await;
         let evil = Upstream::plain(|r, _| Reply::ok(&format!("evil {}", r.target))).await;
-        let up = bank.url(true);
-        let cfg = config(&format!(
-            r#"
-            [proxy]
-            ca_file = "{ca}"
-            unmatched = "{unmatched}"
-            connect = "deny"
-            token_wait = "100ms"
-            {extra}
-            [[routes]]
-            name = "bank"
-            host = "{NAMED}"
-            token = "flinks"
-            upstream = "{up}"
-            [[routes]]
-            name = "wild"
-            host = "*.wild.test"
-            token = "flinks"
-            upstream = "{up}"
-            [[routes]]
-            name = "ip"
-            host = "{IP}"
-            token = "flinks"
-            upstream = "{up}"
-            "#,
-            ca = ca.pem_file().display()
-        ));
-        let proxy = TestProxy::start(&cfg).await;
-        proxy.publish(TOKEN);
-        Self {
-            _ca: ca,
-            bank,
-            evil,
-            proxy,
-        }
+        f.proxy.publish(TOKEN);
+        Self { f, evil }
     }
 
     fn evil_addr(&self) -> SocketAddr {
@@ -89,7 +59,7 @@ impl Hostile {
 
     /// Every request `bank` saw carried exactly our token; `evil` never saw one.
     fn assert_token_only_at_the_bank(&self) {
-        for r in self.bank.requests() {
+        for r in self.f.upstream().requests() {
             assert_eq!(
                 r.all("authorization"),
                 [format!("Bearer {TOKEN}")],
@@ -110,7 +80,7 @@ impl Hostile {
     /// All client connections closed and their tasks ended.
     async fn settled(&self) {
         let deadline = Instant::now() + PATIENCE;
-        while self.proxy.metric("bearer_proxy_open_connections") != Some(0.0) {
+        while self.f.proxy.metric(metric("bearer_proxy_open_connections")) != Some(0.0) {
             assert!(Instant::now() < deadline, "a connection was left open");
             tokio::task::yield_now().await;
         }
@@ -121,15 +91,6 @@ impl Hostile {
 fn assert_refused(resp: &RawResponse, status: u16, code: &str, what: &str) {
     assert_eq!(resp.status, status, "{what}: {}", resp.text());
     assert_eq!(resp.proxy_error().as_deref(), Some(code), "{what}");
-}
-
-/// Sends `request` on a new connection; the answer, and whether the proxy then closed the
-/// connection.
-async fn exchange(addr: SocketAddr, request: &[u8]) -> (RawResponse, bool) {
-    let mut s = connect(addr).await;
-    s.write_all(request).await.unwrap();
-    let resp = read_response(&mut s).await.unwrap();
-    (resp, closed(&mut s).await)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -163,12 +124,12 @@ async fn more_smuggling_shapes_are_refused_before_any_upstream() {
         let req = format!(
             "POST http://{NAMED}/x HTTP/1.1\r\nHost: {NAMED}\r\n{shape}\r\n3\r\nabc\r\n0\r\n\r\n"
         );
-        let (resp, closed) = exchange(h.proxy.addr, req.as_bytes()).await;
+        let (resp, closed) = exchange(h.f.proxy.addr, req.as_bytes()).await;
         assert_refused(&resp, 400, "bad_request", shape);
         assert!(closed, "{shape:?}: connection left open");
     }
     let (resp, closed) = exchange(
-        h.proxy.addr,
+        h.f.proxy.addr,
         format!(
             "POST http://{NAMED}/x HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
         )
@@ -177,10 +138,10 @@ async fn more_smuggling_shapes_are_refused_before_any_upstream() {
     .await;
     assert_refused(&resp, 400, "bad_request", "TE on HTTP/1.0");
     assert!(closed);
-    assert!(h.bank.requests().is_empty() && h.evil.requests().is_empty());
+    assert!(h.f.upstream().requests().is_empty() && h.evil.requests().is_empty());
     assert_eq!(
-        h.proxy
-            .metric(r#"bearer_proxy_rejected_requests_total{reason="bad_request"}"#),
+        h.f.proxy
+            .metric(metric("bearer_proxy_rejected_requests_total").label("reason", "bad_request")),
         Some(shapes.len() as f64 + 1.0)
     );
     h.settled().await;
@@ -195,7 +156,7 @@ async fn a_request_inside_a_body_stays_a_body() {
     let h = Hostile::start("forward", "").await;
     let inner = format!("GET http://{NAMED}/smuggled HTTP/1.1\r\nHost: {NAMED}\r\n\r\n");
     let chunked_body = format!("{:x}\r\n{inner}\r\n0\r\n\r\n", inner.len());
-    let mut s = connect(h.proxy.addr).await;
+    let mut s = connect(h.f.proxy.addr).await;
     s.write_all(
         format!(
             "POST http://{NAMED}/a HTTP/1.1\r\nHost: {NAMED}\r\nContent-Length: {}\r\n\r\n{inner}\
@@ -212,7 +173,7 @@ async fn a_request_inside_a_body_stays_a_body() {
         let resp = read_pipelined(&mut s, &mut carry).await.unwrap();
         assert_eq!((resp.status, resp.text().as_str()), (200, want));
     }
-    let reqs = h.bank.requests();
+    let reqs = h.f.upstream().requests();
     let targets: Vec<&str> = reqs.iter().map(|r| r.target.as_str()).collect();
     assert_eq!(targets, ["/a", "/b", "/c"]);
     assert_eq!(&reqs[0].body[..], inner.as_bytes());
@@ -266,17 +227,17 @@ async fn control_characters_in_the_head_are_refused() {
             format!("G(T http://{NAMED}/ HTTP/1.1\r\nHost: {NAMED}\r\n\r\n"),
         ),
     ] {
-        let (resp, closed) = exchange(h.proxy.addr, req.as_bytes()).await;
+        let (resp, closed) = exchange(h.f.proxy.addr, req.as_bytes()).await;
         assert_refused(&resp, 400, "bad_request", what);
         assert!(closed, "{what}: connection left open");
     }
     // A target that is not UTF-8.
     let mut req = format!("GET http://{NAMED}/").into_bytes();
     req.extend_from_slice(b"\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n");
-    let (resp, closed) = exchange(h.proxy.addr, &req).await;
+    let (resp, closed) = exchange(h.f.proxy.addr, &req).await;
     assert_refused(&resp, 400, "bad_request", "non-UTF-8 target");
     assert!(closed);
-    assert!(h.bank.requests().is_empty() && h.evil.requests().is_empty());
+    assert!(h.f.upstream().requests().is_empty() && h.evil.requests().is_empty());
     h.settled().await;
 }
 
@@ -307,7 +268,7 @@ async fn header_limits_hold_when_the_head_arrives_in_pieces() {
     for (len, piece, status) in [(MAX, 7, 200), (MAX + 1, 7, 431), (MAX, 1, 200)] {
         let head = head_of(len);
         assert_eq!(head.len(), len);
-        let mut s = connect(h.proxy.addr).await;
+        let mut s = connect(h.f.proxy.addr).await;
         trickle(&mut s, head.as_bytes(), piece).await;
         let resp = read_response(&mut s).await.unwrap();
         assert_eq!(resp.status, status, "{len} bytes in pieces of {piece}");
@@ -321,7 +282,7 @@ async fn header_limits_hold_when_the_head_arrives_in_pieces() {
             head.push_str(&format!("X-L{i}: {i}\r\n"));
         }
         head.push_str("\r\n");
-        let mut s = connect(h.proxy.addr).await;
+        let mut s = connect(h.f.proxy.addr).await;
         s.set_nodelay(true).unwrap();
         for line in head.split_inclusive("\r\n") {
             s.write_all(line.as_bytes()).await.unwrap();
@@ -330,7 +291,7 @@ async fn header_limits_hold_when_the_head_arrives_in_pieces() {
         assert_eq!(resp.status, status, "{lines} header lines: {resp:?}");
     }
     // Split inside the line endings.
-    let mut s = connect(h.proxy.addr).await;
+    let mut s = connect(h.f.proxy.addr).await;
     s.set_nodelay(true).unwrap();
     for piece in [
         format!("GET http://{NAMED}/crlf HTTP/1.1\r"),
@@ -344,7 +305,12 @@ async fn header_limits_hold_when_the_head_arrives_in_pieces() {
         "bank GET /crlf"
     );
     drop(s);
-    let targets: Vec<String> = h.bank.requests().into_iter().map(|r| r.target).collect();
+    let targets: Vec<String> =
+        h.f.upstream()
+            .requests()
+            .into_iter()
+            .map(|r| r.target)
+            .collect();
     assert_eq!(targets, ["/size", "/size", "/lines", "/crlf"]);
     h.assert_token_only_at_the_bank();
     h.settled().await;
@@ -365,7 +331,7 @@ enum Expect {
 }
 
 async fn check(h: &Hostile, request: &str, expect: Expect) {
-    let resp = raw(h.proxy.addr, request.as_bytes()).await;
+    let resp = raw(h.f.proxy.addr, request.as_bytes()).await;
     match expect {
         Expect::Bank(text) | Expect::Evil(text) => {
             assert_eq!(
@@ -468,13 +434,13 @@ async fn absolute_uri_tricks_never_move_the_token() {
         check(&h, &request, expect).await;
     }
     // The Host the bank saw is its own, never the client's.
-    for r in h.bank.requests() {
+    for r in h.f.upstream().requests() {
         assert_eq!(
             r.one("host").as_deref(),
-            Some(format!("localhost:{}", h.bank.addr.port()).as_str())
+            Some(format!("localhost:{}", h.f.upstream().addr.port()).as_str())
         );
     }
-    assert_eq!(h.bank.requests().len(), 6);
+    assert_eq!(h.f.upstream().requests().len(), 6);
     assert_eq!(h.evil.requests().len(), 3);
     h.assert_token_only_at_the_bank();
     h.settled().await;
@@ -523,7 +489,7 @@ async fn wildcard_and_ip_routes_match_exactly() {
     for (request, expect) in cases {
         check(&h, &request, expect).await;
     }
-    assert_eq!(h.bank.requests().len(), 4);
+    assert_eq!(h.f.upstream().requests().len(), 4);
     assert!(h.evil.requests().is_empty());
     h.assert_token_only_at_the_bank();
     h.settled().await;
@@ -582,9 +548,11 @@ async fn a_colon_in_the_host_header_cannot_redirect_a_wildcard_route() {
     }
     for route in ["open", "pfx"] {
         assert_eq!(
-            proxy.metric(&format!(
-                r#"bearer_proxy_upstream_errors_total{{kind="connect",route="{route}"}}"#
-            )),
+            proxy.metric(
+                metric("bearer_proxy_upstream_errors_total")
+                    .label("kind", "connect")
+                    .label("route", route)
+            ),
             Some(0.0),
             "a connection was attempted for {route}"
         );
@@ -611,7 +579,7 @@ async fn a_colon_in_the_host_header_cannot_redirect_a_wildcard_route() {
 #[tokio::test]
 async fn expect_100_continue_routed_and_refused() {
     let h = Hostile::start("deny", "").await;
-    let mut s = connect(h.proxy.addr).await;
+    let mut s = connect(h.f.proxy.addr).await;
     s.write_all(
         format!(
             "PUT http://{NAMED}/upload HTTP/1.1\r\nHost: {NAMED}\r\nContent-Length: 5\r\n\
@@ -629,7 +597,7 @@ async fn expect_100_continue_routed_and_refused() {
         (resp.status, resp.text().as_str()),
         (200, "bank PUT /upload")
     );
-    assert_eq!(&h.bank.requests()[0].body[..], b"hello");
+    assert_eq!(&h.f.upstream().requests()[0].body[..], b"hello");
     drop(s);
 
     let smuggled = format!("GET http://{NAMED}/smuggled HTTP/1.1\r\nHost: {NAMED}\r\n\r\n");
@@ -656,9 +624,9 @@ async fn expect_100_continue_routed_and_refused() {
         if status == 503
             && let Some(t) = expired.take()
         {
-            h.proxy.cell().publish(t);
+            h.f.proxy.cell().publish(t);
         }
-        let mut s = connect(h.proxy.addr).await;
+        let mut s = connect(h.f.proxy.addr).await;
         s.write_all(refused(&target).as_bytes()).await.unwrap();
         let mut carry = Vec::new();
         let resp = read_pipelined(&mut s, &mut carry).await.unwrap();
@@ -673,7 +641,12 @@ async fn expect_100_continue_routed_and_refused() {
         }
     }
 
-    let targets: Vec<String> = h.bank.requests().into_iter().map(|r| r.target).collect();
+    let targets: Vec<String> =
+        h.f.upstream()
+            .requests()
+            .into_iter()
+            .map(|r| r.target)
+            .collect();
     assert_eq!(targets, ["/upload"], "the smuggled GET reached the bank");
     h.assert_token_only_at_the_bank();
     h.settled().await;
@@ -690,7 +663,7 @@ async fn expect_100_continue_routed_and_refused() {
 async fn upgrade_and_h2c_attempts_stay_plain_http() {
     let h = Hostile::start("deny", "").await;
     let (resp, _) = exchange(
-        h.proxy.addr,
+        h.f.proxy.addr,
         format!(
             "GET http://{NAMED}/h2c HTTP/1.1\r\nHost: {NAMED}\r\nConnection: Upgrade, HTTP2-Settings\r\n\
              Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nConnection: close\r\n\r\n"
@@ -700,7 +673,7 @@ async fn upgrade_and_h2c_attempts_stay_plain_http() {
     .await;
     assert_eq!((resp.status, resp.text().as_str()), (200, "bank GET /h2c"));
     let (resp, _) = exchange(
-        h.proxy.addr,
+        h.f.proxy.addr,
         format!(
             "GET http://{NAMED}/ws HTTP/1.1\r\nHost: {NAMED}\r\nConnection: Upgrade\r\n\
              Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
@@ -710,13 +683,13 @@ async fn upgrade_and_h2c_attempts_stay_plain_http() {
     )
     .await;
     assert_eq!((resp.status, resp.text().as_str()), (200, "bank GET /ws"));
-    for r in h.bank.requests() {
+    for r in h.f.upstream().requests() {
         for name in ["upgrade", "http2-settings", "connection"] {
             assert!(r.headers.get(name).is_none(), "{name} reached the upstream");
         }
         assert_eq!(r.version, http::Version::HTTP_11);
     }
-    let (resp, closed) = exchange(h.proxy.addr, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+    let (resp, closed) = exchange(h.f.proxy.addr, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
     assert_refused(&resp, 400, "bad_request", "HTTP/2 preface");
     assert!(closed);
     h.assert_token_only_at_the_bank();
@@ -762,7 +735,7 @@ async fn upgrade_and_h2c_attempts_stay_plain_http() {
 async fn http10_requests_are_proxied_with_the_same_rules() {
     let h = Hostile::start("forward", "").await;
     let (resp, closed) = exchange(
-        h.proxy.addr,
+        h.f.proxy.addr,
         format!("GET http://{NAMED}/old HTTP/1.0\r\n\r\n").as_bytes(),
     )
     .await;
@@ -770,7 +743,7 @@ async fn http10_requests_are_proxied_with_the_same_rules() {
     assert!(closed, "HTTP/1.0 without keep-alive must close");
 
     // Keep-alive asked for: two requests on one connection.
-    let mut s = connect(h.proxy.addr).await;
+    let mut s = connect(h.f.proxy.addr).await;
     for path in ["/ka1", "/ka2"] {
         s.write_all(
             format!("GET http://{NAMED}{path} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
@@ -784,26 +757,26 @@ async fn http10_requests_are_proxied_with_the_same_rules() {
     drop(s);
 
     let (resp, _) = exchange(
-        h.proxy.addr,
+        h.f.proxy.addr,
         format!("GET http://{}/plain HTTP/1.0\r\n\r\n", h.evil_addr()).as_bytes(),
     )
     .await;
     assert_eq!(resp.text(), "evil /plain");
     let (resp, _) = exchange(
-        h.proxy.addr,
+        h.f.proxy.addr,
         format!("POST http://{NAMED}/form HTTP/1.0\r\nContent-Length: 3\r\n\r\na=b").as_bytes(),
     )
     .await;
     assert_eq!(resp.text(), "bank POST /form");
-    for r in h.bank.requests() {
+    for r in h.f.upstream().requests() {
         assert_eq!(r.version, http::Version::HTTP_11);
         assert_eq!(
             r.one("host").as_deref(),
-            Some(format!("localhost:{}", h.bank.addr.port()).as_str())
+            Some(format!("localhost:{}", h.f.upstream().addr.port()).as_str())
         );
         assert!(r.all("via").join(",").contains(pseudonym()));
     }
-    assert_eq!(h.bank.requests().len(), 4);
+    assert_eq!(h.f.upstream().requests().len(), 4);
     h.assert_token_only_at_the_bank();
     h.settled().await;
 }

@@ -4,14 +4,43 @@
 // A panic is how a test reports failure; helpers here unwrap freely.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+// The admin port of a whole running server: metric values, readiness, `/status`, and the
+// exposition checked by Prometheus' own linter.
 mod admin;
+
+// The build script run on its own: git checkout, tarball, nested repository, commit from outside.
 mod build;
+
+// The binary as an operator runs it (`check`, `token`, `run`, signals), canary secrets in
+// every output.
 mod cli;
+
+// Fault injection against `Server::start`: token endpoint, upstream, client and process
+// misbehave; status, error code, what the upstream got, recovery, no leaked connection.
 mod faults;
+
+// Issue #10, proxy half: waits a peer could stretch forever and framing the wire guard and
+// hyper must agree on.
 mod hardening;
+
+// Hostile input on the proxy port over raw TCP: smuggling, header limits, absolute-URI tricks,
+// `Expect`, upgrades, HTTP/1.0; checks the answer and what each upstream received.
 mod hostile;
+
+// The proxy port end to end on an in-process proxy: token injection, sanitising, refusals,
+// limits, tunnels, streaming, replay, shutdown.
 mod proxy;
+
+// Soak under token rotation: the binary as a child for `SOAK_SECS`; `#[ignore]`d, run by
+// `tests/soak/run.sh`.
 mod soak;
+
+// Shared helpers, one module per role: leak guard and logs, upstreams, raw client, test CA,
+// proxy under test and fixture builder, metrics, the binary as a process.
 mod support;
+
+// The token engine against the real dev issuer over real sockets.
 mod token;
+
+// Header names with `_` (`proxy.underscore_headers`) and one upstream pool per credential.
 mod underscore;

@@ -14,56 +14,6 @@ use crate::support::*;
 
 const HOST: &str = "ob.flinksapp.test";
 
-/// A TLS upstream behind the route `fdx` (host [`HOST`]), and the proxy in front of it.
-struct Fixture {
-    _ca: TestCa,
-    upstream: Upstream,
-    proxy: TestProxy,
-}
-
-/// `proxy` is extra `[proxy]` TOML, `route` extra keys of the route.
-async fn fixture(
-    handler: impl Fn(&Recorded, usize) -> Reply + Send + Sync + 'static,
-    proxy: &str,
-    route: &str,
-) -> Fixture {
-    fixture_alpn(handler, proxy, route, &[b"http/1.1"]).await
-}
-
-async fn fixture_alpn(
-    handler: impl Fn(&Recorded, usize) -> Reply + Send + Sync + 'static,
-    proxy: &str,
-    route: &str,
-    alpn: &[&[u8]],
-) -> Fixture {
-    let ca = TestCa::new();
-    let upstream = Upstream::tls(ca.server_config(&["localhost"], alpn), handler).await;
-    let config = config(&fixture_toml(&ca, &upstream.url(true), proxy, route));
-    let proxy = TestProxy::start(&config).await;
-    Fixture {
-        _ca: ca,
-        upstream,
-        proxy,
-    }
-}
-
-fn fixture_toml(ca: &TestCa, upstream: &str, proxy: &str, route: &str) -> String {
-    format!(
-        r#"
-        [proxy]
-        ca_file = "{}"
-        {proxy}
-        [[routes]]
-        name = "fdx"
-        host = "{HOST}"
-        token = "flinks"
-        upstream = "{upstream}"
-        {route}
-        "#,
-        ca.pem_file().display()
-    )
-}
-
 const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "keep-alive",
@@ -83,12 +33,9 @@ fn assert_no_hop_by_hop(r: &Recorded) {
 
 #[tokio::test]
 async fn curl_through_the_proxy_gets_exactly_one_token() {
-    let f = fixture(
-        |_, _| Reply::ok(r#"{"accounts":[]}"#).header("ob-correlation-id", "corr-1"),
-        "",
-        "",
-    )
-    .await;
+    let f = fixture(HOST)
+        .in_process(|_, _| Reply::ok(r#"{"accounts":[]}"#).header("ob-correlation-id", "corr-1"))
+        .await;
     f.proxy.publish("tok-1");
     let proxy = f.proxy.addr;
     let out = tokio::task::spawn_blocking(move || {
@@ -128,7 +75,7 @@ async fn curl_through_the_proxy_gets_exactly_one_token() {
             .contains("ob-correlation-id: corr-1")
     );
 
-    let reqs = f.upstream.requests();
+    let reqs = f.upstream().requests();
     assert_eq!(reqs.len(), 1);
     let r = &reqs[0];
     assert_eq!(r.method, "GET");
@@ -136,14 +83,17 @@ async fn curl_through_the_proxy_gets_exactly_one_token() {
     assert_eq!(r.all("authorization"), ["Bearer tok-1"]);
     assert_eq!(
         r.one("host").as_deref(),
-        Some(format!("localhost:{}", f.upstream.addr.port()).as_str())
+        Some(format!("localhost:{}", f.upstream().addr.port()).as_str())
     );
     let via = r.all("via").join(", ");
     assert!(via.contains(&format!("1.1 {}", pseudonym())), "{via}");
     assert_no_hop_by_hop(r);
     assert_eq!(
-        f.proxy
-            .metric(r#"bearer_proxy_requests_total{code="200",route="fdx"}"#),
+        f.proxy.metric(
+            metric("bearer_proxy_requests_total")
+                .label("code", "200")
+                .label("route", "fdx")
+        ),
         Some(1.0)
     );
 }
@@ -151,14 +101,11 @@ async fn curl_through_the_proxy_gets_exactly_one_token() {
 #[tokio::test]
 async fn unrouted_hosts_are_forwarded_without_a_token_and_with_the_apps_headers() {
     let plain = Upstream::plain(|_, _| Reply::ok("plain")).await;
-    let ca = TestCa::new();
-    let config = config(&fixture_toml(
-        &ca,
-        "https://localhost:9",
-        r#"unmatched = "forward""#,
-        "",
-    ));
-    let proxy = TestProxy::start(&config).await;
+    let f = fixture(HOST)
+        .proxy(r#"unmatched = "forward""#)
+        .in_process_to("https://localhost:9")
+        .await;
+    let proxy = &f.proxy;
     proxy.publish("tok-1");
     let url = format!("{}/plain?x=1", plain.url(false));
     let resp = get(
@@ -184,14 +131,18 @@ async fn unrouted_hosts_are_forwarded_without_a_token_and_with_the_apps_headers(
     assert!(r.all("via").join(",").contains(pseudonym()));
     assert_no_hop_by_hop(r);
     assert_eq!(
-        proxy.metric(r#"bearer_proxy_requests_total{code="200",route="unmatched"}"#),
+        proxy.metric(
+            metric("bearer_proxy_requests_total")
+                .label("code", "200")
+                .label("route", "unmatched")
+        ),
         Some(1.0)
     );
 }
 
 #[tokio::test]
 async fn the_apps_authorization_is_replaced_even_if_connection_names_it() {
-    let f = fixture(|_, _| Reply::ok("ok"), "", "").await;
+    let f = fixture(HOST).in_process(|_, _| Reply::ok("ok")).await;
     f.proxy.publish("tok-1");
     let resp = get(
         f.proxy.addr,
@@ -212,7 +163,7 @@ async fn the_apps_authorization_is_replaced_even_if_connection_names_it() {
     )
     .await;
     assert_eq!(resp.status, 200);
-    for r in f.upstream.requests() {
+    for r in f.upstream().requests() {
         assert_eq!(r.all("authorization"), ["Bearer tok-1"], "{}", r.target);
         assert_no_hop_by_hop(&r);
     }
@@ -220,7 +171,10 @@ async fn the_apps_authorization_is_replaced_even_if_connection_names_it() {
 
 #[tokio::test]
 async fn lookalike_hosts_never_get_the_token() {
-    let f = fixture(|_, _| Reply::ok("ok"), r#"unmatched = "deny""#, "").await;
+    let f = fixture(HOST)
+        .proxy(r#"unmatched = "deny""#)
+        .in_process(|_, _| Reply::ok("ok"))
+        .await;
     f.proxy.publish("tok-1");
     for (url, status, code) in [
         (format!("http://{HOST}.evil/"), 403, "denied"),
@@ -235,7 +189,7 @@ async fn lookalike_hosts_never_get_the_token() {
         assert_eq!(resp.proxy_error().as_deref(), Some(code), "{url}");
     }
     assert_eq!(
-        f.upstream
+        f.upstream()
             .connections
             .load(std::sync::atomic::Ordering::SeqCst),
         0
@@ -244,14 +198,14 @@ async fn lookalike_hosts_never_get_the_token() {
     let resp = get(f.proxy.addr, "http://OB.FlinksApp.TEST./x", &[]).await;
     assert_eq!(resp.status, 200);
     assert_eq!(
-        f.upstream.requests()[0].all("authorization"),
+        f.upstream().requests()[0].all("authorization"),
         ["Bearer tok-1"]
     );
 }
 
 #[tokio::test]
 async fn connect_to_a_routed_host_is_refused_with_an_explanation() {
-    let f = fixture(|_, _| Reply::ok("ok"), "", "").await;
+    let f = fixture(HOST).in_process(|_, _| Reply::ok("ok")).await;
     for port in [443, 8443] {
         let resp = raw(
             f.proxy.addr,
@@ -269,7 +223,7 @@ async fn connect_to_a_routed_host_is_refused_with_an_explanation() {
     }
     assert_eq!(
         f.proxy
-            .metric(r#"bearer_proxy_rejected_requests_total{reason="denied"}"#),
+            .metric(metric("bearer_proxy_rejected_requests_total").label("reason", "denied")),
         Some(2.0)
     );
 }
@@ -277,7 +231,10 @@ async fn connect_to_a_routed_host_is_refused_with_an_explanation() {
 #[tokio::test]
 async fn connect_tunnels_unrouted_hosts_end_to_end() {
     let echo = echo_server().await;
-    let f = fixture(|_, _| Reply::ok("ok"), r#"connect = "tunnel""#, "").await;
+    let f = fixture(HOST)
+        .proxy(r#"connect = "tunnel""#)
+        .in_process(|_, _| Reply::ok("ok"))
+        .await;
     let mut s = connect(f.proxy.addr).await;
     s.write_all(format!("CONNECT {echo} HTTP/1.1\r\nHost: {echo}\r\n\r\n").as_bytes())
         .await
@@ -296,10 +253,16 @@ async fn connect_tunnels_unrouted_hosts_end_to_end() {
             .unwrap();
         assert_eq!(back, message);
     }
-    assert_eq!(f.proxy.metric("bearer_proxy_open_tunnels"), Some(1.0));
     assert_eq!(
-        f.proxy
-            .metric(r#"bearer_proxy_requests_total{code="200",route="connect"}"#),
+        f.proxy.metric(metric("bearer_proxy_open_tunnels")),
+        Some(1.0)
+    );
+    assert_eq!(
+        f.proxy.metric(
+            metric("bearer_proxy_requests_total")
+                .label("code", "200")
+                .label("route", "connect")
+        ),
         Some(1.0)
     );
 }
@@ -307,7 +270,10 @@ async fn connect_tunnels_unrouted_hosts_end_to_end() {
 #[tokio::test]
 async fn connect_can_be_denied() {
     let echo = echo_server().await;
-    let f = fixture(|_, _| Reply::ok("ok"), r#"connect = "deny""#, "").await;
+    let f = fixture(HOST)
+        .proxy(r#"connect = "deny""#)
+        .in_process(|_, _| Reply::ok("ok"))
+        .await;
     let resp = raw(
         f.proxy.addr,
         format!("CONNECT {echo} HTTP/1.1\r\nHost: {echo}\r\n\r\n").as_bytes(),
@@ -319,7 +285,7 @@ async fn connect_can_be_denied() {
 
 #[tokio::test]
 async fn ambiguous_framing_is_refused_and_the_upstream_never_contacted() {
-    let f = fixture(|_, _| Reply::ok("ok"), "", "").await;
+    let f = fixture(HOST).in_process(|_, _| Reply::ok("ok")).await;
     f.proxy.publish("tok-1");
     let shapes = [
         "Content-Length: 3\r\nTransfer-Encoding: chunked\r\n",
@@ -349,14 +315,14 @@ async fn ambiguous_framing_is_refused_and_the_upstream_never_contacted() {
         assert!(closed(&mut s).await, "{shape:?}: connection left open");
     }
     assert_eq!(
-        f.upstream
+        f.upstream()
             .connections
             .load(std::sync::atomic::Ordering::SeqCst),
         0
     );
     assert_eq!(
         f.proxy
-            .metric(r#"bearer_proxy_rejected_requests_total{reason="bad_request"}"#),
+            .metric(metric("bearer_proxy_rejected_requests_total").label("reason", "bad_request")),
         Some(shapes.len() as f64)
     );
     // A well-framed chunked request on the same proxy still works.
@@ -366,12 +332,15 @@ async fn ambiguous_framing_is_refused_and_the_upstream_never_contacted() {
     )
     .await;
     assert_eq!(resp.status, 200);
-    assert_eq!(&f.upstream.requests()[0].body[..], b"abc");
+    assert_eq!(&f.upstream().requests()[0].body[..], b"abc");
 }
 
 #[tokio::test]
 async fn oversized_header_sections_get_a_json_431_even_when_split() {
-    let f = fixture(|_, _| Reply::ok("ok"), "max_header_bytes = 4096", "").await;
+    let f = fixture(HOST)
+        .proxy("max_header_bytes = 4096")
+        .in_process(|_, _| Reply::ok("ok"))
+        .await;
     f.proxy.publish("tok-1");
     let big = "a".repeat(8000);
     let resp = get(
@@ -397,12 +366,13 @@ async fn oversized_header_sections_get_a_json_431_even_when_split() {
     assert_eq!(resp.status, 431);
     assert_eq!(resp.proxy_error().as_deref(), Some("header_too_large"));
     assert_eq!(
-        f.proxy
-            .metric(r#"bearer_proxy_rejected_requests_total{reason="header_too_large"}"#),
+        f.proxy.metric(
+            metric("bearer_proxy_rejected_requests_total").label("reason", "header_too_large")
+        ),
         Some(2.0)
     );
     assert_eq!(
-        f.upstream
+        f.upstream()
             .connections
             .load(std::sync::atomic::Ordering::SeqCst),
         0
@@ -411,12 +381,10 @@ async fn oversized_header_sections_get_a_json_431_even_when_split() {
 
 #[tokio::test]
 async fn slowloris_is_cut_by_header_read_timeout() {
-    let f = fixture(
-        |_, _| Reply::ok("ok"),
-        r#"header_read_timeout = "200ms""#,
-        "",
-    )
-    .await;
+    let f = fixture(HOST)
+        .proxy(r#"header_read_timeout = "200ms""#)
+        .in_process(|_, _| Reply::ok("ok"))
+        .await;
     let s = connect(f.proxy.addr).await;
     let (mut r, mut w) = s.into_split();
     let start = Instant::now();
@@ -444,15 +412,14 @@ async fn slowloris_is_cut_by_header_read_timeout() {
 
 #[tokio::test]
 async fn an_upstream_with_an_untrusted_certificate_gets_no_request() {
-    let trusted = TestCa::new();
     let other = TestCa::new();
     let upstream = Upstream::tls(
         other.server_config(&["localhost"], &[b"http/1.1"]),
         |_, _| Reply::ok("should not happen"),
     )
     .await;
-    let config = config(&fixture_toml(&trusted, &upstream.url(true), "", ""));
-    let proxy = TestProxy::start(&config).await;
+    let f = fixture(HOST).in_process_to(&upstream.url(true)).await;
+    let proxy = &f.proxy;
     proxy.publish("tok-1");
     let resp = get(proxy.addr, &format!("http://{HOST}/"), &[]).await;
     assert_eq!(resp.status, 502);
@@ -465,14 +432,21 @@ async fn an_upstream_with_an_untrusted_certificate_gets_no_request() {
             >= 1
     );
     assert_eq!(
-        proxy.metric(r#"bearer_proxy_upstream_errors_total{kind="tls",route="fdx"}"#),
+        proxy.metric(
+            metric("bearer_proxy_upstream_errors_total")
+                .label("kind", "tls")
+                .label("route", "fdx")
+        ),
         Some(1.0)
     );
 }
 
 #[tokio::test]
 async fn without_a_token_the_answer_is_503_with_retry_after() {
-    let f = fixture(|_, _| Reply::ok("ok"), r#"token_wait = "200ms""#, "").await;
+    let f = fixture(HOST)
+        .proxy(r#"token_wait = "200ms""#)
+        .in_process(|_, _| Reply::ok("ok"))
+        .await;
     let start = Instant::now();
     let resp = get(f.proxy.addr, &format!("http://{HOST}/"), &[]).await;
     assert!(start.elapsed() >= Duration::from_millis(200));
@@ -481,14 +455,15 @@ async fn without_a_token_the_answer_is_503_with_retry_after() {
     let retry: u64 = resp.header("retry-after").unwrap().parse().unwrap();
     assert!((1..=5).contains(&retry));
     assert_eq!(
-        f.upstream
+        f.upstream()
             .connections
             .load(std::sync::atomic::Ordering::SeqCst),
         0
     );
     assert_eq!(
-        f.proxy
-            .metric(r#"bearer_proxy_rejected_requests_total{reason="token_unavailable"}"#),
+        f.proxy.metric(
+            metric("bearer_proxy_rejected_requests_total").label("reason", "token_unavailable")
+        ),
         Some(1.0)
     );
 }
@@ -507,9 +482,8 @@ async fn a_200_mb_body_streams_through_in_constant_memory() {
         }
     })
     .await;
-    let ca = TestCa::new();
-    let config = config(&fixture_toml(&ca, &upstream.url(false), "", ""));
-    let proxy = TestProxy::start(&config).await;
+    let f = fixture(HOST).in_process_to(&upstream.url(false)).await;
+    let proxy = &f.proxy;
     proxy.publish("tok-1");
     let before = peak_rss();
 
@@ -581,18 +555,15 @@ async fn a_200_mb_body_streams_through_in_constant_memory() {
 async fn graceful_stop_finishes_the_request_in_flight_and_closes_idle_connections() {
     let gate = Gate::new();
     let held = gate.clone();
-    let mut f = fixture(
-        move |r, _| {
+    let mut f = fixture(HOST)
+        .in_process(move |r, _| {
             if r.target == "/slow" {
                 Reply::ok("finished").gated(held.clone())
             } else {
                 Reply::ok("fast")
             }
-        },
-        "",
-        "",
-    )
-    .await;
+        })
+        .await;
     f.proxy.publish("tok-1");
 
     let mut idle = connect(f.proxy.addr).await;
@@ -605,7 +576,7 @@ async fn graceful_stop_finishes_the_request_in_flight_and_closes_idle_connection
     busy.write_all(format!("GET http://{HOST}/slow HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes())
         .await
         .unwrap();
-    f.upstream.wait_requests(2).await;
+    f.upstream().wait_requests(2).await;
 
     f.proxy.shutdown.advance(Phase::Stopping);
     assert!(
@@ -630,23 +601,31 @@ async fn graceful_stop_finishes_the_request_in_flight_and_closes_idle_connection
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(f.proxy.metric("bearer_proxy_open_connections"), Some(0.0));
+    assert_eq!(
+        f.proxy.metric(metric("bearer_proxy_open_connections")),
+        Some(0.0)
+    );
 }
 
 #[tokio::test]
 async fn terminated_returns_at_once() {
     let gate = Gate::new();
     let held = gate.clone();
-    let mut f = fixture(move |_, _| Reply::ok("never").gated(held.clone()), "", "").await;
+    let mut f = fixture(HOST)
+        .in_process(move |_, _| Reply::ok("never").gated(held.clone()))
+        .await;
     f.proxy.publish("tok-1");
     let mut busy = connect(f.proxy.addr).await;
     busy.write_all(format!("GET http://{HOST}/ HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes())
         .await
         .unwrap();
-    f.upstream.wait_requests(1).await;
+    f.upstream().wait_requests(1).await;
     f.proxy.stop(Phase::Terminated).await;
     assert!(read_response(&mut busy).await.is_err());
-    assert_eq!(f.proxy.metric("bearer_proxy_open_connections"), Some(0.0));
+    assert_eq!(
+        f.proxy.metric(metric("bearer_proxy_open_connections")),
+        Some(0.0)
+    );
     drop(gate);
 }
 
@@ -659,35 +638,22 @@ async fn a_truncated_upstream_body_reaches_the_client_as_a_failure() {
     )
     .await;
     for upstream in [cut_length, cut_chunked] {
-        let ca = TestCa::new();
-        let config = config(&fixture_toml(&ca, &format!("http://{upstream}"), "", ""));
-        let proxy = TestProxy::start(&config).await;
+        let f = fixture(HOST)
+            .in_process_to(&format!("http://{upstream}"))
+            .await;
+        let proxy = &f.proxy;
         proxy.publish("tok-1");
-        let mut s = connect(proxy.addr).await;
-        s.write_all(format!("GET http://{HOST}/ HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        // Never a complete message: the client's reader must hit the end of the connection
-        // (or a reset) before the body is complete.
-        let err = read_response(&mut s).await.unwrap_err();
-        assert!(
-            matches!(
-                err.kind(),
-                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
-            ),
-            "{err}"
-        );
+        assert_cut_short(proxy.addr, HOST, "/").await;
     }
 }
 
 #[tokio::test]
 async fn redirects_are_passed_back_not_followed() {
-    let f = fixture(
-        |_, _| Reply::status(302).header("location", "https://elsewhere.test/statement.pdf"),
-        "",
-        "",
-    )
-    .await;
+    let f = fixture(HOST)
+        .in_process(|_, _| {
+            Reply::status(302).header("location", "https://elsewhere.test/statement.pdf")
+        })
+        .await;
     f.proxy.publish("tok-1");
     let resp = get(f.proxy.addr, &format!("http://{HOST}/statements/1"), &[]).await;
     assert_eq!(resp.status, 302);
@@ -695,12 +661,12 @@ async fn redirects_are_passed_back_not_followed() {
         resp.header("location"),
         Some("https://elsewhere.test/statement.pdf")
     );
-    assert_eq!(f.upstream.requests().len(), 1);
+    assert_eq!(f.upstream().requests().len(), 1);
 }
 
 /// A route whose upstream rejects the first request (publishing a new token first, as the
 /// refresher would) and then answers with `then`.
-async fn rejecting_fixture(then: u16, first_body: &'static str) -> (Fixture, Arc<TokenCell>) {
+async fn rejecting_fixture(then: u16, first_body: &'static str) -> (ProxyFixture, Arc<TokenCell>) {
     let cell = TokenCell::new("flinks", Duration::from_secs(5));
     cell.publish(token("tok-1"));
     let refresher = cell.clone();
@@ -712,25 +678,12 @@ async fn rejecting_fixture(then: u16, first_body: &'static str) -> (Fixture, Arc
             Reply::status(then).body("second")
         }
     };
-    let ca = TestCa::new();
-    let upstream = Upstream::tls(ca.server_config(&["localhost"], &[b"http/1.1"]), handler).await;
-    let config = config(&fixture_toml(
-        &ca,
-        &upstream.url(true),
-        r#"token_wait = "300ms""#,
-        "",
-    ));
-    let mut tokens = std::collections::BTreeMap::new();
-    tokens.insert("flinks".to_owned(), cell.clone());
-    let proxy = TestProxy::start_with(&config, tokens, bearer_proxy::metrics::Metrics::new()).await;
-    (
-        Fixture {
-            _ca: ca,
-            upstream,
-            proxy,
-        },
-        cell,
-    )
+    let f = fixture(HOST)
+        .proxy(r#"token_wait = "300ms""#)
+        .cell(cell.clone())
+        .in_process(handler)
+        .await;
+    (f, cell)
 }
 
 #[tokio::test]
@@ -746,7 +699,7 @@ async fn a_get_rejected_with_401_is_replayed_once_with_the_new_token() {
     .await;
     assert_eq!(resp.status, 200);
     assert_eq!(resp.text(), "second");
-    let reqs = f.upstream.requests();
+    let reqs = f.upstream().requests();
     assert_eq!(reqs.len(), 2);
     assert_eq!(reqs[0].all("authorization"), ["Bearer tok-1"]);
     assert_eq!(reqs[1].all("authorization"), ["Bearer tok-2"]);
@@ -755,8 +708,11 @@ async fn a_get_rejected_with_401_is_replayed_once_with_the_new_token() {
         assert_eq!(&r.body[..], b"body");
     }
     assert_eq!(
-        f.proxy
-            .metric(r#"bearer_proxy_replays_total{result="ok",route="fdx"}"#),
+        f.proxy.metric(
+            metric("bearer_proxy_replays_total")
+                .label("result", "ok")
+                .label("route", "fdx")
+        ),
         Some(1.0)
     );
 }
@@ -772,17 +728,20 @@ async fn a_post_rejected_with_401_is_not_replayed() {
     .await;
     assert_eq!(resp.status, 401);
     assert_eq!(resp.text(), r#"{"code":401}"#);
-    assert_eq!(f.upstream.requests().len(), 1);
+    assert_eq!(f.upstream().requests().len(), 1);
     assert_eq!(
-        f.proxy
-            .metric(r#"bearer_proxy_replays_total{result="not_replayable",route="fdx"}"#),
+        f.proxy.metric(
+            metric("bearer_proxy_replays_total")
+                .label("result", "not_replayable")
+                .label("route", "fdx")
+        ),
         Some(1.0)
     );
     // The next request uses the new token.
     let resp = get(f.proxy.addr, &format!("http://{HOST}/next"), &[]).await;
     assert_eq!(resp.status, 200);
     assert_eq!(
-        f.upstream.requests()[1].all("authorization"),
+        f.upstream().requests()[1].all("authorization"),
         ["Bearer tok-2"]
     );
 }
@@ -797,10 +756,13 @@ async fn a_revoked_consent_is_passed_through_without_a_refresh() {
         let resp = get(f.proxy.addr, &format!("http://{HOST}/accounts"), &[]).await;
         assert_eq!(resp.status, 401);
         assert_eq!(resp.text(), body, "the body is passed through intact");
-        assert_eq!(f.upstream.requests().len(), 1);
+        assert_eq!(f.upstream().requests().len(), 1);
         assert_eq!(
-            f.proxy
-                .metric(r#"bearer_proxy_replays_total{result="consent_revoked",route="fdx"}"#),
+            f.proxy.metric(
+                metric("bearer_proxy_replays_total")
+                    .label("result", "consent_revoked")
+                    .label("route", "fdx")
+            ),
             Some(1.0)
         );
         // The handler published tok-2 itself; the proxy did not ask for anything.
@@ -814,37 +776,44 @@ async fn a_replay_rejected_again_is_passed_through() {
     let resp = get(f.proxy.addr, &format!("http://{HOST}/x"), &[]).await;
     assert_eq!(resp.status, 401);
     assert_eq!(resp.text(), "second");
-    assert_eq!(f.upstream.requests().len(), 2);
+    assert_eq!(f.upstream().requests().len(), 2);
     assert_eq!(
-        f.proxy
-            .metric(r#"bearer_proxy_replays_total{result="rejected_again",route="fdx"}"#),
+        f.proxy.metric(
+            metric("bearer_proxy_replays_total")
+                .label("result", "rejected_again")
+                .label("route", "fdx")
+        ),
         Some(1.0)
     );
 }
 
 #[tokio::test]
 async fn without_a_newer_token_the_401_is_passed_through() {
-    let f = fixture(
-        |_, _| Reply::status(401).body("nope"),
-        r#"token_wait = "200ms""#,
-        "",
-    )
-    .await;
+    let f = fixture(HOST)
+        .proxy(r#"token_wait = "200ms""#)
+        .in_process(|_, _| Reply::status(401).body("nope"))
+        .await;
     f.proxy.publish("tok-1");
     let resp = get(f.proxy.addr, &format!("http://{HOST}/x"), &[]).await;
     assert_eq!(resp.status, 401);
     assert_eq!(resp.text(), "nope");
-    assert_eq!(f.upstream.requests().len(), 1);
+    assert_eq!(f.upstream().requests().len(), 1);
     assert_eq!(
-        f.proxy
-            .metric(r#"bearer_proxy_replays_total{result="no_new_token",route="fdx"}"#),
+        f.proxy.metric(
+            metric("bearer_proxy_replays_total")
+                .label("result", "no_new_token")
+                .label("route", "fdx")
+        ),
         Some(1.0)
     );
 }
 
 #[tokio::test]
 async fn loops_are_detected() {
-    let f = fixture(|_, _| Reply::ok("ok"), r#"unmatched = "forward""#, "").await;
+    let f = fixture(HOST)
+        .proxy(r#"unmatched = "forward""#)
+        .in_process(|_, _| Reply::ok("ok"))
+        .await;
     f.proxy.publish("tok-1");
     let via = format!("Via: 1.0 corp-proxy, 1.1 {}", pseudonym());
     let resp = get(f.proxy.addr, &format!("http://{HOST}/"), &[&via]).await;
@@ -854,12 +823,12 @@ async fn loops_are_detected() {
     let resp = get(f.proxy.addr, &format!("http://{}/again", f.proxy.addr), &[]).await;
     assert_eq!(resp.status, 508);
     assert_eq!(resp.proxy_error().as_deref(), Some("loop"));
-    assert!(f.upstream.requests().is_empty());
+    assert!(f.upstream().requests().is_empty());
 }
 
 #[tokio::test]
 async fn trace_is_refused() {
-    let f = fixture(|_, _| Reply::ok("ok"), "", "").await;
+    let f = fixture(HOST).in_process(|_, _| Reply::ok("ok")).await;
     f.proxy.publish("tok-1");
     let resp = raw(
         f.proxy.addr,
@@ -868,12 +837,15 @@ async fn trace_is_refused() {
     .await;
     assert_eq!(resp.status, 405);
     assert_eq!(resp.proxy_error().as_deref(), Some("method_not_allowed"));
-    assert!(f.upstream.requests().is_empty());
+    assert!(f.upstream().requests().is_empty());
 }
 
 #[tokio::test]
 async fn origin_form_needs_a_route() {
-    let f = fixture(|_, _| Reply::ok("ok"), "", r#"path_prefix = "/flinks""#).await;
+    let f = fixture(HOST)
+        .route(r#"path_prefix = "/flinks""#)
+        .in_process(|_, _| Reply::ok("ok"))
+        .await;
     f.proxy.publish("tok-1");
     let me = f.proxy.addr;
     // No route: never forwarded anywhere (and in particular not to the proxy itself).
@@ -904,7 +876,7 @@ async fn origin_form_needs_a_route() {
     )
     .await;
     assert_eq!(resp.status, 200);
-    let reqs = f.upstream.requests();
+    let reqs = f.upstream().requests();
     assert_eq!(reqs[0].target, "/api/fdx/5/accounts?limit=5");
     assert_eq!(reqs[1].target, "/direct");
     for r in &reqs {
@@ -914,12 +886,15 @@ async fn origin_form_needs_a_route() {
 
 #[tokio::test]
 async fn http2_is_used_when_the_upstream_offers_it() {
-    let f = fixture_alpn(|_, _| Reply::ok("h2"), "", "", &[b"h2", b"http/1.1"]).await;
+    let f = fixture(HOST)
+        .alpn(&[b"h2", b"http/1.1"])
+        .in_process(|_, _| Reply::ok("h2"))
+        .await;
     f.proxy.publish("tok-1");
     let resp = get(f.proxy.addr, &format!("http://{HOST}/"), &[]).await;
     assert_eq!(resp.status, 200);
     assert_eq!(resp.text(), "h2");
-    let r = &f.upstream.requests()[0];
+    let r = &f.upstream().requests()[0];
     assert_eq!(r.version, http::Version::HTTP_2);
     assert_eq!(r.all("authorization"), ["Bearer tok-1"]);
 }
@@ -931,38 +906,39 @@ async fn upstream_failures_are_classified() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let ca = TestCa::new();
-    let config = config(&fixture_toml(
-        &ca,
-        &format!("https://localhost:{closed_port}"),
-        "",
-        "",
-    ));
-    let proxy = TestProxy::start(&config).await;
+    let f = fixture(HOST)
+        .in_process_to(&format!("https://localhost:{closed_port}"))
+        .await;
+    let proxy = &f.proxy;
     proxy.publish("tok-1");
     let resp = get(proxy.addr, &format!("http://{HOST}/"), &[]).await;
     assert_eq!(resp.status, 502);
     assert_eq!(resp.proxy_error().as_deref(), Some("upstream_unreachable"));
     assert_eq!(
-        proxy.metric(r#"bearer_proxy_upstream_errors_total{kind="connect",route="fdx"}"#),
+        proxy.metric(
+            metric("bearer_proxy_upstream_errors_total")
+                .label("kind", "connect")
+                .label("route", "fdx")
+        ),
         Some(1.0)
     );
 
     let gate = Gate::new();
     let held = gate.clone();
-    let f = fixture(
-        move |_, _| Reply::ok("late").gated(held.clone()),
-        r#"response_timeout = "200ms""#,
-        "",
-    )
-    .await;
+    let f = fixture(HOST)
+        .proxy(r#"response_timeout = "200ms""#)
+        .in_process(move |_, _| Reply::ok("late").gated(held.clone()))
+        .await;
     f.proxy.publish("tok-1");
     let resp = get(f.proxy.addr, &format!("http://{HOST}/"), &[]).await;
     assert_eq!(resp.status, 504);
     assert_eq!(resp.proxy_error().as_deref(), Some("upstream_timeout"));
     assert_eq!(
-        f.proxy
-            .metric(r#"bearer_proxy_upstream_errors_total{kind="timeout",route="fdx"}"#),
+        f.proxy.metric(
+            metric("bearer_proxy_upstream_errors_total")
+                .label("kind", "timeout")
+                .label("route", "fdx")
+        ),
         Some(1.0)
     );
     gate.open();
@@ -970,7 +946,10 @@ async fn upstream_failures_are_classified() {
 
 #[tokio::test]
 async fn above_max_connections_new_connections_wait() {
-    let f = fixture(|_, _| Reply::ok("ok"), "max_connections = 1", "").await;
+    let f = fixture(HOST)
+        .proxy("max_connections = 1")
+        .in_process(|_, _| Reply::ok("ok"))
+        .await;
     f.proxy.publish("tok-1");
     let request = format!("GET http://{HOST}/ HTTP/1.1\r\nHost: {HOST}\r\n\r\n");
     let mut first = connect(f.proxy.addr).await;
@@ -1000,16 +979,15 @@ async fn the_access_log_has_one_line_per_request_and_never_a_token() {
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
 
-    let ca = TestCa::new();
-    let upstream = Upstream::tls(ca.server_config(&["localhost"], &[b"http/1.1"]), |_, _| {
-        Reply::ok("ok")
-            .header("ob-correlation-id", "corr-77")
-            .header("ob-trace-id", "trace-88")
-    })
-    .await;
-    let mut config = config(&fixture_toml(&ca, &upstream.url(true), "", ""));
-    config.log.access = true;
-    let proxy = TestProxy::start(&config).await;
+    let f = fixture(HOST)
+        .configure(|config| config.log.access = true)
+        .in_process(|_, _| {
+            Reply::ok("ok")
+                .header("ob-correlation-id", "corr-77")
+                .header("ob-trace-id", "trace-88")
+        })
+        .await;
+    let proxy = &f.proxy;
     proxy.publish("tok-secret-123");
     let resp = get(
         proxy.addr,
@@ -1056,7 +1034,7 @@ async fn the_access_log_has_one_line_per_request_and_never_a_token() {
 async fn with_refresher(
     handler: impl Fn(&Recorded, usize) -> Reply + Send + Sync + 'static,
     proxy: &str,
-) -> (Fixture, bearer_proxy::issuer::IssuerControl) {
+) -> (ProxyFixture, bearer_proxy::issuer::IssuerControl) {
     use bearer_proxy::issuer::{DevIssuer, IssuerOptions};
     use bearer_proxy::token::refresher::Refresher;
 
@@ -1067,40 +1045,24 @@ async fn with_refresher(
     let token_url = issuer.token_url();
     tokio::spawn(issuer.serve(std::future::pending()));
 
-    let ca = TestCa::new();
-    let upstream = Upstream::tls(ca.server_config(&["localhost"], &[b"http/1.1"]), handler).await;
-    let config = config(&format!(
-        r#"
-        [tokens.flinks]
-        token_url = "{token_url}"
-        grant_type = "client_credentials"
-        client_id = "demo-client"
-        client_secret = "demo-secret"
-        backoff_initial = "100ms"
-        backoff_max = "500ms"
-        timeout = "2s"
-        {}
-        "#,
-        fixture_toml(&ca, &upstream.url(true), proxy, "")
+    let setup = fixture(HOST).proxy(proxy).token(&format!(
+        "token_url = \"{token_url}\"\nclient_secret = \"demo-secret\"\n\
+         backoff_initial = \"100ms\"\nbackoff_max = \"500ms\""
     ));
-    let token_cfg = config.tokens["flinks"].clone();
+    // The token's settings as the proxy parses them (the upstream does not change them).
+    let token_cfg = config(&setup.toml("https://localhost:9")).tokens["flinks"].clone();
     let cell = TokenCell::new("flinks", token_cfg.forced_refresh_interval);
     let metrics = bearer_proxy::metrics::Metrics::new();
-    let mut tokens = std::collections::BTreeMap::new();
-    tokens.insert("flinks".to_owned(), cell.clone());
-    let proxy = TestProxy::start_with(&config, tokens, metrics.clone()).await;
+    let f = setup
+        .cell(cell.clone())
+        .metrics(metrics.clone())
+        .in_process(handler)
+        .await;
     Refresher::new(token_cfg, cell.clone(), metrics.token("flinks"))
         .unwrap()
-        .spawn(proxy.shutdown.watcher());
+        .spawn(f.proxy.shutdown.watcher());
     cell.wait_valid(PATIENCE).await.expect("first token");
-    (
-        Fixture {
-            _ca: ca,
-            upstream,
-            proxy,
-        },
-        control,
-    )
+    (f, control)
 }
 
 /// The bearer token a recorded request carried.
@@ -1148,7 +1110,7 @@ async fn refresher_get_is_replayed_with_a_fresh_token_and_post_is_not() {
     .await;
     assert_eq!(resp.status, 200);
     assert_eq!(resp.text(), "accepted");
-    let reqs = f.upstream.requests();
+    let reqs = f.upstream().requests();
     assert_eq!(reqs.len(), 2);
     let (old, new) = (bearer(&reqs[0]), bearer(&reqs[1]));
     assert_ne!(old, new);
@@ -1162,8 +1124,11 @@ async fn refresher_get_is_replayed_with_a_fresh_token_and_post_is_not() {
         "one start-up token, one forced refresh"
     );
     assert_eq!(
-        f.proxy
-            .metric(r#"bearer_proxy_replays_total{result="ok",route="fdx"}"#),
+        f.proxy.metric(
+            metric("bearer_proxy_replays_total")
+                .label("result", "ok")
+                .label("route", "fdx")
+        ),
         Some(1.0)
     );
 
@@ -1175,15 +1140,18 @@ async fn refresher_get_is_replayed_with_a_fresh_token_and_post_is_not() {
     assert_eq!(resp.status, 401);
     assert_eq!(resp.text(), r#"{"code":401}"#);
     let posts: Vec<_> = f
-        .upstream
+        .upstream()
         .requests()
         .into_iter()
         .filter(|r| r.method == "POST")
         .collect();
     assert_eq!(posts.len(), 1, "a POST is never sent twice");
     assert_eq!(
-        f.proxy
-            .metric(r#"bearer_proxy_replays_total{result="not_replayable",route="fdx"}"#),
+        f.proxy.metric(
+            metric("bearer_proxy_replays_total")
+                .label("result", "not_replayable")
+                .label("route", "fdx")
+        ),
         Some(1.0)
     );
 }
@@ -1206,15 +1174,18 @@ async fn fifty_concurrent_401s_cause_one_token_request() {
         2,
         "the 50 rejections shared one refresh"
     );
-    let reqs = f.upstream.requests();
+    let reqs = f.upstream().requests();
     assert_eq!(
         reqs.len(),
         2 * N,
         "each request was sent twice: rejected, then replayed"
     );
     assert_eq!(
-        f.proxy
-            .metric(r#"bearer_proxy_replays_total{result="ok",route="fdx"}"#),
+        f.proxy.metric(
+            metric("bearer_proxy_replays_total")
+                .label("result", "ok")
+                .label("route", "fdx")
+        ),
         Some(N as f64)
     );
 }
@@ -1241,7 +1212,7 @@ async fn with_the_token_endpoint_down_past_expiry_requests_get_503() {
     assert_eq!(resp.status, 503);
     assert_eq!(resp.proxy_error().as_deref(), Some("token_unavailable"));
     assert!(resp.header("retry-after").is_some());
-    let reqs = f.upstream.requests();
+    let reqs = f.upstream().requests();
     assert_eq!(reqs.len(), 1, "nothing was sent without a valid token");
     assert!(issuer.request_count() > 1, "the refresher kept trying");
 }

@@ -365,7 +365,7 @@ async fn at_rest(load: &Load, child: &Child, stats: &UpstreamStats, clients: usi
     // Bounded polling: the proxy is another process.
     let deadline = Instant::now() + PATIENCE;
     loop {
-        let open = metric(&scrape(child.admin).await, "bearer_proxy_open_connections");
+        let open = metric("bearer_proxy_open_connections").value_in(&scrape(child.admin).await);
         if open == Some(0.0) {
             break;
         }
@@ -612,12 +612,17 @@ upstream = "http://127.0.0.1:{closed}"
     shortener.await.unwrap();
 
     let text = scrape(child.admin).await;
-    let m = |series: &str| metric(&text, series).unwrap_or(0.0);
-    let refreshed = m(r#"bearer_proxy_token_refreshes_total{result="ok",token="soak"}"#);
-    let transient =
-        m(r#"bearer_proxy_token_refreshes_total{result="transient_error",token="soak"}"#);
-    let rejected = m(r#"bearer_proxy_token_refreshes_total{result="rejected",token="soak"}"#);
-    let forced = m(r#"bearer_proxy_token_forced_refreshes_total{token="soak"}"#);
+    let m = |series: Metric| series.value_in(&text).unwrap_or(0.0);
+    let refreshed = m(metric("bearer_proxy_token_refreshes_total")
+        .label("result", "ok")
+        .label("token", "soak"));
+    let transient = m(metric("bearer_proxy_token_refreshes_total")
+        .label("result", "transient_error")
+        .label("token", "soak"));
+    let rejected = m(metric("bearer_proxy_token_refreshes_total")
+        .label("result", "rejected")
+        .label("token", "soak"));
+    let forced = m(metric("bearer_proxy_token_forced_refreshes_total").label("token", "soak"));
     let token_requests = control.request_count();
 
     child.signal("TERM");

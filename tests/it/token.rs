@@ -345,10 +345,9 @@ async fn a_rotated_refresh_token_held_only_in_memory_is_reported_until_persisted
     let cell = TokenCell::new("t", cfg.forced_refresh_interval);
     let mut r = Refresher::new(cfg, cell.clone(), metrics.token("t")).unwrap();
     let gauge = |m: &Metrics| {
-        crate::support::metric(
-            &m.encode(),
-            r#"bearer_proxy_token_state_persisted{token="t"}"#,
-        )
+        crate::support::metric("bearer_proxy_token_state_persisted")
+            .label("token", "t")
+            .value_in(&m.encode())
     };
     assert_eq!(gauge(&metrics), Some(1.0), "nothing held in memory yet");
     assert!(r.refresh().await.unwrap().refresh_token_rotated);

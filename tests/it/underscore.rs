@@ -64,18 +64,8 @@ async fn proxy_for(upstream: &str, proxy: &str) -> TestProxy {
 }
 
 fn underscore_metric(p: &TestProxy, action: &str) -> f64 {
-    p.metric(&format!(
-        "bearer_proxy_underscore_headers_total{{action=\"{action}\"}}"
-    ))
-    .unwrap()
-}
-
-/// Sends `request` on a new connection; the answer, and whether the proxy then closed it.
-async fn exchange(addr: SocketAddr, request: &[u8]) -> (RawResponse, bool) {
-    let mut s = connect(addr).await;
-    s.write_all(request).await.unwrap();
-    let resp = read_response(&mut s).await.unwrap();
-    (resp, closed(&mut s).await)
+    p.metric(metric("bearer_proxy_underscore_headers_total").label("action", action))
+        .unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -125,7 +115,10 @@ async fn each_setting_drops_refuses_or_forwards_underscore_names() {
                 assert_eq!(underscore_metric(&p, "dropped"), 0.0);
                 assert_eq!(underscore_metric(&p, "refused"), 6.0);
                 assert_eq!(
-                    p.metric("bearer_proxy_rejected_requests_total{reason=\"bad_request\"}"),
+                    p.metric(
+                        metric("bearer_proxy_rejected_requests_total")
+                            .label("reason", "bad_request")
+                    ),
                     Some(2.0)
                 );
             }
