@@ -25,7 +25,8 @@ use serde::Deserialize;
 
 use crate::config::{ClientAuth, Encoding, TokenConfig};
 use crate::secret::{Secret, SecretFileError};
-use crate::token::ErrorKind;
+use crate::time::unix_secs_f64;
+use crate::token::status::ErrorKind;
 
 /// Token responses are a few kilobytes at most (a JWT with generous claims). Anything larger is
 /// a misbehaving server, and is refused without buffering it.
@@ -139,6 +140,40 @@ pub enum FetchError {
     UnsupportedToken(String),
 }
 
+/// Reasons a token refresh failed (the `reason` label of
+/// `bearer_proxy_token_refresh_errors_total`, and [`crate::token::ErrorInfo::reason`]): transport classes plus the OAuth error codes
+/// of RFC 6749 §5.2 and Flinks' list; anything else is `other`.
+pub const REFRESH_ERROR_REASONS: &[&str] = &[
+    "timeout",
+    "connect",
+    "http_5xx",
+    "http_429",
+    "malformed",
+    "access_denied",
+    "invalid_request",
+    "invalid_client",
+    "invalid_grant",
+    "invalid_scope",
+    "unauthorized_client",
+    "unsupported_grant_type",
+    "unsupported_response_type",
+    "unsupported_token_type",
+    "server_error",
+    "temporarily_unavailable",
+    "credentials_unreadable",
+    "not_oauth",
+    "other",
+];
+
+/// Maps a free-form reason to a bounded label value.
+pub fn refresh_error_reason(reason: &str) -> &'static str {
+    REFRESH_ERROR_REASONS
+        .iter()
+        .find(|r| **r == reason)
+        .copied()
+        .unwrap_or("other")
+}
+
 /// Whether an error status without an OAuth `error` is one a working endpoint may send
 /// (overload, timeouts, rate limits): then it is plain transient, not a misconfiguration.
 fn overload_status(status: u16) -> bool {
@@ -190,7 +225,7 @@ impl FetchError {
         }
     }
 
-    /// A bounded reason for metrics (see `metrics::REFRESH_ERROR_REASONS`).
+    /// A bounded reason for metrics, one of [`REFRESH_ERROR_REASONS`].
     pub fn reason(&self) -> &'static str {
         match self {
             FetchError::Timeout => "timeout",
@@ -203,9 +238,9 @@ impl FetchError {
                 429 => "http_429",
                 408 => "timeout",
                 s if *s >= 500 => "http_5xx",
-                _ => oauth.as_ref().map_or("not_oauth", |o| {
-                    crate::metrics::refresh_error_reason(&o.code)
-                }),
+                _ => oauth
+                    .as_ref()
+                    .map_or("not_oauth", |o| refresh_error_reason(&o.code)),
             },
         }
     }
@@ -664,7 +699,7 @@ fn parse_response(
     };
     let (seconds, lifetime_source) = match raw.expires_in.as_ref().and_then(number) {
         Some(s) => (s, LifetimeSource::ExpiresIn),
-        None => match jwt_exp(&access_token).map(|exp| exp - unix_seconds(now)) {
+        None => match jwt_exp(&access_token).map(|exp| exp - unix_secs_f64(now)) {
             Some(s) => (s, LifetimeSource::JwtExp),
             None => (default_lifetime.as_secs_f64(), LifetimeSource::Default),
         },
@@ -718,11 +753,6 @@ pub fn granted_lifetime(seconds: f64) -> Option<Duration> {
     } else {
         Some(Duration::from_secs_f64(seconds)).filter(|d| !d.is_zero())
     }
-}
-
-fn unix_seconds(t: SystemTime) -> f64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// The claims of a JWT, decoded without verifying anything (used only to learn the lifetime and
@@ -793,7 +823,7 @@ mod tests {
     #[test]
     fn a_jwt_exp_in_the_past_is_malformed() {
         let now = SystemTime::now();
-        let exp = unix_seconds(now) as u64 - 30;
+        let exp = crate::time::unix_secs(now) - 30;
         let token = jwt(&format!(r#"{{"sub":"u","exp":{exp}}}"#));
         let err = parse_token_response(
             format!(r#"{{"access_token":"{token}"}}"#).as_bytes(),
@@ -810,7 +840,7 @@ mod tests {
     #[test]
     fn missing_expires_in_uses_jwt_exp_then_default() {
         let now = SystemTime::now();
-        let exp = unix_seconds(now) as u64 + 120;
+        let exp = crate::time::unix_secs(now) + 120;
         let token = jwt(&format!(r#"{{"sub":"u","exp":{exp}}}"#));
         let r = parse_token_response(
             format!(r#"{{"access_token":"{token}","token_type":"Bearer"}}"#).as_bytes(),

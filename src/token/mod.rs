@@ -12,6 +12,7 @@
 
 pub mod client;
 pub mod refresher;
+pub mod status;
 pub mod store;
 
 use std::fmt;
@@ -24,7 +25,7 @@ use http::HeaderValue;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-pub use refresher::{ErrorInfo, ErrorKind, TokenState, TokenStatus};
+pub use status::{ErrorInfo, ErrorKind, TokenState, TokenStatus};
 
 /// The share of a token's lifetime at its end during which it is no longer sent: 10 % is 0.3 s
 /// of a 3 s token and 0.1 s of a 1 s one, enough for a request to cross the network and for

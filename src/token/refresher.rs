@@ -19,10 +19,12 @@ use crate::config::{GrantType, TokenConfig};
 use crate::metrics::{RefreshResult, TokenMetrics};
 use crate::secret::{Secret, read_file};
 use crate::shutdown::{Phase, Shutdown};
+use crate::time::unix_secs_f64;
 use crate::token::client::{
-    ClientBuildError, Credentials, Fetch, FetchError, Grant, LifetimeSource, TokenClient,
-    jwt_claims,
+    ClientBuildError, Credentials, Fetch, FetchError, Grant, LifetimeSource, REFRESH_ERROR_REASONS,
+    TokenClient, jwt_claims,
 };
+use crate::token::status::{ErrorInfo, ErrorKind};
 use crate::token::store::{self, State, Store};
 use crate::token::{AccessToken, TokenCell};
 
@@ -38,112 +40,6 @@ pub const MIN_REFRESH_DELAY: Duration = Duration::from_millis(250);
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 /// JWT claims that describe a token without being secret, shown by `bearer-proxy token`.
 pub const PUBLIC_CLAIMS: &[&str] = &["sub", "client_id", "exp", "iat", "iss", "aud", "scope"];
-
-/// What the admin port shows for a token.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum TokenState {
-    /// A valid token is held and the last attempt succeeded.
-    Fresh,
-    /// A valid token is held, and a refresh is in flight or being retried.
-    Refreshing,
-    /// No valid token is held.
-    #[default]
-    Expired,
-    /// The token endpoint refused the credentials on the last attempt.
-    Rejected,
-}
-
-impl TokenState {
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TokenState::Fresh => "fresh",
-            TokenState::Refreshing => "refreshing",
-            TokenState::Expired => "expired",
-            TokenState::Rejected => "rejected",
-        }
-    }
-}
-
-/// Class of a refresh failure.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// A retry can fix it (connect, timeout, 5xx, 408, 429, malformed body), or it is not the
-    /// credentials' fault (an error status without an OAuth `error`: a wrong `token_url`).
-    Transient,
-    /// The token endpoint refused the credentials (a 4xx with an OAuth `error`).
-    Rejected,
-}
-
-/// The last refresh failure, without any secret.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ErrorInfo {
-    /// Transient or rejected.
-    pub kind: ErrorKind,
-    /// Bounded reason (a metric label value).
-    pub reason: &'static str,
-    /// HTTP status, if the server answered.
-    pub status: Option<u16>,
-    /// OAuth `error` code, if the server sent one.
-    pub oauth_error: Option<String>,
-    /// OAuth `error_description`, if the server sent one.
-    pub description: Option<String>,
-    /// Human-readable summary.
-    pub message: String,
-    /// When it happened.
-    pub at: SystemTime,
-}
-
-/// A snapshot of one refresher's state.
-#[derive(Clone, Debug, Default)]
-pub struct TokenStatus {
-    /// Derived state.
-    pub state: TokenState,
-    /// Whether a valid token is held right now.
-    pub valid: bool,
-    /// A refresh attempt is in flight.
-    pub in_flight: bool,
-    /// Generation of the latest token (0: none yet).
-    pub generation: u64,
-    /// Wall-clock expiry of the latest token.
-    pub expires_wall: Option<SystemTime>,
-    /// Time left before the latest token expires.
-    pub expires_in: Option<Duration>,
-    /// Last successful refresh.
-    pub last_success: Option<SystemTime>,
-    /// Last failure.
-    pub last_error: Option<ErrorInfo>,
-    /// Failures since the last success.
-    pub consecutive_failures: u32,
-    /// When the next attempt is scheduled.
-    pub next_attempt: Option<SystemTime>,
-    /// Successful refreshes.
-    pub refreshes_ok: u64,
-    /// Failed refreshes.
-    pub refreshes_failed: u64,
-    /// A refresh token the server rotated is held only in memory: the state file could not be
-    /// written (or no `state_dir` is set), so a restart would lose it.
-    pub refresh_token_in_memory_only: bool,
-}
-
-impl TokenStatus {
-    pub(crate) fn derive_state(&self) -> TokenState {
-        let last_rejected = self
-            .last_error
-            .as_ref()
-            .is_some_and(|e| e.kind == ErrorKind::Rejected)
-            && self.consecutive_failures > 0;
-        if last_rejected {
-            TokenState::Rejected
-        } else if !self.valid {
-            TokenState::Expired
-        } else if self.in_flight || self.consecutive_failures > 0 {
-            TokenState::Refreshing
-        } else {
-            TokenState::Fresh
-        }
-    }
-}
 
 /// Delay before the next scheduled refresh of a token that lives `lifetime`: `ratio` of it, less
 /// up to [`REFRESH_JITTER`] of that (`unit` in 0..1 picks where), never later than `margin` (or
@@ -249,6 +145,8 @@ impl<C: Fetch> Refresher<C> {
         metrics: TokenMetrics,
         client: C,
     ) -> Self {
+        let mut metrics = metrics;
+        metrics.count_errors(REFRESH_ERROR_REASONS);
         let store = cfg.state_dir.as_deref().map(|d| Store::new(d, &cfg.name));
         Self {
             cfg: Arc::new(cfg),
@@ -417,8 +315,8 @@ impl<C: Fetch> Refresher<C> {
             Ok(f) => {
                 self.failures = 0;
                 self.metrics.refresh(RefreshResult::Ok);
-                self.metrics.expiry.set(unix(f.expires_wall));
-                self.metrics.last_success.set(unix(now));
+                self.metrics.expiry.set(unix_secs_f64(f.expires_wall));
+                self.metrics.last_success.set(unix_secs_f64(now));
                 self.cell.update_status(|s| {
                     s.in_flight = false;
                     s.last_success = Some(now);
@@ -435,7 +333,7 @@ impl<C: Fetch> Refresher<C> {
                 self.metrics.error(e.reason());
                 let info = ErrorInfo {
                     kind: e.kind(),
-                    reason: crate::metrics::refresh_error_reason(e.reason()),
+                    reason: e.reason(),
                     status: e.status(),
                     oauth_error: e.oauth().map(|o| o.code.clone()),
                     description: e.oauth().and_then(|o| o.description.clone()),
@@ -704,14 +602,10 @@ impl<C: Fetch> Refresher<C> {
     }
 }
 
-fn unix(t: SystemTime) -> f64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::token::status::TokenState;
     use proptest::prelude::*;
 
     const S: fn(u64) -> Duration = Duration::from_secs;
