@@ -11,7 +11,9 @@
 //! the way to the upstream).
 
 pub mod client;
+mod grant;
 pub mod refresher;
+pub mod schedule;
 pub mod status;
 pub mod store;
 
