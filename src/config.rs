@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -25,7 +25,8 @@ pub const ENV_SEPARATOR: &str = "__";
 
 /// Squid's port, the one every `HTTP_PROXY` example uses; loopback so that only the app in the
 /// same pod (network namespace) can reach the sidecar.
-pub const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:3128";
+pub const DEFAULT_PROXY_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 3128));
 /// nginx allows 512 connections per worker and HAProxy 2000 per frontend by default; a sidecar
 /// serves one app, whose pools rarely exceed a few hundred connections. Beyond this we stop
 /// accepting (back-pressure in the kernel backlog) instead of running out of file descriptors.
@@ -69,7 +70,8 @@ pub const DEFAULT_WORKERS: usize = 1;
 
 /// All interfaces, because the kubelet probes the pod IP; the admin port serves no secrets and
 /// never proxies. Envoy's admin port convention.
-pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:9901";
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 9901));
 /// The default log level.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 
@@ -196,7 +198,7 @@ pub struct ProxyConfig {
 impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
-            listen: parse_default_addr(DEFAULT_PROXY_LISTEN),
+            listen: DEFAULT_PROXY_LISTEN,
             unmatched: None,
             connect: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
@@ -247,7 +249,7 @@ pub struct AdminConfig {
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
-            listen: parse_default_addr(DEFAULT_ADMIN_LISTEN),
+            listen: DEFAULT_ADMIN_LISTEN,
         }
     }
 }
@@ -1003,12 +1005,6 @@ pub fn is_loopback_host(host: &str) -> bool {
         || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-fn parse_default_addr(s: &str) -> SocketAddr {
-    // The constants above are literal socket addresses; a typo there is caught by a unit test.
-    s.parse()
-        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
-}
-
 /// Durations written as `30s`, `5m`, `250ms`, `1h 30m`.
 pub mod duration {
     use std::time::Duration;
@@ -1057,11 +1053,11 @@ mod tests {
     #[test]
     fn default_addresses_parse() {
         assert_eq!(
-            DEFAULT_PROXY_LISTEN.parse::<SocketAddr>().unwrap(),
+            "127.0.0.1:3128".parse::<SocketAddr>().unwrap(),
             ProxyConfig::default().listen
         );
         assert_eq!(
-            DEFAULT_ADMIN_LISTEN.parse::<SocketAddr>().unwrap(),
+            "0.0.0.0:9901".parse::<SocketAddr>().unwrap(),
             AdminConfig::default().listen
         );
     }

@@ -349,6 +349,9 @@ pub enum ClientBuildError {
     /// reqwest refused the configuration.
     #[error("HTTP client: {0}")]
     Http(#[from] reqwest::Error),
+    /// A configured header (`headers.<name>`) is not a valid HTTP header.
+    #[error("headers.{0}: not a valid header name and value")]
+    Header(String),
 }
 
 impl TokenClient {
@@ -366,13 +369,10 @@ impl TokenClient {
             .build()?;
         let mut headers = HeaderMap::new();
         for (k, v) in &cfg.headers {
-            // Validated by `Config::validate`; an invalid one is skipped rather than panicking.
-            if let (Ok(k), Ok(v)) = (
-                HeaderName::from_bytes(k.as_bytes()),
-                HeaderValue::from_str(v),
-            ) {
-                headers.insert(k, v);
-            }
+            // `Config::validate` refuses these; a configuration built another way fails here.
+            let invalid = || ClientBuildError::Header(k.clone());
+            let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| invalid())?;
+            headers.insert(name, HeaderValue::from_str(v).map_err(|_| invalid())?);
         }
         Ok(Self {
             http,
@@ -445,8 +445,13 @@ impl TokenClient {
             }
         };
         if self.client_auth == ClientAuth::Basic {
-            let mut value = HeaderValue::try_from(basic_auth(creds))
-                .unwrap_or_else(|_| HeaderValue::from_static(""));
+            #[expect(
+                clippy::expect_used,
+                reason = "`Basic ` and Base64 are visible ASCII, which a header value always accepts"
+            )]
+            let mut value = HeaderValue::try_from(basic_auth(creds)).expect(
+                "a Basic credential is a valid header value because it is `Basic ` and Base64",
+            );
             value.set_sensitive(true);
             req = req.header(AUTHORIZATION, value);
         }
@@ -1023,6 +1028,18 @@ mod tests {
 
     fn body_text(req: &reqwest::Request) -> String {
         String::from_utf8(req.body().unwrap().as_bytes().unwrap().to_vec()).unwrap()
+    }
+
+    #[test]
+    fn an_invalid_configured_header_is_an_error_not_silently_dropped() {
+        for (name, value) in [("x-ok", "bad\r\nvalue"), ("bad name", "v")] {
+            let mut c = cfg(Encoding::Form, ClientAuth::Body);
+            c.headers.insert(name.into(), value.into());
+            match TokenClient::new(&c) {
+                Err(ClientBuildError::Header(key)) => assert_eq!(key, name),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
     }
 
     #[test]
