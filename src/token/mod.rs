@@ -11,6 +11,7 @@
 //! the way to the upstream).
 
 pub mod client;
+pub mod error;
 mod grant;
 pub mod refresher;
 pub mod schedule;

@@ -21,9 +21,10 @@ use crate::secret::Secret;
 use crate::shutdown::{Phase, Shutdown};
 use crate::time::unix_secs_f64;
 use crate::token::client::{
-    ClientBuildError, Credentials, Fetch, FetchError, Grant, LifetimeSource, REFRESH_ERROR_REASONS,
-    TokenClient, jwt_claims,
+    ClientBuildError, Credentials, Fetch, FetchError, Grant, LifetimeSource, TokenClient,
+    jwt_claims,
 };
+use crate::token::error::REFRESH_ERROR_REASONS;
 use crate::token::grant::{Grants, Rotation};
 use crate::token::schedule::{refresh_delay, retry_delay};
 use crate::token::status::{ErrorInfo, ErrorKind};
