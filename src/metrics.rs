@@ -42,12 +42,12 @@ macro_rules! label_enums {
 
         impl $name {
             /// How many variants there are.
-            pub const COUNT: usize = [$(stringify!($variant)),+].len();
+            pub(crate) const COUNT: usize = [$(stringify!($variant)),+].len();
             /// Every variant, in declaration order (the order of their discriminants).
-            pub const ALL: [Self; Self::COUNT] = [$(Self::$variant),+];
+            pub(crate) const ALL: [Self; Self::COUNT] = [$(Self::$variant),+];
 
             /// The label value.
-            pub fn as_str(self) -> &'static str {
+            pub(crate) fn as_str(self) -> &'static str {
                 match self {
                     $(Self::$variant => $label,)+
                 }
@@ -143,9 +143,9 @@ pub struct Metrics {
     /// Every route handle handed out, for the status page (filled at start-up only).
     routes: std::sync::Mutex<Vec<RouteMetrics>>,
     /// Connections from clients currently open on the proxy port.
-    pub open_connections: IntGauge,
+    pub(crate) open_connections: IntGauge,
     /// CONNECT tunnels currently open.
-    pub open_tunnels: IntGauge,
+    pub(crate) open_tunnels: IntGauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -403,7 +403,7 @@ impl Metrics {
     }
 
     /// Every route handle created so far.
-    pub fn routes(&self) -> Vec<RouteMetrics> {
+    pub(crate) fn routes(&self) -> Vec<RouteMetrics> {
         self.routes
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -411,18 +411,18 @@ impl Metrics {
     }
 
     /// Counts a request the proxy answered itself.
-    pub fn reject(&self, reason: RejectReason) {
+    pub(crate) fn reject(&self, reason: RejectReason) {
         self.rejected[reason as usize].inc();
     }
 
     /// Counts `n` request headers whose name contains `_`.
-    pub fn underscore_headers(&self, action: UnderscoreAction, n: u64) {
+    pub(crate) fn underscore_headers(&self, action: UnderscoreAction, n: u64) {
         self.underscore_headers[action as usize].inc_by(n);
     }
 
     /// Sets `bearer_proxy_token_valid` for token `name` (the admin port calls it for every token
     /// before each scrape: validity changes with the clock, not only on refresh).
-    pub fn set_token_valid(&self, name: &str, valid: bool) {
+    pub(crate) fn set_token_valid(&self, name: &str, valid: bool) {
         self.token_valid
             .with_label_values(&[name])
             .set(i64::from(valid));
@@ -443,26 +443,26 @@ pub struct TokenMetrics {
     /// The series of the reasons named by [`TokenMetrics::count_errors`].
     errors: Vec<(&'static str, IntCounter)>,
     /// Token request duration.
-    pub duration: Histogram,
+    pub(crate) duration: Histogram,
     /// Unix time of expiry.
-    pub expiry: prometheus::Gauge,
+    pub(crate) expiry: prometheus::Gauge,
     /// Unix time of last success.
-    pub last_success: prometheus::Gauge,
+    pub(crate) last_success: prometheus::Gauge,
     /// Forced refreshes.
-    pub forced: IntCounter,
+    pub(crate) forced: IntCounter,
     /// 0 while a rotated refresh token is kept only in memory.
-    pub state_persisted: IntGauge,
+    pub(crate) state_persisted: IntGauge,
 }
 
 impl TokenMetrics {
     /// Counts one attempt.
-    pub fn refresh(&self, result: RefreshResult) {
+    pub(crate) fn refresh(&self, result: RefreshResult) {
         self.refreshes[result as usize].inc();
     }
 
     /// Creates the failure series of each of `reasons` at zero, so alerts see them before the
     /// first failure. The token side owns the list of reasons; this module only counts them.
-    pub fn count_errors(&mut self, reasons: &[&'static str]) {
+    pub(crate) fn count_errors(&mut self, reasons: &[&'static str]) {
         self.errors = reasons
             .iter()
             .map(|r| (*r, self.error_family.with_label_values(&[&*self.name, *r])))
@@ -471,7 +471,7 @@ impl TokenMetrics {
 
     /// Counts one failure under `reason`, a value from a fixed list (so the series stay
     /// bounded); a reason not given to [`TokenMetrics::count_errors`] gets its series now.
-    pub fn error(&self, reason: &'static str) {
+    pub(crate) fn error(&self, reason: &'static str) {
         match self.errors.iter().find(|(r, _)| *r == reason) {
             Some((_, c)) => c.inc(),
             None => self
@@ -517,17 +517,17 @@ impl RouteMetrics {
     }
 
     /// Counts an upstream failure.
-    pub fn upstream_error(&self, kind: UpstreamErrorKind) {
+    pub(crate) fn upstream_error(&self, kind: UpstreamErrorKind) {
         self.inner.upstream_errors[kind as usize].inc();
     }
 
     /// Counts a replay decision.
-    pub fn replay(&self, result: ReplayResult) {
+    pub(crate) fn replay(&self, result: ReplayResult) {
         self.inner.replays[result as usize].inc();
     }
 
     /// Requests answered so far, by status code (codes never seen are left out).
-    pub fn counts(&self) -> Vec<(u16, u64)> {
+    pub(crate) fn counts(&self) -> Vec<(u16, u64)> {
         self.inner
             .codes
             .iter()
@@ -540,7 +540,7 @@ impl RouteMetrics {
     }
 
     /// The route label.
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.inner.name
     }
 }
