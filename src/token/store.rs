@@ -195,7 +195,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path(), "t");
         let tmp = dir.path().join("t.state.json.tmp");
-        for existing in [&tmp, &(&store.path).to_path_buf()] {
+        for existing in [&tmp, &store.path] {
             std::fs::write(existing, "{}").unwrap();
             std::fs::set_permissions(existing, std::fs::Permissions::from_mode(0o644)).unwrap();
         }
