@@ -92,6 +92,7 @@ impl Server {
     /// built or a listener cannot be bound.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
         let metrics = Metrics::new();
+        metrics.set_build_info(build::VERSION, build::COMMIT, build::FEATURES);
         let (controller, shutdown) = ShutdownController::new();
         let mut tokens = BTreeMap::new();
         let mut background = Vec::new();

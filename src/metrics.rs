@@ -126,6 +126,8 @@ label_enums! {
 /// Every metric family, registered in the project's own registry.
 pub struct Metrics {
     registry: Registry,
+    /// `bearer_proxy_build_info`, set once by [`Metrics::set_build_info`].
+    build_info: IntGaugeVec,
     token_refreshes: IntCounterVec,
     token_refresh_errors: IntCounterVec,
     token_refresh_duration: HistogramVec,
@@ -222,13 +224,6 @@ impl Metrics {
                 &["version", "commit", "features"],
             ),
         );
-        build_info
-            .with_label_values(&[
-                crate::build::VERSION,
-                crate::build::COMMIT,
-                crate::build::FEATURES,
-            ])
-            .set(1);
         let rejected_vec = counter_vec(
             &r,
             "bearer_proxy_rejected_requests_total",
@@ -340,6 +335,7 @@ impl Metrics {
                 &r,
                 IntGauge::new("bearer_proxy_open_tunnels", "CONNECT tunnels open."),
             ),
+            build_info,
             registry: r,
         };
         Arc::new(m)
@@ -418,6 +414,14 @@ impl Metrics {
     /// Counts `n` request headers whose name contains `_`.
     pub(crate) fn underscore_headers(&self, action: UnderscoreAction, n: u64) {
         self.underscore_headers[action as usize].inc_by(n);
+    }
+
+    /// Sets `bearer_proxy_build_info{version,commit,features}` to 1 (the server passes its
+    /// `crate::build` identity; this module depends on nothing of the crate's).
+    pub(crate) fn set_build_info(&self, version: &str, commit: &str, features: &str) {
+        self.build_info
+            .with_label_values(&[version, commit, features])
+            .set(1);
     }
 
     /// Sets `bearer_proxy_token_valid` for token `name` (the admin port calls it for every token
@@ -552,6 +556,11 @@ mod tests {
     #[test]
     fn families_are_exported_with_fixed_labels() {
         let m = Metrics::new();
+        m.set_build_info(
+            crate::build::VERSION,
+            crate::build::COMMIT,
+            crate::build::FEATURES,
+        );
         let mut t = m.token("flinks");
         t.count_errors(&["invalid_grant", "other", "timeout"]);
         t.refresh(RefreshResult::Ok);
@@ -590,5 +599,35 @@ mod tests {
             text.contains(&build_info),
             "missing {build_info} in\n{text}"
         );
+    }
+
+    #[test]
+    fn every_label_variant_indexes_its_own_slot_and_has_a_distinct_label() {
+        fn check<T: Copy + PartialEq + std::fmt::Debug>(
+            all: &[T],
+            index: fn(T) -> usize,
+            label: fn(T) -> &'static str,
+        ) {
+            let mut labels: Vec<&str> = all.iter().map(|v| label(*v)).collect();
+            for (i, v) in all.iter().enumerate() {
+                assert_eq!(index(*v), i, "{v:?}");
+            }
+            labels.sort_unstable();
+            labels.dedup();
+            assert_eq!(labels.len(), all.len(), "duplicate label value");
+        }
+        check(&RefreshResult::ALL, |v| v as usize, RefreshResult::as_str);
+        check(&RejectReason::ALL, |v| v as usize, RejectReason::as_str);
+        check(
+            &UnderscoreAction::ALL,
+            |v| v as usize,
+            UnderscoreAction::as_str,
+        );
+        check(
+            &UpstreamErrorKind::ALL,
+            |v| v as usize,
+            UpstreamErrorKind::as_str,
+        );
+        check(&ReplayResult::ALL, |v| v as usize, ReplayResult::as_str);
     }
 }
