@@ -144,7 +144,10 @@ impl Admin {
     }
 
     fn metrics(&self) -> Response<Full<Bytes>> {
-        self.metrics.observe_tokens(&self.tokens);
+        for cell in self.tokens.iter() {
+            self.metrics
+                .set_token_valid(cell.name(), cell.current().is_some());
+        }
         let mut resp = Response::new(Full::new(Bytes::from(self.metrics.encode())));
         resp.headers_mut().insert(
             CONTENT_TYPE,

@@ -5,15 +5,15 @@
 //! - [`config`]: the schema users write, defaults, loading, validation.
 //! - [`secret`]: the redacting wrapper for credentials, and credential files.
 //! - [`token`]: access tokens and the cell requests read them from; [`token::client`] talks to
-//!   the token endpoint, [`token::refresher`] keeps a token fresh, [`token::store`] persists
-//!   refresh tokens.
+//!   the token endpoint, [`token::refresher`] keeps a token fresh; private modules choose the
+//!   grant, persist refresh tokens, compute the schedule and hold the status types.
 //! - [`metrics`]: the Prometheus registry and per-token/per-route handles.
 //! - [`proxy`]: the forward proxy: routing, token injection, TLS origination, streaming.
 //! - [`admin`]: the admin port (`/metrics`, `/livez`, `/readyz`, `/status`).
-//! - [`tls`]: trust roots for outbound TLS.
+//! - `tls`: trust roots for outbound TLS.
 //! - [`shutdown`]: OS signals and the phases of a graceful stop.
-//! - [`time`]: wall-clock time as text (RFC 3339) and as seconds since the Unix epoch.
-//! - [`logging`]: the tracing subscriber.
+//! - `time`: wall-clock time as text (RFC 3339) and as seconds since the Unix epoch.
+//! - `logging`: the tracing subscriber.
 //! - `issuer`: the built-in dev token endpoint (demo, tests, benchmarks).
 //! - `demo`: `bearer-proxy demo`, the whole mechanism on loopback.
 //! - [`cli`]: the command-line commands behind the thin `main.rs`.
@@ -24,6 +24,9 @@
 //!   `dev-issuer` and `demo` commands. Build a sidecar without them with
 //!   `--no-default-features`.
 //!
+//! Modules that tests, benchmarks and fuzz targets do not use (`demo`, `logging`, `time`,
+//! `tls`) are private, so the compiler reports their dead code.
+//!
 //! A token flows token endpoint → [`token::refresher::Refresher`] → [`token::TokenCell`] →
 //! request. [`Server`] wires the parts together for `bearer-proxy run`.
 #![forbid(unsafe_code)]
@@ -33,16 +36,16 @@ pub mod build;
 pub mod cli;
 pub mod config;
 #[cfg(feature = "dev-tools")]
-pub mod demo;
+mod demo;
 #[cfg(feature = "dev-tools")]
 pub mod issuer;
-pub mod logging;
+mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod secret;
 pub mod shutdown;
-pub mod time;
-pub mod tls;
+mod time;
+mod tls;
 pub mod token;
 
 use std::collections::BTreeMap;
@@ -89,6 +92,7 @@ impl Server {
     /// built or a listener cannot be bound.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
         let metrics = Metrics::new();
+        metrics.set_build_info(build::VERSION, build::COMMIT, build::FEATURES);
         let (controller, shutdown) = ShutdownController::new();
         let mut tokens = BTreeMap::new();
         let mut background = Vec::new();

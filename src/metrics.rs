@@ -13,8 +13,6 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::token::TokenCell;
-
 /// Request latency buckets: from sub-millisecond (the proxy's own overhead on loopback) to the
 /// 60s response timeout.
 const REQUEST_BUCKETS: &[f64] = &[
@@ -25,199 +23,111 @@ const REQUEST_BUCKETS: &[f64] = &[
 /// bucket is the default 10s timeout.
 const TOKEN_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
-/// Outcome of one refresh attempt (`result` label).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RefreshResult {
-    /// A token was obtained.
-    Ok,
-    /// A failure a retry can fix.
-    TransientError,
-    /// The token endpoint refused the credentials.
-    Rejected,
+/// Defines metric label enums from one list of `Variant => "label value"` lines each: the enum,
+/// `as_str`, `COUNT` and `ALL` (every variant in declaration order, so `ALL[v as usize] == v`).
+/// The counter arrays a variant indexes are sized by `COUNT` and built from `ALL`, so a new
+/// variant is one new line here and no array or list can be left without it.
+macro_rules! label_enums {
+    ($(
+        $(#[$doc:meta])*
+        pub enum $name:ident {
+            $( $(#[$vdoc:meta])* $variant:ident => $label:literal, )+
+        }
+    )+) => {$(
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum $name {
+            $( $(#[$vdoc])* $variant, )+
+        }
+
+        impl $name {
+            /// How many variants there are.
+            pub(crate) const COUNT: usize = [$(stringify!($variant)),+].len();
+            /// Every variant, in declaration order (the order of their discriminants).
+            pub(crate) const ALL: [Self; Self::COUNT] = [$(Self::$variant),+];
+
+            /// The label value.
+            pub(crate) fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $label,)+
+                }
+            }
+        }
+    )+};
 }
 
-impl RefreshResult {
-    const ALL: [RefreshResult; 3] = [Self::Ok, Self::TransientError, Self::Rejected];
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Ok => "ok",
-            Self::TransientError => "transient_error",
-            Self::Rejected => "rejected",
-        }
+label_enums! {
+    /// Outcome of one refresh attempt (`result` label).
+    pub enum RefreshResult {
+        /// A token was obtained.
+        Ok => "ok",
+        /// A failure a retry can fix.
+        TransientError => "transient_error",
+        /// The token endpoint refused the credentials.
+        Rejected => "rejected",
     }
-}
 
-/// Reasons a token refresh failed (`reason` label): transport classes plus the OAuth error codes
-/// of RFC 6749 §5.2 and Flinks' list; anything else is `other`.
-pub const REFRESH_ERROR_REASONS: &[&str] = &[
-    "timeout",
-    "connect",
-    "http_5xx",
-    "http_429",
-    "malformed",
-    "access_denied",
-    "invalid_request",
-    "invalid_client",
-    "invalid_grant",
-    "invalid_scope",
-    "unauthorized_client",
-    "unsupported_grant_type",
-    "unsupported_response_type",
-    "unsupported_token_type",
-    "server_error",
-    "temporarily_unavailable",
-    "credentials_unreadable",
-    "not_oauth",
-    "other",
-];
-
-/// Maps a free-form reason to a bounded label value.
-pub fn refresh_error_reason(reason: &str) -> &'static str {
-    REFRESH_ERROR_REASONS
-        .iter()
-        .find(|r| **r == reason)
-        .copied()
-        .unwrap_or("other")
-}
-
-/// Why the proxy answered a request itself (`reason` label).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RejectReason {
-    /// No valid token within `token_wait`.
-    TokenUnavailable,
-    /// Policy: unrouted host with `unmatched = "deny"`, or CONNECT refused.
-    Denied,
-    /// Malformed request.
-    BadRequest,
-    /// Header section over `max_header_bytes`.
-    HeaderTooLarge,
-    /// The request already passed through this proxy.
-    Loop,
-    /// `TRACE` and other refused methods.
-    MethodNotAllowed,
-}
-
-impl RejectReason {
-    const ALL: [RejectReason; 6] = [
-        Self::TokenUnavailable,
-        Self::Denied,
-        Self::BadRequest,
-        Self::HeaderTooLarge,
-        Self::Loop,
-        Self::MethodNotAllowed,
-    ];
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::TokenUnavailable => "token_unavailable",
-            Self::Denied => "denied",
-            Self::BadRequest => "bad_request",
-            Self::HeaderTooLarge => "header_too_large",
-            Self::Loop => "loop",
-            Self::MethodNotAllowed => "method_not_allowed",
-        }
+    /// Why the proxy answered a request itself (`reason` label).
+    pub enum RejectReason {
+        /// No valid token within `token_wait`.
+        TokenUnavailable => "token_unavailable",
+        /// Policy: unrouted host with `unmatched = "deny"`, or CONNECT refused.
+        Denied => "denied",
+        /// Malformed request.
+        BadRequest => "bad_request",
+        /// Header section over `max_header_bytes`.
+        HeaderTooLarge => "header_too_large",
+        /// The request already passed through this proxy.
+        Loop => "loop",
+        /// `TRACE` and other refused methods.
+        MethodNotAllowed => "method_not_allowed",
     }
-}
 
-/// What happened to a request header whose name contains `_` (`action` label of
-/// `bearer_proxy_underscore_headers_total`). Headers forwarded under `allow` are not counted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum UnderscoreAction {
-    /// Removed before forwarding (`underscore_headers = "drop"`).
-    Dropped,
-    /// Its request was refused with 400.
-    Refused,
-}
-
-impl UnderscoreAction {
-    const ALL: [UnderscoreAction; 2] = [Self::Dropped, Self::Refused];
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Dropped => "dropped",
-            Self::Refused => "refused",
-        }
+    /// What happened to a request header whose name contains `_` (`action` label of
+    /// `bearer_proxy_underscore_headers_total`). Headers forwarded under `allow` are not counted.
+    pub enum UnderscoreAction {
+        /// Removed before forwarding (`underscore_headers = "drop"`).
+        Dropped => "dropped",
+        /// Its request was refused with 400.
+        Refused => "refused",
     }
-}
 
-/// Class of upstream failure (`kind` label).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum UpstreamErrorKind {
-    /// TCP connect failed or was refused.
-    Connect,
-    /// TLS handshake or certificate verification failed.
-    Tls,
-    /// Connect or response timeout.
-    Timeout,
-    /// The connection broke mid-exchange.
-    Reset,
-    /// The response body stopped moving for `idle_timeout` (the answer was cut).
-    BodyTimeout,
-    /// The response's framing was refused (a transfer coding other than one `chunked`).
-    BadResponse,
-}
-
-impl UpstreamErrorKind {
-    const ALL: [UpstreamErrorKind; 6] = [
-        Self::Connect,
-        Self::Tls,
-        Self::Timeout,
-        Self::Reset,
-        Self::BodyTimeout,
-        Self::BadResponse,
-    ];
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Connect => "connect",
-            Self::Tls => "tls",
-            Self::Timeout => "timeout",
-            Self::Reset => "reset",
-            Self::BodyTimeout => "body_timeout",
-            Self::BadResponse => "bad_response",
-        }
+    /// Class of upstream failure (`kind` label).
+    pub enum UpstreamErrorKind {
+        /// TCP connect failed or was refused.
+        Connect => "connect",
+        /// TLS handshake or certificate verification failed.
+        Tls => "tls",
+        /// Connect or response timeout.
+        Timeout => "timeout",
+        /// The connection broke mid-exchange.
+        Reset => "reset",
+        /// The response body stopped moving for `idle_timeout` (the answer was cut).
+        BodyTimeout => "body_timeout",
+        /// The response's framing was refused (a transfer coding other than one `chunked`).
+        BadResponse => "bad_response",
     }
-}
 
-/// What happened after an upstream answered a `replay_statuses` status (`result` label).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ReplayResult {
-    /// Replayed with a new token and the upstream accepted it.
-    Ok,
-    /// Replayed with a new token and rejected again.
-    RejectedAgain,
-    /// No newer token could be had (rate limit, token endpoint failing).
-    NoNewToken,
-    /// Not replayable: method not idempotent or body over `replay_body_limit`.
-    NotReplayable,
-    /// The rejection means the user's consent is gone (Flinks code 602): no refresh attempted.
-    ConsentRevoked,
-}
-
-impl ReplayResult {
-    const ALL: [ReplayResult; 5] = [
-        Self::Ok,
-        Self::RejectedAgain,
-        Self::NoNewToken,
-        Self::NotReplayable,
-        Self::ConsentRevoked,
-    ];
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Ok => "ok",
-            Self::RejectedAgain => "rejected_again",
-            Self::NoNewToken => "no_new_token",
-            Self::NotReplayable => "not_replayable",
-            Self::ConsentRevoked => "consent_revoked",
-        }
+    /// What happened after an upstream answered a `replay_statuses` status (`result` label).
+    pub enum ReplayResult {
+        /// Replayed with a new token and the upstream accepted it.
+        Ok => "ok",
+        /// Replayed with a new token and rejected again.
+        RejectedAgain => "rejected_again",
+        /// No newer token could be had (rate limit, token endpoint failing).
+        NoNewToken => "no_new_token",
+        /// Not replayable: method not idempotent or body over `replay_body_limit`.
+        NotReplayable => "not_replayable",
+        /// The rejection means the user's consent is gone (Flinks code 602): no refresh attempted.
+        ConsentRevoked => "consent_revoked",
     }
 }
 
 /// Every metric family, registered in the project's own registry.
 pub struct Metrics {
     registry: Registry,
+    /// `bearer_proxy_build_info`, set once by [`Metrics::set_build_info`].
+    build_info: IntGaugeVec,
     token_refreshes: IntCounterVec,
     token_refresh_errors: IntCounterVec,
     token_refresh_duration: HistogramVec,
@@ -230,14 +140,14 @@ pub struct Metrics {
     request_duration: HistogramVec,
     upstream_errors: IntCounterVec,
     replays: IntCounterVec,
-    rejected: [IntCounter; RejectReason::ALL.len()],
-    underscore_headers: [IntCounter; UnderscoreAction::ALL.len()],
+    rejected: [IntCounter; RejectReason::COUNT],
+    underscore_headers: [IntCounter; UnderscoreAction::COUNT],
     /// Every route handle handed out, for the status page (filled at start-up only).
     routes: std::sync::Mutex<Vec<RouteMetrics>>,
     /// Connections from clients currently open on the proxy port.
-    pub open_connections: IntGauge,
+    pub(crate) open_connections: IntGauge,
     /// CONNECT tunnels currently open.
-    pub open_tunnels: IntGauge,
+    pub(crate) open_tunnels: IntGauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -246,7 +156,11 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
+fn register<C: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    c: prometheus::Result<C>,
+) -> C {
+    let c = defined(c);
     // Registration fails only for a duplicate or inconsistent name, which is a programming
     // error caught by this module's tests; the metric still works, unexported.
     if let Err(e) = registry.register(Box::new(c.clone())) {
@@ -256,10 +170,7 @@ fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registr
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    register(
-        registry,
-        IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(panic_free),
-    )
+    register(registry, IntCounterVec::new(Opts::new(name, help), labels))
 }
 
 fn histogram_vec(
@@ -274,23 +185,26 @@ fn histogram_vec(
         HistogramVec::new(
             HistogramOpts::new(name, help).buckets(buckets.to_vec()),
             &[label],
-        )
-        .unwrap_or_else(panic_free),
+        ),
     )
 }
 
 fn gauge_vec(registry: &Registry, name: &str, help: &str) -> prometheus::GaugeVec {
     register(
         registry,
-        prometheus::GaugeVec::new(Opts::new(name, help), &["token"]).unwrap_or_else(panic_free),
+        prometheus::GaugeVec::new(Opts::new(name, help), &["token"]),
     )
 }
 
-/// Metric constructors fail only on invalid names or label sets, which are constants here and
-/// covered by tests; there is no sensible recovery at run time.
-#[allow(clippy::panic)]
-fn panic_free<T>(e: prometheus::Error) -> T {
-    panic!("invalid metric definition: {e}")
+/// A metric built from this file's constant names, help texts and label sets. Construction
+/// fails only for an invalid name or label set, which is a programming error that every test
+/// constructing [`Metrics`] would hit at once; there is nothing to serve instead.
+#[expect(
+    clippy::expect_used,
+    reason = "the definitions are constants, so a failure is a bug found by any test"
+)]
+fn defined<T>(built: prometheus::Result<T>) -> T {
+    built.expect("metric definitions are valid because they are constants checked by the tests")
 }
 
 impl Metrics {
@@ -308,16 +222,8 @@ impl Metrics {
             IntGaugeVec::new(
                 Opts::new("bearer_proxy_build_info", "Build information; always 1."),
                 &["version", "commit", "features"],
-            )
-            .unwrap_or_else(panic_free),
+            ),
         );
-        build_info
-            .with_label_values(&[
-                crate::build::VERSION,
-                crate::build::COMMIT,
-                crate::build::FEATURES,
-            ])
-            .set(1);
         let rejected_vec = counter_vec(
             &r,
             "bearer_proxy_rejected_requests_total",
@@ -371,8 +277,7 @@ impl Metrics {
                         "1 if a valid token is held, else 0.",
                     ),
                     &["token"],
-                )
-                .unwrap_or_else(panic_free),
+                ),
             ),
             token_forced: counter_vec(
                 &r,
@@ -389,8 +294,7 @@ impl Metrics {
                          (state_dir unwritable or unset: a restart loses it), else 1.",
                     ),
                     &["token"],
-                )
-                .unwrap_or_else(panic_free),
+                ),
             ),
             requests: counter_vec(
                 &r,
@@ -425,22 +329,16 @@ impl Metrics {
                 IntGauge::new(
                     "bearer_proxy_open_connections",
                     "Client connections open on the proxy port.",
-                )
-                .unwrap_or_else(panic_free),
+                ),
             ),
             open_tunnels: register(
                 &r,
-                IntGauge::new("bearer_proxy_open_tunnels", "CONNECT tunnels open.")
-                    .unwrap_or_else(panic_free),
+                IntGauge::new("bearer_proxy_open_tunnels", "CONNECT tunnels open."),
             ),
+            build_info,
             registry: r,
         };
         Arc::new(m)
-    }
-
-    /// The registry, for the admin port.
-    pub fn registry(&self) -> &Registry {
-        &self.registry
     }
 
     /// Prometheus text exposition of every metric.
@@ -449,23 +347,25 @@ impl Metrics {
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::error!(error = %e, "metrics encoding failed");
         }
-        String::from_utf8(buf).unwrap_or_default()
+        #[expect(
+            clippy::expect_used,
+            reason = "the text format is UTF-8 by definition, from UTF-8 names and label values"
+        )]
+        String::from_utf8(buf).expect("the text encoder writes UTF-8 because every name, label and help text is a Rust string")
     }
 
-    /// Handles for one token's metrics, creating its series at zero so alerts see them.
+    /// Handles for one token's metrics, creating its series at zero so alerts see them (the
+    /// failure reasons' series once the token side names them: [`TokenMetrics::count_errors`]).
     pub fn token(&self, name: &str) -> TokenMetrics {
-        let reasons = REFRESH_ERROR_REASONS
-            .iter()
-            .map(|r| (*r, self.token_refresh_errors.with_label_values(&[name, r])))
-            .collect();
         TokenMetrics {
+            name: name.into(),
             refreshes: RefreshResult::ALL
                 .map(|r| self.token_refreshes.with_label_values(&[name, r.as_str()])),
-            errors: reasons,
+            error_family: self.token_refresh_errors.clone(),
+            errors: Vec::new(),
             duration: self.token_refresh_duration.with_label_values(&[name]),
             expiry: self.token_expiry.with_label_values(&[name]),
             last_success: self.token_last_success.with_label_values(&[name]),
-            valid: self.token_valid.with_label_values(&[name]),
             forced: self.token_forced.with_label_values(&[name]),
             state_persisted: {
                 let g = self.token_state_persisted.with_label_values(&[name]);
@@ -499,7 +399,7 @@ impl Metrics {
     }
 
     /// Every route handle created so far.
-    pub fn routes(&self) -> Vec<RouteMetrics> {
+    pub(crate) fn routes(&self) -> Vec<RouteMetrics> {
         self.routes
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -507,23 +407,29 @@ impl Metrics {
     }
 
     /// Counts a request the proxy answered itself.
-    pub fn reject(&self, reason: RejectReason) {
+    pub(crate) fn reject(&self, reason: RejectReason) {
         self.rejected[reason as usize].inc();
     }
 
     /// Counts `n` request headers whose name contains `_`.
-    pub fn underscore_headers(&self, action: UnderscoreAction, n: u64) {
+    pub(crate) fn underscore_headers(&self, action: UnderscoreAction, n: u64) {
         self.underscore_headers[action as usize].inc_by(n);
     }
 
-    /// Brings `bearer_proxy_token_valid` up to date with the tokens' validity at this moment
-    /// (called before each scrape: validity changes with the clock, not only on refresh).
-    pub fn observe_tokens(&self, cells: &[Arc<TokenCell>]) {
-        for cell in cells {
-            self.token_valid
-                .with_label_values(&[cell.name()])
-                .set(i64::from(cell.current().is_some()));
-        }
+    /// Sets `bearer_proxy_build_info{version,commit,features}` to 1 (the server passes its
+    /// `crate::build` identity; this module depends on nothing of the crate's).
+    pub(crate) fn set_build_info(&self, version: &str, commit: &str, features: &str) {
+        self.build_info
+            .with_label_values(&[version, commit, features])
+            .set(1);
+    }
+
+    /// Sets `bearer_proxy_token_valid` for token `name` (the admin port calls it for every token
+    /// before each scrape: validity changes with the clock, not only on refresh).
+    pub(crate) fn set_token_valid(&self, name: &str, valid: bool) {
+        self.token_valid
+            .with_label_values(&[name])
+            .set(i64::from(valid));
     }
 }
 
@@ -533,33 +439,49 @@ const STATUS_SLOTS: usize = 500;
 /// One token's metric handles.
 #[derive(Clone)]
 pub struct TokenMetrics {
-    refreshes: [IntCounter; 3],
+    /// The `token` label value.
+    name: Arc<str>,
+    refreshes: [IntCounter; RefreshResult::COUNT],
+    /// `bearer_proxy_token_refresh_errors_total`, for a reason not named in advance.
+    error_family: IntCounterVec,
+    /// The series of the reasons named by [`TokenMetrics::count_errors`].
     errors: Vec<(&'static str, IntCounter)>,
     /// Token request duration.
-    pub duration: Histogram,
+    pub(crate) duration: Histogram,
     /// Unix time of expiry.
-    pub expiry: prometheus::Gauge,
+    pub(crate) expiry: prometheus::Gauge,
     /// Unix time of last success.
-    pub last_success: prometheus::Gauge,
-    /// 1 while a valid token is held.
-    pub valid: IntGauge,
+    pub(crate) last_success: prometheus::Gauge,
     /// Forced refreshes.
-    pub forced: IntCounter,
+    pub(crate) forced: IntCounter,
     /// 0 while a rotated refresh token is kept only in memory.
-    pub state_persisted: IntGauge,
+    pub(crate) state_persisted: IntGauge,
 }
 
 impl TokenMetrics {
     /// Counts one attempt.
-    pub fn refresh(&self, result: RefreshResult) {
+    pub(crate) fn refresh(&self, result: RefreshResult) {
         self.refreshes[result as usize].inc();
     }
 
-    /// Counts one failure under a bounded reason.
-    pub fn error(&self, reason: &str) {
-        let reason = refresh_error_reason(reason);
-        if let Some((_, c)) = self.errors.iter().find(|(r, _)| *r == reason) {
-            c.inc();
+    /// Creates the failure series of each of `reasons` at zero, so alerts see them before the
+    /// first failure. The token side owns the list of reasons; this module only counts them.
+    pub(crate) fn count_errors(&mut self, reasons: &[&'static str]) {
+        self.errors = reasons
+            .iter()
+            .map(|r| (*r, self.error_family.with_label_values(&[&*self.name, *r])))
+            .collect();
+    }
+
+    /// Counts one failure under `reason`, a value from a fixed list (so the series stay
+    /// bounded); a reason not given to [`TokenMetrics::count_errors`] gets its series now.
+    pub(crate) fn error(&self, reason: &'static str) {
+        match self.errors.iter().find(|(r, _)| *r == reason) {
+            Some((_, c)) => c.inc(),
+            None => self
+                .error_family
+                .with_label_values(&[&*self.name, reason])
+                .inc(),
         }
     }
 }
@@ -577,8 +499,8 @@ struct RouteInner {
     /// takes the vector's lock once; every later one is a plain atomic increment.
     codes: Box<[OnceLock<IntCounter>]>,
     duration: Histogram,
-    upstream_errors: [IntCounter; 6],
-    replays: [IntCounter; 5],
+    upstream_errors: [IntCounter; UpstreamErrorKind::COUNT],
+    replays: [IntCounter; ReplayResult::COUNT],
 }
 
 impl RouteMetrics {
@@ -599,17 +521,17 @@ impl RouteMetrics {
     }
 
     /// Counts an upstream failure.
-    pub fn upstream_error(&self, kind: UpstreamErrorKind) {
+    pub(crate) fn upstream_error(&self, kind: UpstreamErrorKind) {
         self.inner.upstream_errors[kind as usize].inc();
     }
 
     /// Counts a replay decision.
-    pub fn replay(&self, result: ReplayResult) {
+    pub(crate) fn replay(&self, result: ReplayResult) {
         self.inner.replays[result as usize].inc();
     }
 
     /// Requests answered so far, by status code (codes never seen are left out).
-    pub fn counts(&self) -> Vec<(u16, u64)> {
+    pub(crate) fn counts(&self) -> Vec<(u16, u64)> {
         self.inner
             .codes
             .iter()
@@ -622,7 +544,7 @@ impl RouteMetrics {
     }
 
     /// The route label.
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.inner.name
     }
 }
@@ -634,10 +556,16 @@ mod tests {
     #[test]
     fn families_are_exported_with_fixed_labels() {
         let m = Metrics::new();
-        let t = m.token("flinks");
+        m.set_build_info(
+            crate::build::VERSION,
+            crate::build::COMMIT,
+            crate::build::FEATURES,
+        );
+        let mut t = m.token("flinks");
+        t.count_errors(&["invalid_grant", "other", "timeout"]);
         t.refresh(RefreshResult::Ok);
         t.error("invalid_grant");
-        t.error("something odd");
+        t.error("other");
         let r = m.route("fdx");
         r.request(200, 0.01);
         r.request(200, 0.01);
@@ -650,6 +578,7 @@ mod tests {
             "bearer_proxy_token_refreshes_total{result=\"ok\",token=\"flinks\"} 1",
             "bearer_proxy_token_refresh_errors_total{reason=\"invalid_grant\",token=\"flinks\"} 1",
             "bearer_proxy_token_refresh_errors_total{reason=\"other\",token=\"flinks\"} 1",
+            "bearer_proxy_token_refresh_errors_total{reason=\"timeout\",token=\"flinks\"} 0",
             "bearer_proxy_requests_total{code=\"200\",route=\"fdx\"} 2",
             "bearer_proxy_upstream_errors_total{kind=\"tls\",route=\"fdx\"} 1",
             "bearer_proxy_rejected_requests_total{reason=\"loop\"} 1",
@@ -670,5 +599,35 @@ mod tests {
             text.contains(&build_info),
             "missing {build_info} in\n{text}"
         );
+    }
+
+    #[test]
+    fn every_label_variant_indexes_its_own_slot_and_has_a_distinct_label() {
+        fn check<T: Copy + PartialEq + std::fmt::Debug>(
+            all: &[T],
+            index: fn(T) -> usize,
+            label: fn(T) -> &'static str,
+        ) {
+            let mut labels: Vec<&str> = all.iter().map(|v| label(*v)).collect();
+            for (i, v) in all.iter().enumerate() {
+                assert_eq!(index(*v), i, "{v:?}");
+            }
+            labels.sort_unstable();
+            labels.dedup();
+            assert_eq!(labels.len(), all.len(), "duplicate label value");
+        }
+        check(&RefreshResult::ALL, |v| v as usize, RefreshResult::as_str);
+        check(&RejectReason::ALL, |v| v as usize, RejectReason::as_str);
+        check(
+            &UnderscoreAction::ALL,
+            |v| v as usize,
+            UnderscoreAction::as_str,
+        );
+        check(
+            &UpstreamErrorKind::ALL,
+            |v| v as usize,
+            UpstreamErrorKind::as_str,
+        );
+        check(&ReplayResult::ALL, |v| v as usize, ReplayResult::as_str);
     }
 }

@@ -24,8 +24,10 @@ use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderVal
 use serde::Deserialize;
 
 use crate::config::{ClientAuth, Encoding, TokenConfig};
-use crate::secret::{Secret, SecretFileError};
-use crate::token::ErrorKind;
+use crate::secret::Secret;
+use crate::time::unix_secs_f64;
+use crate::token::error::Redactor;
+pub use crate::token::error::{FetchError, OAuthError, REDACTED};
 
 /// Token responses are a few kilobytes at most (a JWT with generous claims). Anything larger is
 /// a misbehaving server, and is refused without buffering it.
@@ -33,11 +35,6 @@ pub const MAX_RESPONSE_BYTES: usize = 256 * 1024;
 /// Lifetimes longer than this are capped: no sane access token lives a day, and a refresh per
 /// day costs nothing.
 pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
-/// OAuth error codes and descriptions are shown on the status page and in logs; they are cut to
-/// this length so a hostile server cannot flood either.
-const MAX_ERROR_TEXT: usize = 256;
-/// What a secret echoed by the token server is replaced with.
-pub const REDACTED: &str = "[redacted]";
 
 /// What is being exchanged for an access token.
 #[derive(Clone, Debug)]
@@ -97,183 +94,6 @@ pub struct TokenResponse {
     pub token_type: Option<String>,
 }
 
-/// The OAuth error a token endpoint sent (`{error, error_description}`), cut to a safe length.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct OAuthError {
-    /// `error`.
-    pub code: String,
-    /// `error_description`.
-    pub description: Option<String>,
-}
-
-/// A failed token request.
-#[derive(Debug, thiserror::Error)]
-pub enum FetchError {
-    /// A credential file could not be read.
-    #[error(transparent)]
-    Credentials(#[from] SecretFileError),
-    /// The request could not be sent because of local state (for example a spent code).
-    #[error("{0}")]
-    Unusable(String),
-    /// The request timed out.
-    #[error("token request timed out")]
-    Timeout,
-    /// No connection could be made, or it broke.
-    #[error("cannot reach the token endpoint: {0}")]
-    Connect(String),
-    /// The server answered with an error status.
-    #[error("token endpoint answered HTTP {status}{}", http_suffix(*.status, .oauth))]
-    Http {
-        /// The status.
-        status: u16,
-        /// The OAuth error, if the body carried one.
-        oauth: Option<OAuthError>,
-        /// `Retry-After`, if sent.
-        retry_after: Option<Duration>,
-    },
-    /// A 2xx answer that is not a usable token response.
-    #[error("malformed token response: {0}")]
-    Malformed(String),
-    /// A well-formed token this proxy cannot use (wrong type).
-    #[error("unusable token: {0}")]
-    UnsupportedToken(String),
-}
-
-/// Whether an error status without an OAuth `error` is one a working endpoint may send
-/// (overload, timeouts, rate limits): then it is plain transient, not a misconfiguration.
-fn overload_status(status: u16) -> bool {
-    status >= 500 || status == 408 || status == 429
-}
-
-fn http_suffix(status: u16, oauth: &Option<OAuthError>) -> String {
-    match oauth {
-        None if (300..400).contains(&status) => {
-            ": a redirect, not followed; token_url looks wrong (point it at the final URL)".into()
-        }
-        None if !overload_status(status) => {
-            " without an OAuth error: token_url looks wrong, or something in front of the \
-             token endpoint refuses the request"
-                .into()
-        }
-        None => String::new(),
-        Some(OAuthError {
-            code,
-            description: None,
-        }) => format!(": {code}"),
-        Some(OAuthError {
-            code,
-            description: Some(d),
-        }) => format!(": {code} ({d})"),
-    }
-}
-
-impl FetchError {
-    /// Transient (retry with backoff) or rejected (retry slowly). Only an OAuth `error` in a
-    /// 4xx answer rejects the credentials; an answer without one (a redirect, a 404) is a
-    /// misconfiguration or a gateway's doing, retried with the normal backoff.
-    pub fn kind(&self) -> ErrorKind {
-        match self {
-            FetchError::Timeout | FetchError::Connect(_) | FetchError::Malformed(_) => {
-                ErrorKind::Transient
-            }
-            FetchError::Http { status, oauth, .. } => match oauth {
-                None => ErrorKind::Transient,
-                Some(o) if o.code == "temporarily_unavailable" || o.code == "server_error" => {
-                    ErrorKind::Transient
-                }
-                Some(_) if overload_status(*status) => ErrorKind::Transient,
-                Some(_) => ErrorKind::Rejected,
-            },
-            FetchError::Credentials(_)
-            | FetchError::Unusable(_)
-            | FetchError::UnsupportedToken(_) => ErrorKind::Rejected,
-        }
-    }
-
-    /// A bounded reason for metrics (see `metrics::REFRESH_ERROR_REASONS`).
-    pub fn reason(&self) -> &'static str {
-        match self {
-            FetchError::Timeout => "timeout",
-            FetchError::Connect(_) => "connect",
-            FetchError::Malformed(_) => "malformed",
-            FetchError::Credentials(_) => "credentials_unreadable",
-            FetchError::Unusable(_) => "other",
-            FetchError::UnsupportedToken(_) => "unsupported_token_type",
-            FetchError::Http { status, oauth, .. } => match status {
-                429 => "http_429",
-                408 => "timeout",
-                s if *s >= 500 => "http_5xx",
-                _ => oauth.as_ref().map_or("not_oauth", |o| {
-                    crate::metrics::refresh_error_reason(&o.code)
-                }),
-            },
-        }
-    }
-
-    /// Whether the answer says the configuration is wrong rather than the server busy or the
-    /// credentials refused: an error status without an OAuth `error` that no working endpoint
-    /// sends for load (a redirect, a 404, a gateway's 403).
-    pub fn misconfigured(&self) -> bool {
-        matches!(self, FetchError::Http { status, oauth: None, .. } if !overload_status(*status))
-    }
-
-    /// Replaces every occurrence of each of `secrets` (and their URL-encoded forms) in the
-    /// text this error carries with [`REDACTED`] (the OAuth texts are cut to their length limit
-    /// again afterwards). Empty secrets are ignored.
-    pub fn redact(&mut self, secrets: &[&str]) {
-        let redactor = Redactor::new(secrets.iter().copied());
-        match self {
-            FetchError::Http { oauth: Some(o), .. } => {
-                o.code = redactor.clean(&o.code);
-                o.description = o.description.as_deref().map(|d| redactor.clean(d));
-            }
-            FetchError::Unusable(m)
-            | FetchError::Connect(m)
-            | FetchError::Malformed(m)
-            | FetchError::UnsupportedToken(m) => *m = redactor.apply(m),
-            FetchError::Http { oauth: None, .. }
-            | FetchError::Timeout
-            | FetchError::Credentials(_) => {}
-        }
-    }
-
-    /// The server's `Retry-After`, if any.
-    pub fn retry_after(&self) -> Option<Duration> {
-        match self {
-            FetchError::Http { retry_after, .. } => *retry_after,
-            _ => None,
-        }
-    }
-
-    /// HTTP status, if the server answered.
-    pub fn status(&self) -> Option<u16> {
-        match self {
-            FetchError::Http { status, .. } => Some(*status),
-            _ => None,
-        }
-    }
-
-    /// The OAuth error, if the server sent one.
-    pub fn oauth(&self) -> Option<&OAuthError> {
-        match self {
-            FetchError::Http { oauth, .. } => oauth.as_ref(),
-            _ => None,
-        }
-    }
-
-    /// Whether the server may have processed the request (it answered, or we stopped waiting).
-    /// A one-time code counts as spent after such an attempt.
-    pub fn server_may_have_seen(&self) -> bool {
-        matches!(
-            self,
-            FetchError::Http { .. }
-                | FetchError::Timeout
-                | FetchError::Malformed(_)
-                | FetchError::UnsupportedToken(_)
-        )
-    }
-}
-
 /// Something that can exchange credentials for a token: the real [`TokenClient`], or a fake in
 /// tests that drive the refresher on a paused clock.
 pub trait Fetch: Send + Sync + 'static {
@@ -314,6 +134,9 @@ pub enum ClientBuildError {
     /// reqwest refused the configuration.
     #[error("HTTP client: {0}")]
     Http(#[from] reqwest::Error),
+    /// A configured header (`headers.<name>`) is not a valid HTTP header.
+    #[error("headers.{0}: not a valid header name and value")]
+    Header(String),
 }
 
 impl TokenClient {
@@ -331,13 +154,10 @@ impl TokenClient {
             .build()?;
         let mut headers = HeaderMap::new();
         for (k, v) in &cfg.headers {
-            // Validated by `Config::validate`; an invalid one is skipped rather than panicking.
-            if let (Ok(k), Ok(v)) = (
-                HeaderName::from_bytes(k.as_bytes()),
-                HeaderValue::from_str(v),
-            ) {
-                headers.insert(k, v);
-            }
+            // `Config::validate` refuses these; a configuration built another way fails here.
+            let invalid = || ClientBuildError::Header(k.clone());
+            let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| invalid())?;
+            headers.insert(name, HeaderValue::from_str(v).map_err(|_| invalid())?);
         }
         Ok(Self {
             http,
@@ -410,8 +230,13 @@ impl TokenClient {
             }
         };
         if self.client_auth == ClientAuth::Basic {
-            let mut value = HeaderValue::try_from(basic_auth(creds))
-                .unwrap_or_else(|_| HeaderValue::from_static(""));
+            #[expect(
+                clippy::expect_used,
+                reason = "`Basic ` and Base64 are visible ASCII, which a header value always accepts"
+            )]
+            let mut value = HeaderValue::try_from(basic_auth(creds)).expect(
+                "a Basic credential is a valid header value because it is `Basic ` and Base64",
+            );
             value.set_sensitive(true);
             req = req.header(AUTHORIZATION, value);
         }
@@ -474,50 +299,6 @@ fn sent_secrets(client_auth: ClientAuth, creds: &Credentials, grant: &Grant) -> 
         }
     }
     sent
-}
-
-/// Replaces known secret values in text a token server sent back, before that text is cut to
-/// length (a secret cut in half would escape an exact match) or stored.
-#[derive(Default)]
-struct Redactor {
-    /// The values to replace, raw and form-urlencoded, longest first so that a secret that
-    /// contains another is replaced whole.
-    needles: Vec<String>,
-}
-
-impl Redactor {
-    fn new<'a>(secrets: impl IntoIterator<Item = &'a str>) -> Self {
-        let mut needles = Vec::new();
-        for secret in secrets.into_iter().filter(|s| !s.is_empty()) {
-            let encoded: String = url::form_urlencoded::byte_serialize(secret.as_bytes()).collect();
-            if encoded != secret {
-                needles.push(encoded);
-            }
-            needles.push(secret.to_owned());
-        }
-        needles.sort_by_key(|n| std::cmp::Reverse(n.len()));
-        needles.dedup();
-        Self { needles }
-    }
-
-    /// `text` with every needle replaced by [`REDACTED`].
-    fn apply(&self, text: &str) -> String {
-        let mut out = text.to_owned();
-        for needle in &self.needles {
-            if out.contains(needle.as_str()) {
-                out = out.replace(needle.as_str(), REDACTED);
-            }
-        }
-        out
-    }
-
-    /// Server text made fit for the status page and logs: control characters dropped first (so
-    /// one planted inside a secret cannot hide it from the match), secrets replaced, then cut
-    /// to [`MAX_ERROR_TEXT`] characters.
-    fn clean(&self, text: &str) -> String {
-        let visible: String = text.chars().filter(|c| !c.is_control()).collect();
-        self.apply(&visible).chars().take(MAX_ERROR_TEXT).collect()
-    }
 }
 
 fn too_large(status: StatusCode, retry_after: Option<Duration>) -> FetchError {
@@ -664,7 +445,7 @@ fn parse_response(
     };
     let (seconds, lifetime_source) = match raw.expires_in.as_ref().and_then(number) {
         Some(s) => (s, LifetimeSource::ExpiresIn),
-        None => match jwt_exp(&access_token).map(|exp| exp - unix_seconds(now)) {
+        None => match jwt_exp(&access_token).map(|exp| exp - unix_secs_f64(now)) {
             Some(s) => (s, LifetimeSource::JwtExp),
             None => (default_lifetime.as_secs_f64(), LifetimeSource::Default),
         },
@@ -720,11 +501,6 @@ pub fn granted_lifetime(seconds: f64) -> Option<Duration> {
     }
 }
 
-fn unix_seconds(t: SystemTime) -> f64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
-
 /// The claims of a JWT, decoded without verifying anything (used only to learn the lifetime and
 /// to describe a token). `None` if the token is not JWT-shaped.
 pub fn jwt_claims(token: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
@@ -745,6 +521,8 @@ fn jwt_exp(token: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::token::error::MAX_ERROR_TEXT;
+    use crate::token::status::ErrorKind;
 
     const DEFAULT: Duration = Duration::from_secs(60);
 
@@ -793,7 +571,7 @@ mod tests {
     #[test]
     fn a_jwt_exp_in_the_past_is_malformed() {
         let now = SystemTime::now();
-        let exp = unix_seconds(now) as u64 - 30;
+        let exp = crate::time::unix_secs(now) - 30;
         let token = jwt(&format!(r#"{{"sub":"u","exp":{exp}}}"#));
         let err = parse_token_response(
             format!(r#"{{"access_token":"{token}"}}"#).as_bytes(),
@@ -810,7 +588,7 @@ mod tests {
     #[test]
     fn missing_expires_in_uses_jwt_exp_then_default() {
         let now = SystemTime::now();
-        let exp = unix_seconds(now) as u64 + 120;
+        let exp = crate::time::unix_secs(now) + 120;
         let token = jwt(&format!(r#"{{"sub":"u","exp":{exp}}}"#));
         let r = parse_token_response(
             format!(r#"{{"access_token":"{token}","token_type":"Bearer"}}"#).as_bytes(),
@@ -993,6 +771,18 @@ mod tests {
 
     fn body_text(req: &reqwest::Request) -> String {
         String::from_utf8(req.body().unwrap().as_bytes().unwrap().to_vec()).unwrap()
+    }
+
+    #[test]
+    fn an_invalid_configured_header_is_an_error_not_silently_dropped() {
+        for (name, value) in [("x-ok", "bad\r\nvalue"), ("bad name", "v")] {
+            let mut c = cfg(Encoding::Form, ClientAuth::Body);
+            c.headers.insert(name.into(), value.into());
+            match TokenClient::new(&c) {
+                Err(ClientBuildError::Header(key)) => assert_eq!(key, name),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
     }
 
     #[test]

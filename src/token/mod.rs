@@ -3,7 +3,8 @@
 //!
 //! A request does one `ArcSwap` load and an expiry check ([`TokenCell::current`]); it never
 //! waits on the refresher unless no valid token exists. The refresher ([`refresher`]) is the only
-//! writer. The token endpoint client lives in [`client`], refresh-token persistence in [`store`].
+//! writer. The token endpoint client lives in [`client`], refresh-token persistence in `store`, the
+//! choice of grant in `grant`, the refresh schedule in `schedule`, the status types in `status`.
 //!
 //! An expired token is never handed out: validity is checked against tokio's monotonic clock at
 //! the moment of use, not by a timer that might fire late, and ends [`expiry_leeway`] before the
@@ -11,8 +12,12 @@
 //! the way to the upstream).
 
 pub mod client;
+mod error;
+mod grant;
 pub mod refresher;
-pub mod store;
+mod schedule;
+mod status;
+mod store;
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,7 +29,7 @@ use http::HeaderValue;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-pub use refresher::{ErrorInfo, ErrorKind, TokenState, TokenStatus};
+pub use status::{ErrorInfo, ErrorKind, TokenState, TokenStatus};
 
 /// The share of a token's lifetime at its end during which it is no longer sent: 10 % is 0.3 s
 /// of a 3 s token and 0.1 s of a 1 s one, enough for a request to cross the network and for

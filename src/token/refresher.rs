@@ -15,160 +15,23 @@ use rand::Rng;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
 
-use crate::config::{GrantType, TokenConfig};
+use crate::config::TokenConfig;
 use crate::metrics::{RefreshResult, TokenMetrics};
-use crate::secret::{Secret, read_file};
+use crate::secret::Secret;
 use crate::shutdown::{Phase, Shutdown};
+use crate::time::unix_secs_f64;
 use crate::token::client::{
     ClientBuildError, Credentials, Fetch, FetchError, Grant, LifetimeSource, TokenClient,
     jwt_claims,
 };
-use crate::token::store::{self, State, Store};
+use crate::token::error::REFRESH_ERROR_REASONS;
+use crate::token::grant::{Grants, Rotation};
+use crate::token::schedule::{refresh_delay, retry_delay};
+use crate::token::status::{ErrorInfo, ErrorKind};
 use crate::token::{AccessToken, TokenCell};
 
-/// Jitter takes up to this fraction off each scheduled refresh delay, so that replicas started
-/// together spread their token requests instead of hitting the endpoint at the same instant.
-pub const REFRESH_JITTER: f64 = 0.15;
-/// Shortest delay between two scheduled refreshes, whatever the lifetime: keeps a server that
-/// grants absurdly short tokens from making us spin (at most four requests a second), while a
-/// 1 s token, whose schedule is half its lifetime, is still renewed before it expires.
-pub const MIN_REFRESH_DELAY: Duration = Duration::from_millis(250);
-/// Longest `Retry-After` honoured. Longer than a Flinks token lives; waiting longer would only
-/// guarantee an expired token.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 /// JWT claims that describe a token without being secret, shown by `bearer-proxy token`.
 pub const PUBLIC_CLAIMS: &[&str] = &["sub", "client_id", "exp", "iat", "iss", "aud", "scope"];
-
-/// What the admin port shows for a token.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum TokenState {
-    /// A valid token is held and the last attempt succeeded.
-    Fresh,
-    /// A valid token is held, and a refresh is in flight or being retried.
-    Refreshing,
-    /// No valid token is held.
-    #[default]
-    Expired,
-    /// The token endpoint refused the credentials on the last attempt.
-    Rejected,
-}
-
-impl TokenState {
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TokenState::Fresh => "fresh",
-            TokenState::Refreshing => "refreshing",
-            TokenState::Expired => "expired",
-            TokenState::Rejected => "rejected",
-        }
-    }
-}
-
-/// Class of a refresh failure.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// A retry can fix it (connect, timeout, 5xx, 408, 429, malformed body), or it is not the
-    /// credentials' fault (an error status without an OAuth `error`: a wrong `token_url`).
-    Transient,
-    /// The token endpoint refused the credentials (a 4xx with an OAuth `error`).
-    Rejected,
-}
-
-/// The last refresh failure, without any secret.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ErrorInfo {
-    /// Transient or rejected.
-    pub kind: ErrorKind,
-    /// Bounded reason (a metric label value).
-    pub reason: &'static str,
-    /// HTTP status, if the server answered.
-    pub status: Option<u16>,
-    /// OAuth `error` code, if the server sent one.
-    pub oauth_error: Option<String>,
-    /// OAuth `error_description`, if the server sent one.
-    pub description: Option<String>,
-    /// Human-readable summary.
-    pub message: String,
-    /// When it happened.
-    pub at: SystemTime,
-}
-
-/// A snapshot of one refresher's state.
-#[derive(Clone, Debug, Default)]
-pub struct TokenStatus {
-    /// Derived state.
-    pub state: TokenState,
-    /// Whether a valid token is held right now.
-    pub valid: bool,
-    /// A refresh attempt is in flight.
-    pub in_flight: bool,
-    /// Generation of the latest token (0: none yet).
-    pub generation: u64,
-    /// Wall-clock expiry of the latest token.
-    pub expires_wall: Option<SystemTime>,
-    /// Time left before the latest token expires.
-    pub expires_in: Option<Duration>,
-    /// Last successful refresh.
-    pub last_success: Option<SystemTime>,
-    /// Last failure.
-    pub last_error: Option<ErrorInfo>,
-    /// Failures since the last success.
-    pub consecutive_failures: u32,
-    /// When the next attempt is scheduled.
-    pub next_attempt: Option<SystemTime>,
-    /// Successful refreshes.
-    pub refreshes_ok: u64,
-    /// Failed refreshes.
-    pub refreshes_failed: u64,
-    /// A refresh token the server rotated is held only in memory: the state file could not be
-    /// written (or no `state_dir` is set), so a restart would lose it.
-    pub refresh_token_in_memory_only: bool,
-}
-
-impl TokenStatus {
-    pub(crate) fn derive_state(&self) -> TokenState {
-        let last_rejected = self
-            .last_error
-            .as_ref()
-            .is_some_and(|e| e.kind == ErrorKind::Rejected)
-            && self.consecutive_failures > 0;
-        if last_rejected {
-            TokenState::Rejected
-        } else if !self.valid {
-            TokenState::Expired
-        } else if self.in_flight || self.consecutive_failures > 0 {
-            TokenState::Refreshing
-        } else {
-            TokenState::Fresh
-        }
-    }
-}
-
-/// Delay before the next scheduled refresh of a token that lives `lifetime`: `ratio` of it, less
-/// up to [`REFRESH_JITTER`] of that (`unit` in 0..1 picks where), never later than `margin` (or
-/// twice the expiry leeway, if longer) before expiry, or half the lifetime if that is later still,
-/// and never less than [`MIN_REFRESH_DELAY`]. Only this schedule has a floor: the token itself
-/// is never used beyond its lifetime.
-pub fn refresh_delay(lifetime: Duration, ratio: f64, margin: Duration, unit: f64) -> Duration {
-    let unit = unit.clamp(0.0, 1.0);
-    let target = lifetime.mul_f64(ratio.clamp(0.0, 1.0) * (1.0 - REFRESH_JITTER * unit));
-    // Twice the leeway: the token stops being served one leeway before expiry, and the new one
-    // should be in place another leeway before that.
-    let margin = margin.max(crate::token::expiry_leeway(lifetime) * 2);
-    let latest = lifetime.saturating_sub(margin).max(lifetime / 2);
-    target.min(latest).max(MIN_REFRESH_DELAY)
-}
-
-/// Delay before retry number `failures` (1 for the first) after a transient failure:
-/// exponential growth from `initial` capped at `max`, with full jitter (`unit` in 0..1) between
-/// `initial` and that cap.
-pub fn backoff_delay(failures: u32, initial: Duration, max: Duration, unit: f64) -> Duration {
-    let max = max.max(initial);
-    let shift = failures.saturating_sub(1).min(30);
-    let cap = initial.saturating_mul(1u32 << shift).min(max);
-    initial + (cap - initial).mul_f64(unit.clamp(0.0, 1.0))
-}
 
 /// What one successful refresh produced (nothing secret).
 #[derive(Clone, Debug)]
@@ -191,19 +54,6 @@ pub struct Fetched {
     pub refresh_token_rotated: bool,
 }
 
-/// Which credential an attempt used, so its outcome can be persisted correctly.
-enum Used {
-    /// Client credentials only.
-    Client,
-    /// A refresh token; `file_digest` is the digest of the file's content at the time.
-    Refresh {
-        token: Secret,
-        file_digest: Option<String>,
-    },
-    /// An authorization code.
-    Code,
-}
-
 /// Obtains and renews the tokens of one `[tokens.<name>]`, through `C` (the real HTTP client
 /// unless a test substitutes one).
 pub struct Refresher<C = TokenClient> {
@@ -211,9 +61,8 @@ pub struct Refresher<C = TokenClient> {
     cell: Arc<TokenCell>,
     client: C,
     metrics: TokenMetrics,
-    store: Option<Store>,
-    /// Persisted state, loaded on the first attempt.
-    state: Option<State>,
+    /// The choice of grant and the saved refresh-token state.
+    grants: Grants,
     /// Failures since the last success.
     failures: u32,
     /// A rotated refresh token is held only in memory (see
@@ -249,14 +98,15 @@ impl<C: Fetch> Refresher<C> {
         metrics: TokenMetrics,
         client: C,
     ) -> Self {
-        let store = cfg.state_dir.as_deref().map(|d| Store::new(d, &cfg.name));
+        let mut metrics = metrics;
+        metrics.count_errors(REFRESH_ERROR_REASONS);
+        let cfg = Arc::new(cfg);
         Self {
-            cfg: Arc::new(cfg),
+            grants: Grants::new(cfg.clone()),
+            cfg,
             cell,
             client,
             metrics,
-            store,
-            state: None,
             failures: 0,
             in_memory_only: false,
         }
@@ -332,16 +182,14 @@ impl<C: Fetch> Refresher<C> {
             }
             Err(e) => {
                 let kind = e.kind();
-                let delay = match kind {
-                    ErrorKind::Transient => backoff_delay(
-                        self.failures,
-                        self.cfg.backoff_initial,
-                        self.cfg.backoff_max,
-                        rand::rng().random(),
-                    ),
-                    ErrorKind::Rejected => self.cfg.backoff_max,
-                };
-                let delay = delay.max(e.retry_after().unwrap_or_default().min(MAX_RETRY_AFTER));
+                let delay = retry_delay(
+                    kind,
+                    self.failures,
+                    self.cfg.backoff_initial,
+                    self.cfg.backoff_max,
+                    e.retry_after(),
+                    rand::rng().random(),
+                );
                 let valid = self.cell.current().is_some();
                 // The same fields at two levels: tracing needs the level as a constant.
                 macro_rules! failed {
@@ -393,9 +241,9 @@ impl<C: Fetch> Refresher<C> {
     /// refresh token first. Used by the loop and by `bearer-proxy token`.
     pub async fn refresh(&mut self) -> Result<Fetched, FetchError> {
         self.cell.update_status(|s| s.in_flight = true);
-        if self.in_memory_only && self.store.is_some() {
+        if self.in_memory_only && self.grants.has_store() {
             // The state directory may be writable again: save what only memory holds.
-            match self.persist().await {
+            match self.grants.persist().await {
                 Ok(()) => {
                     tracing::info!(token = %self.cfg.name, "the refresh token is persisted again");
                     self.set_in_memory_only(false);
@@ -417,8 +265,8 @@ impl<C: Fetch> Refresher<C> {
             Ok(f) => {
                 self.failures = 0;
                 self.metrics.refresh(RefreshResult::Ok);
-                self.metrics.expiry.set(unix(f.expires_wall));
-                self.metrics.last_success.set(unix(now));
+                self.metrics.expiry.set(unix_secs_f64(f.expires_wall));
+                self.metrics.last_success.set(unix_secs_f64(now));
                 self.cell.update_status(|s| {
                     s.in_flight = false;
                     s.last_success = Some(now);
@@ -435,7 +283,7 @@ impl<C: Fetch> Refresher<C> {
                 self.metrics.error(e.reason());
                 let info = ErrorInfo {
                     kind: e.kind(),
-                    reason: crate::metrics::refresh_error_reason(e.reason()),
+                    reason: e.reason(),
                     status: e.status(),
                     oauth_error: e.oauth().map(|o| o.code.clone()),
                     description: e.oauth().and_then(|o| o.description.clone()),
@@ -456,24 +304,10 @@ impl<C: Fetch> Refresher<C> {
 
     async fn try_refresh(&mut self) -> Result<Fetched, FetchError> {
         let creds = self.credentials().await?;
-        let (grant, used) = self.grant().await?;
-        let code_marked = if let Grant::AuthorizationCode(code) = &grant {
-            // Remember the code as spent before sending it: a crash after this point must not
-            // lead to sending it again.
-            let previous = self.state_mut().spent_code_sha256.clone();
-            self.state_mut().spent_code_sha256 = Some(store::digest(code));
-            if let Err(e) = self.persist().await {
-                // Not recorded, so not sent: the code is still good, and the next attempt must
-                // try it again (once the state directory is writable) rather than believe it
-                // spent.
-                self.state_mut().spent_code_sha256 = previous;
-                return Err(FetchError::Unusable(format!(
-                    "not sending the authorization code: cannot record it as spent: {e}"
-                )));
-            }
-            Some(previous)
-        } else {
-            None
+        let (grant, used) = self.grants.choose().await?;
+        let code_marked = match &grant {
+            Grant::AuthorizationCode(code) => Some(self.grants.spend_code(code).await?),
+            _ => None,
         };
         let sent_at = Instant::now();
         let sent_wall = SystemTime::now();
@@ -481,7 +315,7 @@ impl<C: Fetch> Refresher<C> {
             Ok(r) => r,
             Err(mut e) => {
                 // Whatever the server sent back is shown and logged: no secret it echoes may be.
-                let stored = self.state.as_ref().and_then(|s| s.refresh_token.clone());
+                let stored = self.grants.stored_refresh_token();
                 let sent = match &grant {
                     Grant::ClientCredentials => None,
                     Grant::RefreshToken(s) | Grant::AuthorizationCode(s) => Some(s.expose()),
@@ -492,24 +326,33 @@ impl<C: Fetch> Refresher<C> {
                     .map(Secret::expose)
                     .into_iter()
                     .chain(sent)
-                    .chain(stored.as_deref())
+                    .chain(stored)
                     .collect();
                 e.redact(&secrets);
                 if let Some(previous) = code_marked
                     && !e.server_may_have_seen()
                 {
                     // The code never reached the server: it is still good.
-                    self.state_mut().spent_code_sha256 = previous;
-                    if let Err(pe) = self.persist().await {
-                        tracing::warn!(token = %self.cfg.name, error = %pe, "cannot update state file");
-                    }
+                    self.grants.unspend(previous).await;
                 }
                 return Err(e);
             }
         };
-        let rotated = self
-            .remember_refresh_token(&used, resp.refresh_token.as_ref())
-            .await;
+        let rotated = match self
+            .grants
+            .remember(&used, resp.refresh_token.as_ref())
+            .await
+        {
+            Rotation::Unchanged => false,
+            Rotation::Persisted => {
+                self.set_in_memory_only(false);
+                true
+            }
+            Rotation::InMemoryOnly => {
+                self.set_in_memory_only(true);
+                true
+            }
+        };
         let token = AccessToken::new(
             resp.access_token.expose(),
             sent_at,
@@ -552,148 +395,6 @@ impl<C: Fetch> Refresher<C> {
         })
     }
 
-    fn state_mut(&mut self) -> &mut State {
-        self.state.get_or_insert_with(State::default)
-    }
-
-    async fn load_state(&mut self) -> Result<(), FetchError> {
-        if self.state.is_none() {
-            let state = match &self.store {
-                Some(store) => store.load().await.map_err(|e| {
-                    FetchError::Unusable(format!("cannot read persisted refresh token: {e}"))
-                })?,
-                None => State::default(),
-            };
-            self.state = Some(state);
-        }
-        Ok(())
-    }
-
-    async fn persist(&mut self) -> Result<(), store::StoreError> {
-        match (&self.store, &self.state) {
-            (Some(store), Some(state)) => store.save(state).await,
-            _ => Ok(()),
-        }
-    }
-
-    /// Chooses what to exchange: see the module documentation of [`store`].
-    async fn grant(&mut self) -> Result<(Grant, Used), FetchError> {
-        self.load_state().await?;
-        let stored = self
-            .state
-            .as_ref()
-            .and_then(|s| s.refresh_token.clone())
-            .map(Secret::new);
-        match self.cfg.grant_type {
-            GrantType::ClientCredentials => Ok((Grant::ClientCredentials, Used::Client)),
-            GrantType::RefreshToken => {
-                let file = match &self.cfg.refresh_token_file {
-                    Some(path) => {
-                        Some(read_file(path, "refresh_token").await?).filter(|s| !s.is_empty())
-                    }
-                    None => None,
-                };
-                let file_digest = file.as_ref().map(store::digest);
-                let superseded = self
-                    .state
-                    .as_ref()
-                    .and_then(|s| s.superseded_file_sha256.clone());
-                // A stored token wins unless the file now holds something it did not replace.
-                let token = match (stored, file) {
-                    (Some(s), None) => s,
-                    (Some(s), Some(_)) if superseded == file_digest => s,
-                    (_, Some(f)) => f,
-                    (None, None) => {
-                        return Err(FetchError::Unusable(
-                            "no refresh token: refresh_token_file is empty and none is stored"
-                                .into(),
-                        ));
-                    }
-                };
-                Ok((
-                    Grant::RefreshToken(token.clone()),
-                    Used::Refresh { token, file_digest },
-                ))
-            }
-            GrantType::AuthorizationCode => {
-                let code = match &self.cfg.code_file {
-                    Some(path) => read_file(path, "code").await.ok().filter(|c| !c.is_empty()),
-                    None => None,
-                };
-                let spent = self
-                    .state
-                    .as_ref()
-                    .and_then(|s| s.spent_code_sha256.clone());
-                match (code, stored) {
-                    (Some(code), _) if Some(store::digest(&code)) != spent => {
-                        Ok((Grant::AuthorizationCode(code), Used::Code))
-                    }
-                    (_, Some(token)) => Ok((
-                        Grant::RefreshToken(token.clone()),
-                        Used::Refresh {
-                            token,
-                            file_digest: None,
-                        },
-                    )),
-                    (Some(_), None) => Err(FetchError::Unusable(
-                        "the authorization code in code_file was already exchanged and no \
-                         refresh token is stored; put a new code in code_file"
-                            .into(),
-                    )),
-                    (None, None) => Err(FetchError::Unusable(
-                        "no authorization code in code_file and no refresh token stored".into(),
-                    )),
-                }
-            }
-        }
-    }
-
-    /// Keeps (and persists, before it is ever used) a refresh token the server sent.
-    /// Returns whether there was a new one.
-    async fn remember_refresh_token(&mut self, used: &Used, new: Option<&Secret>) -> bool {
-        let Some(new) = new else {
-            if matches!(used, Used::Code) {
-                tracing::error!(
-                    token = %self.cfg.name,
-                    "the code exchange returned no refresh token; the next refresh will need a \
-                     new code"
-                );
-            }
-            return false;
-        };
-        let state = self.state_mut();
-        match used {
-            Used::Refresh { token, .. } if token == new => return false,
-            Used::Refresh { file_digest, token } => {
-                let from_file = state.refresh_token.as_deref() != Some(token.expose());
-                if from_file {
-                    state.superseded_file_sha256 = file_digest.clone();
-                }
-            }
-            Used::Code | Used::Client => state.superseded_file_sha256 = None,
-        }
-        state.refresh_token = Some(new.expose().to_owned());
-        if let Err(e) = self.persist().await {
-            tracing::error!(
-                token = %self.cfg.name,
-                error = %e,
-                "cannot persist the new refresh token; it is kept in memory and will be lost on \
-                 restart (retried before every refresh)"
-            );
-            self.set_in_memory_only(true);
-        } else if self.store.is_none() {
-            tracing::warn!(
-                token = %self.cfg.name,
-                "the server sent a new refresh token but no state_dir is configured; it will be \
-                 lost on restart"
-            );
-            self.set_in_memory_only(true);
-        } else {
-            self.set_in_memory_only(false);
-        }
-        true
-    }
-
     /// Records whether a rotated refresh token is held only in memory, on the status page and
     /// in `bearer_proxy_token_state_persisted`.
     fn set_in_memory_only(&mut self, yes: bool) {
@@ -704,67 +405,13 @@ impl<C: Fetch> Refresher<C> {
     }
 }
 
-fn unix(t: SystemTime) -> f64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
+    use crate::token::schedule::REFRESH_JITTER;
+    use crate::token::status::TokenState;
 
     const S: fn(u64) -> Duration = Duration::from_secs;
-
-    #[test]
-    fn flinks_lifetime_refreshes_between_jitter_bounds() {
-        let lo = refresh_delay(S(300), 0.75, S(30), 1.0);
-        let hi = refresh_delay(S(300), 0.75, S(30), 0.0);
-        assert_eq!(hi, S(225));
-        assert_eq!(lo, Duration::from_secs_f64(225.0 * (1.0 - REFRESH_JITTER)));
-    }
-
-    #[test]
-    fn margin_caps_the_ratio_and_short_lifetimes_do_not_spin() {
-        // ratio 0.95 of 300s = 285s, but never later than 30s before expiry.
-        assert_eq!(refresh_delay(S(300), 0.95, S(30), 0.0), S(270));
-        // A margin longer than the lifetime falls back to half of it.
-        assert_eq!(refresh_delay(S(20), 0.75, S(30), 0.0), S(10));
-        // Tiny lifetimes hit the floor.
-        assert_eq!(
-            refresh_delay(Duration::from_millis(100), 0.75, S(30), 0.0),
-            MIN_REFRESH_DELAY
-        );
-    }
-
-    #[test]
-    fn short_lifetimes_are_refreshed_before_they_stop_being_served() {
-        for ms in [1_000u64, 2_000, 3_000, 5_000] {
-            let lifetime = Duration::from_millis(ms);
-            let usable = lifetime - crate::token::expiry_leeway(lifetime);
-            for margin in [Duration::ZERO, S(1), S(30)] {
-                for unit in [0.0, 0.5, 1.0] {
-                    let d = refresh_delay(lifetime, 0.95, margin, unit);
-                    assert!(d < usable, "{lifetime:?} margin {margin:?}: {d:?}");
-                }
-            }
-        }
-        // A 1 s token is renewed at half its life, not after a whole second.
-        assert_eq!(
-            refresh_delay(S(1), 0.75, S(30), 0.0),
-            Duration::from_millis(500)
-        );
-    }
-
-    #[test]
-    fn backoff_grows_and_caps() {
-        assert_eq!(backoff_delay(1, S(1), S(30), 1.0), S(1));
-        assert_eq!(backoff_delay(2, S(1), S(30), 1.0), S(2));
-        assert_eq!(backoff_delay(4, S(1), S(30), 1.0), S(8));
-        assert_eq!(backoff_delay(10, S(1), S(30), 1.0), S(30));
-        assert_eq!(backoff_delay(u32::MAX, S(1), S(30), 1.0), S(30));
-        assert_eq!(backoff_delay(10, S(1), S(30), 0.0), S(1));
-    }
 
     use std::collections::VecDeque;
     use std::sync::Mutex;
@@ -1091,35 +738,5 @@ mod tests {
         let sent = Instant::now();
         let t = cell.wait_valid(S(10)).await.unwrap();
         assert_eq!(t.expires_at(), sent + S(60));
-    }
-
-    proptest! {
-        #[test]
-        fn backoff_stays_within_bounds(
-            failures in 0u32..200,
-            initial_ms in 1u64..10_000,
-            extra_ms in 0u64..600_000,
-            unit in 0.0f64..=1.0,
-        ) {
-            let initial = Duration::from_millis(initial_ms);
-            let max = initial + Duration::from_millis(extra_ms);
-            let d = backoff_delay(failures, initial, max, unit);
-            prop_assert!(d >= initial && d <= max, "{d:?} not in {initial:?}..={max:?}");
-        }
-
-        #[test]
-        fn refresh_happens_before_expiry(
-            lifetime_ms in 1_000u64..86_400_000,
-            ratio in 0.01f64..0.99,
-            margin_ms in 0u64..600_000,
-            unit in 0.0f64..=1.0,
-        ) {
-            let lifetime = Duration::from_millis(lifetime_ms);
-            let d = refresh_delay(lifetime, ratio, Duration::from_millis(margin_ms), unit);
-            prop_assert!(d >= MIN_REFRESH_DELAY);
-            let usable = lifetime - crate::token::expiry_leeway(lifetime);
-            prop_assert!(d < usable, "{d:?} >= {usable:?}");
-            prop_assert!(d <= lifetime.mul_f64(ratio).max(MIN_REFRESH_DELAY));
-        }
     }
 }

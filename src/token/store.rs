@@ -68,11 +68,6 @@ impl Store {
         }
     }
 
-    /// The state file's path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Reads the state; a missing file is an empty state.
     pub async fn load(&self) -> Result<State, StoreError> {
         let err = |source| StoreError {
@@ -164,10 +159,7 @@ mod tests {
         };
         store.save(&state).await.unwrap();
         assert_eq!(store.load().await.unwrap(), state);
-        let mode = std::fs::metadata(store.path())
-            .unwrap()
-            .permissions()
-            .mode();
+        let mode = std::fs::metadata(&store.path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(!dir.path().join("flinks.state.json.tmp").exists());
         assert!(!format!("{state:?}").contains("rt-canary"));
@@ -188,11 +180,7 @@ mod tests {
         store.save(&state).await.unwrap();
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "untouched");
         assert_eq!(store.load().await.unwrap(), state);
-        assert!(
-            !std::fs::symlink_metadata(store.path())
-                .unwrap()
-                .is_symlink()
-        );
+        assert!(!std::fs::symlink_metadata(&store.path).unwrap().is_symlink());
         // A dangling link (pointing where a file could be created) is not followed either.
         let dangling = outside.path().join("created");
         std::os::unix::fs::symlink(&dangling, dir.path().join("t.state.json.tmp")).unwrap();
@@ -207,15 +195,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path(), "t");
         let tmp = dir.path().join("t.state.json.tmp");
-        for existing in [&tmp, &store.path().to_path_buf()] {
+        for existing in [&tmp, &store.path] {
             std::fs::write(existing, "{}").unwrap();
             std::fs::set_permissions(existing, std::fs::Permissions::from_mode(0o644)).unwrap();
         }
         store.save(&State::default()).await.unwrap();
-        let mode = std::fs::metadata(store.path())
-            .unwrap()
-            .permissions()
-            .mode();
+        let mode = std::fs::metadata(&store.path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(!tmp.exists());
     }

@@ -1,4 +1,6 @@
-//! Configuration: the schema users write, its defaults, loading and validation.
+//! Configuration: the schema users write and its defaults (each `DEFAULT_*` with its reason).
+//! Loading and the errors it reports are in [`load`](self::load) (the module `load.rs`);
+//! every check serde cannot make is in `validate.rs` ([`Config::validate`]).
 //!
 //! Layers, later ones winning: built-in defaults (the constants below), the file (TOML or YAML by
 //! extension), then environment overrides `BEARER_PROXY__<SECTION>__<KEY>`, for example
@@ -6,15 +8,19 @@
 //! reports every problem at once, each naming its key, so an operator fixes a file in one pass.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
-use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
 
 use crate::secret::{Secret, SecretSource};
+
+mod load;
+mod validate;
+
+pub use load::{ConfigError, ConfigErrors, from_str, load, load_with_env};
+pub use validate::{check_endpoint_url, is_loopback_host};
 
 /// Prefix of environment overrides (`BEARER_PROXY__PROXY__LISTEN=...`).
 pub const ENV_PREFIX: &str = "BEARER_PROXY";
@@ -25,7 +31,8 @@ pub const ENV_SEPARATOR: &str = "__";
 
 /// Squid's port, the one every `HTTP_PROXY` example uses; loopback so that only the app in the
 /// same pod (network namespace) can reach the sidecar.
-pub const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:3128";
+pub const DEFAULT_PROXY_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 3128));
 /// nginx allows 512 connections per worker and HAProxy 2000 per frontend by default; a sidecar
 /// serves one app, whose pools rarely exceed a few hundred connections. Beyond this we stop
 /// accepting (back-pressure in the kernel backlog) instead of running out of file descriptors.
@@ -69,7 +76,8 @@ pub const DEFAULT_WORKERS: usize = 1;
 
 /// All interfaces, because the kubelet probes the pod IP; the admin port serves no secrets and
 /// never proxies. Envoy's admin port convention.
-pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:9901";
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 9901));
 /// The default log level.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 
@@ -196,7 +204,7 @@ pub struct ProxyConfig {
 impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
-            listen: parse_default_addr(DEFAULT_PROXY_LISTEN),
+            listen: DEFAULT_PROXY_LISTEN,
             unmatched: None,
             connect: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
@@ -247,7 +255,7 @@ pub struct AdminConfig {
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
-            listen: parse_default_addr(DEFAULT_ADMIN_LISTEN),
+            listen: DEFAULT_ADMIN_LISTEN,
         }
     }
 }
@@ -484,531 +492,6 @@ impl RouteConfig {
     }
 }
 
-/// One problem in the configuration, naming the key.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConfigError {
-    /// Dotted path of the key (`tokens.flinks.token_url`, `routes[0].host`).
-    pub key: String,
-    /// What is wrong with it.
-    pub message: String,
-}
-
-impl ConfigError {
-    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            key: key.into(),
-            message: message.into(),
-        }
-    }
-}
-
-/// Every problem found, reported together.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConfigErrors(pub Vec<ConfigError>);
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid configuration ({} problem{}):",
-            self.0.len(),
-            if self.0.len() == 1 { "" } else { "s" }
-        )?;
-        for e in &self.0 {
-            write!(f, "\n  - {}: {}", e.key, e.message)?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ConfigErrors {}
-
-/// Loads the configuration from `path` (TOML or YAML by extension) and the process environment,
-/// then validates it.
-pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-    load_with_env(path, None)
-}
-
-/// Like [`load`], with the environment given explicitly (`None`: the process environment).
-pub fn load_with_env(
-    path: &Path,
-    env: Option<HashMap<String, String>>,
-) -> Result<Config, ConfigErrors> {
-    let format = match path.extension().and_then(|e| e.to_str()) {
-        Some("toml") => config::FileFormat::Toml,
-        Some("yaml" | "yml") => config::FileFormat::Yaml,
-        _ => {
-            return Err(ConfigErrors(vec![ConfigError::new(
-                "(file)",
-                format!(
-                    "{}: unknown format; name the file *.toml, *.yaml or *.yml",
-                    path.display()
-                ),
-            )]));
-        }
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigErrors(vec![ConfigError::new(
-            "(file)",
-            format!("cannot read {}: {e}", path.display()),
-        )])
-    })?;
-    from_str(&text, format, env)
-}
-
-/// Parses a configuration document (plus environment overrides) and validates it.
-pub fn from_str(
-    text: &str,
-    format: config::FileFormat,
-    env: Option<HashMap<String, String>>,
-) -> Result<Config, ConfigErrors> {
-    let built = config::Config::builder()
-        .add_source(config::File::from_str(text, format))
-        .add_source(
-            config::Environment::with_prefix(ENV_PREFIX)
-                .separator(ENV_SEPARATOR)
-                .source(env),
-        )
-        .build()
-        .map_err(|e| ConfigErrors(vec![ConfigError::new("(file)", e.to_string())]))?;
-    let root: HashMap<String, config::Value> = built
-        .try_deserialize()
-        .map_err(|e| ConfigErrors(vec![ConfigError::new("(file)", e.to_string())]))?;
-    from_tree(root)
-}
-
-/// Builds a [`Config`] from the parsed tree, section by section, so that a mistake in one
-/// section does not hide the mistakes in the others.
-fn from_tree(mut root: HashMap<String, config::Value>) -> Result<Config, ConfigErrors> {
-    let mut errors = Vec::new();
-    let proxy = section::<ProxyConfig>(root.remove("proxy"), "proxy", &mut errors);
-    let admin = section::<AdminConfig>(root.remove("admin"), "admin", &mut errors);
-    let log = section::<LogConfig>(root.remove("log"), "log", &mut errors);
-
-    let mut tokens = BTreeMap::new();
-    if let Some(value) = root.remove("tokens") {
-        match value.into_table() {
-            Ok(table) => {
-                for (name, value) in table {
-                    let key = format!("tokens.{name}");
-                    if let Some(mut t) = parse::<TokenConfig>(value, &key, &mut errors) {
-                        t.name = name.clone();
-                        tokens.insert(name, t);
-                    }
-                }
-            }
-            Err(e) => errors.push(ConfigError::new("tokens", e.to_string())),
-        }
-    }
-    let mut routes = Vec::new();
-    if let Some(value) = root.remove("routes") {
-        match value.into_array() {
-            Ok(list) => {
-                for (i, value) in list.into_iter().enumerate() {
-                    if let Some(r) =
-                        parse::<RouteConfig>(value, &format!("routes[{i}]"), &mut errors)
-                    {
-                        routes.push(r);
-                    }
-                }
-            }
-            Err(e) => errors.push(ConfigError::new("routes", e.to_string())),
-        }
-    }
-    let mut unknown: Vec<_> = root.into_keys().collect();
-    unknown.sort();
-    for key in unknown {
-        errors.push(ConfigError::new(key, "unknown section"));
-    }
-
-    let config = Config {
-        proxy: proxy.unwrap_or_default(),
-        admin: admin.unwrap_or_default(),
-        log: log.unwrap_or_default(),
-        tokens,
-        routes,
-    };
-    errors.extend(config.problems());
-    if errors.is_empty() {
-        Ok(config)
-    } else {
-        Err(ConfigErrors(errors))
-    }
-}
-
-fn section<T: DeserializeOwned + Default>(
-    value: Option<config::Value>,
-    key: &str,
-    errors: &mut Vec<ConfigError>,
-) -> Option<T> {
-    match value {
-        None => Some(T::default()),
-        Some(v) => parse(v, key, errors),
-    }
-}
-
-/// Deserializes one section, recording its unknown keys and its first type error. Unknown keys
-/// are found from the struct's field list rather than during deserialization, so a type error
-/// earlier in the table does not hide a misspelt key later in it.
-fn parse<T: DeserializeOwned>(
-    value: config::Value,
-    key: &str,
-    errors: &mut Vec<ConfigError>,
-) -> Option<T> {
-    if let Ok(table) = value.clone().into_table() {
-        let known = field_names::<T>();
-        let mut unknown: Vec<_> = table
-            .keys()
-            .filter(|k| !known.contains(&k.as_str()))
-            .collect();
-        unknown.sort();
-        for k in unknown {
-            errors.push(ConfigError::new(format!("{key}.{k}"), "unknown key"));
-        }
-    }
-    let mut track = serde_path_to_error::Track::new();
-    match T::deserialize(serde_path_to_error::Deserializer::new(value, &mut track)) {
-        Ok(v) => Some(v),
-        Err(e) => {
-            let path = track.path().to_string();
-            let full = if path == "." || path.is_empty() {
-                key.to_owned()
-            } else {
-                format!("{key}.{path}")
-            };
-            errors.push(ConfigError::new(full, e.to_string()));
-            None
-        }
-    }
-}
-
-/// The field names a derived `Deserialize` struct accepts, learnt by offering it a deserializer
-/// that records what `deserialize_struct` is asked for.
-fn field_names<T: DeserializeOwned>() -> &'static [&'static str] {
-    use serde::de::{Error as _, Visitor, value::Error};
-
-    struct Probe<'a>(&'a mut &'static [&'static str]);
-    impl<'de> serde::Deserializer<'de> for Probe<'_> {
-        type Error = Error;
-        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Error> {
-            Err(Error::custom("probe"))
-        }
-        fn deserialize_struct<V: Visitor<'de>>(
-            self,
-            _: &'static str,
-            fields: &'static [&'static str],
-            _: V,
-        ) -> Result<V::Value, Error> {
-            *self.0 = fields;
-            Err(Error::custom("probe"))
-        }
-        serde::forward_to_deserialize_any! {
-            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
-            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
-            ignored_any
-        }
-    }
-    let mut fields: &'static [&'static str] = &[];
-    let _ = T::deserialize(Probe(&mut fields));
-    fields
-}
-
-impl Config {
-    /// Checks everything serde cannot: references, ranges, URLs, combinations.
-    /// Returns every problem found.
-    pub fn validate(&self) -> Result<(), ConfigErrors> {
-        let problems = self.problems();
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigErrors(problems))
-        }
-    }
-
-    fn problems(&self) -> Vec<ConfigError> {
-        let mut errors = Vec::new();
-        let mut push = |key: String, msg: String| errors.push(ConfigError::new(key, msg));
-
-        let p = &self.proxy;
-        if p.max_connections == 0 {
-            push("proxy.max_connections".into(), "must be at least 1".into());
-        }
-        if p.max_header_bytes < 1024 {
-            push(
-                "proxy.max_header_bytes".into(),
-                "must be at least 1024".into(),
-            );
-        }
-        for (key, d) in [
-            ("header_read_timeout", p.header_read_timeout),
-            ("idle_timeout", p.idle_timeout),
-            ("connect_timeout", p.connect_timeout),
-            ("response_timeout", p.response_timeout),
-            ("token_wait", p.token_wait),
-            ("shutdown_grace", p.shutdown_grace),
-        ] {
-            if d.is_zero() {
-                push(format!("proxy.{key}"), "must be greater than zero".into());
-            }
-        }
-        if p.listen == self.admin.listen && p.listen.port() != 0 {
-            push(
-                "admin.listen".into(),
-                format!("same address as proxy.listen ({})", p.listen),
-            );
-        }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            push("log.level".into(), format!("not a valid filter: {e}"));
-        }
-
-        for (name, t) in &self.tokens {
-            token_problems(name, t, &mut push);
-        }
-
-        let mut names = HashMap::new();
-        let mut keys = HashMap::new();
-        for (i, r) in self.routes.iter().enumerate() {
-            let k = |field: &str| format!("routes[{i}].{field}");
-            route_problems(r, &k, &mut push);
-            if !self.tokens.contains_key(&r.token) {
-                push(k("token"), format!("no [tokens.{}] is configured", r.token));
-            }
-            if let Some(j) = names.insert(r.label().to_owned(), i) {
-                push(
-                    k("name"),
-                    format!("route name {:?} is already used by routes[{j}]", r.label()),
-                );
-            }
-            let key = (
-                r.host.to_ascii_lowercase(),
-                r.port,
-                r.path_prefix.clone().unwrap_or_default(),
-            );
-            if let Some(j) = keys.insert(key, i) {
-                push(
-                    k("host"),
-                    format!("routes[{j}] already matches the same host, port and path_prefix"),
-                );
-            }
-        }
-        errors
-    }
-}
-
-fn token_problems(name: &str, t: &TokenConfig, push: &mut impl FnMut(String, String)) {
-    let k = |field: &str| format!("tokens.{name}.{field}");
-    if name.is_empty()
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-    {
-        push(
-            format!("tokens.{name}"),
-            "token names use only a-z, 0-9, '_' and '-' (they become metric labels and file names)"
-                .into(),
-        );
-    }
-    if let Err(msg) = check_endpoint_url(&t.token_url) {
-        push(k("token_url"), msg);
-    }
-    match (&t.client_id, &t.client_id_file) {
-        (Some(_), Some(_)) => push(
-            k("client_id"),
-            "set client_id or client_id_file, not both".into(),
-        ),
-        (None, None) => push(
-            k("client_id"),
-            "missing: set client_id or client_id_file".into(),
-        ),
-        _ => {}
-    }
-    match (&t.client_secret, &t.client_secret_file) {
-        (Some(_), Some(_)) => push(
-            k("client_secret"),
-            "set client_secret or client_secret_file, not both".into(),
-        ),
-        (None, None) if t.grant_type == GrantType::ClientCredentials => push(
-            k("client_secret_file"),
-            "missing: the client_credentials grant needs client_secret_file (or client_secret)"
-                .into(),
-        ),
-        (None, None) if t.client_auth == ClientAuth::Basic => push(
-            k("client_secret_file"),
-            "missing: client_auth = \"basic\" needs a client secret".into(),
-        ),
-        _ => {}
-    }
-    match t.grant_type {
-        GrantType::ClientCredentials => {}
-        GrantType::RefreshToken => {
-            if t.refresh_token_file.is_none() && t.state_dir.is_none() {
-                push(
-                    k("refresh_token_file"),
-                    "missing: the refresh_token grant needs refresh_token_file".into(),
-                );
-            }
-        }
-        GrantType::AuthorizationCode => {
-            if t.code_file.is_none() {
-                push(
-                    k("code_file"),
-                    "missing: the authorization_code grant needs code_file".into(),
-                );
-            }
-            if t.state_dir.is_none() {
-                push(
-                    k("state_dir"),
-                    "missing: the authorization_code grant needs state_dir to keep the refresh \
-                     token, or a restart would re-send a spent code"
-                        .into(),
-                );
-            }
-        }
-    }
-    if !(t.refresh_ratio > 0.0 && t.refresh_ratio < 1.0) {
-        push(
-            k("refresh_ratio"),
-            "must be between 0 and 1 (exclusive)".into(),
-        );
-    }
-    if t.default_lifetime < Duration::from_secs(1) {
-        push(k("default_lifetime"), "must be at least 1s".into());
-    }
-    if t.timeout.is_zero() {
-        push(k("timeout"), "must be greater than zero".into());
-    }
-    if t.backoff_initial.is_zero() {
-        push(k("backoff_initial"), "must be greater than zero".into());
-    }
-    if t.backoff_max < t.backoff_initial {
-        push(
-            k("backoff_max"),
-            "must not be shorter than backoff_initial".into(),
-        );
-    }
-    const RESERVED: &[&str] = &[
-        "grant_type",
-        "client_id",
-        "client_secret",
-        "refresh_token",
-        "code",
-        "scope",
-        "redirect_uri",
-    ];
-    for key in t.extra.keys() {
-        if RESERVED.contains(&key.as_str()) {
-            push(
-                format!("tokens.{name}.extra.{key}"),
-                "reserved field; use the dedicated key".into(),
-            );
-        }
-    }
-    header_problems(&t.headers, &|h| format!("tokens.{name}.headers.{h}"), push);
-}
-
-fn route_problems(
-    r: &RouteConfig,
-    k: &impl Fn(&str) -> String,
-    push: &mut impl FnMut(String, String),
-) {
-    let host = r.host.strip_prefix("*.").unwrap_or(&r.host);
-    if host.is_empty()
-        || host.contains('*')
-        || !host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b':')
-    {
-        push(
-            k("host"),
-            format!(
-                "{:?} is not a host name, IP address or *.suffix pattern",
-                r.host
-            ),
-        );
-    }
-    if let Some(prefix) = &r.path_prefix
-        && (!prefix.starts_with('/') || prefix.len() < 2 || prefix.contains(['?', '#']))
-    {
-        push(
-            k("path_prefix"),
-            "must start with '/' and name a path (e.g. \"/flinks\")".into(),
-        );
-    }
-    if let Some(up) = &r.upstream
-        && let Err(msg) = check_endpoint_url(up)
-    {
-        push(k("upstream"), msg);
-    }
-    if r.port == Some(0) {
-        push(k("port"), "must be 1-65535".into());
-    }
-    for s in &r.replay_statuses {
-        if !(400..=599).contains(s) {
-            push(
-                k("replay_statuses"),
-                format!("{s} is not an error status (400-599)"),
-            );
-        }
-    }
-    header_problems(&r.headers, &|h| format!("{}.{h}", k("headers")), push);
-}
-
-fn header_problems(
-    headers: &BTreeMap<String, String>,
-    k: &dyn Fn(&str) -> String,
-    push: &mut impl FnMut(String, String),
-) {
-    for (name, value) in headers {
-        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-            push(k(name), "not a valid header name".into());
-        } else if http::HeaderValue::from_str(value).is_err() {
-            push(k(name), "not a valid header value".into());
-        }
-        if name.eq_ignore_ascii_case("authorization") || name.eq_ignore_ascii_case("host") {
-            push(
-                k(name),
-                "set by bearer-proxy itself; cannot be configured".into(),
-            );
-        }
-    }
-}
-
-/// Whether a URL may carry credentials: `https`, or `http` to a loopback address only.
-pub fn check_endpoint_url(raw: &str) -> Result<url::Url, String> {
-    let url = url::Url::parse(raw).map_err(|e| format!("{raw:?} is not a URL: {e}"))?;
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err("must not contain user:password@".into());
-    }
-    match url.scheme() {
-        "https" => {}
-        "http" if is_loopback_host(url.host_str().unwrap_or_default()) => {}
-        "http" => {
-            return Err(format!(
-                "{raw:?}: plain http is allowed only for loopback addresses; use https so \
-                 credentials never cross a network in clear text"
-            ));
-        }
-        other => return Err(format!("{raw:?}: scheme {other:?} is not http(s)")),
-    }
-    if url.host_str().is_none_or(str::is_empty) {
-        return Err(format!("{raw:?} has no host"));
-    }
-    Ok(url)
-}
-
-/// `localhost`, 127.0.0.0/8 or ::1.
-pub fn is_loopback_host(host: &str) -> bool {
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost")
-        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
-}
-
-fn parse_default_addr(s: &str) -> SocketAddr {
-    // The constants above are literal socket addresses; a typo there is caught by a unit test.
-    s.parse()
-        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
-}
-
 /// Durations written as `30s`, `5m`, `250ms`, `1h 30m`.
 pub mod duration {
     use std::time::Duration;
@@ -1057,11 +540,11 @@ mod tests {
     #[test]
     fn default_addresses_parse() {
         assert_eq!(
-            DEFAULT_PROXY_LISTEN.parse::<SocketAddr>().unwrap(),
+            "127.0.0.1:3128".parse::<SocketAddr>().unwrap(),
             ProxyConfig::default().listen
         );
         assert_eq!(
-            DEFAULT_ADMIN_LISTEN.parse::<SocketAddr>().unwrap(),
+            "0.0.0.0:9901".parse::<SocketAddr>().unwrap(),
             AdminConfig::default().listen
         );
     }

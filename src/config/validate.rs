@@ -1,0 +1,296 @@
+//! [`Config::validate`]: every check serde cannot make (references between sections, ranges,
+//! URLs, combinations), collected rather than stopping at the first, each naming its key.
+
+use std::net::IpAddr;
+
+use super::*;
+
+impl Config {
+    /// Checks everything serde cannot: references, ranges, URLs, combinations.
+    /// Returns every problem found.
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let problems = self.problems();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(problems))
+        }
+    }
+
+    pub(super) fn problems(&self) -> Vec<ConfigError> {
+        let mut errors = Vec::new();
+        let mut push = |key: String, msg: String| errors.push(ConfigError::new(key, msg));
+
+        let p = &self.proxy;
+        if p.max_connections == 0 {
+            push("proxy.max_connections".into(), "must be at least 1".into());
+        }
+        if p.max_header_bytes < 1024 {
+            push(
+                "proxy.max_header_bytes".into(),
+                "must be at least 1024".into(),
+            );
+        }
+        for (key, d) in [
+            ("header_read_timeout", p.header_read_timeout),
+            ("idle_timeout", p.idle_timeout),
+            ("connect_timeout", p.connect_timeout),
+            ("response_timeout", p.response_timeout),
+            ("token_wait", p.token_wait),
+            ("shutdown_grace", p.shutdown_grace),
+        ] {
+            if d.is_zero() {
+                push(format!("proxy.{key}"), "must be greater than zero".into());
+            }
+        }
+        if p.listen == self.admin.listen && p.listen.port() != 0 {
+            push(
+                "admin.listen".into(),
+                format!("same address as proxy.listen ({})", p.listen),
+            );
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            push("log.level".into(), format!("not a valid filter: {e}"));
+        }
+
+        for (name, t) in &self.tokens {
+            token_problems(name, t, &mut push);
+        }
+
+        let mut names = HashMap::new();
+        let mut keys = HashMap::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let k = |field: &str| format!("routes[{i}].{field}");
+            route_problems(r, &k, &mut push);
+            if !self.tokens.contains_key(&r.token) {
+                push(k("token"), format!("no [tokens.{}] is configured", r.token));
+            }
+            if let Some(j) = names.insert(r.label().to_owned(), i) {
+                push(
+                    k("name"),
+                    format!("route name {:?} is already used by routes[{j}]", r.label()),
+                );
+            }
+            let key = (
+                r.host.to_ascii_lowercase(),
+                r.port,
+                r.path_prefix.clone().unwrap_or_default(),
+            );
+            if let Some(j) = keys.insert(key, i) {
+                push(
+                    k("host"),
+                    format!("routes[{j}] already matches the same host, port and path_prefix"),
+                );
+            }
+        }
+        errors
+    }
+}
+
+fn token_problems(name: &str, t: &TokenConfig, push: &mut impl FnMut(String, String)) {
+    let k = |field: &str| format!("tokens.{name}.{field}");
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    {
+        push(
+            format!("tokens.{name}"),
+            "token names use only a-z, 0-9, '_' and '-' (they become metric labels and file names)"
+                .into(),
+        );
+    }
+    if let Err(msg) = check_endpoint_url(&t.token_url) {
+        push(k("token_url"), msg);
+    }
+    match (&t.client_id, &t.client_id_file) {
+        (Some(_), Some(_)) => push(
+            k("client_id"),
+            "set client_id or client_id_file, not both".into(),
+        ),
+        (None, None) => push(
+            k("client_id"),
+            "missing: set client_id or client_id_file".into(),
+        ),
+        _ => {}
+    }
+    match (&t.client_secret, &t.client_secret_file) {
+        (Some(_), Some(_)) => push(
+            k("client_secret"),
+            "set client_secret or client_secret_file, not both".into(),
+        ),
+        (None, None) if t.grant_type == GrantType::ClientCredentials => push(
+            k("client_secret_file"),
+            "missing: the client_credentials grant needs client_secret_file (or client_secret)"
+                .into(),
+        ),
+        (None, None) if t.client_auth == ClientAuth::Basic => push(
+            k("client_secret_file"),
+            "missing: client_auth = \"basic\" needs a client secret".into(),
+        ),
+        _ => {}
+    }
+    match t.grant_type {
+        GrantType::ClientCredentials => {}
+        GrantType::RefreshToken => {
+            if t.refresh_token_file.is_none() && t.state_dir.is_none() {
+                push(
+                    k("refresh_token_file"),
+                    "missing: the refresh_token grant needs refresh_token_file".into(),
+                );
+            }
+        }
+        GrantType::AuthorizationCode => {
+            if t.code_file.is_none() {
+                push(
+                    k("code_file"),
+                    "missing: the authorization_code grant needs code_file".into(),
+                );
+            }
+            if t.state_dir.is_none() {
+                push(
+                    k("state_dir"),
+                    "missing: the authorization_code grant needs state_dir to keep the refresh \
+                     token, or a restart would re-send a spent code"
+                        .into(),
+                );
+            }
+        }
+    }
+    if !(t.refresh_ratio > 0.0 && t.refresh_ratio < 1.0) {
+        push(
+            k("refresh_ratio"),
+            "must be between 0 and 1 (exclusive)".into(),
+        );
+    }
+    if t.default_lifetime < Duration::from_secs(1) {
+        push(k("default_lifetime"), "must be at least 1s".into());
+    }
+    if t.timeout.is_zero() {
+        push(k("timeout"), "must be greater than zero".into());
+    }
+    if t.backoff_initial.is_zero() {
+        push(k("backoff_initial"), "must be greater than zero".into());
+    }
+    if t.backoff_max < t.backoff_initial {
+        push(
+            k("backoff_max"),
+            "must not be shorter than backoff_initial".into(),
+        );
+    }
+    const RESERVED: &[&str] = &[
+        "grant_type",
+        "client_id",
+        "client_secret",
+        "refresh_token",
+        "code",
+        "scope",
+        "redirect_uri",
+    ];
+    for key in t.extra.keys() {
+        if RESERVED.contains(&key.as_str()) {
+            push(
+                format!("tokens.{name}.extra.{key}"),
+                "reserved field; use the dedicated key".into(),
+            );
+        }
+    }
+    header_problems(&t.headers, &|h| format!("tokens.{name}.headers.{h}"), push);
+}
+
+fn route_problems(
+    r: &RouteConfig,
+    k: &impl Fn(&str) -> String,
+    push: &mut impl FnMut(String, String),
+) {
+    let host = r.host.strip_prefix("*.").unwrap_or(&r.host);
+    if host.is_empty()
+        || host.contains('*')
+        || !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b':')
+    {
+        push(
+            k("host"),
+            format!(
+                "{:?} is not a host name, IP address or *.suffix pattern",
+                r.host
+            ),
+        );
+    }
+    if let Some(prefix) = &r.path_prefix
+        && (!prefix.starts_with('/') || prefix.len() < 2 || prefix.contains(['?', '#']))
+    {
+        push(
+            k("path_prefix"),
+            "must start with '/' and name a path (e.g. \"/flinks\")".into(),
+        );
+    }
+    if let Some(up) = &r.upstream
+        && let Err(msg) = check_endpoint_url(up)
+    {
+        push(k("upstream"), msg);
+    }
+    if r.port == Some(0) {
+        push(k("port"), "must be 1-65535".into());
+    }
+    for s in &r.replay_statuses {
+        if !(400..=599).contains(s) {
+            push(
+                k("replay_statuses"),
+                format!("{s} is not an error status (400-599)"),
+            );
+        }
+    }
+    header_problems(&r.headers, &|h| format!("{}.{h}", k("headers")), push);
+}
+
+fn header_problems(
+    headers: &BTreeMap<String, String>,
+    k: &dyn Fn(&str) -> String,
+    push: &mut impl FnMut(String, String),
+) {
+    for (name, value) in headers {
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            push(k(name), "not a valid header name".into());
+        } else if http::HeaderValue::from_str(value).is_err() {
+            push(k(name), "not a valid header value".into());
+        }
+        if name.eq_ignore_ascii_case("authorization") || name.eq_ignore_ascii_case("host") {
+            push(
+                k(name),
+                "set by bearer-proxy itself; cannot be configured".into(),
+            );
+        }
+    }
+}
+
+/// Whether a URL may carry credentials: `https`, or `http` to a loopback address only.
+pub fn check_endpoint_url(raw: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(raw).map_err(|e| format!("{raw:?} is not a URL: {e}"))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not contain user:password@".into());
+    }
+    match url.scheme() {
+        "https" => {}
+        "http" if is_loopback_host(url.host_str().unwrap_or_default()) => {}
+        "http" => {
+            return Err(format!(
+                "{raw:?}: plain http is allowed only for loopback addresses; use https so \
+                 credentials never cross a network in clear text"
+            ));
+        }
+        other => return Err(format!("{raw:?}: scheme {other:?} is not http(s)")),
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{raw:?} has no host"));
+    }
+    Ok(url)
+}
+
+/// `localhost`, 127.0.0.0/8 or ::1.
+pub fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
