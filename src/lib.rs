@@ -7,6 +7,8 @@
 //! - [`token`]: access tokens and the cell requests read them from; [`token::client`] talks to
 //!   the token endpoint, [`token::refresher`] keeps a token fresh, [`token::store`] persists
 //!   refresh tokens.
+//! - [`subject`]: per-subject tokens (in progress): subject ids, refresh tokens sealed at
+//!   rest, and the subject store.
 //! - [`metrics`]: the Prometheus registry and per-token/per-route handles.
 //! - [`proxy`]: the forward proxy: routing, token injection, TLS origination, streaming.
 //! - [`admin`]: the admin port (`/metrics`, `/livez`, `/readyz`, `/status`).
@@ -39,6 +41,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod secret;
 pub mod shutdown;
+pub mod subject;
 pub mod time;
 pub mod tls;
 pub mod token;
