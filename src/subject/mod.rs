@@ -12,6 +12,8 @@
 //! - [`record`]: the stored record, the [`SubjectStore`] trait every store implements, and its
 //!   errors.
 //! - [`file`]: the embedded store, one file per subject under `state_dir`.
+//! - [`census`]: subjects counted by state and key at start; refuses records whose key is
+//!   not configured.
 //! - [`config`]: the `[subjects]` settings these parts need, and their validation.
 //!
 //! # Encryption at rest
@@ -29,7 +31,9 @@
 //! key. To rotate: put the new key file first and keep the old one after it; records are
 //! re-sealed with the new key as they are rewritten (every refresh rewrites its record); drop
 //! the old file only once no record names its id. A record whose key id is not configured is an
-//! error naming that id, never a silently forgotten subject.
+//! error naming that id, never a silently forgotten subject: [`census::Census::check_keys`]
+//! finds such records at start, and [`keyring::KeyRing::open`] names the id for any one.
+pub mod census;
 pub mod config;
 pub mod file;
 pub mod keyring;
