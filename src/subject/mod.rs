@@ -14,6 +14,8 @@
 //! - [`file`]: the embedded store, one file per subject under `state_dir`.
 //! - [`census`]: subjects counted by state and key at start; refuses records whose key is
 //!   not configured.
+//! - `tokens`: the per-subject access-token cache with single-flight lazy refresh (crate
+//!   internal until the request path uses it).
 //! - [`config`]: the `[subjects]` settings these parts need, and their validation.
 //!
 //! # Encryption at rest
@@ -38,6 +40,7 @@ pub mod config;
 pub mod file;
 pub mod keyring;
 pub mod record;
+pub(crate) mod tokens;
 
 use std::fmt;
 
