@@ -153,16 +153,21 @@ impl<F: Fetch> SubjectTokens<F> {
         let mut rx = {
             let mut s = lock(&slot);
             let now = Instant::now();
+            let held = match &s.failure {
+                Some((e, None)) => Some(e.clone()),
+                Some((e, Some(until))) if now < *until => Some(e.clone()),
+                _ => None,
+            };
             if let Some(t) = s.token.clone().filter(|t| t.is_valid_at(now)) {
-                if s.refresh_at.is_some_and(|at| now >= at) && s.flight.is_none() {
+                // A background refresh that just failed is not retried by every request.
+                if s.refresh_at.is_some_and(|at| now >= at) && s.flight.is_none() && held.is_none()
+                {
                     self.start_flight(subject, &slot, &mut s);
                 }
                 return Ok(t);
             }
-            match &s.failure {
-                Some((e, None)) => return Err(e.clone()),
-                Some((e, Some(until))) if now < *until => return Err(e.clone()),
-                _ => {}
+            if let Some(e) = held {
+                return Err(e);
             }
             match &s.flight {
                 Some(rx) => rx.clone(),
@@ -685,6 +690,30 @@ mod tests {
         assert_eq!(f.calls(), 2);
         // The subject stays active: a transient failure is not the customer's problem.
         assert_eq!(f.record("c1").await.state, SubjectState::Active);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_background_refresh_is_not_retried_by_every_request() {
+        let f = Fixture::new(Issuer::default(), 10, &["c1"]).await;
+        let first = value(&f.tokens.get(&id("c1")).await.unwrap());
+        f.issuer.down.store(true, Ordering::SeqCst);
+        tokio::time::advance(Duration::from_secs(240)).await;
+        // Requests keep coming during the outage, well within the failure hold.
+        for _ in 0..20 {
+            assert_eq!(value(&f.tokens.get(&id("c1")).await.unwrap()), first);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(f.calls(), 2);
+        // After the hold, the next request tries again.
+        f.issuer.down.store(false, Ordering::SeqCst);
+        tokio::time::advance(DEFAULT_FAILURE_HOLD).await;
+        f.tokens.get(&id("c1")).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while value(&f.tokens.get(&id("c1")).await.unwrap()) == first {
+            assert!(Instant::now() < deadline, "no refresh after the hold");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(f.calls(), 3);
     }
 
     #[tokio::test(start_paused = true)]
