@@ -156,6 +156,17 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// A string is accepted exactly when a plain reading of the rule accepts it (the
+        /// strategy mixes allowed and refused characters and straddles the length limit).
+        #[test]
+        fn parse_agrees_with_the_rule(id in "[A-Za-z0-9._:-]{0,130}|[A-Za-z0-9._:/ é\0-]{0,130}") {
+            let rule = (1..=MAX_SUBJECT_LEN).contains(&id.len())
+                && id.chars().all(|c| c.is_ascii_alphanumeric() || "._:-".contains(c));
+            proptest::prop_assert_eq!(SubjectId::parse(&id).is_ok(), rule);
+        }
+    }
+
     #[test]
     fn serde_validates_too_and_errors_do_not_echo_the_value() {
         let id: SubjectId = serde_json::from_str("\"c-1\"").unwrap();
