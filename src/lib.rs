@@ -7,6 +7,8 @@
 //! - [`token`]: access tokens and the cell requests read them from; [`token::client`] talks to
 //!   the token endpoint, [`token::refresher`] keeps a token fresh; private modules choose the
 //!   grant, persist refresh tokens, compute the schedule and hold the status types.
+//! - [`subject`]: per-subject tokens (in progress): subject ids, refresh tokens sealed at
+//!   rest, and the subject store.
 //! - [`metrics`]: the Prometheus registry and per-token/per-route handles.
 //! - [`proxy`]: the forward proxy: routing, token injection, TLS origination, streaming.
 //! - [`admin`]: the admin port (`/metrics`, `/livez`, `/readyz`, `/status`).
@@ -44,6 +46,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod secret;
 pub mod shutdown;
+pub mod subject;
 mod time;
 mod tls;
 pub mod token;

@@ -30,6 +30,9 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 pub use status::{ErrorInfo, ErrorKind, TokenState, TokenStatus};
+// The per-subject tokens (`crate::subject`) share the refresh schedule and the durable file write.
+pub(crate) use schedule::refresh_delay;
+pub(crate) use store::write_atomic;
 
 /// The share of a token's lifetime at its end during which it is no longer sent: 10 % is 0.3 s
 /// of a 3 s token and 0.1 s of a 1 s one, enough for a request to cross the network and for

@@ -103,7 +103,9 @@ impl Store {
     }
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes `bytes` to `path` atomically and durably with mode 0600 (see the module doc). The
+/// subject file store (`crate::subject::file`) writes its records with it too.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 
     let dir = path.parent().unwrap_or(Path::new("."));

@@ -1,0 +1,214 @@
+//! The `[subjects]` settings the subject store and key ring need, and their validation.
+//!
+//! Not yet part of [`crate::config::Config`]: a section that no request path uses would accept
+//! settings that do nothing. The session that adds `per_subject = true` hangs it in
+//! (`Config::subjects`, parsed by `from_tree` like the other sections, checked by calling
+//! [`SubjectsConfig::problems`] from `Config::problems`) and adds the API keys of issue #12
+//! (`listen`, `header`, `api_token_file`, `keepalive_after`, `max_cached`). This module does
+//! not import `crate::config`, so that `config → subject::config` stays one-way.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::FileStore;
+use super::keyring::{KeyError, KeyRing};
+use super::record::StoreError;
+
+/// Where subject records live.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    /// One file per subject under `state_dir`. The default because it needs nothing else
+    /// running; one process only (a shared store for replicas is issue #13).
+    #[default]
+    File,
+}
+
+/// `[subjects]`: storage and encryption of per-subject refresh tokens.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct SubjectsConfig {
+    /// Which store holds the records.
+    pub store: StoreKind,
+    /// The directory of the file store (records go to `<state_dir>/subjects/`). Required with
+    /// `store = "file"`; no default, because losing it means every customer consents again, so
+    /// the operator must choose a persistent place.
+    pub state_dir: Option<PathBuf>,
+    /// One key file (32 random bytes, base64). Shorthand for a one-element
+    /// `encryption_key_files`.
+    pub encryption_key_file: Option<PathBuf>,
+    /// Several key files, newest first: the first seals new writes, the rest only open older
+    /// records (rotation; see [`crate::subject`]).
+    pub encryption_key_files: Vec<PathBuf>,
+}
+
+impl SubjectsConfig {
+    /// Every problem with these settings, as `(key, message)` pairs named under `subjects.`,
+    /// the shape `Config::problems` collects.
+    pub fn problems(&self, push: &mut impl FnMut(String, String)) {
+        let k = |field: &str| format!("subjects.{field}");
+        match (
+            &self.encryption_key_file,
+            self.encryption_key_files.is_empty(),
+        ) {
+            (Some(_), false) => push(
+                k("encryption_key_file"),
+                "set encryption_key_file or encryption_key_files, not both".into(),
+            ),
+            (None, true) => push(
+                k("encryption_key_file"),
+                "missing: refresh tokens are stored encrypted; set encryption_key_file (make a \
+                 key with `openssl rand -base64 32`) or encryption_key_files"
+                    .into(),
+            ),
+            _ => {}
+        }
+        let mut seen = HashSet::new();
+        for (i, path) in self.encryption_key_files.iter().enumerate() {
+            if path.as_os_str().is_empty() {
+                push(
+                    format!("subjects.encryption_key_files[{i}]"),
+                    "empty path".into(),
+                );
+            } else if !seen.insert(path) {
+                push(
+                    format!("subjects.encryption_key_files[{i}]"),
+                    format!("{} is listed twice", path.display()),
+                );
+            }
+        }
+        if self
+            .encryption_key_file
+            .as_deref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            push(k("encryption_key_file"), "empty path".into());
+        }
+        match self.store {
+            StoreKind::File => match &self.state_dir {
+                None => push(
+                    k("state_dir"),
+                    "missing: the file store keeps subjects' refresh tokens there; put it on \
+                     persistent storage"
+                        .into(),
+                ),
+                Some(p) if p.as_os_str().is_empty() => push(k("state_dir"), "empty path".into()),
+                Some(_) => {}
+            },
+        }
+    }
+
+    /// Every problem at once; `Ok` when there is none.
+    pub fn validate(&self) -> Result<(), Vec<(String, String)>> {
+        let mut errors = Vec::new();
+        self.problems(&mut |key, message| errors.push((key, message)));
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// The key files, newest first, whichever key gave them.
+    pub fn key_files(&self) -> Vec<PathBuf> {
+        match &self.encryption_key_file {
+            Some(one) => vec![one.clone()],
+            None => self.encryption_key_files.clone(),
+        }
+    }
+
+    /// Loads the key ring (at start: an unusable key file stops the start, naming it).
+    pub async fn key_ring(&self) -> Result<KeyRing, KeyError> {
+        KeyRing::load(&self.key_files()).await
+    }
+
+    /// Opens the configured store. Call after [`SubjectsConfig::validate`] passed.
+    pub async fn open_store(&self) -> Result<FileStore, StoreError> {
+        match self.store {
+            StoreKind::File => {
+                let dir = self.state_dir.as_deref().unwrap_or(Path::new(""));
+                FileStore::open(dir).await
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(toml_text: &str) -> SubjectsConfig {
+        let value: config::Value = config::Config::builder()
+            .add_source(config::File::from_str(toml_text, config::FileFormat::Toml))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        value.try_deserialize().unwrap()
+    }
+
+    fn keys(c: &SubjectsConfig) -> Vec<String> {
+        c.validate()
+            .err()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect()
+    }
+
+    #[test]
+    fn one_key_file_or_several_newest_first() {
+        let one = parse("state_dir = \"/var/lib/bp\"\nencryption_key_file = \"/k/1\"");
+        assert_eq!(one.validate(), Ok(()));
+        assert_eq!(one.store, StoreKind::File);
+        assert_eq!(one.key_files(), vec![PathBuf::from("/k/1")]);
+        let many = parse("state_dir = \"/s\"\nencryption_key_files = [\"/k/new\", \"/k/old\"]");
+        assert_eq!(many.validate(), Ok(()));
+        assert_eq!(
+            many.key_files(),
+            vec![PathBuf::from("/k/new"), PathBuf::from("/k/old")]
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_naming_its_key() {
+        assert_eq!(
+            keys(&SubjectsConfig::default()),
+            ["subjects.encryption_key_file", "subjects.state_dir"]
+        );
+        let both = parse(
+            "state_dir = \"\"\nencryption_key_file = \"/k\"\nencryption_key_files = [\"/a\", \"/a\", \"\"]",
+        );
+        assert_eq!(
+            keys(&both),
+            [
+                "subjects.encryption_key_file",
+                "subjects.encryption_key_files[1]",
+                "subjects.encryption_key_files[2]",
+                "subjects.state_dir",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_configured_store_and_keys_open() {
+        use base64::Engine as _;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(
+            &key,
+            base64::engine::general_purpose::STANDARD.encode([3u8; 32]),
+        )
+        .unwrap();
+        let c = SubjectsConfig {
+            state_dir: Some(dir.path().join("state")),
+            encryption_key_file: Some(key),
+            ..SubjectsConfig::default()
+        };
+        assert_eq!(c.key_ring().await.unwrap().ids().count(), 1);
+        c.open_store().await.unwrap();
+        assert!(dir.path().join("state/subjects").is_dir());
+    }
+}
