@@ -8,10 +8,9 @@ pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-/// Whole seconds since the Unix epoch, as JWT `iat`/`exp` claims count them (only the dev
-/// issuer mints claims, hence the feature gate). A time before the
-/// epoch (a badly set clock) counts as 0 rather than failing: these values are descriptive.
-#[cfg(any(feature = "dev-tools", test))]
+/// Whole seconds since the Unix epoch, as JWT `iat`/`exp` claims and the subject records count
+/// them. A time before the epoch (a badly set clock) counts as 0 rather than failing: these
+/// values are descriptive.
 pub fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
