@@ -3,7 +3,8 @@
 //! Layout:
 //! * this file: [`Proxy`] (built once from the configuration), [`Proxy::serve`], connection
 //!   tasks and draining;
-//! * `wire.rs`: the bytes of a client connection, checked before hyper parses them (framing,
+//! * `wire/`: the bytes of a client connection, checked before hyper parses them (`framer.rs`:
+//!   framing, no I/O; `guard.rs`: the socket wrapper hyper reads through,
 //!   header size, header and stall timeouts);
 //! * `route.rs`: the route table and host matching;
 //! * `forward.rs`: the request path (targets, sanitising, token injection, replay);
