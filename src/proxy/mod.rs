@@ -28,6 +28,9 @@ mod forward;
 #[doc(hidden)]
 pub mod fuzzing;
 mod route;
+mod sanitise;
+mod service;
+mod target;
 mod tunnel;
 mod underscore;
 mod upstream;
