@@ -633,6 +633,8 @@ pub(crate) fn is_consent_revoked(body: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use http::header::HeaderName;
+
     use super::*;
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
