@@ -36,6 +36,7 @@ pub mod config;
 pub mod demo;
 #[cfg(feature = "dev-tools")]
 pub mod issuer;
+mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;

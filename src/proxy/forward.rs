@@ -18,7 +18,9 @@
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use http::header::{AUTHORIZATION, CONTENT_LENGTH, HOST, HeaderMap, HeaderValue, TRANSFER_ENCODING, VIA};
+use http::header::{
+    AUTHORIZATION, CONTENT_LENGTH, HOST, HeaderMap, HeaderValue, TRANSFER_ENCODING, VIA,
+};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Extensions, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
@@ -78,9 +80,7 @@ fn upstream_error(code: ErrorCode) -> ProxyError {
     ProxyError::new(code, message)
 }
 
-
 impl Inner {
-
     /// Sends a routed request: sanitised, with the route's token, replayed once if the
     /// upstream rejects the token.
     pub(super) async fn forward_routed(
@@ -433,7 +433,6 @@ impl std::fmt::Display for ErrorChain<'_> {
     }
 }
 
-
 /// GET, HEAD, PUT, DELETE and OPTIONS may be sent twice (RFC 9110 §9.2.2; TRACE is refused).
 pub(crate) fn is_idempotent(method: &Method) -> bool {
     matches!(
@@ -441,7 +440,6 @@ pub(crate) fn is_idempotent(method: &Method) -> bool {
         Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS
     )
 }
-
 
 /// Whether the exchange failed because the client's request body did (see [`BodyError`]).
 fn client_body_failed(e: &hyper_util::client::legacy::Error) -> bool {
@@ -671,8 +669,14 @@ mod tests {
         ];
         for (base, input, strip, want) in cases {
             let authority = Authority::from_static("up.example:8443");
-            let got =
-                target_uri(Scheme::HTTPS, authority, base, input.parse().unwrap(), strip).unwrap();
+            let got = target_uri(
+                Scheme::HTTPS,
+                authority,
+                base,
+                input.parse().unwrap(),
+                strip,
+            )
+            .unwrap();
             assert_eq!(got.to_string(), want, "{input}");
         }
     }

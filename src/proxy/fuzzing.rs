@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, Request};
 
-use super::target::Target;
 use super::route::HostPattern;
+use super::target::Target;
 use super::{Proxy, ProxyBuildError};
 use crate::config::Config;
 use crate::metrics::Metrics;

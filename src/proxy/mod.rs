@@ -53,6 +53,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::config::{Config, ConnectPolicy, UnderscoreHeaders, Unmatched};
+use crate::listener::accept;
 use crate::metrics::{Metrics, RejectReason, RouteMetrics};
 use crate::shutdown::{Phase, Shutdown};
 use crate::tls::TlsError;
@@ -66,10 +67,6 @@ use wire::{MAX_HEADERS, WireGuard, WireLimits};
 /// JSON 431 always comes first (hyper answers a bare 431 once a partial head fills its buffer).
 /// The extra room also lets a body read take one more segment per call.
 const READ_BUFFER_SLACK: usize = 16 * 1024;
-
-/// Pause after an accept error such as EMFILE: retrying at once would spin on a full
-/// descriptor table; a short pause lets connections close (what hyper's and tokio's examples do).
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// The proxy could not be built from the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -237,68 +234,55 @@ impl Proxy {
         {
             let stopping = shutdown.reached(Phase::Stopping);
             tokio::pin!(stopping);
-            'accept: loop {
+            // A slot before `accept` (see the module documentation); a connection task that
+            // ends meanwhile is reported, and the wait starts over.
+            loop {
                 let permit = tokio::select! {
                     biased;
-                    () = &mut stopping => break 'accept,
+                    () = &mut stopping => break,
                     Some(done) = tasks.join_next() => {
                         report_task_end(done);
                         continue;
                     }
                     permit = slots.clone().acquire_owned() => match permit {
                         Ok(p) => p,
-                        Err(_) => break 'accept,
+                        Err(_) => break,
                     },
                 };
-                let stream = loop {
-                    tokio::select! {
-                        biased;
-                        () = &mut stopping => break 'accept,
-                        Some(done) = tasks.join_next() => report_task_end(done),
-                        accepted = listener.accept() => match accepted {
-                            Ok((stream, _)) => break stream,
-                            Err(e) if is_per_connection(&e) => {}
-                            Err(e) => {
-                                tracing::warn!(error = %e, "accept failed; pausing");
-                                tokio::select! {
-                                    () = &mut stopping => break 'accept,
-                                    () = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => {}
-                                }
-                            }
-                        },
+                let stream = tokio::select! {
+                    biased;
+                    () = &mut stopping => break,
+                    Some(done) = tasks.join_next() => {
+                        report_task_end(done);
+                        continue;
                     }
+                    stream = accept(&listener, "proxy") => stream,
                 };
-                let conn = inner.connection(stream, permit, &graceful, shutdown.clone());
-                tasks.spawn(conn);
+                tasks.spawn(inner.connection(stream, permit, &graceful, shutdown.clone()));
             }
         }
         drop(listener);
-        {
-            let drain = async {
-                graceful.shutdown().await;
-                while let Some(done) = tasks.join_next().await {
-                    report_task_end(done);
-                }
-            };
-            tokio::select! {
-                biased;
-                () = shutdown.reached(Phase::Terminated) => {}
-                () = drain => {}
-            }
-        }
+        drain(graceful, &mut tasks, &shutdown).await;
         // Nothing left after a drain; after Terminated this aborts what is left and waits for
         // the aborted tasks to release their slots and gauges.
         tasks.shutdown().await;
     }
 }
 
-/// Accept errors that concern one connection only (it was reset before we took it).
-fn is_per_connection(e: &std::io::Error) -> bool {
-    use std::io::ErrorKind::*;
-    matches!(
-        e.kind(),
-        ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted | WouldBlock
-    )
+/// Lets every connection finish (idle ones close at once), reporting each task's end, unless
+/// `Terminated` comes first.
+async fn drain(graceful: GracefulShutdown, tasks: &mut JoinSet<()>, shutdown: &Shutdown) {
+    let drain = async {
+        graceful.shutdown().await;
+        while let Some(done) = tasks.join_next().await {
+            report_task_end(done);
+        }
+    };
+    tokio::select! {
+        biased;
+        () = shutdown.reached(Phase::Terminated) => {}
+        () = drain => {}
+    }
 }
 
 fn report_task_end(done: Result<(), tokio::task::JoinError>) {

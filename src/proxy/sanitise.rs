@@ -39,7 +39,6 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     PROXY_AUTHENTICATE,
 ];
 
-
 /// Steps 1-6 of the module documentation, in order, on the headers of a request sent on a
 /// route. `Err` if the underscore policy refuses it (nothing else was changed then).
 pub(crate) fn sanitise<'h>(
@@ -201,5 +200,4 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
     }
-
 }

@@ -136,7 +136,6 @@ impl Inner {
         e.response()
     }
 
-
     /// Whether the request already carries our `Via` entry.
     fn is_loop(&self, headers: &HeaderMap) -> bool {
         let us = self.pseudonym.as_bytes();
@@ -167,5 +166,4 @@ mod tests {
             assert!(!is_trace(&Method::from_bytes(m.as_bytes()).unwrap()), "{m}");
         }
     }
-
 }

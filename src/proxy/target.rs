@@ -216,5 +216,4 @@ mod tests {
             assert_eq!(names_a_port(&Authority::from_static(a)), named, "{a}");
         }
     }
-
 }
