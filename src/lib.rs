@@ -34,6 +34,7 @@ pub mod cli;
 pub mod config;
 #[cfg(feature = "dev-tools")]
 pub mod demo;
+mod error;
 #[cfg(feature = "dev-tools")]
 pub mod issuer;
 mod listener;

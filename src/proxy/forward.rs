@@ -34,6 +34,7 @@ use super::route::Route;
 use super::sanitise::{sanitise, strip_hop_by_hop};
 use super::target::{BAD_TARGET, Origin};
 use super::upstream::{UpstreamClient, classify_request_error};
+use crate::error::{Chain, chain};
 use crate::metrics::{ReplayResult, RouteMetrics, UpstreamErrorKind};
 
 /// At most this much of an answer with a replay status is read to look for Flinks' consent
@@ -162,7 +163,7 @@ impl Inner {
         {
             tracing::info!(
                 route = %route.label,
-                error = %ErrorChain(e),
+                error = %Chain(e),
                 "upstream closed the connection without answering; retrying once"
             );
             sent = self
@@ -344,9 +345,10 @@ impl Inner {
             SendError::Upgrade => (ErrorCode::UpstreamReset, UpstreamErrorKind::Reset),
             SendError::Timeout => (ErrorCode::UpstreamTimeout, UpstreamErrorKind::Timeout),
             SendError::Request(e) => {
+                // Client errors carry no headers, so no token can appear in the chain.
                 tracing::warn!(
                     route = metrics.name(),
-                    error = %ErrorChain(e),
+                    error = %Chain(e),
                     "upstream request failed"
                 );
                 classify_request_error(e)
@@ -375,8 +377,7 @@ fn closed_unanswered(e: &hyper_util::client::legacy::Error) -> bool {
     if e.is_connect() {
         return false;
     }
-    let mut source = std::error::Error::source(e);
-    while let Some(err) = source {
+    for err in chain(e) {
         if err.is::<super::upstream::ConnectError>() {
             return false;
         }
@@ -390,7 +391,6 @@ fn closed_unanswered(e: &hyper_util::client::legacy::Error) -> bool {
         {
             return true;
         }
-        source = err.source();
     }
     false
 }
@@ -417,22 +417,6 @@ impl Replay {
     }
 }
 
-/// Displays an error with its sources (`outer: inner: root`). Client errors carry no headers,
-/// so no token can appear here.
-struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(e) = source {
-            write!(f, ": {e}")?;
-            source = e.source();
-        }
-        Ok(())
-    }
-}
-
 /// GET, HEAD, PUT, DELETE and OPTIONS may be sent twice (RFC 9110 §9.2.2; TRACE is refused).
 pub(crate) fn is_idempotent(method: &Method) -> bool {
     matches!(
@@ -443,14 +427,7 @@ pub(crate) fn is_idempotent(method: &Method) -> bool {
 
 /// Whether the exchange failed because the client's request body did (see [`BodyError`]).
 fn client_body_failed(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut source = std::error::Error::source(e);
-    while let Some(err) = source {
-        if matches!(err.downcast_ref::<BodyError>(), Some(BodyError::Client(_))) {
-            return true;
-        }
-        source = err.source();
-    }
-    false
+    chain(e).any(|err| matches!(err.downcast_ref::<BodyError>(), Some(BodyError::Client(_))))
 }
 
 /// An upstream response's framing as hyper's client read it, checked before it is passed on.
