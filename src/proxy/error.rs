@@ -159,7 +159,7 @@ impl ProxyError {
     }
 
     /// The answer as raw HTTP/1.1 bytes, for refusals made before hyper sees the request
-    /// (see `wire.rs`). Always closes the connection.
+    /// (see `wire/guard.rs`). Always closes the connection.
     pub(crate) fn http1_bytes(&self) -> Vec<u8> {
         let body = self.body();
         let status = self.code.status();

@@ -69,7 +69,7 @@ pub fn underscore_headers(
 #[derive(Debug)]
 pub struct Framer(super::wire::Framer);
 
-/// What [`Framer::scan`] decided (see `wire.rs`).
+/// What [`Framer::scan`] decided (see `wire/framer.rs`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scan {
     /// Every byte belongs to complete, accepted message parts.
@@ -86,7 +86,7 @@ impl Framer {
         Self(super::wire::Framer::new(max_head))
     }
 
-    /// Follows `data` (see `Framer::scan` in `wire.rs` for the protocol).
+    /// Follows `data` (see `Framer::scan` in `wire/framer.rs` for the protocol).
     pub fn scan(&mut self, data: &[u8]) -> Scan {
         match self.0.scan(data) {
             super::wire::Scan::All => Scan::All,

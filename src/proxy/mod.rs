@@ -1,15 +1,19 @@
 //! The proxy port: the accept loop, each client connection's life, and graceful shutdown.
 //!
-//! Layout:
-//! * this file: [`Proxy`] (built once from the configuration), [`Proxy::serve`], connection
-//!   tasks and draining;
-//! * `wire/`: the bytes of a client connection, checked before hyper parses them (`framer.rs`:
-//!   framing, no I/O; `guard.rs`: the socket wrapper hyper reads through,
-//!   header size, header and stall timeouts);
+//! Layout, in the order a request meets it:
+//! * this file: [`Proxy`] (built once from the configuration), [`Proxy::serve`] (the accept
+//!   loop, over `crate::listener::accept`), connection tasks and draining;
+//! * `wire/`: the bytes of a client connection, checked before hyper parses them: `framer.rs`
+//!   (the framing state machine, no I/O) and `guard.rs` (`WireGuard`, the socket wrapper hyper
+//!   reads through: held heads, refusals, header and idle timeouts);
+//! * `service.rs`: the service entry point (`Inner::handle`, `dispatch`, `refuse`);
+//! * `target.rs`: the routing decision (`Inner::target`, `Target`, `Origin`);
 //! * `route.rs`: the route table and host matching;
-//! * `forward.rs`: the request path (targets, sanitising, token injection, replay);
-//! * `upstream.rs`: the pooled upstream clients (one per credential) and their error classes;
+//! * `sanitise.rs`: the security-critical header sequence of a routed request, and hop-by-hop
+//!   stripping;
 //! * `underscore.rs`: request header names containing `_` (`proxy.underscore_headers`);
+//! * `forward.rs`: sending (token wait, replay, consent probe, response checks);
+//! * `upstream.rs`: the pooled upstream clients (one per credential) and their error classes;
 //! * `tunnel.rs`: `CONNECT`;
 //! * `body.rs`, `error.rs`: the body type and the proxy's own answers.
 //!
