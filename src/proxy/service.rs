@@ -30,6 +30,7 @@ const DENIED: ProxyError = ProxyError::new(
     ErrorCode::Denied,
     "no route matches this host and proxy.unmatched is \"deny\"",
 );
+
 /// The request's details kept for the access log.
 struct AccessInfo {
     method: Method,
@@ -84,6 +85,8 @@ impl Inner {
         resp
     }
 
+    /// The answer, and the metric handles of the route (or `unmatched`, `connect`) it counts
+    /// under.
     async fn dispatch(
         &self,
         req: Request<Incoming>,

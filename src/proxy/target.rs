@@ -34,6 +34,7 @@ pub(super) const BAD_TARGET: ProxyError = ProxyError::new(
     ErrorCode::BadRequest,
     "the request target cannot be forwarded",
 );
+
 /// Where a request goes.
 pub(super) enum Target<'a> {
     /// A route's upstream.
