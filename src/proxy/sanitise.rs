@@ -200,4 +200,51 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
     }
+
+    #[test]
+    fn a_routed_request_leaves_with_our_host_via_statics_and_one_token() {
+        let mut h = headers(&[
+            ("connection", "host, x-static, via"),
+            ("host", "attacker.example"),
+            ("host", "second.example"),
+            ("via", "1.0 earlier"),
+            ("x-static", "from-the-app"),
+            ("authorization", "Bearer from-the-app"),
+            ("x_forwarded", "dropped"),
+        ]);
+        let token = HeaderValue::from_static("Bearer injected");
+        let mut statics = HeaderMap::new();
+        statics.insert("x-static", HeaderValue::from_static("route"));
+        let sanitised = sanitise(
+            &mut h,
+            UnderscoreHeaders::Drop,
+            HeaderValue::from_static("up.example"),
+            &HeaderValue::from_static("1.1 us"),
+            &statics,
+        )
+        .unwrap();
+        assert_eq!(sanitised.dropped, 1);
+        sanitised.inject(&token);
+        let all = |n: &str| h.get_all(n).iter().cloned().collect::<Vec<_>>();
+        assert_eq!(all("host"), ["up.example"]);
+        assert_eq!(all("via"), ["1.1 us"]);
+        assert_eq!(all("x-static"), ["route"]);
+        assert_eq!(all("authorization"), [token]);
+        assert_eq!(h.len(), 4);
+    }
+
+    #[test]
+    fn a_refused_request_is_not_changed_further() {
+        let mut h = headers(&[("transfer_encoding", "chunked"), ("authorization", "x")]);
+        let refused = sanitise(
+            &mut h,
+            UnderscoreHeaders::Allow,
+            HeaderValue::from_static("up.example"),
+            &HeaderValue::from_static("1.1 us"),
+            &HeaderMap::new(),
+        );
+        assert!(refused.is_err());
+        assert_eq!(h.len(), 2);
+        assert!(h.get("host").is_none());
+    }
 }
