@@ -24,6 +24,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use crate::listener::accept;
 use crate::metrics::Metrics;
 use crate::shutdown::{Phase, Shutdown};
 use crate::time::rfc3339;
@@ -32,8 +33,6 @@ use crate::token::{ErrorKind, TokenCell, TokenStatus};
 /// A probe or a scrape sends its whole request at once; anything slower is not a client we
 /// serve.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// Pause after a failed `accept` (out of file descriptors) so the loop does not spin.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// Admin connections served at once. Probes, a scrape or two and an operator's curl need a
 /// handful; 64 leaves room for a busy cluster while a flood of connections to this port
 /// (reachable on the pod IP) cannot take the file descriptors the proxy port needs: above it
@@ -88,16 +87,9 @@ impl Admin {
                     Err(_) => return,
                 },
             };
-            let (stream, _) = tokio::select! {
+            let stream = tokio::select! {
                 () = &mut stop => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "admin: accept failed");
-                        tokio::time::sleep(ACCEPT_BACKOFF).await;
-                        continue;
-                    }
-                },
+                stream = accept(&listener, "admin") => stream,
             };
             let admin = self.clone();
             let conn = http.serve_connection(

@@ -19,6 +19,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::issuer::{DevIssuer, IssuerOptions};
+use crate::listener::accept;
 use crate::shutdown::os_signals;
 
 /// The host the demo routes; `.test` is reserved (RFC 2606) and never resolves.
@@ -149,9 +150,7 @@ pub async fn run(addrs: DemoAddrs) -> Result<(), DemoError> {
 /// The echo API: answers every request with what it received, the token shortened.
 pub async fn serve_echo(listener: TcpListener) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
+        let stream = accept(&listener, "demo API").await;
         tokio::spawn(async move {
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service_fn(echo))

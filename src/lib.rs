@@ -26,8 +26,8 @@
 //!   `dev-issuer` and `demo` commands. Build a sidecar without them with
 //!   `--no-default-features`.
 //!
-//! Modules that tests, benchmarks and fuzz targets do not use (`demo`, `logging`, `time`,
-//! `tls`) are private, so the compiler reports their dead code.
+//! Modules that tests, benchmarks and fuzz targets do not use (`demo`, `error`, `listener`,
+//! `logging`, `time`, `tls`) are private, so the compiler reports their dead code.
 //!
 //! A token flows token endpoint → [`token::refresher::Refresher`] → [`token::TokenCell`] →
 //! request. [`Server`] wires the parts together for `bearer-proxy run`.
@@ -39,8 +39,10 @@ pub mod cli;
 pub mod config;
 #[cfg(feature = "dev-tools")]
 mod demo;
+mod error;
 #[cfg(feature = "dev-tools")]
 pub mod issuer;
+mod listener;
 mod logging;
 pub mod metrics;
 pub mod proxy;

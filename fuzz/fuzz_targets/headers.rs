@@ -1,15 +1,18 @@
 //! Fuzzes the hop-by-hop header sanitiser (`strip_hop_by_hop`, used on every forwarded request
-//! and response) and the token injection that follows it on a routed request:
+//! and response) and the whole header sequence of a routed request (`sanitise`, the function
+//! the request path calls, token injection included):
 //! - no hop-by-hop header survives, nor any header a `Connection` value names;
 //! - every other header survives with its values, in order;
-//! - after the routed-request steps (strip, remove the app's `Authorization`, insert the token)
-//!   there is exactly one `Authorization`, the token, whatever the app sent.
+//! - after the routed-request sequence there is exactly one `Authorization`, the token, and
+//!   exactly one `Host`, the upstream's, whatever the app sent; no hop-by-hop header is left;
+//!   our `Via` is the last one; under `drop` no name with `_` is left.
 #![no_main]
 
 use std::collections::BTreeMap;
 
-use bearer_proxy::proxy::fuzzing::strip_hop_by_hop;
-use http::header::{AUTHORIZATION, CONNECTION, HeaderMap, HeaderName, HeaderValue};
+use bearer_proxy::config::UnderscoreHeaders;
+use bearer_proxy::proxy::fuzzing::{sanitise, strip_hop_by_hop};
+use http::header::{AUTHORIZATION, CONNECTION, HOST, HeaderMap, HeaderName, HeaderValue, VIA};
 use libfuzzer_sys::fuzz_target;
 
 const HOP_BY_HOP: &[&str] = &[
@@ -58,10 +61,33 @@ fuzz_target!(|data: &[u8]| {
     }
     assert_eq!(got, expected);
 
-    // The routed request's last steps (forward.rs): the token is the one Authorization.
+    // The routed request's whole sequence, as the request path runs it (the first byte picks
+    // the underscore policy).
+    let policy = match data.first().map(|b| b % 3) {
+        Some(0) => UnderscoreHeaders::Drop,
+        Some(1) => UnderscoreHeaders::Reject,
+        _ => UnderscoreHeaders::Allow,
+    };
     let token = HeaderValue::from_static("Bearer fuzz-token");
-    stripped.remove(AUTHORIZATION);
-    stripped.insert(AUTHORIZATION, token.clone());
-    let all: Vec<_> = stripped.get_all(AUTHORIZATION).iter().collect();
+    let host = HeaderValue::from_static("upstream.example");
+    let via = HeaderValue::from_static("1.1 bearer-proxy-fuzz");
+    let mut statics = HeaderMap::new();
+    statics.insert("x-static", HeaderValue::from_static("1"));
+    let mut routed = headers.clone();
+    if sanitise(&mut routed, policy, host.clone(), &via, &statics, &token).is_err() {
+        // Refused: answered by the proxy, nothing is forwarded.
+        return;
+    }
+    let all: Vec<_> = routed.get_all(AUTHORIZATION).iter().collect();
     assert_eq!(all, [&token]);
+    let hosts: Vec<_> = routed.get_all(HOST).iter().collect();
+    assert_eq!(hosts, [&host]);
+    assert_eq!(routed.get_all(VIA).iter().last(), Some(&via));
+    assert_eq!(routed.get_all("x-static").iter().count(), 1);
+    for name in routed.keys() {
+        assert!(!HOP_BY_HOP.contains(&name.as_str()), "{name}");
+        if policy == UnderscoreHeaders::Drop {
+            assert!(!name.as_str().contains('_'), "{name}");
+        }
+    }
 });

@@ -38,6 +38,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
+use crate::listener::accept;
+
 pub use control::IssuerControl;
 pub use fault::Fault;
 pub use state::{IssuedToken, IssuerOptions, RecordedRequest};
@@ -55,8 +57,6 @@ const CONTROL_PREFIX: &str = "/control/";
 /// ample for a loopback token request, short enough that a configured delay cannot hold up a
 /// test that stops the issuer.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
-/// Pause after a failed `accept` (e.g. out of file descriptors) so the loop does not spin.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// A bound, not yet serving, dev issuer.
 pub struct DevIssuer {
@@ -133,25 +133,19 @@ impl DevIssuer {
             tokio::select! {
                 () = &mut shutdown => break,
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _peer)) => {
+                stream = accept(&listener, "dev issuer") => {
+                    let shared = Arc::clone(&shared);
+                    let service = service_fn(move |req| {
                         let shared = Arc::clone(&shared);
-                        let service = service_fn(move |req| {
-                            let shared = Arc::clone(&shared);
-                            async move { Ok::<_, Infallible>(handle(&shared, req).await) }
-                        });
-                        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-                        connections.spawn(async move {
-                            if let Err(e) = conn.await {
-                                tracing::debug!(error = %e, "dev issuer: connection error");
-                            }
-                        });
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "dev issuer: accept failed");
-                        tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    }
-                },
+                        async move { Ok::<_, Infallible>(handle(&shared, req).await) }
+                    });
+                    let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+                    connections.spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(error = %e, "dev issuer: connection error");
+                        }
+                    });
+                }
             }
         }
         drop(listener);

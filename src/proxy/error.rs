@@ -134,12 +134,12 @@ impl ProxyError {
             error: &'a str,
             message: &'a str,
         }
+        #[allow(clippy::expect_used)] // an invariant, see the message
         serde_json::to_vec(&Body {
             error: self.code.as_str(),
             message: self.message,
         })
-        // Serializing two strings cannot fail; an empty object keeps the answer well-formed.
-        .unwrap_or_else(|_| b"{}".to_vec())
+        .expect("two strings serialize because serde_json fails only on non-string map keys")
     }
 
     /// The answer as a response for hyper to send.
@@ -159,7 +159,7 @@ impl ProxyError {
     }
 
     /// The answer as raw HTTP/1.1 bytes, for refusals made before hyper sees the request
-    /// (see `wire.rs`). Always closes the connection.
+    /// (see `wire/guard.rs`). Always closes the connection.
     pub(crate) fn http1_bytes(&self) -> Vec<u8> {
         let body = self.body();
         let status = self.code.status();

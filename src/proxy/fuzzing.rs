@@ -1,14 +1,15 @@
 //! Entry points for the fuzz targets in `fuzz/`: the host matcher and normaliser, the routing
-//! decision, the hop-by-hop header sanitiser, the underscore header policy and the wire guard's
+//! decision, the hop-by-hop header sanitiser, the whole routed-request header sequence, the
+//! underscore header policy and the wire guard's
 //! framer, each reachable without sockets. Not a supported API; hidden from the documentation.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use http::{HeaderMap, Request};
+use http::{HeaderMap, HeaderValue, Request};
 
-use super::forward::Target;
 use super::route::HostPattern;
+use super::target::Target;
 use super::{Proxy, ProxyBuildError};
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -33,7 +34,26 @@ pub fn split_host_port(authority: &str) -> Option<(&str, Option<u16>)> {
 
 /// Removes hop-by-hop headers, as on every forwarded request and response.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    super::forward::strip_hop_by_hop(headers);
+    super::sanitise::strip_hop_by_hop(headers);
+}
+
+/// The header changes of a request sent on a route, as the request path makes them:
+/// `sanitise` (underscore policy, hop-by-hop, the client's `Authorization`, `Host`, `Via`,
+/// static headers), then the token. `Ok(n)` with `n` header lines dropped for `_`, or the
+/// refusal's error code (then only the underscore policy has looked at the headers).
+pub fn sanitise(
+    headers: &mut HeaderMap,
+    policy: crate::config::UnderscoreHeaders,
+    host: HeaderValue,
+    via: &HeaderValue,
+    statics: &HeaderMap,
+    token: &HeaderValue,
+) -> Result<u64, &'static str> {
+    let sanitised = super::sanitise::sanitise(headers, policy, host, via, statics)
+        .map_err(|r| r.error.code.as_str())?;
+    let dropped = sanitised.dropped;
+    sanitised.inject(token);
+    Ok(dropped)
 }
 
 /// Applies `proxy.underscore_headers` as on every forwarded request: `Ok(n)` with `n` header
@@ -49,7 +69,7 @@ pub fn underscore_headers(
 #[derive(Debug)]
 pub struct Framer(super::wire::Framer);
 
-/// What [`Framer::scan`] decided (see `wire.rs`).
+/// What [`Framer::scan`] decided (see `wire/framer.rs`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scan {
     /// Every byte belongs to complete, accepted message parts.
@@ -66,7 +86,7 @@ impl Framer {
         Self(super::wire::Framer::new(max_head))
     }
 
-    /// Follows `data` (see `Framer::scan` in `wire.rs` for the protocol).
+    /// Follows `data` (see `Framer::scan` in `wire/framer.rs` for the protocol).
     pub fn scan(&mut self, data: &[u8]) -> Scan {
         match self.0.scan(data) {
             super::wire::Scan::All => Scan::All,

@@ -1,14 +1,19 @@
 //! The proxy port: the accept loop, each client connection's life, and graceful shutdown.
 //!
-//! Layout:
-//! * this file: [`Proxy`] (built once from the configuration), [`Proxy::serve`], connection
-//!   tasks and draining;
-//! * `wire.rs`: the bytes of a client connection, checked before hyper parses them (framing,
-//!   header size, header and stall timeouts);
+//! Layout, in the order a request meets it:
+//! * this file: [`Proxy`] (built once from the configuration), [`Proxy::serve`] (the accept
+//!   loop, over `crate::listener::accept`), connection tasks and draining;
+//! * `wire/`: the bytes of a client connection, checked before hyper parses them: `framer.rs`
+//!   (the framing state machine, no I/O) and `guard.rs` (`WireGuard`, the socket wrapper hyper
+//!   reads through: held heads, refusals, header and idle timeouts);
+//! * `service.rs`: the service entry point (`Inner::handle`, `dispatch`, `refuse`);
+//! * `target.rs`: the routing decision (`Inner::target`, `Target`, `Origin`);
 //! * `route.rs`: the route table and host matching;
-//! * `forward.rs`: the request path (targets, sanitising, token injection, replay);
-//! * `upstream.rs`: the pooled upstream clients (one per credential) and their error classes;
+//! * `sanitise.rs`: the security-critical header sequence of a routed request, and hop-by-hop
+//!   stripping;
 //! * `underscore.rs`: request header names containing `_` (`proxy.underscore_headers`);
+//! * `forward.rs`: sending (token wait, replay, consent probe, response checks);
+//! * `upstream.rs`: the pooled upstream clients (one per credential) and their error classes;
 //! * `tunnel.rs`: `CONNECT`;
 //! * `body.rs`, `error.rs`: the body type and the proxy's own answers.
 //!
@@ -27,6 +32,9 @@ mod forward;
 #[doc(hidden)]
 pub mod fuzzing;
 mod route;
+mod sanitise;
+mod service;
+mod target;
 mod tunnel;
 mod underscore;
 mod upstream;
@@ -49,6 +57,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::config::{Config, ConnectPolicy, UnderscoreHeaders, Unmatched};
+use crate::listener::accept;
 use crate::metrics::{Metrics, RejectReason, RouteMetrics};
 use crate::shutdown::{Phase, Shutdown};
 use crate::tls::TlsError;
@@ -62,10 +71,6 @@ use wire::{MAX_HEADERS, WireGuard, WireLimits};
 /// JSON 431 always comes first (hyper answers a bare 431 once a partial head fills its buffer).
 /// The extra room also lets a body read take one more segment per call.
 const READ_BUFFER_SLACK: usize = 16 * 1024;
-
-/// Pause after an accept error such as EMFILE: retrying at once would spin on a full
-/// descriptor table; a short pause lets connections close (what hyper's and tokio's examples do).
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// The proxy could not be built from the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -160,9 +165,10 @@ pub fn pseudonym() -> &'static str {
 fn via() -> HeaderValue {
     static VIA: OnceLock<HeaderValue> = OnceLock::new();
     VIA.get_or_init(|| {
-        // ASCII letters, digits and '-': always a valid header value.
-        HeaderValue::from_str(&format!("1.1 {}", pseudonym()))
-            .unwrap_or_else(|_| HeaderValue::from_static("1.1 bearer-proxy"))
+        #[allow(clippy::expect_used)] // an invariant, see the message
+        HeaderValue::from_str(&format!("1.1 {}", pseudonym())).expect(
+            "`1.1 bearer-proxy-<hex>` is a valid header value because it is visible ASCII and spaces",
+        )
     })
     .clone()
 }
@@ -233,68 +239,55 @@ impl Proxy {
         {
             let stopping = shutdown.reached(Phase::Stopping);
             tokio::pin!(stopping);
-            'accept: loop {
+            // A slot before `accept` (see the module documentation); a connection task that
+            // ends meanwhile is reported, and the wait starts over.
+            loop {
                 let permit = tokio::select! {
                     biased;
-                    () = &mut stopping => break 'accept,
+                    () = &mut stopping => break,
                     Some(done) = tasks.join_next() => {
                         report_task_end(done);
                         continue;
                     }
                     permit = slots.clone().acquire_owned() => match permit {
                         Ok(p) => p,
-                        Err(_) => break 'accept,
+                        Err(_) => break,
                     },
                 };
-                let stream = loop {
-                    tokio::select! {
-                        biased;
-                        () = &mut stopping => break 'accept,
-                        Some(done) = tasks.join_next() => report_task_end(done),
-                        accepted = listener.accept() => match accepted {
-                            Ok((stream, _)) => break stream,
-                            Err(e) if is_per_connection(&e) => {}
-                            Err(e) => {
-                                tracing::warn!(error = %e, "accept failed; pausing");
-                                tokio::select! {
-                                    () = &mut stopping => break 'accept,
-                                    () = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => {}
-                                }
-                            }
-                        },
+                let stream = tokio::select! {
+                    biased;
+                    () = &mut stopping => break,
+                    Some(done) = tasks.join_next() => {
+                        report_task_end(done);
+                        continue;
                     }
+                    stream = accept(&listener, "proxy") => stream,
                 };
-                let conn = inner.connection(stream, permit, &graceful, shutdown.clone());
-                tasks.spawn(conn);
+                tasks.spawn(inner.connection(stream, permit, &graceful, shutdown.clone()));
             }
         }
         drop(listener);
-        {
-            let drain = async {
-                graceful.shutdown().await;
-                while let Some(done) = tasks.join_next().await {
-                    report_task_end(done);
-                }
-            };
-            tokio::select! {
-                biased;
-                () = shutdown.reached(Phase::Terminated) => {}
-                () = drain => {}
-            }
-        }
+        drain(graceful, &mut tasks, &shutdown).await;
         // Nothing left after a drain; after Terminated this aborts what is left and waits for
         // the aborted tasks to release their slots and gauges.
         tasks.shutdown().await;
     }
 }
 
-/// Accept errors that concern one connection only (it was reset before we took it).
-fn is_per_connection(e: &std::io::Error) -> bool {
-    use std::io::ErrorKind::*;
-    matches!(
-        e.kind(),
-        ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted | WouldBlock
-    )
+/// Lets every connection finish (idle ones close at once), reporting each task's end, unless
+/// `Terminated` comes first.
+async fn drain(graceful: GracefulShutdown, tasks: &mut JoinSet<()>, shutdown: &Shutdown) {
+    let drain = async {
+        graceful.shutdown().await;
+        while let Some(done) = tasks.join_next().await {
+            report_task_end(done);
+        }
+    };
+    tokio::select! {
+        biased;
+        () = shutdown.reached(Phase::Terminated) => {}
+        () = drain => {}
+    }
 }
 
 fn report_task_end(done: Result<(), tokio::task::JoinError>) {

@@ -274,7 +274,10 @@ fn fixed_from_url(raw: &str) -> Result<Upstream, String> {
     } else {
         Scheme::HTTP
     };
-    let host = url.host_str().unwrap_or_default();
+    // `check_endpoint_url` refuses a URL without a host; said again here rather than assumed.
+    let Some(host) = url.host_str() else {
+        return Err(format!("upstream {raw:?} has no host"));
+    };
     let authority = match url.port() {
         Some(p) => format!("{host}:{p}"),
         None => host.to_owned(),

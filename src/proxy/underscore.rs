@@ -57,18 +57,27 @@ impl Inner {
     /// did; the proxy's answer if the request is refused.
     pub(super) fn underscore_names(&self, headers: &mut HeaderMap) -> Option<Response<ProxyBody>> {
         match apply(self.underscore_headers, headers) {
-            Ok(0) => None,
             Ok(dropped) => {
-                self.metrics
-                    .underscore_headers(UnderscoreAction::Dropped, dropped);
+                self.underscore_dropped(dropped);
                 None
             }
-            Err(refusal) => {
-                self.metrics
-                    .underscore_headers(UnderscoreAction::Refused, refusal.headers);
-                Some(self.refuse(refusal.error))
-            }
+            Err(refusal) => Some(self.underscore_refused(refusal)),
         }
+    }
+
+    /// Counts header lines the policy dropped, if any.
+    pub(super) fn underscore_dropped(&self, dropped: u64) {
+        if dropped > 0 {
+            self.metrics
+                .underscore_headers(UnderscoreAction::Dropped, dropped);
+        }
+    }
+
+    /// Counts a refused request's header lines and answers it.
+    pub(super) fn underscore_refused(&self, refusal: Refusal) -> Response<ProxyBody> {
+        self.metrics
+            .underscore_headers(UnderscoreAction::Refused, refusal.headers);
+        self.refuse(refusal.error)
     }
 }
 

@@ -29,6 +29,7 @@ use tokio::net::TcpStream;
 use tower::Service;
 
 use super::body::ProxyBody;
+use crate::error::cause_ref;
 use crate::metrics::UpstreamErrorKind;
 use crate::tls::TlsError;
 
@@ -203,18 +204,12 @@ pub(crate) fn classify_request_error(
     e: &hyper_util::client::legacy::Error,
 ) -> (super::error::ErrorCode, UpstreamErrorKind) {
     use super::error::ErrorCode;
-    let mut source = std::error::Error::source(e);
-    while let Some(err) = source {
-        if let Some(c) = err.downcast_ref::<ConnectError>() {
-            return match c.kind {
-                ConnectFailure::Tcp => (ErrorCode::UpstreamUnreachable, UpstreamErrorKind::Connect),
-                ConnectFailure::Timeout => {
-                    (ErrorCode::UpstreamUnreachable, UpstreamErrorKind::Timeout)
-                }
-                ConnectFailure::Tls => (ErrorCode::UpstreamTls, UpstreamErrorKind::Tls),
-            };
-        }
-        source = err.source();
+    if let Some(c) = cause_ref::<ConnectError>(e) {
+        return match c.kind {
+            ConnectFailure::Tcp => (ErrorCode::UpstreamUnreachable, UpstreamErrorKind::Connect),
+            ConnectFailure::Timeout => (ErrorCode::UpstreamUnreachable, UpstreamErrorKind::Timeout),
+            ConnectFailure::Tls => (ErrorCode::UpstreamTls, UpstreamErrorKind::Tls),
+        };
     }
     if e.is_connect() {
         (ErrorCode::UpstreamUnreachable, UpstreamErrorKind::Connect)
