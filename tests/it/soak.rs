@@ -376,9 +376,17 @@ async fn at_rest(load: &Load, child: &Child, stats: &UpstreamStats, clients: usi
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let pid = child.child.id().unwrap();
+    // A connection the proxy refused lingers up to 2 s (the wire guard drains it before the
+    // close, after the open-connections gauge has dropped), and the admin scrape above is
+    // still closing: take the fewest descriptors seen over 3 s. A leak shows in every sample.
+    let mut fewest = fds(pid);
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        fewest = fewest.min(fds(pid));
+    }
     let rest = Rest {
         rss: rss(pid),
-        fds: fds(pid),
+        fds: fewest,
         upstream_conns: stats.live.load(Ordering::SeqCst),
     };
     load.pause.send_replace(false);
