@@ -22,8 +22,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::header::{ALLOW, CONTENT_TYPE};
-use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http::header::CONTENT_TYPE;
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use serde_json::json;
@@ -32,7 +32,7 @@ use serde_json::json;
 use super::IssuerOptions;
 use super::fault::Fault;
 use super::params::{Params, header_string, read_body};
-use super::response::{OAuthError, error_response, json_response};
+use super::response::{OAuthError, error_response, json_response, post_only};
 use super::state::{IssuedToken, MAX_LIFETIME, RecordedRequest, Shared};
 
 /// A cloneable handle on a dev issuer's failure switches and observations. Every method takes
@@ -151,15 +151,7 @@ pub(super) async fn control_endpoint(
         );
     }
     if parts.method != Method::POST {
-        let mut response = error_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "invalid_request",
-            "control commands take POST",
-        );
-        response
-            .headers_mut()
-            .insert(ALLOW, HeaderValue::from_static("POST"));
-        return response;
+        return post_only("control commands take POST");
     }
     let body = match read_body(body, &parts.headers).await {
         Ok(body) => body,

@@ -37,14 +37,14 @@ use std::time::SystemTime;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
-use http::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE};
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use serde_json::{Map, Value};
 
 use super::params::{BodyError, Params, form_decode, header_string, read_body};
-use super::response::{OAuthError, error_response, json_response};
+use super::response::{OAuthError, error_response, json_response, post_only};
 use super::state::{Inner, RecordedRequest, Shared, new_refresh_token};
 #[cfg(doc)]
 use super::{Fault, IssuerOptions};
@@ -73,15 +73,7 @@ pub(super) async fn token_endpoint(
     };
     if parts.method != Method::POST {
         shared.record(record);
-        let mut response = error_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "invalid_request",
-            "the token endpoint takes POST",
-        );
-        response
-            .headers_mut()
-            .insert(ALLOW, HeaderValue::from_static("POST"));
-        return response;
+        return post_only("the token endpoint takes POST");
     }
     let body = match read_body(body, &parts.headers).await {
         Ok(body) => body,
@@ -545,7 +537,7 @@ mod tests {
         assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
         let response = client().get(&issuer.url).send().await.unwrap();
         assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
-        assert_eq!(response.headers()[ALLOW], "POST");
+        assert_eq!(response.headers()[http::header::ALLOW], "POST");
         let response = client()
             .post(format!("{}/oauth/token", issuer.base))
             .send()

@@ -3,7 +3,7 @@
 //! client tried the `Authorization` header).
 
 use bytes::Bytes;
-use http::header::{CACHE_CONTROL, CONTENT_TYPE, PRAGMA, WWW_AUTHENTICATE};
+use http::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, PRAGMA, WWW_AUTHENTICATE};
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 use serde_json::{Value, json};
@@ -81,6 +81,16 @@ pub(super) fn error_response(
         status,
         &json!({ "error": code, "error_description": description }),
     )
+}
+
+/// 405 `invalid_request` with `Allow: POST`, for an endpoint that takes only POST; `what` says
+/// which ("the token endpoint takes POST").
+pub(super) fn post_only(what: &str) -> Response<Full<Bytes>> {
+    let mut response = error_response(StatusCode::METHOD_NOT_ALLOWED, "invalid_request", what);
+    response
+        .headers_mut()
+        .insert(ALLOW, HeaderValue::from_static("POST"));
+    response
 }
 
 /// A JSON answer, never cached (RFC 6749 §5.1 asks that of token responses).
