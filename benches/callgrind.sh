@@ -68,7 +68,7 @@ PIDS=()   # every process we started, stopped by PID (and session) on exit
 start() {  # NAME COMMAND... (own session, so nginx's worker goes with its master)
   local name=$1; shift
   setsid "$@" >"$W/$name.log" 2>&1 </dev/null &
-  PIDS+=("$!"); eval "PID_${name//-/_}=$!"
+  LAST_PID=$!; PIDS+=("$LAST_PID")
 }
 cleanup() {
   trap - EXIT INT TERM
@@ -151,7 +151,7 @@ done
 # Instruction counts only (callgrind's default: no cache or branch simulation).
 start proxy valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out.%p" \
   "$BIN" run --config "$W/proxy.toml"
-PROXY_PID=$PID_proxy
+PROXY_PID=$LAST_PID
 wait_for 120 "proxy (under valgrind) listening" listening "$PROXY"
 ready() { [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 10 "http://127.0.0.1:$ADMIN/readyz") == 200 ]]; }
 wait_for 60 "proxy ready (token fetched)" ready
