@@ -1,0 +1,262 @@
+#!/usr/bin/env bash
+# Instructions per proxied request, counted by callgrind: the deterministic companion of
+# benches/e2e.sh's CPU time (see BENCHMARKS.md). Same workload as the bp-fwd candidate there:
+# absolute-form `GET http://api1.bench.test/small` through the proxy (like an HTTP_PROXY client),
+# the token from the dev issuer (--fixed-token), an nginx upstream that answers 401 unless
+# `Authorization` is exactly that token.
+#
+#   benches/callgrind.sh [--bin PATH] [--requests N] [--warmup N] [--conns N] [--idle S]
+#                        [--credentials N] [--out DIR]
+#
+# The proxy (default: this checkout's target/release/bearer-proxy) runs under
+# `valgrind --tool=callgrind` (instruction counts only: no cache or branch simulation). A small
+# Python client opens --conns keep-alive connections (default 8, as wrk in BENCHMARKS.md),
+# sends --warmup requests on each (default 200), then `callgrind_control --zero` resets the
+# counters, the client sends exactly --requests requests (default 20000) spread over the
+# connections, one at a time per connection, and `callgrind_control --dump` writes the counters
+# of that window: no connection setup, no start-up, no scrape. The proxy's
+# `bearer_proxy_requests_total` and the upstream's stub_status must both have counted every
+# request the client sent, each answered 200 with the right body.
+# Result: the window's instructions (all threads of the proxy) / --requests. An idle window
+# (--idle seconds, default 5, no requests) is measured first to show that background work is
+# negligible; it is not subtracted.
+# --credentials N (default 1) configures N routes api1..apiN.bench.test, each with a token of
+# its own ([tokens.e2e1]..), all to the same upstream; client connection i uses route
+# api<i mod N + 1>. It shows what separate upstream pools per credential cost in steady state:
+# the result also gives the upstream connections open after the run and opened in the window.
+#
+# Needs nginx, python3, curl, valgrind (callgrind_control talks to it through vgdb). Everything
+# listens on 127.0.0.1 (ports BASE_PORT..+4, default 29300); every process it starts runs in its
+# own session and is stopped by its PID on exit. Takes about a minute per 10,000 requests on an
+# idle machine (the proxy runs ~50x slower under valgrind).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BIN=$ROOT/target/release/bearer-proxy REQUESTS=20000 WARMUP=200 CONNS=8 IDLE=5 CREDENTIALS=1 OUT=""
+TOKEN=${TOKEN:-e2e-6b1d0c7a93f24e58a1}
+P=${BASE_PORT:-29300}   # every port is P + a fixed offset
+while (($#)); do
+  case $1 in
+    --bin) BIN=$2; shift 2;;
+    --requests) REQUESTS=$2; shift 2;;
+    --warmup) WARMUP=$2; shift 2;;
+    --idle) IDLE=$2; shift 2;;
+    --credentials) CREDENTIALS=$2; shift 2;;
+    --conns) CONNS=$2; shift 2;;
+    --out) OUT=$2; shift 2;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0;;
+    *) echo "unknown option $1 (see --help)" >&2; exit 2;;
+  esac
+done
+
+say() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { say "error: $*"; exit 1; }
+for t in nginx python3 curl valgrind callgrind_control; do
+  command -v $t >/dev/null || die "$t is missing (apt-get install nginx python3 curl valgrind)"
+done
+[[ -x $BIN ]] || die "$BIN is not an executable (build it: cargo build --release --locked)"
+BIN=$(realpath "$BIN")
+
+UP=$P STUB=$((P + 1)) ISSUER=$((P + 2)) PROXY=$((P + 3)) ADMIN=$((P + 4))
+OUT=${OUT:-/tmp/bp-callgrind.$(date +%Y%m%d-%H%M%S)}
+W=$OUT/work
+mkdir -p "$W"/{www,tmp}
+chmod 755 "$OUT" "$W" "$W/www"          # nginx workers run as nobody
+
+# ------------------------------------------------------------------ process control
+PIDS=()   # every process we started, stopped by PID (and session) on exit
+start() {  # NAME COMMAND... (own session, so nginx's worker goes with its master)
+  local name=$1; shift
+  setsid "$@" >"$W/$name.log" 2>&1 </dev/null &
+  LAST_PID=$!; PIDS+=("$LAST_PID")
+}
+cleanup() {
+  trap - EXIT INT TERM
+  local p i alive
+  for p in "${PIDS[@]}"; do kill -TERM -- "-$p" 2>/dev/null || true; done
+  for i in $(seq 100); do   # up to 10 s: valgrind writes its last dump on the way out
+    alive=0; for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    ((alive)) || break
+    sleep 0.1
+  done
+  for p in "${PIDS[@]}"; do kill -KILL -- "-$p" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+wait_for() {  # SECONDS DESCRIPTION COMMAND...: poll until COMMAND succeeds
+  local secs=$1 what=$2 deadline; shift 2; deadline=$((SECONDS + secs))
+  until "$@"; do ((SECONDS < deadline)) || die "$what did not happen within ${secs}s"; sleep 0.2; done
+}
+for port in $(seq "$P" $((P + 4))); do
+  listening "$port" && die "127.0.0.1:$port is in use; stop what listens there or set BASE_PORT"
+done
+
+# ------------------------------------------------------------------ upstream (as in e2e.sh)
+printf '{"ok":true}\n' >"$W/www/small"     # 12 bytes
+cat >"$W/upstream.conf" <<EOF
+daemon off; master_process on; worker_processes 1; error_log $W/upstream.err crit;
+pid $W/upstream.pid;
+events { worker_connections 4096; }
+http {
+  access_log off; client_body_temp_path $W/tmp; proxy_temp_path $W/tmp;
+  fastcgi_temp_path $W/tmp; uwsgi_temp_path $W/tmp; scgi_temp_path $W/tmp;
+  keepalive_requests 1000000000; keepalive_timeout 600s;
+  default_type application/octet-stream; etag off;
+  server {
+    listen 127.0.0.1:$UP backlog=4096;
+    root $W/www;
+    if (\$http_authorization != "Bearer $TOKEN") { return 401 "wrong or missing token\n"; }
+    location = /small { }
+    location / { return 404; }
+  }
+  server { listen 127.0.0.1:$STUB; location / { stub_status; } }
+}
+EOF
+start upstream nginx -p "$W" -e "$W/upstream.err" -c "$W/upstream.conf"
+wait_for 10 "upstream listening" listening "$UP"
+
+# ------------------------------------------------------------------ dev issuer and proxy
+start issuer "$BIN" dev-issuer --listen "127.0.0.1:$ISSUER" --lifetime 600 \
+  --client-id e2e --client-secret e2e-secret --fixed-token "$TOKEN"
+wait_for 10 "issuer listening" listening "$ISSUER"
+cat >"$W/proxy.toml" <<EOF
+[proxy]
+listen = "127.0.0.1:$PROXY"
+workers = 1
+drain_delay = "0s"
+shutdown_grace = "1s"
+[admin]
+listen = "127.0.0.1:$ADMIN"
+[log]
+level = "warn"
+format = "text"
+EOF
+for ((i = 1; i <= CREDENTIALS; i++)); do   # route api<i> -> token e2e<i>, all to the same upstream
+  cat >>"$W/proxy.toml" <<EOF
+[tokens.e2e$i]
+token_url = "http://127.0.0.1:$ISSUER/api/v1/token"
+grant_type = "client_credentials"
+client_id = "e2e"
+client_secret = "e2e-secret"
+refresh_ratio = 0.75
+[[routes]]
+name = "api$i"
+host = "api$i.bench.test"
+token = "e2e$i"
+upstream = "http://127.0.0.1:$UP"
+EOF
+done
+# Instruction counts only (callgrind's default: no cache or branch simulation).
+start proxy valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out.%p" \
+  "$BIN" run --config "$W/proxy.toml"
+PROXY_PID=$LAST_PID
+wait_for 120 "proxy (under valgrind) listening" listening "$PROXY"
+ready() { [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 10 "http://127.0.0.1:$ADMIN/readyz") == 200 ]]; }
+wait_for 60 "proxy ready (token fetched)" ready
+got=$(curl -s -o /dev/null -w '%{http_code} %{size_download}' --max-time 10 \
+  -x "http://127.0.0.1:$PROXY" http://api1.bench.test/small)
+[[ $got == "200 12" ]] || die "a proxied request gave '$got', not '200 12'"
+
+# ------------------------------------------------------------------ measurement
+# The client: CONNS keep-alive connections, each sending its share of the requests one after
+# another (like wrk; no pipelining), every answer checked (200 and the 12-byte body). The
+# connections are opened and warmed up before the counters are zeroed and closed after the dump,
+# so the window holds exactly REQUESTS requests and no connection setup or teardown.
+cat >"$W/client.py" <<'PY'
+import asyncio, subprocess, sys, urllib.request
+
+proxy_port, conns, warmup, requests, pid, stub_port, credentials = map(int, sys.argv[1:8])
+# connection i always uses route api<i mod credentials + 1>
+REQS = [f"GET http://api{k}.bench.test/small HTTP/1.1\r\nHost: api{k}.bench.test\r\n\r\n".encode()
+        for k in range(1, credentials + 1)]
+BODY = b'{"ok":true}\n'
+
+async def one(reader, writer, req):
+    writer.write(req)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    status = head.split(b" ", 2)[1]
+    length = next(int(l.split(b":", 1)[1]) for l in head.split(b"\r\n")
+                  if l.lower().startswith(b"content-length:"))
+    body = await asyncio.wait_for(reader.readexactly(length), 30)
+    if status != b"200" or body != BODY:
+        raise SystemExit(f"unexpected answer: {head!r} {body!r}")
+
+async def run(streams, total):
+    async def conn(i, n):
+        for _ in range(n):
+            await one(*streams[i], REQS[i % credentials])
+    share = [total // conns + (1 if i < total % conns else 0) for i in range(conns)]
+    await asyncio.gather(*(conn(i, share[i]) for i in range(conns)))
+
+def control(arg):
+    out = subprocess.run(["callgrind_control", arg, str(pid)],
+                         capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise SystemExit(f"callgrind_control {arg} failed: {out.stdout}{out.stderr}")
+
+def accepts():  # connections the upstream has accepted (its stub_status; this read is one)
+    with urllib.request.urlopen(f"http://127.0.0.1:{stub_port}/", timeout=10) as r:
+        return int(r.read().decode().splitlines()[2].split()[0])
+
+async def main():
+    streams = [await asyncio.open_connection("127.0.0.1", proxy_port) for _ in range(conns)]
+    await run(streams, warmup)
+    a0 = accepts()
+    control("--zero")
+    await run(streams, requests)
+    control("--dump=load")
+    print("upstream_connections_opened", accepts() - a0 - 1)
+    for _, writer in streams:
+        writer.close()
+
+asyncio.run(main())
+PY
+served() {  # sum of bearer_proxy_requests_total over its series
+  curl -s --max-time 10 "http://127.0.0.1:$ADMIN/metrics" |
+    awk '/^bearer_proxy_requests_total[{ ]/ {s += $NF} END {printf "%d\n", s}'
+}
+upstream_requests() { curl -s --max-time 10 "http://127.0.0.1:$STUB/" | awk 'NR == 3 {print $3}'; }
+newest_dump() { { ls -t "$OUT"/callgrind.out."$PROXY_PID".* 2>/dev/null || true; } | head -1; }
+complete_dump() {  # FILE_BEFORE: a newer dump exists and has its totals line
+  local f; f=$(newest_dump); [[ -n $f && $f != "$1" ]] && grep -qE '^(summary|totals):' "$f"
+}
+dumped() {  # FILE_BEFORE -> the new dump's file, once complete
+  wait_for 60 "a callgrind dump" complete_dump "$1"; newest_dump
+}
+total_ir() { awk '/^(summary|totals):/ {print $2; exit}' "$1"; }
+
+say "idle window: ${IDLE}s without requests"
+before=$(newest_dump)
+callgrind_control --zero "$PROXY_PID" >"$W/control.log" 2>&1 || die "callgrind_control --zero failed"
+sleep "$IDLE"
+callgrind_control --dump=idle "$PROXY_PID" >>"$W/control.log" 2>&1 || die "callgrind_control --dump failed"
+idle_ir=$(total_ir "$(dumped "$before")")
+
+say "load: $CONNS connections, $((WARMUP * CONNS)) warm-up requests, then $REQUESTS measured"
+before=$(newest_dump); r0=$(served); u0=$(upstream_requests); t0=$SECONDS
+timeout -k 5 1800 python3 "$W/client.py" "$PROXY" "$CONNS" $((WARMUP * CONNS)) "$REQUESTS" \
+  "$PROXY_PID" "$STUB" "$CREDENTIALS" >"$W/client.log" 2>&1 || die "client failed: $(tail -5 "$W/client.log")"
+file=$(dumped "$before")
+secs=$((SECONDS - t0))
+r1=$(served); u1=$(upstream_requests)
+ir=$(total_ir "$file")
+opened=$(awk '$1 == "upstream_connections_opened" {print $2}' "$W/client.log")
+pooled=$(curl -s --max-time 10 "http://127.0.0.1:$STUB/" | awk 'NR == 1 {print $3 - 1}')
+# stub_status counts its own reads: ours (the second includes itself) and the client's two
+served_n=$((r1 - r0)) up_n=$((u1 - u0 - 3)) expect=$((WARMUP * CONNS + REQUESTS))
+((served_n == expect && up_n == expect)) ||
+  die "the proxy counted $served_n requests and the upstream $up_n; the client sent $expect"
+{
+  echo "binary: $BIN (sha256 $(sha256sum "$BIN" | cut -c1-12))"
+  echo "workload: bp-fwd, GET http://apiN.bench.test/small, $CREDENTIALS route(s) each with its" \
+    "own token, $CONNS keep-alive connections, $((WARMUP * CONNS)) warm-up + $REQUESTS measured" \
+    "requests (${secs}s)"
+  echo "idle window (${IDLE}s, no requests): $idle_ir instructions"
+  echo "measured window: $ir instructions for $REQUESTS requests" \
+    "(proxy and upstream each counted all $expect)"
+  echo "upstream connections: $pooled open after the run, $opened opened during the measured window"
+  awk -v ir="$ir" -v n="$REQUESTS" 'BEGIN {printf "instructions per request: %.0f\n", ir / n}'
+  echo "profile: callgrind_annotate --inclusive=yes $file"
+} | tee "$OUT/result.txt"
