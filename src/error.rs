@@ -1,7 +1,7 @@
 //! Walking an error's chain of sources (`outer → … → root`), written once: finding a cause of a
 //! given type ([`cause_ref`], as linkerd's `linkerd-error` does), iterating the chain
 //! ([`chain`]) and displaying it on one line ([`Chain`]). Only the walk lives here; what a
-//! cause means is decided where it is used (`proxy/forward.rs`, `proxy/upstream.rs`).
+//! cause means is decided where it is used (`proxy/forward.rs`, `proxy/upstream.rs`, `token/client.rs`).
 
 use std::error::Error;
 use std::fmt;

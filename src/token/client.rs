@@ -336,14 +336,7 @@ fn transport_error(e: reqwest::Error) -> FetchError {
     }
     // The chain names the cause (refused, DNS, TLS) without any request content.
     let e = e.without_url();
-    let mut msg = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
-    }
-    FetchError::Connect(msg)
+    FetchError::Connect(crate::error::Chain(&e).to_string())
 }
 
 /// `Retry-After` as delta-seconds or an HTTP date.
