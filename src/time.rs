@@ -1,5 +1,6 @@
 //! Wall-clock time as people and Prometheus read it: RFC 3339 text, and seconds since the Unix
 //! epoch. Scheduling never uses these; it runs on tokio's clock (`tokio::time::Instant`).
+//! Also how configured durations (`30s`, `5m`) are written.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -25,6 +26,31 @@ pub fn unix_secs_f64(t: SystemTime) -> f64 {
 /// The time `secs` seconds after the Unix epoch (a JWT `exp` or `iat` claim).
 pub fn from_unix_secs(secs: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+/// Durations written as `30s`, `5m`, `250ms`, `1h 30m`.
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    /// Parses a duration string.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        parse(&s).map_err(serde::de::Error::custom)
+    }
+
+    /// Parses `30s`, `5m`, `250ms`; a bare number is refused so that units are never guessed.
+    pub fn parse(s: &str) -> Result<Duration, String> {
+        let s = s.trim();
+        if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+            return Err(format!(
+                "{s:?} has no unit; write e.g. \"{s}s\" or \"{s}ms\""
+            ));
+        }
+        humantime::parse_duration(s)
+            .map_err(|e| format!("{s:?} is not a duration like \"30s\", \"5m\", \"250ms\": {e}"))
+    }
 }
 
 #[cfg(test)]

@@ -141,6 +141,9 @@ fn from_tree(mut root: HashMap<String, config::Value>) -> Result<Config, ConfigE
             Err(e) => errors.push(ConfigError::new("routes", e.to_string())),
         }
     }
+    let subjects = root
+        .remove("subjects")
+        .and_then(|v| parse::<SubjectsConfig>(v, "subjects", &mut errors));
     let mut unknown: Vec<_> = root.into_keys().collect();
     unknown.sort();
     for key in unknown {
@@ -153,6 +156,7 @@ fn from_tree(mut root: HashMap<String, config::Value>) -> Result<Config, ConfigE
         log: log.unwrap_or_default(),
         tokens,
         routes,
+        subjects,
     };
     errors.extend(config.problems());
     if errors.is_empty() {

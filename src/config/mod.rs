@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::secret::{Secret, SecretSource};
+pub use crate::subject::config::SubjectsConfig;
 
 mod load;
 mod validate;
@@ -118,6 +119,9 @@ pub struct Config {
     pub tokens: BTreeMap<String, TokenConfig>,
     /// `[[routes]]`: which hosts get which token.
     pub routes: Vec<RouteConfig>,
+    /// `[subjects]`: per-subject tokens (their API, store and encryption). Present exactly
+    /// when some token has `per_subject = true`.
+    pub subjects: Option<SubjectsConfig>,
 }
 
 /// What to do with a request for a host no route names.
@@ -411,6 +415,15 @@ pub struct TokenConfig {
     /// Extra CA certificates (PEM) trusted for the token endpoint.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// One token per subject (end-user consent) instead of one in total; the subjects and
+    /// their refresh tokens live in the `[subjects]` store. Needs `grant_type =
+    /// "authorization_code"`; codes arrive through the subjects API, not `code_file`.
+    #[serde(default)]
+    pub per_subject: bool,
+    /// Where a per-subject token's consent is revoked (Flinks: `DELETE /api/v1/revoke` with
+    /// the subject's bearer token), used by the subjects API's `DELETE …?revoke=true`.
+    #[serde(default)]
+    pub revoke_url: Option<String>,
 }
 
 fn default_refresh_ratio() -> f64 {
@@ -492,30 +505,9 @@ impl RouteConfig {
     }
 }
 
-/// Durations written as `30s`, `5m`, `250ms`, `1h 30m`.
-pub mod duration {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer};
-
-    /// Parses a duration string.
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        parse(&s).map_err(serde::de::Error::custom)
-    }
-
-    /// Parses `30s`, `5m`, `250ms`; a bare number is refused so that units are never guessed.
-    pub fn parse(s: &str) -> Result<Duration, String> {
-        let s = s.trim();
-        if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
-            return Err(format!(
-                "{s:?} has no unit; write e.g. \"{s}s\" or \"{s}ms\""
-            ));
-        }
-        humantime::parse_duration(s)
-            .map_err(|e| format!("{s:?} is not a duration like \"30s\", \"5m\", \"250ms\": {e}"))
-    }
-}
+/// Durations written as `30s`, `5m`, `250ms`, `1h 30m` (lives in `crate::time`, so that
+/// sections defined outside this module parse durations the same way).
+pub use crate::time::duration;
 
 #[cfg(test)]
 mod tests {
@@ -536,6 +528,75 @@ mod tests {
         host = "ob.flinksapp.com"
         token = "flinks"
     "#;
+
+    const PER_SUBJECT: &str = r#"
+        [tokens.fdx]
+        token_url = "https://ob.flinksapp.com/api/v1/token"
+        grant_type = "authorization_code"
+        per_subject = true
+        client_id = "my-client"
+        client_secret_file = "/s"
+        revoke_url = "https://ob.flinksapp.com/api/v1/revoke"
+
+        [subjects]
+        state_dir = "/var/lib/bearer-proxy"
+        encryption_key_file = "/k"
+
+        [[routes]]
+        host = "ob.flinksapp.com"
+        token = "fdx"
+    "#;
+
+    fn problem_keys(text: &str) -> Vec<String> {
+        match toml(text) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.0.into_iter().map(|p| p.key).collect(),
+        }
+    }
+
+    #[test]
+    fn a_per_subject_token_needs_no_code_file_but_a_subjects_section() {
+        let c = toml(PER_SUBJECT).unwrap();
+        let s = c.subjects.as_ref().unwrap();
+        assert!(c.tokens["fdx"].per_subject);
+        assert_eq!(s.listen, crate::subject::config::DEFAULT_LISTEN);
+        assert_eq!(s.header, "x-bearer-proxy-subject");
+        assert!(toml(MINIMAL).unwrap().subjects.is_none());
+
+        let no_section = PER_SUBJECT.replace("[subjects]", "[ignored]");
+        assert!(problem_keys(&no_section).contains(&"subjects".to_owned()));
+        let orphan =
+            MINIMAL.to_owned() + "\n[subjects]\nstate_dir = \"/s\"\nencryption_key_file = \"/k\"\n";
+        assert_eq!(problem_keys(&orphan), ["subjects"]);
+    }
+
+    #[test]
+    fn per_subject_settings_that_cannot_work_are_each_named() {
+        let bad = PER_SUBJECT
+            .replace("authorization_code", "client_credentials")
+            .replace(
+                "per_subject = true",
+                "per_subject = true\ncode_file = \"/c\"\nstate_dir = \"/x\"",
+            )
+            .replace(
+                "https://ob.flinksapp.com/api/v1/revoke",
+                "http://example.com/revoke",
+            )
+            .replace("[subjects]", "[subjects]\nlisten = \"127.0.0.1:3128\"");
+        assert_eq!(
+            problem_keys(&bad),
+            [
+                "tokens.fdx.per_subject",
+                "tokens.fdx.revoke_url",
+                "subjects.listen",
+            ]
+        );
+        let mixed = PER_SUBJECT.replace("grant_type", "code_file = \"/c\"\ngrant_type");
+        assert_eq!(problem_keys(&mixed), ["tokens.fdx.code_file"]);
+        let named_revoke =
+            MINIMAL.replace("grant_type", "revoke_url = \"https://x/r\"\ngrant_type");
+        assert_eq!(problem_keys(&named_revoke), ["tokens.flinks.revoke_url"]);
+    }
 
     #[test]
     fn default_addresses_parse() {

@@ -56,6 +56,43 @@ impl Config {
         for (name, t) in &self.tokens {
             token_problems(name, t, &mut push);
         }
+        let per_subject: Vec<&str> = self
+            .tokens
+            .values()
+            .filter(|t| t.per_subject)
+            .map(|t| t.name.as_str())
+            .collect();
+        match &self.subjects {
+            Some(s) => {
+                s.problems(&mut push);
+                if per_subject.is_empty() {
+                    push(
+                        "subjects".into(),
+                        "no token has per_subject = true, so nothing would use this section".into(),
+                    );
+                }
+                for (key, addr) in [
+                    ("proxy.listen", self.proxy.listen),
+                    ("admin.listen", self.admin.listen),
+                ] {
+                    if addr == s.listen && addr.port() != 0 {
+                        push(
+                            "subjects.listen".into(),
+                            format!("same address as {key} ({addr})"),
+                        );
+                    }
+                }
+            }
+            None if !per_subject.is_empty() => push(
+                "subjects".into(),
+                format!(
+                    "missing: tokens {} have per_subject = true and need a [subjects] section \
+                     (state_dir, encryption_key_file)",
+                    per_subject.join(", ")
+                ),
+            ),
+            None => {}
+        }
 
         let mut names = HashMap::new();
         let mut keys = HashMap::new();
@@ -140,6 +177,22 @@ fn token_problems(name: &str, t: &TokenConfig, push: &mut impl FnMut(String, Str
                 );
             }
         }
+        GrantType::AuthorizationCode if t.per_subject => {
+            for (field, set) in [
+                ("code_file", t.code_file.is_some()),
+                ("refresh_token_file", t.refresh_token_file.is_some()),
+                ("state_dir", t.state_dir.is_some()),
+            ] {
+                if set {
+                    push(
+                        k(field),
+                        "not used with per_subject = true: codes arrive through the subjects \
+                         API and refresh tokens live in the [subjects] store"
+                            .into(),
+                    );
+                }
+            }
+        }
         GrantType::AuthorizationCode => {
             if t.code_file.is_none() {
                 push(
@@ -156,6 +209,26 @@ fn token_problems(name: &str, t: &TokenConfig, push: &mut impl FnMut(String, Str
                 );
             }
         }
+    }
+    if t.per_subject && t.grant_type != GrantType::AuthorizationCode {
+        push(
+            k("per_subject"),
+            "needs grant_type = \"authorization_code\": each subject enrols with its own code"
+                .into(),
+        );
+    }
+    match &t.revoke_url {
+        Some(_) if !t.per_subject => push(
+            k("revoke_url"),
+            "only used with per_subject = true (the subjects API revokes a subject's consent)"
+                .into(),
+        ),
+        Some(url) => {
+            if let Err(msg) = check_endpoint_url(url) {
+                push(k("revoke_url"), msg);
+            }
+        }
+        None => {}
     }
     if !(t.refresh_ratio > 0.0 && t.refresh_ratio < 1.0) {
         push(

@@ -1,20 +1,52 @@
 //! The `[subjects]` settings the subject store and key ring need, and their validation.
 //!
-//! Not yet part of [`crate::config::Config`]: a section that no request path uses would accept
-//! settings that do nothing. The session that adds `per_subject = true` hangs it in
-//! (`Config::subjects`, parsed by `from_tree` like the other sections, checked by calling
-//! [`SubjectsConfig::problems`] from `Config::problems`) and adds the API keys of issue #12
-//! (`listen`, `header`, `api_token_file`, `keepalive_after`, `max_cached`). This module does
-//! not import `crate::config`, so that `config → subject::config` stays one-way.
+//! `crate::config::Config::subjects` holds it (parsed by `from_tree` like the other sections;
+//! `Config::problems` calls [`SubjectsConfig::problems`]). This module does not import
+//! `crate::config`, so that `config → subject::config` stays one-way.
 
 use std::collections::HashSet;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
 use super::FileStore;
 use super::keyring::{KeyError, KeyRing};
 use super::record::StoreError;
+use crate::time::duration;
+
+/// Loopback, so that only the app in the same pod can enrol subjects without an API token; the
+/// port follows the admin port (9901).
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9902));
+/// The request header naming the subject; `x-` because it is private to the app and the proxy,
+/// which strips it from every request.
+pub const DEFAULT_HEADER: &str = "x-bearer-proxy-subject";
+/// Flinks drops a refresh token unused for 30 days; refreshing idle subjects after 20 leaves
+/// ten days of retries for an outage of the token endpoint or of this process.
+pub const DEFAULT_KEEPALIVE_AFTER: Duration = Duration::from_secs(20 * 24 * 3600);
+/// Access tokens held in memory: 10,000 subjects at well under 1 KiB each is a few MiB. Beyond
+/// it the least recently used subject's token is dropped and fetched again on its next use.
+pub const DEFAULT_MAX_CACHED: usize = 10_000;
+/// The shortest keep-alive accepted: below it the keep-alive would refresh every subject all
+/// the time, which is the token-request storm per-subject laziness exists to avoid.
+pub const MIN_KEEPALIVE_AFTER: Duration = Duration::from_secs(3600);
+
+/// Header names the subject header may not take: ones HTTP, the proxy or the token use.
+const RESERVED_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "host",
+    "connection",
+    "content-length",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+    "via",
+    "keep-alive",
+    "proxy-connection",
+    "trailer",
+];
 
 /// Where subject records live.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -26,10 +58,24 @@ pub enum StoreKind {
     File,
 }
 
-/// `[subjects]`: storage and encryption of per-subject refresh tokens.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+/// `[subjects]`: the subjects API, the request header, storage and encryption of per-subject
+/// refresh tokens.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(default)]
 pub struct SubjectsConfig {
+    /// Where the subjects API listens. Never the proxy or admin port.
+    pub listen: SocketAddr,
+    /// The request header that names the subject on a per-subject route.
+    pub header: String,
+    /// A file holding the bearer token the subjects API requires (`Authorization: Bearer …`).
+    /// Required when `listen` is not a loopback address.
+    pub api_token_file: Option<PathBuf>,
+    /// A subject whose refresh token was last used longer ago than this is refreshed in the
+    /// background, so the provider's idle timeout never drops it.
+    #[serde(with = "duration")]
+    pub keepalive_after: Duration,
+    /// Most subjects whose access token is held in memory.
+    pub max_cached: usize,
     /// Which store holds the records.
     pub store: StoreKind,
     /// The directory of the file store (records go to `<state_dir>/subjects/`). Required with
@@ -44,11 +90,66 @@ pub struct SubjectsConfig {
     pub encryption_key_files: Vec<PathBuf>,
 }
 
+impl Default for SubjectsConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN,
+            header: DEFAULT_HEADER.to_owned(),
+            api_token_file: None,
+            keepalive_after: DEFAULT_KEEPALIVE_AFTER,
+            max_cached: DEFAULT_MAX_CACHED,
+            store: StoreKind::default(),
+            state_dir: None,
+            encryption_key_file: None,
+            encryption_key_files: Vec::new(),
+        }
+    }
+}
+
 impl SubjectsConfig {
     /// Every problem with these settings, as `(key, message)` pairs named under `subjects.`,
     /// the shape `Config::problems` collects.
     pub fn problems(&self, push: &mut impl FnMut(String, String)) {
         let k = |field: &str| format!("subjects.{field}");
+        if !self.listen.ip().is_loopback() && self.api_token_file.is_none() {
+            push(
+                k("api_token_file"),
+                format!(
+                    "missing: listen = {} is not a loopback address, so the subjects API needs \
+                     api_token_file (callers send Authorization: Bearer <its content>)",
+                    self.listen
+                ),
+            );
+        }
+        if self
+            .api_token_file
+            .as_deref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            push(k("api_token_file"), "empty path".into());
+        }
+        match http::HeaderName::from_bytes(self.header.as_bytes()) {
+            Err(_) => push(k("header"), "not a valid header name".into()),
+            Ok(name) if RESERVED_HEADERS.contains(&name.as_str()) => push(
+                k("header"),
+                format!(
+                    "{} has a meaning of its own; choose an x- header",
+                    name.as_str()
+                ),
+            ),
+            Ok(_) => {}
+        }
+        if self.keepalive_after < MIN_KEEPALIVE_AFTER {
+            push(
+                k("keepalive_after"),
+                "must be at least 1h (and below the provider's idle timeout, 30 days for \
+                 Flinks)"
+                    .into(),
+            );
+        }
+        if self.max_cached == 0 {
+            push(k("max_cached"), "must be at least 1".into());
+        }
         match (
             &self.encryption_key_file,
             self.encryption_key_files.is_empty(),
@@ -178,6 +279,26 @@ mod tests {
             keys(&SubjectsConfig::default()),
             ["subjects.encryption_key_file", "subjects.state_dir"]
         );
+        let exposed = parse(
+            "listen = \"0.0.0.0:9902\"\nheader = \"Authorization\"\nkeepalive_after = \"5m\"\n\
+             max_cached = 0\nstate_dir = \"/s\"\nencryption_key_file = \"/k\"",
+        );
+        assert_eq!(
+            keys(&exposed),
+            [
+                "subjects.api_token_file",
+                "subjects.header",
+                "subjects.keepalive_after",
+                "subjects.max_cached",
+            ]
+        );
+        let with_token = parse(
+            "listen = \"0.0.0.0:9902\"\napi_token_file = \"/t\"\nstate_dir = \"/s\"\n\
+             encryption_key_file = \"/k\"",
+        );
+        assert_eq!(with_token.validate(), Ok(()));
+        assert_eq!(with_token.header, DEFAULT_HEADER);
+        assert_eq!(with_token.keepalive_after, DEFAULT_KEEPALIVE_AFTER);
         let both = parse(
             "state_dir = \"\"\nencryption_key_file = \"/k\"\nencryption_key_files = [\"/a\", \"/a\", \"\"]",
         );
