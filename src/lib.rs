@@ -75,6 +75,8 @@ pub struct Server {
     config: Config,
     metrics: Arc<Metrics>,
     tokens: BTreeMap<String, Arc<TokenCell>>,
+    /// Per-subject token entries, when some token has `per_subject = true`.
+    subjects: Option<Arc<subject::Subjects>>,
     controller: ShutdownController,
     /// Where the proxy listens.
     proxy_addr: SocketAddr,
@@ -108,6 +110,7 @@ impl Server {
             background.push(refresher.spawn(shutdown.clone()));
             tokens.insert(name.clone(), cell);
         }
+        let subjects = subject::Subjects::start(&config).await?;
         let proxy = proxy::Proxy::new(&config, &tokens, metrics.clone())?;
         let proxy_listener = TcpListener::bind(config.proxy.listen)
             .await
@@ -131,6 +134,7 @@ impl Server {
             config,
             metrics,
             tokens,
+            subjects,
             controller,
             proxy_addr,
             admin_addr,
@@ -152,6 +156,11 @@ impl Server {
     /// The token cells, by name.
     pub fn tokens(&self) -> &BTreeMap<String, Arc<TokenCell>> {
         &self.tokens
+    }
+
+    /// The per-subject token entries, if any token has `per_subject = true`.
+    pub fn subjects(&self) -> Option<&Arc<subject::Subjects>> {
+        self.subjects.as_ref()
     }
 
     /// The metrics registry.

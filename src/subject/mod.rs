@@ -17,6 +17,7 @@
 //! - `tokens`: the per-subject access-token cache with single-flight lazy refresh (crate
 //!   internal until the request path uses it).
 //! - [`config`]: the `[subjects]` settings these parts need, and their validation.
+//! - `registry`: [`Subjects`], the per-subject token entries of a running server.
 //!
 //! # Encryption at rest
 //! Refresh tokens are sealed before they reach any store, so no store (the file store here, the
@@ -40,6 +41,7 @@ pub mod config;
 pub mod file;
 pub mod keyring;
 pub mod record;
+mod registry;
 pub(crate) mod tokens;
 
 use std::fmt;
@@ -47,6 +49,7 @@ use std::fmt;
 pub use file::FileStore;
 pub use keyring::{KeyRing, Sealed};
 pub use record::{Record, SubjectState, SubjectStore};
+pub use registry::Subjects;
 
 /// Longest subject id accepted: long enough for a UUID with a prefix or a composite
 /// `customer:bank` key, short enough to bound log lines and store keys.
