@@ -24,7 +24,10 @@ printf 'placeholder-client-secret\n' >"$tmp/client_secret"
 printf 'placeholder-refresh-token\n' >"$tmp/refresh_token"
 printf 'placeholder-code\n' >"$tmp/code"
 mkdir "$tmp/state"
-chmod 0600 "$tmp"/client_id "$tmp"/client_secret "$tmp"/refresh_token "$tmp"/code
+head -c 32 /dev/urandom | base64 >"$tmp/encryption_key"
+printf 'placeholder-api-token\n' >"$tmp/api_token"
+chmod 0600 "$tmp"/client_id "$tmp"/client_secret "$tmp"/refresh_token "$tmp"/code \
+  "$tmp"/encryption_key "$tmp"/api_token
 
 # key in the file -> placeholder path
 declare -A placeholder=(
@@ -35,14 +38,38 @@ declare -A placeholder=(
   [state_dir]="$tmp/state"
 )
 
-# check FILE TOKEN...: validate FILE with the file keys of each named token overridden.
+# [subjects] keys -> placeholder path (a real random key, since `check` loads the keys)
+declare -A subjects_placeholder=(
+  [encryption_key_file]="$tmp/encryption_key"
+  [api_token_file]="$tmp/api_token"
+  [state_dir]="$tmp/state"
+)
+
+# check [--subjects] FILE TOKEN...: validate FILE with the file keys of each named token
+# overridden; with --subjects, the [subjects] keys instead of the token's state_dir.
 check() {
+  local subjects=0
+  if [[ $1 == --subjects ]]; then
+    subjects=1
+    shift
+  fi
   local file=$1
   shift
   local -a env=()
   local token key
+  if ((subjects)); then
+    for key in $(printf '%s\n' "${!subjects_placeholder[@]}" | sort); do
+      if grep -Eq "^[[:space:]]*${key}[[:space:]]*[=:]" "$file"; then
+        env+=("BEARER_PROXY__SUBJECTS__${key^^}=${subjects_placeholder[$key]}")
+      fi
+    done
+  fi
   for token in "$@"; do
     for key in $(printf '%s\n' "${!placeholder[@]}" | sort); do
+      # A per-subject token keeps no state_dir of its own: that key is [subjects]'.
+      if ((subjects)) && [[ $key == state_dir ]]; then
+        continue
+      fi
       # `key = ...` (TOML) or `key: ...` (YAML); every example has one token, so a match
       # anywhere in the file belongs to it.
       if grep -Eq "^[[:space:]]*${key}[[:space:]]*[=:]" "$file"; then
@@ -71,6 +98,7 @@ failed=0
 check "$here/flinks-client-credentials.toml" flinks || failed=1
 check "$here/flinks-data-recipient.toml" flinks || failed=1
 check "$here/gateway.yaml" flinks || failed=1
+check --subjects "$here/flinks-data-recipient-subjects.toml" fdx || failed=1
 
 if ((failed)); then
   echo "config/check.sh: FAILED" >&2

@@ -261,7 +261,38 @@ fn file_problems(config: &Config) -> Vec<String> {
             }
         }
     }
+    if let Some(sc) = &config.subjects {
+        subjects_file_problems(sc, &mut problems);
+    }
     problems
+}
+
+/// The `[subjects]` files: every encryption key loads (a wrong or missing key would stop the
+/// start), the API token file is readable, the state directory is a writable directory.
+fn subjects_file_problems(sc: &crate::config::SubjectsConfig, problems: &mut Vec<String>) {
+    match block_on(1, sc.key_ring()) {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => problems.push(format!("subjects: {e}")),
+        Err(e) => problems.push(format!("subjects: cannot check the encryption keys: {e:?}")),
+    }
+    if let Some(p) = &sc.api_token_file
+        && let Err(e) = std::fs::read(p)
+    {
+        problems.push(format!(
+            "subjects.api_token_file: cannot read {}: {e}",
+            p.display()
+        ));
+    }
+    if let Some(dir) = &sc.state_dir {
+        match std::fs::metadata(dir) {
+            Ok(m) if m.is_dir() && !m.permissions().readonly() => {}
+            Ok(_) => problems.push(format!(
+                "subjects.state_dir: {} is not a writable directory",
+                dir.display()
+            )),
+            Err(e) => problems.push(format!("subjects.state_dir: {}: {e}", dir.display())),
+        }
+    }
 }
 
 /// A short description of the configuration; it names secret files, never their contents.
@@ -285,11 +316,27 @@ fn summary(config: &Config) -> String {
         };
         let _ = writeln!(
             s,
-            "token  {name}: {} at {} ({:?} auth, {:?} body, {secret})",
+            "token  {name}: {}{} at {} ({:?} auth, {:?} body, {secret})",
             t.grant_type.as_str(),
+            if t.per_subject { " per subject" } else { "" },
             t.token_url,
             t.client_auth,
             t.encoding
+        );
+    }
+    if let Some(sc) = &config.subjects {
+        let keys: Vec<String> = sc
+            .key_files()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        let _ = writeln!(
+            s,
+            "subjects  API listen {} (header {}, {:?} store, keys from {})",
+            sc.listen,
+            sc.header,
+            sc.store,
+            keys.join(", ")
         );
     }
     for r in &config.routes {

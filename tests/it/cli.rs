@@ -182,6 +182,52 @@ async fn check_accepts_a_good_config_and_names_every_problem() {
     }
 }
 
+/// `check` loads the `[subjects]` encryption keys as `run` would: a key file that is not 32
+/// bytes of base64 is named, and so is an unreadable API token file; a good key passes.
+#[tokio::test]
+async fn check_loads_the_subjects_encryption_keys() {
+    use base64::Engine as _;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let config = dir.path().join("subjects.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tokens.fdx]\ntoken_url = \"https://ob.flinksapp.com/api/v1/token\"\n\
+             grant_type = \"authorization_code\"\nper_subject = true\nclient_id = \"c\"\n\
+             [subjects]\nstate_dir = \"{d}\"\nencryption_key_file = \"{d}/key\"\n\
+             api_token_file = \"{d}/api_token\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("key"), "c2hvcnQ=\n").unwrap();
+    let out = run(&["check"], &config, &[]).await;
+    assert_eq!(out.code, 2, "{}", out.stdout);
+    assert!(out.stderr.contains("subjects: "), "{}", out.stderr);
+    assert!(out.stderr.contains("holds 5 bytes"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("subjects.api_token_file"),
+        "{}",
+        out.stderr
+    );
+
+    let key = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
+    std::fs::write(dir.path().join("key"), key).unwrap();
+    std::fs::write(dir.path().join("api_token"), "t").unwrap();
+    let out = run(&["check"], &config, &[]).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stdout.contains("fdx: authorization_code per subject"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("subjects  API listen 127.0.0.1:9902"),
+        "{}",
+        out.stdout
+    );
+}
+
 /// `--version` names the commit this checkout is at (the build script re-runs when HEAD moves),
 /// `unknown` outside a checkout, or the commit given to the build in `BEARER_PROXY_GIT_COMMIT`.
 #[tokio::test]
