@@ -51,6 +51,7 @@ step "copies of config/ used by kustomize are identical"
 # kustomize refuses files outside a kustomization's directory, so these are copies.
 cmp config/flinks-client-credentials.toml $k8s/base/config.toml
 cmp config/gateway.yaml $k8s/overlays/gateway/config.yaml
+cmp config/flinks-data-recipient-subjects.toml $k8s/overlays/data-recipient/config.toml
 echo "ok"
 
 step "overlays name the image deploy/image.sh builds (bearer-proxy:<Cargo.toml version>)"
@@ -68,7 +69,7 @@ python3 $mon/generate.py --check
 echo "ok"
 
 step "render kustomizations"
-for dir in base overlays/sidecar overlays/gateway monitoring; do
+for dir in base overlays/sidecar overlays/gateway overlays/data-recipient monitoring; do
   out="$tmp/$(basename "$dir").yaml"
   "${kustomize[@]}" "$k8s/$dir" >"$out"
   printf '%-20s %s objects\n' "$dir" "$(grep -c '^kind:' "$out")"
@@ -78,7 +79,7 @@ step "schemas and cross-references (Kubernetes $KUBE_VERSION)"
 mkdir "$tmp/rules"
 # base is a part of each overlay; validate the overlays and monitoring, which are applied.
 python3 deploy/validate.py manifests --kube-version "$KUBE_VERSION" --rules-dir "$tmp/rules" \
-  "$tmp/sidecar.yaml" "$tmp/gateway.yaml" "$tmp/monitoring.yaml"
+  "$tmp/sidecar.yaml" "$tmp/gateway.yaml" "$tmp/data-recipient.yaml" "$tmp/monitoring.yaml"
 
 step "promtool check rules"
 promtool check rules $mon/rules.yaml "$tmp"/rules/*.rules.yaml
