@@ -40,6 +40,7 @@ pub mod config;
 pub mod file;
 pub mod keyring;
 pub mod record;
+pub mod redis;
 pub(crate) mod tokens;
 
 use std::fmt;
