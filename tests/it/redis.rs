@@ -601,3 +601,39 @@ async fn the_key_prefix_separates_deployments_sharing_one_redis() {
         ])
     );
 }
+
+#[tokio::test]
+async fn the_listing_indexes_follow_every_state_change_and_delete() {
+    let Some(server) = plain().await else {
+        return;
+    };
+    let store = connect(&server).await;
+    let ring = key_ring().await;
+    let mut raw = server.raw().await;
+    let mut index = async |name: &str| -> Vec<String> {
+        redis::cmd("ZRANGE")
+            .arg(format!("bearer-proxy:{{t}}:{name}"))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut raw)
+            .await
+            .unwrap()
+    };
+    let a = record(&ring, "t", "a", "rt");
+    let reauth = bearer_proxy::subject::Record {
+        state: SubjectState::NeedsReauth,
+        ..a.clone()
+    };
+    store.put("t", &a, None).await.unwrap();
+    store.put("t", &reauth, Some(1)).await.unwrap();
+    assert_eq!(index("state:active").await, Vec::<String>::new());
+    assert_eq!(index("state:needs_reauth").await, ["a"]);
+    store.put("t", &a, Some(2)).await.unwrap();
+    assert_eq!(index("state:active").await, ["a"]);
+    assert_eq!(index("state:needs_reauth").await, Vec::<String>::new());
+    assert_eq!(index("subjects").await, ["a"]);
+    assert!(store.delete("t", &id("a")).await.unwrap());
+    for name in ["subjects", "state:active", "state:needs_reauth"] {
+        assert_eq!(index(name).await, Vec::<String>::new(), "{name}");
+    }
+}
