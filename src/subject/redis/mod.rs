@@ -169,7 +169,7 @@ impl RedisStore {
         // process-wide provider; make it ring (the only one in the tree) so that nothing else
         // can be picked, nor a second provider in the tree make that call panic.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let url = cfg.url.clone();
+        let url = without_credentials(&cfg.url);
         let redis_err = |source| ConnectError::Redis {
             url: url.clone(),
             source,
@@ -334,6 +334,19 @@ impl RedisStore {
     }
 }
 
+/// `url` for messages: validation refuses credentials in it, but a caller that skipped
+/// validation must not get a password printed either.
+fn without_credentials(text: &str) -> String {
+    match url::Url::parse(text) {
+        Ok(mut u) => {
+            let _ = u.set_password(None);
+            let _ = u.set_username("");
+            u.to_string()
+        }
+        Err(_) => "(an unparsable URL)".to_owned(),
+    }
+}
+
 /// Where a scripted or shared value belongs: a named token, or one subject of a per-subject
 /// token. Locks and shared access tokens use it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -459,7 +472,13 @@ impl SubjectStore for RedisStore {
         Box::pin(async move {
             let subject = &record.subject;
             let keys = self.record_keys(token, subject)?;
-            let next = expected.map_or(1, |g| g + 1);
+            let next = match expected {
+                None => 1,
+                Some(g) => g.checked_add(1).ok_or_else(|| StoreError::Corrupt {
+                    location: format!("redis key {}", keys[0]),
+                    reason: "the generation cannot grow any further".into(),
+                })?,
+            };
             let stored = Record {
                 generation: next,
                 ..record.clone()
@@ -647,6 +666,16 @@ mod tests {
 
     fn id(s: &str) -> SubjectId {
         SubjectId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn messages_never_carry_the_urls_credentials() {
+        assert_eq!(
+            without_credentials("rediss://user:canary@h:6380/1"),
+            "rediss://h:6380/1"
+        );
+        assert_eq!(without_credentials("redis://h"), "redis://h");
+        assert!(!without_credentials("redis://:canary@").contains("canary"));
     }
 
     #[test]
