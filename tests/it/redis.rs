@@ -150,7 +150,7 @@ async fn tls_connects_with_the_ca_file_and_fails_without_it() {
     assert!(store.get("t", &id("s")).await.unwrap().is_some());
     store.ping().await.unwrap();
 
-    // The system trust store does not know the throwaway CA.
+    // The default roots (Mozilla's) do not know the throwaway CA.
     let e = RedisStore::connect(&bearer_proxy::subject::redis::RedisConfig {
         ca_file: None,
         ..cfg.clone()

@@ -38,8 +38,9 @@ pub struct RedisConfig {
     /// `redis://host:port[/db]` or `rediss://host:port[/db]` (TLS, verified). Required; no
     /// default, because a Redis that is not the operator's persistent one loses every subject.
     pub url: String,
-    /// PEM file of the CA(s) that sign the Redis server certificate (`rediss://` only). Without
-    /// it, the system's trust store verifies the server.
+    /// PEM file of the CA(s) that sign the Redis server certificate (`rediss://` only), trusted
+    /// instead of the default: the Mozilla roots built into the binary (webpki-roots), which
+    /// work in the `scratch` image where there is no system trust store.
     pub ca_file: Option<PathBuf>,
     /// ACL user name (Redis 6+). Needs `password_file`.
     pub username: Option<String>,
