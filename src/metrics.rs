@@ -121,6 +121,30 @@ label_enums! {
         /// The rejection means the user's consent is gone (Flinks code 602): no refresh attempted.
         ConsentRevoked => "consent_revoked",
     }
+
+    /// A shared-store operation that failed (`op` label of `bearer_proxy_store_errors_total`).
+    pub enum StoreOp {
+        /// Reading a subject's record.
+        Get => "get",
+        /// Writing a subject's record (compare-and-set).
+        Put => "put",
+        /// Listing subjects.
+        List => "list",
+        /// Forgetting a subject.
+        Delete => "delete",
+        /// Recording a spent authorization code.
+        SpendCode => "spend_code",
+        /// Taking or renewing a lease.
+        Lock => "lock",
+        /// Releasing a lease.
+        Unlock => "unlock",
+        /// Reading a shared access token.
+        AccessTokenGet => "access_token_get",
+        /// Writing a shared access token.
+        AccessTokenPut => "access_token_put",
+        /// The health check behind `/readyz` and `/status`.
+        Ping => "ping",
+    }
 }
 
 /// Every metric family, registered in the project's own registry.
@@ -148,6 +172,7 @@ pub struct Metrics {
     pub(crate) open_connections: IntGauge,
     /// CONNECT tunnels currently open.
     pub(crate) open_tunnels: IntGauge,
+    store_errors: [IntCounter; StoreOp::COUNT],
 }
 
 impl std::fmt::Debug for Metrics {
@@ -239,6 +264,13 @@ impl Metrics {
         );
         let underscore_headers =
             UnderscoreAction::ALL.map(|a| underscore_vec.with_label_values(&[a.as_str()]));
+        let store_errors_vec = counter_vec(
+            &r,
+            "bearer_proxy_store_errors_total",
+            "Failed operations on the shared subject store (Redis), by operation.",
+            &["op"],
+        );
+        let store_errors = StoreOp::ALL.map(|o| store_errors_vec.with_label_values(&[o.as_str()]));
         let m = Self {
             token_refreshes: counter_vec(
                 &r,
@@ -337,6 +369,7 @@ impl Metrics {
             ),
             build_info,
             registry: r,
+            store_errors,
         };
         Arc::new(m)
     }
@@ -414,6 +447,11 @@ impl Metrics {
     /// Counts `n` request headers whose name contains `_`.
     pub(crate) fn underscore_headers(&self, action: UnderscoreAction, n: u64) {
         self.underscore_headers[action as usize].inc_by(n);
+    }
+
+    /// Counts a failed operation on the shared subject store.
+    pub(crate) fn store_error(&self, op: StoreOp) {
+        self.store_errors[op as usize].inc();
     }
 
     /// Sets `bearer_proxy_build_info{version,commit,features}` to 1 (the server passes its
@@ -573,6 +611,7 @@ mod tests {
         r.upstream_error(UpstreamErrorKind::Tls);
         m.reject(RejectReason::Loop);
         m.underscore_headers(UnderscoreAction::Dropped, 2);
+        m.store_error(StoreOp::SpendCode);
         let text = m.encode();
         for needle in [
             "bearer_proxy_token_refreshes_total{result=\"ok\",token=\"flinks\"} 1",
@@ -585,6 +624,8 @@ mod tests {
             "bearer_proxy_underscore_headers_total{action=\"dropped\"} 2",
             "bearer_proxy_underscore_headers_total{action=\"refused\"} 0",
             "bearer_proxy_open_connections 0",
+            "bearer_proxy_store_errors_total{op=\"spend_code\"} 1",
+            "bearer_proxy_store_errors_total{op=\"get\"} 0",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
@@ -629,5 +670,6 @@ mod tests {
             UpstreamErrorKind::as_str,
         );
         check(&ReplayResult::ALL, |v| v as usize, ReplayResult::as_str);
+        check(&StoreOp::ALL, |v| v as usize, StoreOp::as_str);
     }
 }

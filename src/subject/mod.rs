@@ -12,6 +12,8 @@
 //! - [`record`]: the stored record, the [`SubjectStore`] trait every store implements, and its
 //!   errors.
 //! - [`file`]: the embedded store, one file per subject under `state_dir`.
+//! - [`redis`]: the shared store for replicas (issue #13), with leases and shared access-token
+//!   slots; not yet selectable in the configuration.
 //! - [`census`]: subjects counted by state and key at start; refuses records whose key is
 //!   not configured.
 //! - `tokens`: the per-subject access-token cache with single-flight lazy refresh (crate
@@ -41,6 +43,7 @@ pub mod config;
 pub mod file;
 pub mod keyring;
 pub mod record;
+pub mod redis;
 mod registry;
 pub(crate) mod tokens;
 

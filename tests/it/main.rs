@@ -31,9 +31,16 @@ mod hostile;
 // limits, tunnels, streaming, replay, shutdown.
 mod proxy;
 
+// The Redis store against a real redis-server: crash and AOF restart, racing connections, TLS,
+// passwords, Redis gone and back, leases, shared access-token slots, tampering.
+mod redis;
+
 // Soak under token rotation: the binary as a child for `SOAK_SECS`; `#[ignore]`d, run by
 // `tests/soak/run.sh`.
 mod soak;
+
+// The SubjectStore contract, one suite run against the file store and the Redis store.
+mod subject_store;
 
 // Shared helpers, one module per role: leak guard and logs, upstreams, raw client, test CA,
 // proxy under test and fixture builder, metrics, the binary as a process.

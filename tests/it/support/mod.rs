@@ -9,8 +9,10 @@ mod logs;
 mod metrics;
 mod process;
 mod proxy;
+mod redis;
 mod upstream;
 
+pub use self::redis::*;
 pub use cert::*;
 pub use client::*;
 pub use fixture::*;
