@@ -134,11 +134,11 @@ fn authorize(shared: &Shared, params: &Params) -> Result<Url, Refusal> {
 fn redirect(location: &Url) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::FOUND;
+    #[allow(clippy::expect_used)]
+    let value = HeaderValue::from_str(location.as_str())
+        .expect("a valid header value because a Url serialises to visible ASCII only");
     let headers = response.headers_mut();
-    // A `Url` serialises to visible ASCII only (it percent-encodes everything else).
-    if let Ok(value) = HeaderValue::from_str(location.as_str()) {
-        headers.insert(LOCATION, value);
-    }
+    headers.insert(LOCATION, value);
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }

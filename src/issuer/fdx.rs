@@ -87,11 +87,12 @@ fn flinks_error(code: u16, message: &str, debug_message: &str) -> Response<Full<
         let mut id = [0u8; ID_BYTES];
         rand::fill(&mut id);
         let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
-        if let Ok(value) = HeaderValue::from_str(&hex) {
-            response
-                .headers_mut()
-                .insert(HeaderName::from_static(name), value);
-        }
+        #[allow(clippy::expect_used)]
+        let value = HeaderValue::from_str(&hex)
+            .expect("a valid header value because hex digits are visible ASCII");
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static(name), value);
     }
     response
 }
