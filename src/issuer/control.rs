@@ -104,7 +104,9 @@ impl IssuerControl {
             .unwrap_or(0)
     }
 
-    /// The request log, oldest first (the last 10 000 token endpoint requests).
+    /// The request log, oldest first: the last 10 000 token endpoint and revoke endpoint
+    /// requests (revoke requests are `DELETE /api/v1/revoke`, not counted by
+    /// [`IssuerControl::request_count`]).
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.shared.lock().log.iter().cloned().collect()
     }

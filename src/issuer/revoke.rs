@@ -185,6 +185,17 @@ mod tests {
             && r.has_authorization
             && r.user.as_deref() == Some("alice")));
         assert_eq!(issuer.control.request_count(), 4);
+        let users: Vec<String> = issuer
+            .control
+            .issued_tokens()
+            .into_iter()
+            .map(|t| t.user)
+            .collect();
+        assert_eq!(
+            users,
+            ["alice", "bob", "bob"],
+            "the refused refresh bought nothing"
+        );
         // A new login gives alice working tokens again.
         let (_, rt) = login(&issuer.url, &issuer.control, "alice").await;
         assert_eq!(

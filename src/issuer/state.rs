@@ -148,6 +148,8 @@ pub struct IssuedToken {
     pub grant_type: GrantType,
     /// The client it was issued to.
     pub client_id: String,
+    /// The end user it was issued for (its `sub` claim).
+    pub user: String,
 }
 
 /// State shared by the server's connections and every control handle.
@@ -280,6 +282,7 @@ impl Inner {
             expires_at,
             grant_type: grant,
             client_id: client_id.to_owned(),
+            user: user.to_owned(),
         });
         self.issued_count += 1;
         token
