@@ -459,6 +459,13 @@ fn dev_issuer(args: DevIssuerArgs) -> Result<(), Failure> {
             .await
             .with_context(|| format!("dev-issuer: cannot listen on {}", args.listen))?;
         println!("dev issuer: token endpoint {}", issuer.token_url());
+        println!(
+            "dev issuer: end users: GET {} (client_id, redirect_uri, state, user), DELETE {}, \
+             any request under {}/api/fdx/",
+            issuer.authorize_url(),
+            issuer.revoke_url(),
+            issuer.base_url()
+        );
         let mut signals = os_signals().context("cannot install signal handlers")?;
         issuer
             .serve(async move {

@@ -9,9 +9,13 @@
 //! | `POST /control/delay` | `ms`: delay before every token answer (0 turns it off) |
 //! | `POST /control/lifetime` | `secs`: access token lifetime from now on |
 //! | `POST /control/client_secret` | `client_id`, `client_secret`: the client's only valid secret from now on |
-//! | `POST /control/codes` | `code` (repeatable, or a JSON array); `replace=true` drops the old ones |
-//! | `POST /control/refresh_tokens` | `refresh_token` (repeatable, or a JSON array); `replace=true` drops the old ones |
-//! | `GET /control/stats` | answers `{token_requests, by_grant, issued_tokens, pending_faults}` |
+//! | `POST /control/codes` | `code` (repeatable, or a JSON array), the default user's; `replace=true` drops the old configured ones |
+//! | `POST /control/refresh_tokens` | `refresh_token` (repeatable, or a JSON array), the default user's; `replace=true` retires every working one first |
+//! | `POST /control/rotate` | `enabled` (`true`/`false`): refresh-token rotation from now on |
+//! | `POST /control/code_lifetime` | `secs`: lifetime of codes from `/api/v1/authorize` from now on |
+//! | `POST /control/revoke_consent` | `user`: revokes that user's consent, as `DELETE /api/v1/revoke` would |
+//! | `GET /control/stats` | answers `{token_requests, by_grant, issued_tokens, pending_faults, retired_refresh_token_uses: {rotated, relogin, revoked, replaced}}` |
+//! | `GET /control/user?user=U` | answers `{token_requests: {grant: n}, logins, live_refresh_tokens, consent_revoked, revocations, fdx_requests}`, 404 for a user never seen |
 //!
 //! Control answers are `200 {"ok":true}`, or `400 {error, error_description}` on bad parameters.
 //! Control requests are not token requests: they are neither counted, logged, delayed nor failed.
@@ -34,6 +38,7 @@ use super::fault::Fault;
 use super::params::{Params, header_string, read_body};
 use super::response::{OAuthError, error_response, json_response, post_only};
 use super::state::{IssuedToken, MAX_LIFETIME, RecordedRequest, Shared};
+use super::users::{Retired, valid_user};
 
 /// A cloneable handle on a dev issuer's failure switches and observations. Every method takes
 /// effect immediately, for all connections.
@@ -99,7 +104,9 @@ impl IssuerControl {
             .unwrap_or(0)
     }
 
-    /// The request log, oldest first (the last 10 000 token endpoint requests).
+    /// The request log, oldest first: the last 10 000 token endpoint and revoke endpoint
+    /// requests (revoke requests are `DELETE /api/v1/revoke`, not counted by
+    /// [`IssuerControl::request_count`]).
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.shared.lock().log.iter().cloned().collect()
     }
@@ -140,6 +147,10 @@ pub(super) async fn control_endpoint(
     if command == "stats" && (parts.method == Method::GET || parts.method == Method::POST) {
         let inner = shared.lock();
         let pending: u64 = inner.faults.iter().map(|(_, n)| u64::from(*n)).sum();
+        let retired: serde_json::Map<String, serde_json::Value> = Retired::ALL
+            .iter()
+            .map(|r| (r.as_str().to_owned(), inner.users.retired_uses(*r).into()))
+            .collect();
         return json_response(
             StatusCode::OK,
             &json!({
@@ -147,6 +158,31 @@ pub(super) async fn control_endpoint(
                 "by_grant": inner.by_grant,
                 "issued_tokens": inner.issued_count,
                 "pending_faults": pending,
+                "retired_refresh_token_uses": retired,
+            }),
+        );
+    }
+    if command == "user" && parts.method == Method::GET {
+        let params = Params::from_form(parts.uri.query().unwrap_or("").as_bytes());
+        let Ok(user) = required(&params, "user") else {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "user missing or repeated",
+            );
+        };
+        let Some(s) = shared.lock().users.stats(user) else {
+            return error_response(StatusCode::NOT_FOUND, "invalid_request", "unknown user");
+        };
+        return json_response(
+            StatusCode::OK,
+            &json!({
+                "token_requests": s.token_requests,
+                "logins": s.logins,
+                "live_refresh_tokens": s.live_refresh_tokens,
+                "consent_revoked": s.consent_revoked,
+                "revocations": s.revocations,
+                "fdx_requests": s.fdx_requests,
             }),
         );
     }
@@ -236,21 +272,35 @@ fn apply_control(shared: &Shared, command: &str, params: &Params) -> Result<(), 
         }
         "codes" => {
             let replace = flag(params, "replace")?;
-            let codes = params.all("code").map(str::to_owned);
-            if replace {
-                inner.codes = codes.collect();
-            } else {
-                inner.codes.extend(codes);
-            }
+            inner
+                .users
+                .add_codes(params.all("code").map(str::to_owned), replace);
         }
         "refresh_tokens" => {
             let replace = flag(params, "replace")?;
-            let tokens = params.all("refresh_token").map(str::to_owned);
-            if replace {
-                inner.refresh_tokens = tokens.collect();
-            } else {
-                inner.refresh_tokens.extend(tokens);
+            inner
+                .users
+                .add_refresh_tokens(params.all("refresh_token").map(str::to_owned), replace);
+        }
+        "rotate" => {
+            if param(params, "enabled")?.is_none() {
+                return Err(ControlError::BadParameter("enabled missing".into()));
             }
+            inner.rotate_refresh_tokens = flag(params, "enabled")?;
+        }
+        "code_lifetime" => {
+            inner
+                .users
+                .set_code_lifetime(Duration::from_secs(number(params, "secs", None)?));
+        }
+        "revoke_consent" => {
+            let user = required(params, "user")?;
+            if !valid_user(user) {
+                return Err(ControlError::BadParameter(
+                    "user must be 1 to 128 visible ASCII characters".into(),
+                ));
+            }
+            inner.users.revoke(user);
         }
         _ => return Err(ControlError::UnknownCommand),
     }
@@ -607,6 +657,92 @@ mod tests {
         assert_eq!(stats["issued_tokens"], issuer.control.issued_count());
         assert_eq!(stats["by_grant"]["refresh_token"], 2);
         assert_eq!(stats["pending_faults"], 0);
+        issuer.stop().await;
+    }
+
+    #[tokio::test]
+    async fn end_user_switches_over_http() {
+        let issuer = start(IssuerOptions::default()).await;
+        let control = |cmd: &str| format!("{}/control/{cmd}", issuer.base);
+        let refresh = |rt: &str| json!({ "grant_type": "refresh_token", "client_id": "demo-client", "refresh_token": rt });
+        // Rotation on: the configured token is superseded, and presenting it again is counted.
+        let response = post_form(&control("rotate"), &[("enabled", "true")]).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = json_of(post_json(&issuer.url, &refresh("demo-refresh-token")).await)
+            .await
+            .1;
+        let rotated = body["refresh_token"].as_str().unwrap().to_owned();
+        assert_eq!(
+            error_of(post_json(&issuer.url, &refresh("demo-refresh-token")).await).await,
+            (StatusCode::BAD_REQUEST, "invalid_grant".into())
+        );
+        assert_eq!(issuer.control.superseded_refresh_token_uses(), 1);
+        let stats = json_of(client().get(control("stats")).send().await.unwrap())
+            .await
+            .1;
+        assert_eq!(
+            stats["retired_refresh_token_uses"],
+            json!({ "rotated": 1, "relogin": 0, "revoked": 0, "replaced": 0 })
+        );
+        // Rotation off again: the same refresh token keeps working.
+        post_form(&control("rotate"), &[("enabled", "false")]).await;
+        for _ in 0..2 {
+            let body = json_of(post_json(&issuer.url, &refresh(&rotated)).await)
+                .await
+                .1;
+            assert!(body.get("refresh_token").is_none(), "{body}");
+        }
+        // Revoking the default user's consent ends its refresh token.
+        let response = post_form(&control("revoke_consent"), &[("user", "dev-user-0001")]).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            error_of(post_json(&issuer.url, &refresh(&rotated)).await).await,
+            (StatusCode::BAD_REQUEST, "invalid_grant".into())
+        );
+        let user = json_of(
+            client()
+                .get(control("user") + "?user=dev-user-0001")
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+        .1;
+        assert_eq!(user["consent_revoked"], true);
+        assert_eq!(user["revocations"], 1);
+        assert_eq!(user["live_refresh_tokens"], 0);
+        assert_eq!(user["token_requests"]["refresh_token"], 5);
+        // Codes expired on arrival.
+        post_form(&control("code_lifetime"), &[("secs", "0")]).await;
+        let code = issuer.control.code_for("u");
+        let exchange = json!({ "grant_type": "authorization_code", "client_id": "demo-client", "code": code.expose() });
+        assert_eq!(
+            error_of(post_json(&issuer.url, &exchange).await).await,
+            (StatusCode::BAD_REQUEST, "invalid_grant".into())
+        );
+        // Bad parameters and unknown users.
+        for (cmd, params) in [
+            ("rotate", &[][..]),
+            ("rotate", &[("enabled", "maybe")][..]),
+            ("revoke_consent", &[][..]),
+            ("revoke_consent", &[("user", "a b")][..]),
+            ("code_lifetime", &[("secs", "x")][..]),
+        ] {
+            let response = post_form(&control(cmd), params).await;
+            assert_eq!(
+                response.status(),
+                StatusCode::BAD_REQUEST,
+                "{cmd} {params:?}"
+            );
+        }
+        let response = client()
+            .get(control("user") + "?user=nobody")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        let response = client().get(control("user")).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
         issuer.stop().await;
     }
 

@@ -8,14 +8,17 @@
 //! `client_credentials` needs the secret; `authorization_code` and `refresh_token` need a known
 //! `client_id` and check the secret only when one is sent (public clients).
 //!
-//! Grants: `client_credentials`; `authorization_code` (a configured code, usable once, and the
-//! configured `redirect_uri` if any; answers a new `refresh_token`); `refresh_token` (a refresh
-//! token the issuer knows; like Flinks it answers no new refresh token unless
-//! [`IssuerOptions::rotate_refresh_tokens`] is set, which then also retires the old one).
+//! Grants: `client_credentials`; `authorization_code` (a configured code or one from
+//! `/api/v1/authorize`, usable once, and the configured or authorized `redirect_uri` if any;
+//! answers a new `refresh_token` of the code's user); `refresh_token` (a working refresh token
+//! the issuer knows; like Flinks it answers no new refresh token unless
+//! [`IssuerOptions::rotate_refresh_tokens`] is set, which then also retires the old one). What
+//! codes and refresh tokens are worth, per end user, is decided in `users.rs`.
 //!
 //! Success is `200 {access_token, token_type: "Bearer", expires_in, scope?, refresh_token?}`
 //! with `Cache-Control: no-store` (RFC 6749 §5.1). Access tokens are JWT-shaped
-//! (`header.claims.signature`, Base64url) with claims `client_id`, `sub`, `iat`, `exp`, `jti` and
+//! (`header.claims.signature`, Base64url) with claims `client_id`, `sub` (the end user whose code
+//! or refresh token bought it, else [`IssuerOptions::subject`]), `iat`, `exp`, `jti` and
 //! `scope` when one was requested; the signature part is random bytes and nobody can verify it.
 //!
 //! Errors are `{error, error_description}` JSON, following RFC 6749 §5.2:
@@ -25,7 +28,8 @@
 //! * 400 `invalid_client`: unknown client, wrong or missing secret, sent in the body;
 //! * 401 `invalid_client` with `WWW-Authenticate: Basic`: the same, when the client tried the
 //!   `Authorization` header (RFC 6749 §5.2 requires 401 then);
-//! * 400 `invalid_grant`: unknown or spent code, unknown refresh token, `redirect_uri` mismatch;
+//! * 400 `invalid_grant`: unknown, spent or expired code, a code issued to another client,
+//!   unknown or retired refresh token (rotated, newer login, revoked), `redirect_uri` mismatch;
 //! * 400 `unsupported_grant_type`: any other grant;
 //! * 405 (not `POST`), 413 (body over 64 KiB), 404 (other paths), all as `invalid_request`.
 //!
@@ -42,10 +46,11 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use serde_json::{Map, Value};
+use tokio::time::Instant;
 
 use super::params::{BodyError, Params, form_decode, header_string, read_body};
 use super::response::{OAuthError, error_response, json_response, post_only};
-use super::state::{Inner, RecordedRequest, Shared, new_refresh_token};
+use super::state::{Inner, RecordedRequest, Shared};
 #[cfg(doc)]
 use super::{Fault, IssuerOptions};
 use crate::config::GrantType;
@@ -70,6 +75,7 @@ pub(super) async fn token_endpoint(
         code: None,
         redirect_uri: None,
         scope: None,
+        user: None,
     };
     if parts.method != Method::POST {
         shared.record(record);
@@ -106,6 +112,10 @@ pub(super) async fn token_endpoint(
     if let Some(BasicAuth::Credentials { id, .. }) = &basic {
         record.client_id = Some(id.clone());
     }
+    record.user = shared.lock().users.owner(
+        record.code.as_ref().map(Secret::expose),
+        record.refresh_token.as_ref().map(Secret::expose),
+    );
     let grant_type = record.grant_type.clone();
     let client_id = record.client_id.clone();
     shared.record(record);
@@ -158,31 +168,22 @@ impl Shared {
                  refresh_token",
             ));
         };
-        let refresh_token = match grant {
-            GrantType::ClientCredentials => None,
+        let (user, refresh_token) = match grant {
+            GrantType::ClientCredentials => (inner.users.default_user.clone(), None),
             GrantType::AuthorizationCode => {
                 let code = params
                     .one("code")?
                     .ok_or_else(|| OAuthError::invalid_request("code missing"))?;
-                if !inner.codes.contains(code) {
-                    return Err(OAuthError::invalid_grant(
-                        "unknown or already used authorization code",
-                    ));
-                }
-                if let Some(expected) = &inner.redirect_uri {
-                    match redirect_uri {
-                        None => return Err(OAuthError::invalid_request("redirect_uri missing")),
-                        Some(sent) if sent != expected => {
-                            return Err(OAuthError::invalid_grant("redirect_uri mismatch"));
-                        }
-                        Some(_) => {}
-                    }
-                }
-                // Used once: gone even if something below failed (nothing below can).
-                inner.codes.remove(code);
-                let new = new_refresh_token();
-                inner.refresh_tokens.insert(new.clone());
-                Some(new)
+                // Used once: spent here, even if something below failed (nothing below can).
+                let configured = inner.redirect_uri.clone();
+                let (user, new) = inner.users.exchange_code(
+                    code,
+                    &client_id,
+                    redirect_uri,
+                    configured.as_deref(),
+                    Instant::now(),
+                )?;
+                (user, Some(new))
             }
             GrantType::RefreshToken => {
                 let sent = params
@@ -193,21 +194,18 @@ impl Shared {
                 {
                     return Err(OAuthError::invalid_grant("redirect_uri mismatch"));
                 }
-                if !inner.refresh_tokens.contains(sent) {
-                    return Err(OAuthError::invalid_grant("unknown refresh token"));
-                }
-                if inner.rotate_refresh_tokens {
-                    inner.refresh_tokens.remove(sent);
-                    let new = new_refresh_token();
-                    inner.refresh_tokens.insert(new.clone());
-                    Some(new)
-                } else {
-                    None
-                }
+                let rotate = inner.rotate_refresh_tokens;
+                inner.users.refresh(sent, rotate)?
             }
         };
         let expires_in = inner.lifetime.as_secs();
-        let access_token = inner.issue(&client_id, grant, scope.as_deref(), SystemTime::now());
+        let access_token = inner.issue(
+            &client_id,
+            &user,
+            grant,
+            scope.as_deref(),
+            SystemTime::now(),
+        );
         Ok(Granted {
             access_token,
             expires_in,

@@ -1,25 +1,36 @@
 //! The built-in dev issuer: a local OAuth2 token endpoint speaking Flinks'
 //! `POST /api/v1/token` contract, with failure switches and observation hooks for the local demo,
-//! the integration tests (in-process) and the benchmarks (as a subprocess the CLI starts).
+//! the integration tests (in-process) and the benchmarks (as a subprocess the CLI starts). For
+//! Flinks' Data Recipient flow it also serves many end users: `GET /api/v1/authorize` (a code
+//! per user), `DELETE /api/v1/revoke` and an FDX-like resource under `/api/fdx/` that says whose
+//! token it received.
 //!
 //! It is dev tooling, compiled only with the default-on `dev-tools` cargo feature: a sidecar
 //! built with `--no-default-features` has neither this module nor its fault-injection API.
 //!
 //! This file binds and serves ([`DevIssuer`]) and routes a request to its endpoint. The parts:
 //! - `endpoint.rs`: the token endpoint: client authentication and the grants;
+//! - `authorize.rs`: `GET /api/v1/authorize`, the consent redirect with a one-time code;
+//! - `revoke.rs`: `DELETE /api/v1/revoke`, ending a user's consent with their access token;
+//! - `fdx.rs`: `/api/fdx/...`, the resource that names the token's user (or answers 602);
+//! - `users.rs`: end users: their codes, refresh tokens, consent, access tokens and counters;
 //! - `control.rs`: [`IssuerControl`] and the `/control/...` HTTP switches;
 //! - `fault.rs`: the injectable failures ([`Fault`]) and their answers;
 //! - `state.rs`: [`IssuerOptions`], the shared state and request log, token minting;
 //! - `params.rs`: reading a body and its parameters; `response.rs`: JSON and OAuth error answers.
 
+mod authorize;
 mod control;
 mod endpoint;
 mod fault;
+mod fdx;
 #[cfg(test)]
 mod harness;
 mod params;
 mod response;
+mod revoke;
 mod state;
+mod users;
 
 use std::convert::Infallible;
 use std::fmt;
@@ -43,6 +54,7 @@ use crate::listener::accept;
 pub use control::IssuerControl;
 pub use fault::Fault;
 pub use state::{IssuedToken, IssuerOptions, RecordedRequest};
+pub use users::{Retired, UserStats};
 
 use response::error_response;
 use state::Shared;
@@ -51,6 +63,12 @@ use state::Shared;
 const TOKEN_PATH: &str = "/api/v1/token";
 /// A second path for the token endpoint, the common OAuth2 spelling.
 const TOKEN_ALIAS: &str = "/token";
+/// Flinks' authorize endpoint path.
+const AUTHORIZE_PATH: &str = "/api/v1/authorize";
+/// Flinks' revoke endpoint path.
+const REVOKE_PATH: &str = "/api/v1/revoke";
+/// Prefix of the FDX-like resource paths (Flinks' data endpoints live under it).
+const FDX_PREFIX: &str = "/api/fdx/";
 /// Prefix of the control API paths.
 const CONTROL_PREFIX: &str = "/control/";
 /// How long `serve` lets in-flight requests finish after shutdown before cutting connections:
@@ -106,6 +124,17 @@ impl DevIssuer {
     /// The token endpoint URL, `<base_url>/api/v1/token`.
     pub fn token_url(&self) -> String {
         format!("{}{TOKEN_PATH}", self.base_url())
+    }
+
+    /// The authorize endpoint URL, `<base_url>/api/v1/authorize`; add `client_id`,
+    /// `redirect_uri`, `state` and optionally `user` as the query.
+    pub fn authorize_url(&self) -> String {
+        format!("{}{AUTHORIZE_PATH}", self.base_url())
+    }
+
+    /// The revoke endpoint URL, `<base_url>/api/v1/revoke`.
+    pub fn revoke_url(&self) -> String {
+        format!("{}{REVOKE_PATH}", self.base_url())
     }
 
     /// A handle on the switches and observations; it stays usable after `serve` returns.
@@ -164,6 +193,15 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
     let path = req.uri().path();
     if path == TOKEN_PATH || path == TOKEN_ALIAS {
         return endpoint::token_endpoint(shared, req).await;
+    }
+    if path == AUTHORIZE_PATH {
+        return authorize::authorize_endpoint(shared, &req);
+    }
+    if path == REVOKE_PATH {
+        return revoke::revoke_endpoint(shared, &req);
+    }
+    if path.starts_with(FDX_PREFIX) {
+        return fdx::fdx_endpoint(shared, &req);
     }
     if shared.control_api
         && let Some(command) = path.strip_prefix(CONTROL_PREFIX)

@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use http::HeaderMap;
-use http::header::{CONTENT_LENGTH, HeaderName};
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, HeaderName};
 use http_body_util::{BodyExt as _, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use serde_json::Value;
@@ -144,6 +144,19 @@ pub(super) async fn read_body(body: Incoming, headers: &HeaderMap) -> Result<Byt
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive, RFC 6750
+/// §2.1), if there is exactly one such header.
+pub(super) fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    let value = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    let (scheme, token) = value.to_str().ok()?.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 /// A header as text, if present and visible ASCII.
 pub(super) fn header_string(headers: &HeaderMap, name: HeaderName) -> Option<String> {
     headers
@@ -162,6 +175,23 @@ mod tests {
         assert_eq!(form_decode("raw&and=kept"), "raw&and=kept");
         assert_eq!(form_decode(""), "");
         assert_eq!(form_decode("bad%zz"), "bad%zz");
+    }
+
+    #[test]
+    fn bearer_tokens() {
+        let headers = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(AUTHORIZATION, v.parse().unwrap());
+            }
+            h
+        };
+        assert_eq!(bearer(&headers(&["Bearer abc"])), Some("abc"));
+        assert_eq!(bearer(&headers(&["bearer  abc "])), Some("abc"));
+        assert_eq!(bearer(&headers(&["Basic abc"])), None);
+        assert_eq!(bearer(&headers(&["Bearer "])), None);
+        assert_eq!(bearer(&headers(&["Bearer a", "Bearer b"])), None);
+        assert_eq!(bearer(&headers(&[])), None);
     }
 
     #[test]

@@ -52,6 +52,18 @@ impl OAuthError {
         Self::new(status, "invalid_client", description)
     }
 
+    /// The status it answers with.
+    #[cfg(test)]
+    pub(super) fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The OAuth `error` code.
+    #[cfg(test)]
+    pub(super) fn code(&self) -> &'static str {
+        self.code
+    }
+
     /// The JSON answer, with a Basic challenge on a 401.
     pub(super) fn into_response(self) -> Response<Full<Bytes>> {
         let mut response = error_response(self.status, self.code, self.description);

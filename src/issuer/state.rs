@@ -1,8 +1,9 @@
 //! What a dev issuer knows and hands out: the options it starts with ([`IssuerOptions`]), the
 //! state its connections and control handles share, the request log, and the minting of
-//! access and refresh tokens. Everything here is synchronous and behind one mutex.
+//! access and refresh tokens. Everything here is synchronous and behind one mutex; what belongs
+//! to each end user (codes, refresh tokens, consent) is in `users.rs`.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -13,6 +14,7 @@ use http::Method;
 use serde_json::{Map, Value, json};
 
 use super::fault::Fault;
+use super::users::{DEFAULT_CODE_LIFETIME, Users};
 use crate::config::GrantType;
 use crate::secret::Secret;
 use crate::time::unix_secs;
@@ -37,14 +39,17 @@ pub struct IssuerOptions {
     pub lifetime: Duration,
     /// Valid clients as `(client_id, client_secret)`. A repeated id keeps its last secret.
     pub clients: Vec<(String, String)>,
-    /// Authorization codes the `authorization_code` grant accepts, each once.
+    /// Authorization codes the `authorization_code` grant accepts, each once, for the user
+    /// `subject` (codes from `/api/v1/authorize` come on top).
     pub codes: Vec<String>,
-    /// Refresh tokens the `refresh_token` grant accepts.
+    /// Refresh tokens the `refresh_token` grant accepts, the user `subject`'s.
     pub refresh_tokens: Vec<String>,
     /// When set, the `authorization_code` grant needs exactly this `redirect_uri`, and a
     /// `refresh_token` grant that sends one must send exactly this.
     pub redirect_uri: Option<String>,
-    /// The `refresh_token` grant answers a new refresh token and retires the one it received.
+    /// The `refresh_token` grant answers a new refresh token and retires the one it received;
+    /// presenting a retired one again is `invalid_grant` and counted
+    /// ([`IssuerControl::superseded_refresh_token_uses`](super::IssuerControl::superseded_refresh_token_uses)).
     /// Off by default: Flinks' refresh tokens do not change when exchanged.
     pub rotate_refresh_tokens: bool,
     /// Every grant answers exactly this access token (benchmarks compare it byte for byte).
@@ -52,8 +57,13 @@ pub struct IssuerOptions {
     /// Serve the `/control/...` endpoints. On by default: this is a dev tool meant to be bound
     /// to loopback.
     pub control_api: bool,
-    /// The `sub` claim (the user at the bank, for Flinks).
+    /// The default user: the `sub` claim (the user at the bank, for Flinks) of client
+    /// credentials tokens and of tokens bought with `codes` and `refresh_tokens`. Tokens of
+    /// other users name them instead.
     pub subject: String,
+    /// How long a code from `/api/v1/authorize` can be exchanged (ten minutes by default, the
+    /// most RFC 6749 §4.1.2 recommends; Flinks does not say).
+    pub code_lifetime: Duration,
 }
 
 impl Default for IssuerOptions {
@@ -70,6 +80,7 @@ impl Default for IssuerOptions {
             fixed_token: None,
             control_api: true,
             subject: "dev-user-0001".into(),
+            code_lifetime: DEFAULT_CODE_LIFETIME,
         }
     }
 }
@@ -88,11 +99,13 @@ impl fmt::Debug for IssuerOptions {
             .field("fixed_token", &self.fixed_token.is_some())
             .field("control_api", &self.control_api)
             .field("subject", &self.subject)
+            .field("code_lifetime", &self.code_lifetime)
             .finish()
     }
 }
 
-/// One request the token endpoint received, as the request log keeps it.
+/// One request the token endpoint (or the revoke endpoint) received, as the request log keeps
+/// it.
 #[derive(Clone, Debug)]
 pub struct RecordedRequest {
     /// When it arrived.
@@ -117,6 +130,9 @@ pub struct RecordedRequest {
     pub redirect_uri: Option<String>,
     /// `scope` as received.
     pub scope: Option<String>,
+    /// The end user whose code or refresh token was presented (for the revoke endpoint: whose
+    /// access token), if the issuer knows it; worked out on arrival, before any check.
+    pub user: Option<String>,
 }
 
 /// One access token the issuer handed out.
@@ -132,6 +148,8 @@ pub struct IssuedToken {
     pub grant_type: GrantType,
     /// The client it was issued to.
     pub client_id: String,
+    /// The end user it was issued for (its `sub` claim).
+    pub user: String,
 }
 
 /// State shared by the server's connections and every control handle.
@@ -147,12 +165,11 @@ pub(super) struct Inner {
     pub(super) lifetime: Duration,
     /// client id → its one valid secret.
     pub(super) clients: HashMap<String, String>,
-    pub(super) codes: HashSet<String>,
-    pub(super) refresh_tokens: HashSet<String>,
+    /// Codes, refresh tokens, consents and access tokens, per end user.
+    pub(super) users: Users,
     pub(super) redirect_uri: Option<String>,
     pub(super) rotate_refresh_tokens: bool,
     pub(super) fixed_token: Option<String>,
-    pub(super) subject: String,
     /// Queued faults with how many requests each still applies to (always > 0).
     pub(super) faults: VecDeque<(Fault, u32)>,
     pub(super) delay: Duration,
@@ -173,12 +190,15 @@ impl Shared {
             inner: Mutex::new(Inner {
                 lifetime: opts.lifetime.min(MAX_LIFETIME),
                 clients: opts.clients.into_iter().collect(),
-                codes: opts.codes.into_iter().collect(),
-                refresh_tokens: opts.refresh_tokens.into_iter().collect(),
+                users: Users::new(
+                    opts.subject,
+                    opts.codes,
+                    opts.refresh_tokens,
+                    opts.code_lifetime,
+                ),
                 redirect_uri: opts.redirect_uri,
                 rotate_refresh_tokens: opts.rotate_refresh_tokens,
                 fixed_token: opts.fixed_token,
-                subject: opts.subject,
                 faults: VecDeque::new(),
                 delay: Duration::ZERO,
                 request_count: 0,
@@ -197,17 +217,17 @@ impl Shared {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Counts and logs a token endpoint request.
+    /// Counts (in total, by grant and by user) and logs a token endpoint request.
     pub(super) fn record(&self, request: RecordedRequest) {
         let mut inner = self.lock();
         inner.request_count += 1;
         if let Some(grant) = &request.grant_type {
             *inner.by_grant.entry(grant.clone()).or_default() += 1;
+            if let Some(user) = &request.user {
+                inner.users.count_request(user, grant);
+            }
         }
-        if inner.log.len() >= LOG_CAP {
-            inner.log.pop_front();
-        }
-        inner.log.push_back(request);
+        inner.push_log(request);
     }
 
     /// Consumes one application of the first queued fault, if any.
@@ -224,10 +244,19 @@ impl Shared {
 }
 
 impl Inner {
-    /// Issues an access token at `now` and remembers it.
+    /// Appends to the request log, dropping the oldest entry past its cap.
+    pub(super) fn push_log(&mut self, request: RecordedRequest) {
+        if self.log.len() >= LOG_CAP {
+            self.log.pop_front();
+        }
+        self.log.push_back(request);
+    }
+
+    /// Issues an access token for `user` at `now` and remembers it.
     pub(super) fn issue(
         &mut self,
         client_id: &str,
+        user: &str,
         grant: GrantType,
         scope: Option<&str>,
         now: SystemTime,
@@ -235,8 +264,9 @@ impl Inner {
         let expires_at = now + self.lifetime;
         let token = match &self.fixed_token {
             Some(fixed) => fixed.clone(),
-            None => jwt_shaped(client_id, &self.subject, scope, now, expires_at),
+            None => jwt_shaped(client_id, user, scope, now, expires_at),
         };
+        self.users.note_access_token(&token, user, expires_at, now);
         if self.valid.len() >= LOG_CAP {
             // Forgetting expired tokens does not change any answer of `is_valid_token`.
             self.valid.retain(|_, exp| *exp > now);
@@ -252,6 +282,7 @@ impl Inner {
             expires_at,
             grant_type: grant,
             client_id: client_id.to_owned(),
+            user: user.to_owned(),
         });
         self.issued_count += 1;
         token

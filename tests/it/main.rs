@@ -19,6 +19,10 @@ mod cli;
 // misbehave; status, error code, what the upstream got, recovery, no leaked connection.
 mod faults;
 
+// The dev issuer's end users (issue #12): authorize redirect, per-user codes and tokens,
+// relogin, rotation, revoke, the FDX-like resource, the token engine against per-user codes.
+mod issuer_users;
+
 // Issue #10, proxy half: waits a peer could stretch forever and framing the wire guard and
 // hyper must agree on.
 mod hardening;

@@ -16,8 +16,9 @@ pub fn never_log(secret: &str) {
 
 /// Installs, once per test binary, a global `tracing` subscriber at TRACE for every crate
 /// (bearer-proxy, hyper, h2, rustls, reqwest…). Each formatted event is checked for every
-/// registered secret, for the word "canary" (the marker of test secrets), and for anything
-/// shaped like a JWT; a hit aborts the whole test run, whichever test caused it. Every helper
+/// registered secret, for the word "canary" (the marker of test secrets), for anything
+/// shaped like a JWT, and for anything shaped like a code or refresh token the dev issuer mints
+/// (those of other processes or minted inside a flow no test sees); a hit aborts the whole test run, whichever test caused it. Every helper
 /// that starts a part of the product calls this, so the whole suite's scenarios run under it.
 pub fn guard_logs() {
     GUARD.call_once(|| {
@@ -54,7 +55,11 @@ impl Drop for LeakCheck {
                     .contains("canary")
                     .then(|| "canary".into())
             })
-            .or_else(|| looks_like_jwt(&line).then(|| "a JWT".into()));
+            .or_else(|| looks_like_jwt(&line).then(|| "a JWT".into()))
+            .or_else(|| {
+                looks_like_minted(&line)
+                    .then(|| "a code or refresh token the dev issuer minted".into())
+            });
         if let Some(what) = leaked {
             eprintln!("SECRET LEAKED INTO A LOG LINE ({what}):\n{line}");
             std::process::abort();
@@ -72,6 +77,34 @@ fn looks_like_jwt(line: &str) -> bool {
             .count();
         run >= 16 && rest.as_bytes().get(run) == Some(&b'.')
     })
+}
+
+/// `rt-` (a refresh token) or `ac-` (an authorization code) at a word start, then exactly 32
+/// Base64url characters: what the dev issuer mints (24 random bytes).
+fn looks_like_minted(line: &str) -> bool {
+    const RUN: usize = 32;
+    let bytes = line.as_bytes();
+    let base64url = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_';
+    ["rt-", "ac-"].iter().any(|prefix| {
+        line.match_indices(prefix).any(|(i, _)| {
+            let at_word_start = i == 0 || !bytes[i - 1].is_ascii_alphanumeric();
+            let run = bytes[i + prefix.len()..]
+                .iter()
+                .take_while(|b| base64url(**b))
+                .count();
+            at_word_start && run == RUN
+        })
+    })
+}
+
+#[test]
+fn minted_shapes_are_recognised() {
+    let minted = format!("rt-{}", "A".repeat(32));
+    assert!(looks_like_minted(&format!("refresh {minted} sent")));
+    assert!(looks_like_minted(&format!("code=ac-{}", "b_-9".repeat(8))));
+    assert!(!looks_like_minted(&format!("cert-{}", "a".repeat(32))));
+    assert!(!looks_like_minted("rt-original rt-memory ac-short"));
+    assert!(!looks_like_minted(&format!("rt-{}", "a".repeat(64))));
 }
 
 /// Collects formatted log lines (install with `tracing::subscriber::set_default`; on a

@@ -1,10 +1,11 @@
 //! Test helpers: a private CA, a recording upstream (TLS or plain), a raw HTTP/1 client, a
-//! proxy started in-process on port 0, a dev issuer, a metrics matcher, and the suite-wide
+//! proxy started in-process on port 0, a dev issuer (and its end-user flows), a metrics matcher, and the suite-wide
 //! secret-leak guard ([`guard_logs`]).
 
 mod cert;
 mod client;
 mod fixture;
+mod issuer;
 mod logs;
 mod metrics;
 mod process;
@@ -16,6 +17,7 @@ pub use self::redis::*;
 pub use cert::*;
 pub use client::*;
 pub use fixture::*;
+pub use issuer::*;
 pub use logs::*;
 pub use metrics::*;
 pub use process::*;
