@@ -31,6 +31,10 @@ mod hostile;
 // limits, tunnels, streaming, replay, shutdown.
 mod proxy;
 
+// Per-subject tokens (issue #12) through the whole server: one token per customer, the
+// subject header, needs_reauth, 10,000 subjects at start, restart, keys, no plaintext at rest.
+mod subjects;
+
 // Soak under token rotation: the binary as a child for `SOAK_SECS`; `#[ignore]`d, run by
 // `tests/soak/run.sh`.
 mod soak;
