@@ -45,10 +45,13 @@ struct World {
     fdx_plain: bool,
 }
 
-/// What the upstream answers for a request: 401 with Flinks' consent error for subjects whose
-/// path says `consent-gone`, 200 otherwise.
-fn answer(r: &Recorded, _: usize) -> Reply {
-    if r.target.contains("consent-gone") {
+/// What the upstream answers for a request: 401 with Flinks' consent error for paths saying
+/// `consent-gone`, a plain 401 for a path saying `reject-once` when it is the first request
+/// the upstream sees, 200 otherwise.
+fn answer(r: &Recorded, n: usize) -> Reply {
+    if r.target.contains("reject-once") && n == 0 {
+        Reply::status(401).body(r#"{"code": 401, "message": "token expired"}"#)
+    } else if r.target.contains("consent-gone") {
         Reply::status(401).body(r#"{"code": 602, "message": "consent revoked"}"#)
     } else {
         Reply::ok("{}")
@@ -594,6 +597,37 @@ async fn slow_get_status(proxy: SocketAddr, i: usize) -> u16 {
     tokio::time::timeout(Duration::from_secs(60), exchange)
         .await
         .expect("no answer within a minute")
+}
+
+#[tokio::test]
+async fn an_upstream_401_refreshes_that_subject_and_replays_with_its_new_token() {
+    let (world, _) = world_with(2).await;
+    let server = Running::start(world.config()).await;
+    let resp = server.as_subject("c0", "/api/fdx/5/reject-once").await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let seen = world.upstream.requests();
+    assert_eq!(seen.len(), 2);
+    let (first, second) = (bearer(&seen[0]), bearer(&seen[1]));
+    assert_ne!(first, second, "replayed with the rejected token");
+    assert_eq!(world.refreshes(), 2);
+    assert_eq!(
+        server
+            .metric(
+                "bearer_proxy_replays_total",
+                &[("route", "fdx"), ("result", "ok")]
+            )
+            .await,
+        1.0
+    );
+    // The other subject's first request gets its own token, not c0's new one.
+    assert_eq!(
+        server.as_subject("c1", "/api/fdx/5/accounts").await.status,
+        200
+    );
+    let third = bearer(&world.upstream.requests()[2]);
+    assert!(third != first && third != second);
+    assert_eq!(world.record("c0").await.state, SubjectState::Active);
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
