@@ -3,10 +3,11 @@
 //!
 //! - `GET /metrics`: Prometheus text exposition of the project's own registry.
 //! - `GET /livez`: 200 while the process serves, whatever the token endpoint does.
-//! - `GET /readyz`: 200 only while every configured token is valid and the process is not
-//!   shutting down; otherwise 503 with a JSON reason naming the token and its state.
-//! - `GET /status`: JSON with each token's state, expiry, last success and error, and each
-//!   route's request counts.
+//! - `GET /readyz`: 200 only while every configured (named) token is valid and the process
+//!   is not shutting down; otherwise 503 with a JSON reason naming the token and its state.
+//!   Per-subject tokens never count: one customer's consent is not the pod's readiness.
+//! - `GET /status`: JSON with each token's state, expiry, last success and error, each
+//!   route's request counts, and per per-subject token the subjects per state and in memory.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -27,6 +28,7 @@ use tokio::sync::Semaphore;
 use crate::listener::accept;
 use crate::metrics::Metrics;
 use crate::shutdown::{Phase, Shutdown};
+use crate::subject::Subjects;
 use crate::time::rfc3339;
 use crate::token::{ErrorKind, TokenCell, TokenStatus};
 
@@ -46,6 +48,7 @@ pub struct Admin {
     tokens: Arc<[Arc<TokenCell>]>,
     metrics: Arc<Metrics>,
     shutdown: Shutdown,
+    subjects: Option<Arc<Subjects>>,
 }
 
 impl std::fmt::Debug for Admin {
@@ -65,7 +68,15 @@ impl Admin {
             tokens: tokens.values().cloned().collect(),
             metrics,
             shutdown,
+            subjects: None,
         }
+    }
+
+    /// Also reports the per-subject token entries on `/status`.
+    #[must_use]
+    pub fn with_subjects(mut self, subjects: Option<Arc<Subjects>>) -> Self {
+        self.subjects = subjects;
+        self
     }
 
     /// Serves until the process terminates (it keeps answering probes while draining).
@@ -207,14 +218,33 @@ impl Admin {
                 )
             })
             .collect();
-        json!({
+        let mut doc = json!({
             "version": crate::build::VERSION,
             "commit": crate::build::COMMIT,
             "features": crate::build::features().collect::<Vec<_>>(),
             "phase": phase_name(self.shutdown.phase()),
             "tokens": tokens,
             "routes": routes,
-        })
+        });
+        if let Some(subjects) = &self.subjects {
+            let per_token: serde_json::Map<String, Value> = subjects
+                .counts()
+                .into_iter()
+                .map(|(name, counts)| {
+                    let states: serde_json::Map<String, Value> = counts
+                        .states
+                        .into_iter()
+                        .map(|(state, n)| (state.to_owned(), json!(n)))
+                        .collect();
+                    (
+                        name.to_owned(),
+                        json!({"subjects": states, "cached_tokens": counts.cached}),
+                    )
+                })
+                .collect();
+            doc["subjects"] = Value::Object(per_token);
+        }
+        doc
     }
 }
 

@@ -7,8 +7,8 @@
 //! - [`token`]: access tokens and the cell requests read them from; [`token::client`] talks to
 //!   the token endpoint, [`token::refresher`] keeps a token fresh; private modules choose the
 //!   grant, persist refresh tokens, compute the schedule and hold the status types.
-//! - [`subject`]: per-subject tokens (in progress): subject ids, refresh tokens sealed at
-//!   rest, and the subject store.
+//! - [`subject`]: per-subject tokens: subject ids, refresh tokens sealed at rest, the
+//!   subject store, and each per-subject entry's access tokens (read by the proxy).
 //! - [`metrics`]: the Prometheus registry and per-token/per-route handles.
 //! - [`proxy`]: the forward proxy: routing, token injection, TLS origination, streaming.
 //! - [`admin`]: the admin port (`/metrics`, `/livez`, `/readyz`, `/status`).
@@ -103,15 +103,21 @@ impl Server {
         let (controller, shutdown) = ShutdownController::new();
         let mut tokens = BTreeMap::new();
         let mut background = Vec::new();
-        for (name, cfg) in &config.tokens {
+        // A per-subject token has no cell and no refresher: its tokens live in `subjects`,
+        // fetched per subject on demand.
+        for (name, cfg) in config.tokens.iter().filter(|(_, t)| !t.per_subject) {
             let cell = TokenCell::new(name.as_str(), cfg.forced_refresh_interval);
             let refresher = Refresher::new(cfg.clone(), cell.clone(), metrics.token(name))
                 .map_err(|e| anyhow::anyhow!("tokens.{name}: {e}"))?;
             background.push(refresher.spawn(shutdown.clone()));
             tokens.insert(name.clone(), cell);
         }
-        let subjects = subject::Subjects::start(&config).await?;
-        let proxy = proxy::Proxy::new(&config, &tokens, metrics.clone())?;
+        let subjects = subject::Subjects::start_with_metrics(&config, &metrics).await?;
+        if let Some(s) = &subjects {
+            background.extend(s.spawn_keepalive());
+        }
+        let proxy =
+            proxy::Proxy::with_subjects(&config, &tokens, subjects.as_ref(), metrics.clone())?;
         let proxy_listener = TcpListener::bind(config.proxy.listen)
             .await
             .with_context(|| format!("proxy.listen: cannot listen on {}", config.proxy.listen))?;
@@ -120,7 +126,8 @@ impl Server {
             .await
             .with_context(|| format!("admin.listen: cannot listen on {}", config.admin.listen))?;
         let admin_addr = admin_listener.local_addr()?;
-        let admin = admin::Admin::new(&tokens, metrics.clone(), shutdown.clone());
+        let admin = admin::Admin::new(&tokens, metrics.clone(), shutdown.clone())
+            .with_subjects(subjects.clone());
         background.push(tokio::spawn(admin.serve(admin_listener)));
         let servers = vec![tokio::spawn(proxy.serve(proxy_listener, shutdown.clone()))];
         tracing::info!(

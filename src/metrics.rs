@@ -81,6 +81,14 @@ label_enums! {
         Loop => "loop",
         /// `TRACE` and other refused methods.
         MethodNotAllowed => "method_not_allowed",
+        /// A per-subject route without the subject header.
+        SubjectRequired => "subject_required",
+        /// A subject header that is not one valid subject id.
+        InvalidSubject => "invalid_subject",
+        /// A subject that is not enrolled.
+        UnknownSubject => "unknown_subject",
+        /// A subject that must consent again.
+        ReauthRequired => "reauth_required",
     }
 
     /// What happened to a request header whose name contains `_` (`action` label of
@@ -145,6 +153,32 @@ label_enums! {
         /// The health check behind `/readyz` and `/status`.
         Ping => "ping",
     }
+
+    /// Outcome of one per-subject refresh (`result` label of
+    /// `bearer_proxy_subject_refreshes_total`).
+    pub enum SubjectRefreshResult {
+        /// A token was obtained.
+        Ok => "ok",
+        /// The token endpoint said `invalid_grant`: the subject now needs to consent again.
+        InvalidGrant => "invalid_grant",
+        /// Any other failure (endpoint down or refusing, store or key trouble).
+        Error => "error",
+    }
+
+    /// Why a request on a per-subject route was answered by the proxy (`reason` label of
+    /// `bearer_proxy_subject_rejected_requests_total`).
+    pub enum SubjectRejectReason {
+        /// No subject header.
+        SubjectRequired => "subject_required",
+        /// A subject header outside the id alphabet, or more than one.
+        InvalidSubject => "invalid_subject",
+        /// A subject that is not enrolled.
+        UnknownSubject => "unknown_subject",
+        /// A subject in `needs_reauth`.
+        ReauthRequired => "reauth_required",
+        /// No token for the subject within `token_wait`, or its refresh failed.
+        TokenUnavailable => "token_unavailable",
+    }
 }
 
 /// Every metric family, registered in the project's own registry.
@@ -165,6 +199,9 @@ pub struct Metrics {
     upstream_errors: IntCounterVec,
     replays: IntCounterVec,
     rejected: [IntCounter; RejectReason::COUNT],
+    subjects: IntGaugeVec,
+    subject_refreshes: IntCounterVec,
+    subject_rejected: IntCounterVec,
     underscore_headers: [IntCounter; UnderscoreAction::COUNT],
     /// Every route handle handed out, for the status page (filled at start-up only).
     routes: std::sync::Mutex<Vec<RouteMetrics>>,
@@ -354,6 +391,28 @@ impl Metrics {
                 &["route", "result"],
             ),
             rejected,
+            subjects: register(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "bearer_proxy_subjects",
+                        "Enrolled subjects of a per-subject token, by state.",
+                    ),
+                    &["token", "state"],
+                ),
+            ),
+            subject_refreshes: counter_vec(
+                &r,
+                "bearer_proxy_subject_refreshes_total",
+                "Per-subject token requests (refresh grant), by result.",
+                &["token", "result"],
+            ),
+            subject_rejected: counter_vec(
+                &r,
+                "bearer_proxy_subject_rejected_requests_total",
+                "Requests on per-subject routes the proxy answered itself, by reason.",
+                &["token", "reason"],
+            ),
             underscore_headers,
             routes: std::sync::Mutex::new(Vec::new()),
             open_connections: register(
@@ -429,6 +488,25 @@ impl Metrics {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(handle.clone());
         handle
+    }
+
+    /// Handles for one per-subject token's metrics, every series created at zero. `states`
+    /// lists the subject states (the subject module owns them; this module only labels).
+    pub fn subject(&self, token: &str, states: &[&'static str]) -> SubjectMetrics {
+        SubjectMetrics {
+            states: states
+                .iter()
+                .map(|s| (*s, self.subjects.with_label_values(&[token, s])))
+                .collect(),
+            refreshes: SubjectRefreshResult::ALL.map(|r| {
+                self.subject_refreshes
+                    .with_label_values(&[token, r.as_str()])
+            }),
+            rejected: SubjectRejectReason::ALL.map(|r| {
+                self.subject_rejected
+                    .with_label_values(&[token, r.as_str()])
+            }),
+        }
     }
 
     /// Every route handle created so far.
@@ -521,6 +599,55 @@ impl TokenMetrics {
                 .with_label_values(&[&*self.name, reason])
                 .inc(),
         }
+    }
+}
+
+/// One per-subject token's metric handles. No label names a subject: the series are bounded
+/// by the configuration, however many subjects are enrolled.
+#[derive(Clone)]
+pub struct SubjectMetrics {
+    /// `bearer_proxy_subjects{token,state}`, one gauge per state.
+    states: Box<[(&'static str, IntGauge)]>,
+    refreshes: [IntCounter; SubjectRefreshResult::COUNT],
+    rejected: [IntCounter; SubjectRejectReason::COUNT],
+}
+
+impl SubjectMetrics {
+    /// Sets the number of subjects in `state` (a census or a re-count).
+    pub(crate) fn set_state(&self, state: &str, n: u64) {
+        if let Some((_, g)) = self.states.iter().find(|(s, _)| *s == state) {
+            g.set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// One subject moved from `from` to `to` (`None`: not enrolled).
+    pub(crate) fn transition(&self, from: Option<&str>, to: Option<&str>) {
+        for (s, g) in self.states.iter() {
+            if from == Some(*s) {
+                g.dec();
+            }
+            if to == Some(*s) {
+                g.inc();
+            }
+        }
+    }
+
+    /// Subjects counted in `state`.
+    pub(crate) fn state(&self, state: &str) -> i64 {
+        self.states
+            .iter()
+            .find(|(s, _)| *s == state)
+            .map_or(0, |(_, g)| g.get())
+    }
+
+    /// Counts one per-subject refresh.
+    pub(crate) fn refresh(&self, result: SubjectRefreshResult) {
+        self.refreshes[result as usize].inc();
+    }
+
+    /// Counts one request refused on a per-subject route.
+    pub(crate) fn reject(&self, reason: SubjectRejectReason) {
+        self.rejected[reason as usize].inc();
     }
 }
 
@@ -671,5 +798,38 @@ mod tests {
         );
         check(&ReplayResult::ALL, |v| v as usize, ReplayResult::as_str);
         check(&StoreOp::ALL, |v| v as usize, StoreOp::as_str);
+        check(
+            &SubjectRefreshResult::ALL,
+            |v| v as usize,
+            SubjectRefreshResult::as_str,
+        );
+        check(
+            &SubjectRejectReason::ALL,
+            |v| v as usize,
+            SubjectRejectReason::as_str,
+        );
+    }
+
+    #[test]
+    fn subject_families_count_by_token_and_never_by_subject() {
+        let m = Metrics::new();
+        let s = m.subject("fdx", &["active", "needs_reauth"]);
+        s.set_state("active", 3);
+        s.transition(Some("active"), Some("needs_reauth"));
+        s.transition(None, Some("active"));
+        s.refresh(SubjectRefreshResult::InvalidGrant);
+        s.reject(SubjectRejectReason::UnknownSubject);
+        assert_eq!(s.state("active"), 3);
+        let text = m.encode();
+        for needle in [
+            "bearer_proxy_subjects{state=\"active\",token=\"fdx\"} 3",
+            "bearer_proxy_subjects{state=\"needs_reauth\",token=\"fdx\"} 1",
+            "bearer_proxy_subject_refreshes_total{result=\"invalid_grant\",token=\"fdx\"} 1",
+            "bearer_proxy_subject_refreshes_total{result=\"ok\",token=\"fdx\"} 0",
+            "bearer_proxy_subject_rejected_requests_total{reason=\"unknown_subject\",token=\"fdx\"} 1",
+            "bearer_proxy_subject_rejected_requests_total{reason=\"subject_required\",token=\"fdx\"} 0",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
     }
 }

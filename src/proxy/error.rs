@@ -45,6 +45,14 @@ pub(crate) enum ErrorCode {
     UpstreamTimeout,
     /// 508: the request already went through this proxy.
     Loop,
+    /// 400: a per-subject route and no subject header.
+    SubjectRequired,
+    /// 400: the subject header is not one valid subject id (bad characters, or repeated).
+    InvalidSubject,
+    /// 403: the subject is not enrolled.
+    UnknownSubject,
+    /// 401: the subject must consent again (`needs_reauth`).
+    ReauthRequired,
 }
 
 impl ErrorCode {
@@ -61,6 +69,9 @@ impl ErrorCode {
             Self::TokenUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Loop => StatusCode::LOOP_DETECTED,
+            Self::SubjectRequired | Self::InvalidSubject => StatusCode::BAD_REQUEST,
+            Self::UnknownSubject => StatusCode::FORBIDDEN,
+            Self::ReauthRequired => StatusCode::UNAUTHORIZED,
         }
     }
 
@@ -78,6 +89,10 @@ impl ErrorCode {
             Self::TokenUnavailable => "token_unavailable",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::Loop => "loop",
+            Self::SubjectRequired => "subject_required",
+            Self::InvalidSubject => "invalid_subject",
+            Self::UnknownSubject => "unknown_subject",
+            Self::ReauthRequired => "reauth_required",
         }
     }
 
@@ -91,6 +106,10 @@ impl ErrorCode {
             Self::HeaderTooLarge => Some(RejectReason::HeaderTooLarge),
             Self::TokenUnavailable => Some(RejectReason::TokenUnavailable),
             Self::Loop => Some(RejectReason::Loop),
+            Self::SubjectRequired => Some(RejectReason::SubjectRequired),
+            Self::InvalidSubject => Some(RejectReason::InvalidSubject),
+            Self::UnknownSubject => Some(RejectReason::UnknownSubject),
+            Self::ReauthRequired => Some(RejectReason::ReauthRequired),
             Self::UpstreamUnreachable
             | Self::UpstreamTls
             | Self::UpstreamReset
@@ -182,7 +201,7 @@ impl ProxyError {
 mod tests {
     use super::*;
 
-    const ALL: [ErrorCode; 11] = [
+    const ALL: [ErrorCode; 15] = [
         ErrorCode::BadRequest,
         ErrorCode::Denied,
         ErrorCode::ConnectToRoutedHost,
@@ -194,6 +213,10 @@ mod tests {
         ErrorCode::TokenUnavailable,
         ErrorCode::UpstreamTimeout,
         ErrorCode::Loop,
+        ErrorCode::SubjectRequired,
+        ErrorCode::InvalidSubject,
+        ErrorCode::UnknownSubject,
+        ErrorCode::ReauthRequired,
     ];
 
     #[test]
@@ -216,6 +239,10 @@ mod tests {
                 (503, "token_unavailable"),
                 (504, "upstream_timeout"),
                 (508, "loop"),
+                (400, "subject_required"),
+                (400, "invalid_subject"),
+                (403, "unknown_subject"),
+                (401, "reauth_required"),
             ]
         );
     }

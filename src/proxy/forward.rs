@@ -15,6 +15,7 @@
 //! body (at most `replay_body_limit`) and, after a replay status, at most
 //! [`CONSENT_PROBE_LIMIT`] bytes of the upstream's answer.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -30,12 +31,16 @@ use hyper::body::Incoming;
 use super::Inner;
 use super::body::{BodyError, ProxyBody};
 use super::error::{ErrorCode, ProxyError};
-use super::route::Route;
+use super::route::{Route, RouteToken};
 use super::sanitise::{sanitise, strip_hop_by_hop};
 use super::target::{BAD_TARGET, Origin};
 use super::upstream::{UpstreamClient, classify_request_error};
 use crate::error::{Chain, chain};
-use crate::metrics::{ReplayResult, RouteMetrics, UpstreamErrorKind};
+use crate::metrics::{ReplayResult, RouteMetrics, SubjectRejectReason, UpstreamErrorKind};
+use crate::subject::SubjectId;
+use crate::subject::tokens::{SubjectTokenError, SubjectTokens};
+use crate::token::client::TokenClient;
+use crate::token::{AccessToken, TokenCell};
 
 /// At most this much of an answer with a replay status is read to look for Flinks' consent
 /// error (`{"code": 602, …}`); FDX error bodies are a few hundred bytes, and anything longer is
@@ -65,6 +70,26 @@ const NO_TOKEN: ProxyError = ProxyError::new(
     "no valid access token for this route yet (the token endpoint has not answered); retry \
      shortly",
 );
+const SUBJECT_REQUIRED: ProxyError = ProxyError::new(
+    ErrorCode::SubjectRequired,
+    "this route injects a per-subject token: send the subject header (subjects.header, \
+     x-bearer-proxy-subject by default) naming the enrolled subject",
+);
+const INVALID_SUBJECT: ProxyError = ProxyError::new(
+    ErrorCode::InvalidSubject,
+    "the subject header must appear exactly once and hold 1 to 128 characters of \
+     A-Z a-z 0-9 . _ : -",
+);
+const UNKNOWN_SUBJECT: ProxyError = ProxyError::new(
+    ErrorCode::UnknownSubject,
+    "this subject is not enrolled for the route's token: enrol it through the subjects API \
+     first",
+);
+const REAUTH_REQUIRED: ProxyError = ProxyError::new(
+    ErrorCode::ReauthRequired,
+    "this subject's consent is gone (the token endpoint said invalid_grant, or the API \
+     answered code 602): the customer must authorize again and the new code be enrolled",
+);
 const BODY_UNREADABLE: ProxyError =
     ProxyError::new(ErrorCode::BadRequest, "the request body could not be read").closing();
 
@@ -81,9 +106,88 @@ fn upstream_error(code: ErrorCode) -> ProxyError {
     ProxyError::new(code, message)
 }
 
+/// Whose token a routed request carries.
+enum Holder<'r> {
+    /// The route's one token.
+    Named(&'r TokenCell),
+    /// The token of the subject the request named.
+    Subject(&'r Arc<SubjectTokens<TokenClient>>, SubjectId),
+}
+
+impl Holder<'_> {
+    /// A valid token for a second send after `sent`.
+    fn current(&self, sent: &Arc<AccessToken>) -> Option<Arc<AccessToken>> {
+        match self {
+            Holder::Named(cell) => cell.current(),
+            Holder::Subject(..) => sent
+                .is_valid_at(tokio::time::Instant::now())
+                .then(|| sent.clone()),
+        }
+    }
+
+    /// A token newer than `seen`, which the upstream rejected (see `TokenCell::invalidate`
+    /// and `SubjectTokens::invalidate`).
+    async fn invalidate(
+        &self,
+        seen: &Arc<AccessToken>,
+        wait: Duration,
+    ) -> Option<Arc<AccessToken>> {
+        match self {
+            Holder::Named(cell) => cell.invalidate(seen.generation(), wait).await,
+            Holder::Subject(entry, subject) => entry.invalidate(subject, seen, wait).await,
+        }
+    }
+}
+
 impl Inner {
-    /// Sends a routed request: sanitised, with the route's token, replayed once if the
-    /// upstream rejects the token.
+    /// Removes the subject header (when per-subject tokens are configured) from a request
+    /// that does not use it: one hashed removal.
+    pub(super) fn strip_subject(&self, headers: &mut HeaderMap) {
+        if let Some(name) = &self.subject_header {
+            headers.remove(name);
+        }
+    }
+
+    /// The subject a request on a per-subject route names; the header is removed either way.
+    fn take_subject(
+        &self,
+        headers: &mut HeaderMap,
+    ) -> Result<SubjectId, (ProxyError, SubjectRejectReason)> {
+        let Some(name) = &self.subject_header else {
+            return Err((SUBJECT_REQUIRED, SubjectRejectReason::SubjectRequired));
+        };
+        let mut values = headers.get_all(name).iter();
+        let subject = match (values.next(), values.next()) {
+            (None, _) => Err((SUBJECT_REQUIRED, SubjectRejectReason::SubjectRequired)),
+            // Two headers could be read as either subject by different parsers: neither is
+            // chosen.
+            (Some(_), Some(_)) => Err((INVALID_SUBJECT, SubjectRejectReason::InvalidSubject)),
+            (Some(v), None) => v
+                .to_str()
+                .ok()
+                .and_then(|v| SubjectId::parse(v).ok())
+                .ok_or((INVALID_SUBJECT, SubjectRejectReason::InvalidSubject)),
+        };
+        headers.remove(name);
+        subject
+    }
+
+    /// Counts, logs (naming the subject, if known) and answers a refused per-subject request.
+    fn refuse_subject(
+        &self,
+        entry: &SubjectTokens<TokenClient>,
+        subject: Option<&SubjectId>,
+        (e, reason): (ProxyError, SubjectRejectReason),
+    ) -> Response<ProxyBody> {
+        entry.metrics().reject(reason);
+        if let Some(subject) = subject {
+            tracing::info!(token = entry.name(), subject = %subject, error = e.code.as_str(), "per-subject request refused");
+        }
+        self.refuse(e)
+    }
+
+    /// Sends a routed request: sanitised, with the route's token (or its subject's),
+    /// replayed once if the upstream rejects the token.
     pub(super) async fn forward_routed(
         &self,
         route: &Route,
@@ -92,6 +196,16 @@ impl Inner {
         req: Request<Incoming>,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
+        let holder = match &route.token {
+            RouteToken::Named(cell) => {
+                self.strip_subject(&mut parts.headers);
+                Holder::Named(cell)
+            }
+            RouteToken::PerSubject(entry) => match self.take_subject(&mut parts.headers) {
+                Ok(subject) => Holder::Subject(entry, subject),
+                Err(refusal) => return self.refuse_subject(entry, None, refusal),
+            },
+        };
         let Origin {
             scheme,
             authority,
@@ -111,11 +225,30 @@ impl Inner {
             Err(refusal) => return self.underscore_refused(refusal),
         };
         self.underscore_dropped(sanitised.dropped);
-        let token = match route.token.current() {
-            Some(t) => t,
-            None => match route.token.wait_valid(self.token_wait).await {
+        let token = match &holder {
+            Holder::Named(cell) => match cell.current() {
                 Some(t) => t,
-                None => return self.refuse(NO_TOKEN),
+                None => match cell.wait_valid(self.token_wait).await {
+                    Some(t) => t,
+                    None => return self.refuse(NO_TOKEN),
+                },
+            },
+            Holder::Subject(entry, subject) => match entry.get(subject).await {
+                Ok(t) => t,
+                Err(e) => {
+                    let refusal = match e {
+                        SubjectTokenError::UnknownSubject => {
+                            (UNKNOWN_SUBJECT, SubjectRejectReason::UnknownSubject)
+                        }
+                        SubjectTokenError::NeedsReauth => {
+                            (REAUTH_REQUIRED, SubjectRejectReason::ReauthRequired)
+                        }
+                        SubjectTokenError::Timeout | SubjectTokenError::Failed(_) => {
+                            (NO_TOKEN, SubjectRejectReason::TokenUnavailable)
+                        }
+                    };
+                    return self.refuse_subject(entry, Some(subject), refusal);
+                }
             },
         };
         if base_path.is_some() && has_dot_segment(parts.uri.path().get(strip..).unwrap_or("")) {
@@ -159,7 +292,7 @@ impl Inner {
         // more, on a new connection, with the current token.
         if let (Err(SendError::Request(e)), Some(replay)) = (&sent, &replay)
             && closed_unanswered(e)
-            && let Some(current) = route.token.current()
+            && let Some(current) = holder.current(&token)
         {
             tracing::info!(
                 route = %route.label,
@@ -177,16 +310,17 @@ impl Inner {
         if !route.is_replay_status(resp.status().as_u16()) {
             return self.pass_through(&route.metrics, resp);
         }
-        self.after_rejection(route, resp, token.generation(), replay)
+        self.after_rejection(route, resp, &holder, &token, replay)
             .await
     }
 
-    /// The upstream answered a replay status to a request sent with token generation `seen`.
+    /// The upstream answered a replay status to a request sent with token `seen`.
     async fn after_rejection(
         &self,
         route: &Route,
         resp: Response<Incoming>,
-        seen: u64,
+        holder: &Holder<'_>,
+        seen: &Arc<AccessToken>,
         replay: Option<Replay>,
     ) -> Response<ProxyBody> {
         let (mut parts, mut body) = resp.into_parts();
@@ -217,15 +351,20 @@ impl Inner {
         };
         if complete && is_consent_revoked(&prefix) {
             route.metrics.replay(ReplayResult::ConsentRevoked);
+            // The upstream's own answer goes back to the app (it says why); later requests
+            // for this subject are answered `reauth_required` without a token request.
+            if let Holder::Subject(entry, subject) = holder {
+                entry.consent_revoked(subject, seen).await;
+            }
             return original();
         }
         let Some(replay) = replay else {
             // Ask for a new token for the next request without making this one wait.
-            let _ = route.token.invalidate(seen, Duration::ZERO).await;
+            let _ = holder.invalidate(seen, Duration::ZERO).await;
             route.metrics.replay(ReplayResult::NotReplayable);
             return original();
         };
-        let Some(fresh) = route.token.invalidate(seen, self.token_wait).await else {
+        let Some(fresh) = holder.invalidate(seen, self.token_wait).await else {
             route.metrics.replay(ReplayResult::NoNewToken);
             return original();
         };
@@ -258,6 +397,7 @@ impl Inner {
         if let Some(refused) = self.underscore_names(&mut parts.headers) {
             return refused;
         }
+        self.strip_subject(&mut parts.headers);
         let Some(host) = parts
             .uri
             .authority()

@@ -48,7 +48,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -60,6 +60,7 @@ use crate::config::{Config, ConnectPolicy, UnderscoreHeaders, Unmatched};
 use crate::listener::accept;
 use crate::metrics::{Metrics, RejectReason, RouteMetrics};
 use crate::shutdown::{Phase, Shutdown};
+use crate::subject::Subjects;
 use crate::tls::TlsError;
 use crate::token::TokenCell;
 
@@ -134,6 +135,9 @@ pub(crate) struct Inner {
     via: HeaderValue,
     /// This process's pseudonym, looked for in incoming `Via` headers.
     pseudonym: &'static str,
+    /// `subjects.header` when per-subject tokens are configured: read on per-subject routes,
+    /// removed from every request.
+    subject_header: Option<HeaderName>,
     /// `proxy.token_wait`.
     token_wait: Duration,
     /// `proxy.response_timeout`.
@@ -175,15 +179,28 @@ fn via() -> HeaderValue {
 
 impl Proxy {
     /// Resolves the routes against their token cells, builds the upstream client and the
-    /// server settings.
+    /// server settings. For a configuration without per-subject tokens.
     pub fn new(
         config: &Config,
         tokens: &BTreeMap<String, Arc<TokenCell>>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ProxyBuildError> {
+        Self::with_subjects(config, tokens, None, metrics)
+    }
+
+    /// [`Proxy::new`], with the per-subject token entries routes may name (`tokens` then
+    /// holds the named tokens only). With `subjects`, the subject header is removed from
+    /// every request before it is forwarded, routed or not.
+    pub fn with_subjects(
+        config: &Config,
+        tokens: &BTreeMap<String, Arc<TokenCell>>,
+        subjects: Option<&Arc<Subjects>>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ProxyBuildError> {
         let p = &config.proxy;
-        let routes = RouteTable::build(config, tokens, &metrics)?;
-        let upstreams = Upstreams::new(p.ca_file.as_deref(), p.connect_timeout, tokens.len())?;
+        let routes = RouteTable::build(config, tokens, subjects.map(AsRef::as_ref), &metrics)?;
+        let pools = tokens.len() + subjects.map_or(0, |s| s.token_names().count());
+        let upstreams = Upstreams::new(p.ca_file.as_deref(), p.connect_timeout, pools)?;
         let mut server = auto::Builder::new(TokioExecutor::new());
         server
             .http1()
@@ -202,6 +219,7 @@ impl Proxy {
             .keep_alive(true);
         Ok(Self {
             inner: Arc::new(Inner {
+                subject_header: subjects.map(|s| s.header().clone()),
                 unmatched_metrics: metrics.route("unmatched"),
                 connect_metrics: metrics.route("connect"),
                 routes,
@@ -449,7 +467,7 @@ pub mod hot_path {
             tokens: &BTreeMap<String, Arc<TokenCell>>,
             metrics: &Metrics,
         ) -> Result<Self, ProxyBuildError> {
-            RouteTable::build(config, tokens, metrics).map(Self)
+            RouteTable::build(config, tokens, None, metrics).map(Self)
         }
 
         /// The label of the route an absolute-form `http://` request to `host[:port]` takes.

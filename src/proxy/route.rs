@@ -19,7 +19,10 @@ use http::uri::{Authority, Scheme};
 use super::ProxyBuildError;
 use crate::config::{Config, RouteConfig, check_endpoint_url};
 use crate::metrics::{Metrics, RouteMetrics};
+use crate::subject::Subjects;
+use crate::subject::tokens::SubjectTokens;
 use crate::token::TokenCell;
+use crate::token::client::TokenClient;
 
 /// The host part of a route.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -96,6 +99,14 @@ pub(crate) fn split_host_port(authority: &str) -> Option<(&str, Option<u16>)> {
     (!host.is_empty()).then_some((host, port))
 }
 
+/// The token a route injects, resolved once at start-up.
+pub(crate) enum RouteToken {
+    /// One token for every request: the cell its refresher keeps fresh.
+    Named(Arc<TokenCell>),
+    /// `per_subject = true`: the token of the subject the request names.
+    PerSubject(Arc<SubjectTokens<TokenClient>>),
+}
+
 /// Where a route forwards to.
 #[derive(Debug)]
 pub(crate) enum Upstream {
@@ -128,9 +139,11 @@ pub(crate) struct Route {
     /// Origin-form prefix (gateway mode).
     prefix: Option<Box<str>>,
     /// The token injected.
-    pub(crate) token: Arc<TokenCell>,
-    /// Its token's position in the token map: the index of the pooled client the route's
-    /// requests use (one per credential, see `upstream.rs`).
+    pub(crate) token: RouteToken,
+    /// The index of the pooled client the route's requests use (one per credential, see
+    /// `upstream.rs`): its token's position in the token map, or for a per-subject token the
+    /// number of named tokens plus its position among the per-subject ones (one pool per
+    /// per-subject entry, shared by its subjects).
     pub(crate) pool: usize,
     /// Where requests go.
     pub(crate) upstream: Upstream,
@@ -158,6 +171,7 @@ impl Route {
         index: usize,
         rc: &RouteConfig,
         tokens: &BTreeMap<String, Arc<TokenCell>>,
+        subjects: Option<&Subjects>,
         metrics: &Metrics,
     ) -> Result<Self, ProxyBuildError> {
         let fail = |reason: String| ProxyBuildError::Route {
@@ -165,15 +179,27 @@ impl Route {
             route: rc.label().to_owned(),
             reason,
         };
-        let (pool, token) = tokens
-            .iter()
-            .enumerate()
-            .find_map(|(i, (name, cell))| (*name == rc.token).then(|| (i, cell.clone())))
-            .ok_or_else(|| ProxyBuildError::MissingToken {
-                index,
-                route: rc.label().to_owned(),
-                token: rc.token.clone(),
-            })?;
+        // A per-subject entry first: a token that is per-subject must never be served from
+        // a shared cell, whatever cells the caller passed.
+        let per_subject = subjects.and_then(|s| {
+            s.token_names()
+                .position(|name| name == rc.token)
+                .zip(s.entry(&rc.token))
+                .map(|(i, entry)| (tokens.len() + i, RouteToken::PerSubject(entry.clone())))
+        });
+        let named = || {
+            tokens.iter().enumerate().find_map(|(i, (name, cell))| {
+                (*name == rc.token).then(|| (i, RouteToken::Named(cell.clone())))
+            })
+        };
+        let (pool, token) =
+            per_subject
+                .or_else(named)
+                .ok_or_else(|| ProxyBuildError::MissingToken {
+                    index,
+                    route: rc.label().to_owned(),
+                    token: rc.token.clone(),
+                })?;
         let pattern = HostPattern::parse(&rc.host);
         let upstream = match &rc.upstream {
             Some(url) => fixed_from_url(url).map_err(fail)?,
@@ -313,13 +339,14 @@ impl RouteTable {
     pub(crate) fn build(
         config: &Config,
         tokens: &BTreeMap<String, Arc<TokenCell>>,
+        subjects: Option<&Subjects>,
         metrics: &Metrics,
     ) -> Result<Self, ProxyBuildError> {
         let routes = config
             .routes
             .iter()
             .enumerate()
-            .map(|(i, rc)| Route::build(i, rc, tokens, metrics))
+            .map(|(i, rc)| Route::build(i, rc, tokens, subjects, metrics))
             .collect::<Result<Vec<_>, _>>()?;
         let mut by_host: Vec<usize> = (0..routes.len()).collect();
         by_host.sort_by_key(|&i| {
@@ -428,7 +455,7 @@ mod tests {
         let c = cfg(routes);
         let mut tokens = BTreeMap::new();
         tokens.insert("t".to_owned(), TokenCell::new("t", Duration::from_secs(5)));
-        RouteTable::build(&c, &tokens, &Metrics::new()).unwrap()
+        RouteTable::build(&c, &tokens, None, &Metrics::new()).unwrap()
     }
 
     fn label(r: Option<&Route>) -> Option<&str> {
@@ -681,7 +708,7 @@ mod tests {
             host = "a"
             token = "t"
             "#);
-        let err = RouteTable::build(&c, &BTreeMap::new(), &Metrics::new()).unwrap_err();
+        let err = RouteTable::build(&c, &BTreeMap::new(), None, &Metrics::new()).unwrap_err();
         assert!(matches!(err, ProxyBuildError::MissingToken { .. }), "{err}");
     }
 }

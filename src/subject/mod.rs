@@ -1,6 +1,6 @@
-//! Per-subject tokens (issue #12), the foundation: who a subject is, how its refresh token is
-//! sealed, and where its record lives. Nothing here is wired into the proxy or an HTTP API yet;
-//! the next step builds the subjects API and the request path on top of these parts.
+//! Per-subject tokens (issue #12): who a subject is, how its refresh token is sealed, where its
+//! record lives, and the access tokens the proxy injects for it (`tokens`, reached through
+//! [`Subjects`]).
 //!
 //! A *subject* is an identifier the app chooses (its customer or connection id) under a token
 //! entry with `per_subject = true`. Each subject has its own refresh token, kept in a
@@ -16,8 +16,9 @@
 //!   slots; not yet selectable in the configuration.
 //! - [`census`]: subjects counted by state and key at start; refuses records whose key is
 //!   not configured.
-//! - `tokens`: the per-subject access-token cache with single-flight lazy refresh (crate
-//!   internal until the request path uses it).
+//! - `tokens`: the per-subject access-token cache with single-flight lazy refresh, upstream
+//!   rejections (401 replay, 602), `last_use` notes and the keep-alive (crate internal; the
+//!   proxy calls it).
 //! - [`config`]: the `[subjects]` settings these parts need, and their validation.
 //! - `registry`: [`Subjects`], the per-subject token entries of a running server.
 //!

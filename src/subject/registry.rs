@@ -7,16 +7,27 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use http::HeaderName;
 
 use super::census::Census;
 use super::keyring::KeyRing;
-use super::record::SubjectStore;
+use super::record::{SubjectState, SubjectStore};
 use super::tokens::{DEFAULT_FAILURE_HOLD, Settings, SubjectTokens};
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::token::client::TokenClient;
+
+/// One per-subject token entry's subjects, counted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryCounts {
+    /// Subjects per state, as `bearer_proxy_subjects` counts them.
+    pub states: Vec<(&'static str, i64)>,
+    /// Subjects whose access token is held in memory.
+    pub cached: usize,
+}
 
 /// The per-subject token entries of a running server, by token name.
 pub struct Subjects {
@@ -26,6 +37,8 @@ pub struct Subjects {
     store: Arc<dyn SubjectStore>,
     /// The keys sealing refresh tokens.
     ring: Arc<KeyRing>,
+    /// `subjects.keepalive_after`.
+    keepalive_after: Duration,
     /// Per token entry: its access tokens and settings.
     entries: BTreeMap<String, Arc<SubjectTokens<TokenClient>>>,
 }
@@ -44,6 +57,15 @@ impl Subjects {
     /// token has `per_subject = true`. Fails before anything is served if the store cannot be
     /// opened, a key file cannot be read, or a record names a key id that is not configured.
     pub async fn start(config: &Config) -> anyhow::Result<Option<Arc<Self>>> {
+        Self::start_with_metrics(config, &Metrics::new()).await
+    }
+
+    /// [`Subjects::start`], counting into `metrics` (`bearer_proxy_subjects` starts from the
+    /// census).
+    pub async fn start_with_metrics(
+        config: &Config,
+        metrics: &Metrics,
+    ) -> anyhow::Result<Option<Arc<Self>>> {
         let Some(sc) = &config.subjects else {
             return Ok(None);
         };
@@ -73,17 +95,24 @@ impl Subjects {
                 refresh_ratio: cfg.refresh_ratio,
                 refresh_margin: cfg.refresh_margin,
                 failure_hold: DEFAULT_FAILURE_HOLD,
+                forced_interval: cfg.forced_refresh_interval,
             };
+            let states = SubjectState::ALL.map(SubjectState::as_str);
+            let entry_metrics = metrics.subject(name, &states);
+            for (state, n) in &census.by_state {
+                entry_metrics.set_state(state, *n);
+            }
             tracing::info!(token = %name, subjects = census.total(), "per-subject token ready");
             entries.insert(
                 name.clone(),
-                SubjectTokens::new(settings, client, store.clone(), ring.clone()),
+                SubjectTokens::new(settings, client, store.clone(), ring.clone(), entry_metrics),
             );
         }
         Ok(Some(Arc::new(Self {
             header,
             store,
             ring,
+            keepalive_after: sc.keepalive_after,
             entries,
         })))
     }
@@ -93,9 +122,37 @@ impl Subjects {
         &self.header
     }
 
+    /// Starts each entry's keep-alive task (see `tokens::SubjectTokens::keepalive`); the
+    /// caller aborts them at shutdown.
+    pub fn spawn_keepalive(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        self.entries
+            .values()
+            .map(|entry| tokio::spawn(entry.clone().keepalive(self.keepalive_after)))
+            .collect()
+    }
+
+    /// Subjects per state (`bearer_proxy_subjects`) and held in memory, per token entry, for
+    /// `/status`.
+    pub fn counts(&self) -> BTreeMap<&str, EntryCounts> {
+        self.entries
+            .iter()
+            .map(|(name, entry)| {
+                let states = SubjectState::ALL
+                    .iter()
+                    .map(|s| (s.as_str(), entry.metrics().state(s.as_str())))
+                    .collect();
+                (
+                    name.as_str(),
+                    EntryCounts {
+                        states,
+                        cached: entry.cached(),
+                    },
+                )
+            })
+            .collect()
+    }
+
     /// The access tokens of per-subject token entry `token`, if it is one.
-    // The proxy's per-subject routes and the subjects API (being wired) read it.
-    #[allow(dead_code)]
     pub(crate) fn entry(&self, token: &str) -> Option<&Arc<SubjectTokens<TokenClient>>> {
         self.entries.get(token)
     }

@@ -22,11 +22,19 @@
 //! [`LAST_REFRESH_WRITE_INTERVAL`], so 100,000 active subjects do not cost a disk write per
 //! five-minute token.
 //!
-//! Not yet done here: the keep-alive refresh of idle subjects (`keepalive_after`), 401/602
-//! handling from the proxy, metrics. On the request path a lookup takes two short
-//! `std::sync::Mutex` sections (the map, then the subject's slot) and no `await` unless a
-//! refresh is needed; the session wiring it into the proxy should measure that against the
-//! named-token hot path (BENCHMARKS.md) and shard the map if it shows.
+//! - **Rejected by the upstream.** [`SubjectTokens::invalidate`] (an upstream replay status)
+//!   drops the rejected token and refreshes, at most once per `forced_refresh_interval` per
+//!   subject; [`SubjectTokens::consent_revoked`] (Flinks 602) marks the subject
+//!   `needs_reauth` in the store and in memory without a token request.
+//! - **Last use.** A request that gets a token notes the time in the record at most once per
+//!   [`LAST_USE_WRITE_INTERVAL`] per subject, in a task of its own (never on the request path).
+//! - **Keep-alive.** [`SubjectTokens::keepalive`] pages through the store every
+//!   [`SWEEP_INTERVAL`], refreshes (spaced and jittered) every active subject whose refresh
+//!   token was last used more than `keepalive_after` ago, and re-counts subjects per state for
+//!   `bearer_proxy_subjects` on the way.
+//!
+//! On the request path a lookup takes two short `std::sync::Mutex` sections (the map, then
+//! the subject's slot) and no `await` unless a refresh is needed.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -36,8 +44,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::SubjectId;
-use super::keyring::KeyRing;
-use super::record::{Record, SubjectState, SubjectStore};
+use super::keyring::{KeyRing, Sealed};
+use super::record::{Record, StoreError, SubjectState, SubjectStore};
+use crate::metrics::{SubjectMetrics, SubjectRefreshResult};
 use crate::secret::SecretSource;
 use crate::token::AccessToken;
 use crate::token::client::{Credentials, Fetch, FetchError, Grant};
@@ -47,10 +56,31 @@ use crate::token::{ErrorKind, refresh_delay};
 /// are precise enough for the keep-alive (which thinks in days) and for people.
 pub const LAST_REFRESH_WRITE_INTERVAL: Duration = Duration::from_secs(3600);
 
+/// A request's use of a subject is written to its record at most this often: `last_use` is
+/// for people and dashboards, and an hour keeps 100,000 busy subjects at under 30 writes a
+/// second.
+pub const LAST_USE_WRITE_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// How often the keep-alive pages through the store (and re-counts subjects per state). A
+/// pass reads every record (100 listing pages for 100,000 subjects, no decryption), so a
+/// quarter of an hour costs about a hundred small reads a second on average, while
+/// `keepalive_after` (at least an hour, 20 days by default) is checked far more often than it
+/// can matter.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(15 * 60);
+
+/// The first keep-alive pass runs this long after start, so that a restart after a long
+/// outage catches up soon without competing with the start-up itself.
+pub const FIRST_SWEEP_DELAY: Duration = Duration::from_secs(60);
+
+/// Mean spacing between two keep-alive refreshes (each spacing is drawn uniformly from half
+/// to one and a half of it, so replicas and restarts do not line up): five token requests a
+/// second at most, so even 100,000 subjects falling due together are kept alive in under six
+/// hours, far inside the ten days `keepalive_after`'s default leaves before Flinks' 30-day
+/// idle timeout.
+pub const KEEPALIVE_SPACING: Duration = Duration::from_millis(200);
+
 /// What a refresh failure that is not the subject's fault is remembered for: callers during
 /// this time get the failure at once instead of each causing a token request.
-// Used by the config default the next session adds with `per_subject = true`.
-#[cfg_attr(not(test), allow(dead_code))]
 pub const DEFAULT_FAILURE_HOLD: Duration = Duration::from_secs(1);
 
 /// Settings of one per-subject token entry.
@@ -72,6 +102,9 @@ pub struct Settings {
     pub refresh_margin: Duration,
     /// How long a transient failure is answered from memory.
     pub failure_hold: Duration,
+    /// Least time between two refreshes forced by an upstream rejecting a subject's token
+    /// (`forced_refresh_interval` of the token entry).
+    pub forced_interval: Duration,
 }
 
 /// Why no token can be handed out for a subject.
@@ -104,17 +137,19 @@ struct Slot {
     failure: Option<(SubjectTokenError, Option<Instant>)>,
     /// Recency for eviction.
     last_get: u64,
+    /// When an upstream rejection last forced a refresh (rate limit of `invalidate`).
+    last_forced: Option<Instant>,
+    /// When this process last wrote the subject's `last_use`.
+    use_written: Option<Instant>,
 }
 
 /// The access tokens of one per-subject token entry.
-// Not wired yet: the session that adds `per_subject = true` to the request path constructs it
-// (one per token entry) and calls `get` from the proxy.
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) struct SubjectTokens<F> {
     settings: Settings,
     fetch: F,
     store: Arc<dyn SubjectStore>,
     ring: Arc<KeyRing>,
+    metrics: SubjectMetrics,
     slots: Mutex<Cache>,
 }
 
@@ -124,19 +159,20 @@ struct Cache {
     tick: u64,
 }
 
-#[cfg_attr(not(test), allow(dead_code))]
 impl<F: Fetch> SubjectTokens<F> {
     pub(crate) fn new(
         settings: Settings,
         fetch: F,
         store: Arc<dyn SubjectStore>,
         ring: Arc<KeyRing>,
+        metrics: SubjectMetrics,
     ) -> Arc<Self> {
         Arc::new(Self {
             settings,
             fetch,
             store,
             ring,
+            metrics,
             slots: Mutex::new(Cache::default()),
         })
     }
@@ -144,6 +180,17 @@ impl<F: Fetch> SubjectTokens<F> {
     /// Subjects held in memory.
     pub(crate) fn cached(&self) -> usize {
         lock(&self.slots).map.len()
+    }
+
+    /// The token entry's name.
+    pub(crate) fn name(&self) -> &str {
+        &self.settings.token
+    }
+
+    /// The entry's metric handles (the proxy counts its refusals; the subjects API its
+    /// enrolments and deletions, through [`SubjectMetrics::transition`]).
+    pub(crate) fn metrics(&self) -> &SubjectMetrics {
+        &self.metrics
     }
 
     /// A valid access token for `subject`, refreshing it if needed (waiting at most
@@ -164,6 +211,11 @@ impl<F: Fetch> SubjectTokens<F> {
                 {
                     self.start_flight(subject, &slot, &mut s);
                 }
+                let note = use_due(&mut s, now);
+                drop(s);
+                if note {
+                    self.write_last_use(subject);
+                }
                 return Ok(t);
             }
             if let Some(e) = held {
@@ -174,16 +226,259 @@ impl<F: Fetch> SubjectTokens<F> {
                 None => self.start_flight(subject, &slot, &mut s),
             }
         };
-        let wait = rx.wait_for(Option::is_some);
-        match tokio::time::timeout(self.settings.token_wait, wait).await {
-            Ok(Ok(outcome)) => outcome.clone().unwrap_or(Err(SubjectTokenError::Timeout)),
-            // The flight task ended without a word: only if the runtime is shutting down.
-            Ok(Err(_)) => Err(SubjectTokenError::Failed("refresh was abandoned".into())),
-            Err(_) => Err(SubjectTokenError::Timeout),
+        let outcome = wait_flight(&mut rx, self.settings.token_wait).await;
+        if outcome.is_ok() && use_due(&mut lock(&slot), Instant::now()) {
+            self.write_last_use(subject);
+        }
+        outcome
+    }
+
+    /// An upstream rejected `seen`, the token sent for `subject`: a newer valid token if one is
+    /// in place or arrives within `wait` (zero: start the refresh, do not wait). Concurrent
+    /// callers share one refresh; `None` if the refresh failed or timed out, or if one was
+    /// forced less than `forced_refresh_interval` ago for this subject (rate limit, as for
+    /// named tokens).
+    pub(crate) async fn invalidate(
+        self: &Arc<Self>,
+        subject: &SubjectId,
+        seen: &Arc<AccessToken>,
+        wait: Duration,
+    ) -> Option<Arc<AccessToken>> {
+        let slot = self.slot(subject);
+        let mut rx = {
+            let mut s = lock(&slot);
+            let now = Instant::now();
+            if let Some(t) = s
+                .token
+                .clone()
+                .filter(|t| !Arc::ptr_eq(t, seen) && t.is_valid_at(now))
+            {
+                return Some(t);
+            }
+            match s.flight.clone() {
+                Some(rx) => rx,
+                None => {
+                    if s.last_forced
+                        .is_some_and(|at| now < at + self.settings.forced_interval)
+                    {
+                        return None;
+                    }
+                    s.last_forced = Some(now);
+                    // The rejected token is not handed out again: later callers wait for
+                    // the refresh instead.
+                    if s.token.as_ref().is_some_and(|t| Arc::ptr_eq(t, seen)) {
+                        s.token = None;
+                    }
+                    s.failure = None;
+                    tracing::info!(token = %self.settings.token, subject = %subject, "upstream rejected the subject's token; refreshing");
+                    self.start_flight(subject, &slot, &mut s)
+                }
+            }
+        };
+        if wait.is_zero() {
+            return None;
+        }
+        wait_flight(&mut rx, wait)
+            .await
+            .ok()
+            .filter(|t| !Arc::ptr_eq(t, seen))
+    }
+
+    /// The upstream said the customer's consent is gone (Flinks 602) in answer to `seen`:
+    /// the subject becomes `needs_reauth` in memory and in the store, so later requests are
+    /// answered `reauth_required` without a token request. Ignored if the subject's token
+    /// changed meanwhile (a new enrolment replaced it).
+    pub(crate) async fn consent_revoked(&self, subject: &SubjectId, seen: &Arc<AccessToken>) {
+        {
+            let cache = lock(&self.slots);
+            let Some(slot) = cache.map.get(subject) else {
+                return;
+            };
+            let mut s = lock(slot);
+            if !s.token.as_ref().is_some_and(|t| Arc::ptr_eq(t, seen)) {
+                return;
+            }
+            s.token = None;
+            s.failure = Some((SubjectTokenError::NeedsReauth, None));
+        }
+        tracing::warn!(token = %self.settings.token, subject = %subject, "upstream says the consent is gone (602): subject needs to consent again");
+        self.store_needs_reauth(subject, "consent_revoked", None)
+            .await;
+    }
+
+    /// Writes `needs_reauth` into the subject's record and moves the state gauges. A
+    /// compare-and-set, retried when only something else changed (a `last_use` note); with
+    /// `sent`, only while the record still holds that refresh token (a new enrolment that
+    /// raced it wins).
+    async fn store_needs_reauth(&self, subject: &SubjectId, why: &str, sent: Option<&Sealed>) {
+        let token = self.settings.token.as_str();
+        for _ in 0..3 {
+            let record = match self.store.get(token, subject).await {
+                Ok(Some(r))
+                    if r.state == SubjectState::Active
+                        && sent.is_none_or(|sent| *sent == r.refresh_token) =>
+                {
+                    r
+                }
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::warn!(token, subject = %subject, error = %e, "could not record needs_reauth");
+                    return;
+                }
+            };
+            let updated = Record {
+                state: SubjectState::NeedsReauth,
+                last_error: Some(why.to_owned()),
+                ..record.clone()
+            };
+            match self
+                .store
+                .put(token, &updated, Some(record.generation))
+                .await
+            {
+                Ok(_) => {
+                    self.metrics.transition(
+                        Some(SubjectState::Active.as_str()),
+                        Some(SubjectState::NeedsReauth.as_str()),
+                    );
+                    return;
+                }
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => {
+                    tracing::warn!(token, subject = %subject, error = %e, "could not record needs_reauth");
+                    return;
+                }
+            }
+        }
+        tracing::warn!(token, subject = %subject, "could not record needs_reauth: the record kept changing");
+    }
+
+    /// Writes the time of use into the subject's record, in a task of its own.
+    fn write_last_use(self: &Arc<Self>, subject: &SubjectId) {
+        let (this, subject) = (self.clone(), subject.clone());
+        tokio::spawn(async move {
+            let token = this.settings.token.as_str();
+            let now = crate::time::unix_secs(SystemTime::now());
+            // One retry: a refresh may have rewritten the record between read and write.
+            for _ in 0..2 {
+                let Ok(Some(record)) = this.store.get(token, &subject).await else {
+                    return;
+                };
+                let updated = Record {
+                    last_use: Some(now),
+                    ..record.clone()
+                };
+                match this
+                    .store
+                    .put(token, &updated, Some(record.generation))
+                    .await
+                {
+                    Ok(_) => return,
+                    Err(StoreError::Conflict { .. }) => continue,
+                    Err(e) => {
+                        tracing::debug!(token, subject = %subject, error = %e, "could not record last_use");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Keeps idle subjects' refresh tokens alive until the process ends: every
+    /// [`SWEEP_INTERVAL`] (the first after [`FIRST_SWEEP_DELAY`]), one [`Self::sweep`].
+    pub(crate) async fn keepalive(self: Arc<Self>, keepalive_after: Duration) {
+        tokio::time::sleep(FIRST_SWEEP_DELAY).await;
+        loop {
+            let started = Instant::now();
+            match self.sweep(keepalive_after).await {
+                Ok(n) if n > 0 => {
+                    tracing::info!(token = %self.settings.token, refreshed = n, "keep-alive pass done");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(token = %self.settings.token, error = %e, "keep-alive pass failed; next pass as scheduled");
+                }
+            }
+            tokio::time::sleep_until(started + SWEEP_INTERVAL).await;
+        }
+    }
+
+    /// One keep-alive pass: pages through every record (one page in memory at a time),
+    /// refreshes each active subject whose refresh token was last used (`last_refresh`, else
+    /// `enrolled_at`) more than `keepalive_after` ago, spaced by about [`KEEPALIVE_SPACING`],
+    /// and sets `bearer_proxy_subjects` to the states counted. Returns how many it refreshed.
+    pub(crate) async fn sweep(
+        self: &Arc<Self>,
+        keepalive_after: Duration,
+    ) -> Result<u64, StoreError> {
+        let token = self.settings.token.as_str();
+        let mut counts = [0u64; SubjectState::ALL.len()];
+        let mut refreshed = 0;
+        let mut cursor = None;
+        loop {
+            let page = self
+                .store
+                .list(token, None, cursor.as_ref(), super::record::MAX_PAGE)
+                .await?;
+            for record in &page.records {
+                if let Some(i) = SubjectState::ALL.iter().position(|s| *s == record.state) {
+                    counts[i] += 1;
+                }
+                let now = crate::time::unix_secs(SystemTime::now());
+                let last = record.last_refresh.unwrap_or(record.enrolled_at);
+                if record.state != SubjectState::Active
+                    || now.saturating_sub(last) <= keepalive_after.as_secs()
+                {
+                    continue;
+                }
+                let spacing = KEEPALIVE_SPACING.mul_f64(0.5 + rand::random::<f64>());
+                tokio::time::sleep(spacing).await;
+                refreshed += 1;
+                match self.keepalive_one(&record.subject).await {
+                    Ok(()) => {
+                        tracing::info!(token, subject = %record.subject, "keep-alive refresh done");
+                    }
+                    Err(e) => {
+                        tracing::warn!(token, subject = %record.subject, error = %e, "keep-alive refresh failed");
+                    }
+                }
+            }
+            match page.next {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        for (state, n) in SubjectState::ALL.iter().zip(counts) {
+            self.metrics.set_state(state.as_str(), n);
+        }
+        Ok(refreshed)
+    }
+
+    /// Refreshes one subject for the keep-alive: through its slot (sharing a refresh with
+    /// requests) when it is in memory, else without caching its access token (an idle subject
+    /// must not push a busy one out of memory).
+    async fn keepalive_one(self: &Arc<Self>, subject: &SubjectId) -> Result<(), SubjectTokenError> {
+        let slot = lock(&self.slots).map.get(subject).cloned();
+        match slot {
+            Some(slot) => {
+                let mut rx = {
+                    let mut s = lock(&slot);
+                    match s.flight.clone() {
+                        Some(rx) => rx,
+                        None => self.start_flight(subject, &slot, &mut s),
+                    }
+                };
+                wait_flight(&mut rx, self.settings.token_wait)
+                    .await
+                    .map(|_| ())
+            }
+            None => self.refresh(subject).await.map(|_| ()),
         }
     }
 
     /// Forgets a subject's token and any remembered failure (after an enrolment or deletion).
+    // The subjects API (written on another branch) calls it.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn forget(&self, subject: &SubjectId) {
         lock(&self.slots).map.remove(subject);
     }
@@ -276,24 +571,18 @@ impl<F: Fetch> SubjectTokens<F> {
             .fetch(&creds, &Grant::RefreshToken(refresh_token))
             .await;
         let now_unix = crate::time::unix_secs(SystemTime::now());
+        self.metrics.refresh(match &answer {
+            Ok(_) => SubjectRefreshResult::Ok,
+            Err(e) if is_invalid_grant(e) => SubjectRefreshResult::InvalidGrant,
+            Err(_) => SubjectRefreshResult::Error,
+        });
         let response = match answer {
             Ok(r) => r,
             Err(e) if is_invalid_grant(&e) => {
                 tracing::warn!(token, subject = %subject, "refresh token rejected (invalid_grant): subject needs to consent again");
-                let updated = Record {
-                    state: SubjectState::NeedsReauth,
-                    last_error: Some("invalid_grant".into()),
-                    ..record.clone()
-                };
-                // A conflict means a new enrolment arrived meanwhile: it wins, and its
-                // record stays active.
-                if let Err(e) = self
-                    .store
-                    .put(token, &updated, Some(record.generation))
-                    .await
-                {
-                    tracing::warn!(token, subject = %subject, error = %e, "could not record needs_reauth");
-                }
+                // A new enrolment that arrived meanwhile wins, and its record stays active.
+                self.store_needs_reauth(subject, "invalid_grant", Some(&record.refresh_token))
+                    .await;
                 return Err(SubjectTokenError::NeedsReauth);
             }
             Err(e) => {
@@ -314,18 +603,43 @@ impl<F: Fetch> SubjectTokens<F> {
             .last_refresh
             .is_none_or(|t| now_unix.saturating_sub(t) >= LAST_REFRESH_WRITE_INTERVAL.as_secs());
         if rotated || sealed != record.refresh_token || record.last_error.is_some() || stale_time {
-            let updated = Record {
-                refresh_token: sealed,
-                last_refresh: Some(now_unix),
-                last_error: None,
-                ..record.clone()
-            };
             // Stored before the access token is used: a rotated refresh token must not be
             // lost. If it cannot be stored, the access token is not handed out either.
-            self.store
-                .put(token, &updated, Some(record.generation))
-                .await
-                .map_err(|e| failed("storing the refreshed record", &e))?;
+            let mut base = record.clone();
+            let mut tries = 0;
+            loop {
+                let updated = Record {
+                    refresh_token: sealed.clone(),
+                    last_refresh: Some(now_unix),
+                    last_error: None,
+                    ..base.clone()
+                };
+                match self.store.put(token, &updated, Some(base.generation)).await {
+                    Ok(_) => break,
+                    // Someone else rewrote the record meanwhile (a `last_use` note, another
+                    // replica's refresh): apply this refresh on top of it, unless the refresh
+                    // token it holds is no longer the one just sent (a new enrolment wins).
+                    Err(StoreError::Conflict { .. }) if tries < 3 => {
+                        tries += 1;
+                        match self.store.get(token, subject).await {
+                            Ok(Some(now))
+                                if now.refresh_token == record.refresh_token
+                                    && now.state == SubjectState::Active =>
+                            {
+                                base = now;
+                            }
+                            Ok(_) => {
+                                return Err(failed(
+                                    "storing the refreshed record",
+                                    &"the subject was enrolled again or deleted meanwhile",
+                                ));
+                            }
+                            Err(e) => return Err(failed("storing the refreshed record", &e)),
+                        }
+                    }
+                    Err(e) => return Err(failed("storing the refreshed record", &e)),
+                }
+            }
         }
         let access = AccessToken::new(
             response.access_token.expose(),
@@ -356,6 +670,27 @@ impl<F: Fetch> SubjectTokens<F> {
             client_id,
             client_secret,
         })
+    }
+}
+
+/// Whether the caller should write the subject's `last_use` now (and notes that it will).
+fn use_due(s: &mut Slot, now: Instant) -> bool {
+    if s.use_written
+        .is_some_and(|at| now < at + LAST_USE_WRITE_INTERVAL)
+    {
+        return false;
+    }
+    s.use_written = Some(now);
+    true
+}
+
+/// The outcome of the refresh behind `rx`, waiting at most `wait`.
+async fn wait_flight(rx: &mut watch::Receiver<Option<Outcome>>, wait: Duration) -> Outcome {
+    match tokio::time::timeout(wait, rx.wait_for(Option::is_some)).await {
+        Ok(Ok(outcome)) => outcome.clone().unwrap_or(Err(SubjectTokenError::Timeout)),
+        // The flight task ended without a word: only if the runtime is shutting down.
+        Ok(Err(_)) => Err(SubjectTokenError::Failed("refresh was abandoned".into())),
+        Err(_) => Err(SubjectTokenError::Timeout),
     }
 }
 
@@ -396,6 +731,7 @@ mod tests {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
     use super::*;
+    use crate::metrics::Metrics;
     use crate::secret::Secret;
     use crate::subject::FileStore;
     use crate::subject::keyring::tests::ring;
@@ -485,8 +821,16 @@ mod tests {
                 refresh_ratio: 0.75,
                 refresh_margin: Duration::from_secs(30),
                 failure_hold: DEFAULT_FAILURE_HOLD,
+                forced_interval: Duration::from_secs(5),
             };
-            let tokens = SubjectTokens::new(settings, issuer.clone(), store.clone(), ring.clone());
+            let metrics = Metrics::new().subject("fdx", &["active", "needs_reauth"]);
+            let tokens = SubjectTokens::new(
+                settings,
+                issuer.clone(),
+                store.clone(),
+                ring.clone(),
+                metrics,
+            );
             Self {
                 tokens,
                 issuer,
@@ -557,7 +901,14 @@ mod tests {
         };
         let f = Fixture::new(issuer, 10, &["c1"]).await;
         let first = value(&f.tokens.get(&id("c1")).await.unwrap());
-        assert_eq!(f.record("c1").await.generation, 2); // last_refresh recorded
+        // last_refresh recorded by the refresh, then last_use noted in a task of its own.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while f.record("c1").await.last_use.is_none() {
+            assert!(Instant::now() < deadline, "last_use never written");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let generation = f.record("c1").await.generation;
+        assert_eq!(generation, 3);
         // Before the refresh point: no request.
         tokio::time::advance(Duration::from_secs(150)).await;
         assert_eq!(value(&f.tokens.get(&id("c1")).await.unwrap()), first);
@@ -578,8 +929,9 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert_eq!(f.calls(), 2);
-        // Nothing durable changed within the hour: the record was not rewritten.
-        assert_eq!(f.record("c1").await.generation, 2);
+        // Nothing durable changed within the hour: the record was not rewritten (neither by
+        // the refresh nor by a second last_use note).
+        assert_eq!(f.record("c1").await.generation, generation);
     }
 
     #[tokio::test(start_paused = true)]
@@ -627,6 +979,7 @@ mod tests {
             f.issuer.clone(),
             f.store.clone(),
             rotated.clone(),
+            f.tokens.metrics.clone(),
         );
         assert_eq!(f.record("c1").await.key_id(), f.ring.newest_id());
         tokens.get(&id("c1")).await.unwrap();
@@ -732,5 +1085,166 @@ mod tests {
         // An evicted one is fetched again.
         f.tokens.get(&id("c0")).await.unwrap();
         assert_eq!(f.calls(), calls + 1);
+    }
+    #[tokio::test(start_paused = true)]
+    async fn an_upstream_rejection_refreshes_once_per_interval_and_only_that_subject() {
+        let f = Fixture::new(Issuer::default(), 10, &["c1", "c2"]).await;
+        let t1 = f.tokens.get(&id("c1")).await.unwrap();
+        let t2 = f.tokens.get(&id("c2")).await.unwrap();
+        assert_eq!(f.calls(), 2);
+        // Twenty requests saw the same rejected token: one refresh, all get the new token.
+        let fresh = (0..20).map(|_| {
+            let (tokens, t1) = (f.tokens.clone(), t1.clone());
+            tokio::spawn(async move {
+                tokens
+                    .invalidate(&id("c1"), &t1, Duration::from_secs(5))
+                    .await
+            })
+        });
+        for r in futures_util::future::join_all(fresh).await {
+            assert_eq!(value(&r.unwrap().unwrap()), "Bearer at.rt-c1.3");
+        }
+        assert_eq!(f.calls(), 3);
+        // The rejected token is never handed out again.
+        assert_eq!(
+            value(&f.tokens.get(&id("c1")).await.unwrap()),
+            "Bearer at.rt-c1.3"
+        );
+        // The new one rejected too, within forced_refresh_interval: no second refresh.
+        let t1b = f.tokens.get(&id("c1")).await.unwrap();
+        assert!(
+            f.tokens
+                .invalidate(&id("c1"), &t1b, Duration::from_secs(5))
+                .await
+                .is_none()
+        );
+        assert_eq!(f.calls(), 3);
+        // After the interval it may refresh again.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(
+            f.tokens
+                .invalidate(&id("c1"), &t1b, Duration::from_secs(5))
+                .await
+                .is_some()
+        );
+        assert_eq!(f.calls(), 4);
+        // The other subject's token was untouched.
+        assert!(Arc::ptr_eq(&f.tokens.get(&id("c2")).await.unwrap(), &t2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn consent_revoked_marks_needs_reauth_in_memory_and_store_without_a_token_request() {
+        let f = Fixture::new(Issuer::default(), 10, &["c1", "c2"]).await;
+        let old = f.tokens.get(&id("c1")).await.unwrap();
+        // A 602 for a token that is no longer the subject's current one changes nothing.
+        f.tokens.forget(&id("c1"));
+        let current = f.tokens.get(&id("c1")).await.unwrap();
+        f.tokens.consent_revoked(&id("c1"), &old).await;
+        assert_eq!(f.record("c1").await.state, SubjectState::Active);
+        let calls = f.calls();
+        f.tokens.consent_revoked(&id("c1"), &current).await;
+        let record = f.record("c1").await;
+        assert_eq!(record.state, SubjectState::NeedsReauth);
+        assert_eq!(record.last_error.as_deref(), Some("consent_revoked"));
+        assert_eq!(f.tokens.metrics.state("needs_reauth"), 1);
+        for _ in 0..10 {
+            assert_eq!(
+                f.tokens.get(&id("c1")).await.unwrap_err(),
+                SubjectTokenError::NeedsReauth
+            );
+        }
+        assert_eq!(f.calls(), calls);
+        assert!(f.tokens.get(&id("c2")).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn last_use_is_written_at_most_once_an_hour_per_subject() {
+        let f = Fixture::new(Issuer::default(), 10, &["c1"]).await;
+        let settled = |f: &Fixture| {
+            let store = f.store.clone();
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                loop {
+                    let r = store.get("fdx", &id("c1")).await.unwrap().unwrap();
+                    if r.last_use.is_some() {
+                        return r;
+                    }
+                    assert!(Instant::now() < deadline, "last_use never written");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        };
+        f.tokens.get(&id("c1")).await.unwrap();
+        let first = settled(&f).await;
+        for _ in 0..50 {
+            f.tokens.get(&id("c1")).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(f.record("c1").await.generation, first.generation);
+        tokio::time::advance(LAST_USE_WRITE_INTERVAL).await;
+        f.tokens.get(&id("c1")).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while f.record("c1").await.generation == first.generation {
+            assert!(Instant::now() < deadline, "no second last_use write");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Puts a record for `s` whose refresh token was last used `idle` ago.
+    async fn enrol_idle(f: &Fixture, s: &str, idle: Duration, state: SubjectState) {
+        let now = crate::time::unix_secs(SystemTime::now());
+        let sealed = f
+            .ring
+            .seal("fdx", &id(s), &Secret::new(format!("rt-{s}")))
+            .unwrap();
+        let record = Record {
+            state,
+            last_refresh: Some(now - idle.as_secs()),
+            ..Record::enrolled(id(s), sealed, now - idle.as_secs() - 10)
+        };
+        f.store.put("fdx", &record, None).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_keepalive_refreshes_idle_subjects_only_spaced_and_recounts_states() {
+        const DAY: Duration = Duration::from_secs(86_400);
+        let f = Fixture::new(Issuer::default(), 10, &[]).await;
+        for i in 0..5 {
+            enrol_idle(&f, &format!("idle{i}"), 21 * DAY, SubjectState::Active).await;
+        }
+        enrol_idle(&f, "busy", DAY, SubjectState::Active).await;
+        enrol_idle(&f, "gone", 25 * DAY, SubjectState::NeedsReauth).await;
+        let task = tokio::spawn(f.tokens.clone().keepalive(20 * DAY));
+        // Nothing before the first pass.
+        tokio::time::sleep(FIRST_SWEEP_DELAY - Duration::from_secs(1)).await;
+        assert_eq!(f.calls(), 0);
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(60);
+        while f.calls() < 5 {
+            assert!(Instant::now() < deadline, "idle subjects not kept alive");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Five refreshes spaced by at least half of KEEPALIVE_SPACING each.
+        assert!(
+            start.elapsed() >= KEEPALIVE_SPACING * 5 / 2,
+            "{:?}",
+            start.elapsed()
+        );
+        let now = crate::time::unix_secs(SystemTime::now());
+        for i in 0..5 {
+            let r = f.record(&format!("idle{i}")).await;
+            assert!(now - r.last_refresh.unwrap() < 60, "idle{i} not refreshed");
+        }
+        // The busy subject and the one needing consent were left alone.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(f.calls(), 5);
+        assert_eq!(f.tokens.metrics.state("active"), 6);
+        assert_eq!(f.tokens.metrics.state("needs_reauth"), 1);
+        // Idle subjects' tokens were not cached (they must not push busy ones out).
+        assert_eq!(f.tokens.cached(), 0);
+        // The next pass finds nothing due.
+        tokio::time::sleep(SWEEP_INTERVAL).await;
+        assert_eq!(f.calls(), 5);
+        task.abort();
     }
 }

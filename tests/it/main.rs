@@ -39,6 +39,10 @@ mod proxy;
 // passwords, Redis gone and back, leases, shared access-token slots, tampering.
 mod redis;
 
+// Per-subject tokens (issue #12) through the whole server: one token per customer, the
+// subject header, needs_reauth, 10,000 subjects at start, restart, keys, no plaintext at rest.
+mod subjects;
+
 // Soak under token rotation: the binary as a child for `SOAK_SECS`; `#[ignore]`d, run by
 // `tests/soak/run.sh`.
 mod soak;
