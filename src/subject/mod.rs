@@ -18,6 +18,8 @@
 //!   internal until the request path uses it).
 //! - [`config`]: the `[subjects]` settings these parts need, and their validation.
 //! - `registry`: [`Subjects`], the per-subject token entries of a running server.
+//! - [`api`]: the subjects API listener (`[subjects] listen`); `enrol`: its operations
+//!   (enrol a code, import, show, list, delete and revoke, force a refresh).
 //!
 //! # Encryption at rest
 //! Refresh tokens are sealed before they reach any store, so no store (the file store here, the
@@ -36,8 +38,10 @@
 //! the old file only once no record names its id. A record whose key id is not configured is an
 //! error naming that id, never a silently forgotten subject: [`census::Census::check_keys`]
 //! finds such records at start, and [`keyring::KeyRing::open`] names the id for any one.
+pub mod api;
 pub mod census;
 pub mod config;
+mod enrol;
 pub mod file;
 pub mod keyring;
 pub mod record;
