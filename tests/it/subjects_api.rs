@@ -368,6 +368,41 @@ async fn oauth_rejections_are_422_with_the_oauth_error() {
 }
 
 #[tokio::test]
+async fn a_redirect_uri_in_the_body_replaces_the_configured_one() {
+    let (url, control) = issuer(IssuerOptions {
+        redirect_uri: Some("https://app.example/callback".into()),
+        ..issuer_options()
+    })
+    .await;
+    let state = State::new();
+    let extra = "redirect_uri = \"https://app.example/other\"";
+    let r = Running::start(&toml(&state, &url, extra, "")).await;
+    let a = enrol(&r, "c1", 6).await;
+    assert_eq!(a.status, 422, "{}", a.text);
+    let a = call(
+        "POST",
+        &r.url("fdx/subjects/c1/code"),
+        Some(json!({"code": code(7), "redirect_uri": "https://app.example/callback"})),
+        None,
+    )
+    .await;
+    assert_eq!(a.status, 201, "{}", a.text);
+    let sent: Vec<Option<String>> = control
+        .requests()
+        .iter()
+        .map(|r| r.redirect_uri.clone())
+        .collect();
+    assert_eq!(
+        sent,
+        [
+            Some("https://app.example/other".to_owned()),
+            Some("https://app.example/callback".to_owned())
+        ]
+    );
+    r.stop().await;
+}
+
+#[tokio::test]
 async fn an_unreachable_token_endpoint_is_502_and_a_slow_one_504() {
     let state = State::new();
     let dead = format!("http://127.0.0.1:{}/api/v1/token", closed_port());
@@ -684,7 +719,8 @@ async fn requests_are_checked_before_anything_is_done() {
     // The proxy and admin ports do not serve the API.
     let admin = admin_get(r.admin, "/v1/tokens/fdx/subjects").await;
     assert_eq!(admin.status, 404);
-    let proxied = get(r.proxy, "http://subjects.test/v1/tokens/fdx/subjects", &[]).await;
+    let target = format!("http://127.0.0.1:{}/v1/tokens/fdx/subjects", closed_port());
+    let proxied = get(r.proxy, &target, &[]).await;
     assert_ne!(proxied.status, 200);
     assert!(!proxied.text().contains("subjects\""), "{}", proxied.text());
     r.stop().await;
