@@ -762,6 +762,19 @@ async fn with_an_api_token_file_every_request_needs_the_bearer_token() {
     assert_eq!(a.status, 503);
     assert_eq!(a.error(), "api_token_unavailable");
     r.stop().await;
+    // A server whose API token file is missing or empty does not start.
+    let e = Server::start(config(&toml(&state, &url, "", &extra)))
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{e:#}").contains("subjects.api_token_file"),
+        "{e:#}"
+    );
+    std::fs::write(&token_file, "\n").unwrap();
+    let e = Server::start(config(&toml(&state, &url, "", &extra)))
+        .await
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("empty"), "{e:#}");
 }
 
 /// Runs `bearer-proxy subjects …` with `stdin` as its input.
