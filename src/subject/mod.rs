@@ -1,6 +1,6 @@
 //! Per-subject tokens (issue #12), the foundation: who a subject is, how its refresh token is
-//! sealed, and where its record lives. Nothing here is wired into the proxy or an HTTP API yet;
-//! the next step builds the subjects API and the request path on top of these parts.
+//! sealed, and where its record lives, and the subjects API that enrols and manages subjects
+//! ([`api`]). The request path (the proxy's use of these tokens) is built on the same parts.
 //!
 //! A *subject* is an identifier the app chooses (its customer or connection id) under a token
 //! entry with `per_subject = true`. Each subject has its own refresh token, kept in a
