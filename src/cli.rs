@@ -1,5 +1,6 @@
-//! The command line: `run` (the default), `check`, `token`, and, in a build with the default
-//! `dev-tools` feature, `dev-issuer` and `demo`. `main.rs` calls [`run`] and, if it fails,
+//! The command line: `run` (the default), `check`, `token`, `subjects` (the subjects API's
+//! client, in `cli/subjects.rs`), and, in a build with the default `dev-tools` feature,
+//! `dev-issuer` and `demo`. `main.rs` calls [`run`] and, if it fails,
 //! prints the [`Failure`] once and exits with its code.
 //!
 //! Exit codes: 0 success; 1 a runtime failure (a listener could not be bound, a token could not
@@ -20,6 +21,8 @@ use crate::shutdown::os_signals;
 use crate::time::{from_unix_secs, rfc3339};
 use crate::token::TokenCell;
 use crate::token::refresher::Refresher;
+
+mod subjects;
 
 /// Exit code of a runtime failure.
 const EXIT_FAILURE: u8 = 1;
@@ -97,6 +100,9 @@ pub enum Command {
         /// Which `[tokens.<name>]`; may be omitted when only one is configured.
         name: Option<String>,
     },
+    /// Manage the subjects of per-subject tokens through the subjects API (enrol a code,
+    /// import a refresh token, list, show, delete, refresh).
+    Subjects(subjects::SubjectsArgs),
     /// Run a local token endpoint implementing Flinks' `/api/v1/token` contract, for demos,
     /// tests and benchmarks. Its failure switches are under `POST /control/...`.
     #[cfg(feature = "dev-tools")]
@@ -152,6 +158,7 @@ pub fn run() -> Result<(), Failure> {
         Command::Run => run_proxy(path),
         Command::Check => check(path),
         Command::Token { name } => token(path, name.as_deref()),
+        Command::Subjects(args) => subjects::run(path, args),
         #[cfg(feature = "dev-tools")]
         Command::DevIssuer(args) => dev_issuer(args),
         #[cfg(feature = "dev-tools")]

@@ -82,6 +82,8 @@ pub struct Server {
     proxy_addr: SocketAddr,
     /// Where the admin port listens.
     admin_addr: SocketAddr,
+    /// Where the subjects API listens, when some token has `per_subject = true`.
+    subjects_addr: Option<SocketAddr>,
     /// Tasks that serve connections; they finish by themselves once stopping and drained.
     servers: Vec<JoinHandle<()>>,
     /// Tasks that run until terminated (the refreshers).
@@ -126,10 +128,31 @@ impl Server {
             .await
             .with_context(|| format!("admin.listen: cannot listen on {}", config.admin.listen))?;
         let admin_addr = admin_listener.local_addr()?;
+        // Bound before anything is spawned, like the other listeners, so a failure leaves
+        // nothing running.
+        let mut subjects_addr = None;
+        let subjects_api = match (&subjects, &config.subjects) {
+            (Some(subjects), Some(sc)) => {
+                let api =
+                    subject::api::SubjectsApi::new(&config, subjects.clone(), metrics.clone())
+                        .await?;
+                let listener = TcpListener::bind(sc.listen)
+                    .await
+                    .with_context(|| format!("subjects.listen: cannot listen on {}", sc.listen))?;
+                let addr = listener.local_addr()?;
+                tracing::info!(subjects_api = %addr, "subjects API listening");
+                subjects_addr = Some(addr);
+                Some((api, listener))
+            }
+            _ => None,
+        };
         let admin = admin::Admin::new(&tokens, metrics.clone(), shutdown.clone())
             .with_subjects(subjects.clone());
         background.push(tokio::spawn(admin.serve(admin_listener)));
-        let servers = vec![tokio::spawn(proxy.serve(proxy_listener, shutdown.clone()))];
+        let mut servers = vec![tokio::spawn(proxy.serve(proxy_listener, shutdown.clone()))];
+        if let Some((api, listener)) = subjects_api {
+            servers.push(tokio::spawn(api.serve(listener, shutdown.clone())));
+        }
         tracing::info!(
             proxy = %proxy_addr,
             admin = %admin_addr,
@@ -145,6 +168,7 @@ impl Server {
             controller,
             proxy_addr,
             admin_addr,
+            subjects_addr,
             servers,
             background,
         })
@@ -158,6 +182,12 @@ impl Server {
     /// Where the admin port listens (useful with port 0).
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+
+    /// Where the subjects API listens (useful with port 0), when some token has
+    /// `per_subject = true`.
+    pub fn subjects_addr(&self) -> Option<SocketAddr> {
+        self.subjects_addr
     }
 
     /// The token cells, by name.

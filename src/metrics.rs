@@ -179,6 +179,23 @@ label_enums! {
         /// No token for the subject within `token_wait`, or its refresh failed.
         TokenUnavailable => "token_unavailable",
     }
+
+    /// Outcome of one enrolment through the subjects API, a code exchange or a refresh-token
+    /// import (`result` label of `bearer_proxy_subject_enrolments_total`).
+    pub enum EnrolResult {
+        /// The subject was enrolled (its record written).
+        Ok => "ok",
+        /// The code had been spent before; nothing was sent.
+        CodeSpent => "code_already_used",
+        /// The token endpoint refused the code or refresh token (an OAuth error).
+        Rejected => "rejected",
+        /// The token endpoint could not be reached, failed or answered something unusable.
+        Unavailable => "unavailable",
+        /// The token endpoint did not answer within the token's `timeout`.
+        Timeout => "timeout",
+        /// A local failure (store, key, credentials file).
+        Failed => "failed",
+    }
 }
 
 /// Every metric family, registered in the project's own registry.
@@ -210,6 +227,8 @@ pub struct Metrics {
     /// CONNECT tunnels currently open.
     pub(crate) open_tunnels: IntGauge,
     store_errors: [IntCounter; StoreOp::COUNT],
+    /// `bearer_proxy_subject_enrolments_total{token,result}` (the subjects API).
+    subject_enrolments: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -426,6 +445,13 @@ impl Metrics {
                 &r,
                 IntGauge::new("bearer_proxy_open_tunnels", "CONNECT tunnels open."),
             ),
+            subject_enrolments: counter_vec(
+                &r,
+                "bearer_proxy_subject_enrolments_total",
+                "Subject enrolments through the subjects API (code exchanges and refresh-token \
+                 imports), by result.",
+                &["token", "result"],
+            ),
             build_info,
             registry: r,
             store_errors,
@@ -546,6 +572,23 @@ impl Metrics {
         self.token_valid
             .with_label_values(&[name])
             .set(i64::from(valid));
+    }
+
+    /// Creates the enrolment series of per-subject token `token` at zero (so alerts see them
+    /// before the first enrolment).
+    pub(crate) fn subject_enrolment_series(&self, token: &str) {
+        for r in EnrolResult::ALL {
+            self.subject_enrolments
+                .with_label_values(&[token, r.as_str()]);
+        }
+    }
+
+    /// Counts one enrolment of a subject of `token` (not on the request path: a label lookup
+    /// per enrolment is fine).
+    pub(crate) fn subject_enrolment(&self, token: &str, result: EnrolResult) {
+        self.subject_enrolments
+            .with_label_values(&[token, result.as_str()])
+            .inc();
     }
 }
 
@@ -798,6 +841,7 @@ mod tests {
         );
         check(&ReplayResult::ALL, |v| v as usize, ReplayResult::as_str);
         check(&StoreOp::ALL, |v| v as usize, StoreOp::as_str);
+        check(&EnrolResult::ALL, |v| v as usize, EnrolResult::as_str);
         check(
             &SubjectRefreshResult::ALL,
             |v| v as usize,

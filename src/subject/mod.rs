@@ -1,6 +1,6 @@
 //! Per-subject tokens (issue #12): who a subject is, how its refresh token is sealed, where its
-//! record lives, and the access tokens the proxy injects for it (`tokens`, reached through
-//! [`Subjects`]).
+//! record lives, the access tokens the proxy injects for it (`tokens`, reached through
+//! [`Subjects`]), and the subjects API that enrols and manages subjects ([`api`]).
 //!
 //! A *subject* is an identifier the app chooses (its customer or connection id) under a token
 //! entry with `per_subject = true`. Each subject has its own refresh token, kept in a
@@ -21,6 +21,8 @@
 //!   proxy calls it).
 //! - [`config`]: the `[subjects]` settings these parts need, and their validation.
 //! - `registry`: [`Subjects`], the per-subject token entries of a running server.
+//! - [`api`]: the subjects API listener (`[subjects] listen`); `enrol`: its operations
+//!   (enrol a code, import, show, list, delete and revoke, force a refresh).
 //!
 //! # Encryption at rest
 //! Refresh tokens are sealed before they reach any store, so no store (the file store here, the
@@ -39,8 +41,10 @@
 //! the old file only once no record names its id. A record whose key id is not configured is an
 //! error naming that id, never a silently forgotten subject: [`census::Census::check_keys`]
 //! finds such records at start, and [`keyring::KeyRing::open`] names the id for any one.
+pub mod api;
 pub mod census;
 pub mod config;
+mod enrol;
 pub mod file;
 pub mod keyring;
 pub mod record;

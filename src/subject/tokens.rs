@@ -671,6 +671,59 @@ impl<F: Fetch> SubjectTokens<F> {
             client_secret,
         })
     }
+
+    // ---- What the subjects API's operations need (src/subject/enrol.rs). ----
+
+    /// The token name this entry serves.
+    pub(crate) fn token_name(&self) -> &str {
+        &self.settings.token
+    }
+
+    /// Sends one token request for `grant` with the entry's credentials (read fresh), through
+    /// the entry's own client: the code exchange and the import's validating refresh.
+    pub(crate) async fn exchange(
+        &self,
+        grant: &Grant,
+    ) -> Result<crate::token::client::TokenResponse, FetchError> {
+        let creds = self.credentials().await?;
+        self.fetch.fetch(&creds, grant).await
+    }
+
+    /// The entry's client credentials, read fresh (for a one-off client with another
+    /// `redirect_uri`).
+    pub(crate) async fn client_credentials(
+        &self,
+    ) -> Result<Credentials, crate::secret::SecretFileError> {
+        self.credentials().await
+    }
+
+    /// Hands the access token a code exchange or import just obtained (request sent at
+    /// `sent_at`) to the cache, replacing whatever was held for `subject` (an old token, a
+    /// remembered `needs_reauth`), so the first proxied request costs no token request.
+    pub(crate) fn prime(&self, subject: &SubjectId, token: AccessToken, sent_at: Instant) {
+        let delay = refresh_delay(
+            token.lifetime(),
+            self.settings.refresh_ratio,
+            self.settings.refresh_margin,
+            rand::random::<f64>(),
+        );
+        // A fresh slot: a refresh still running for the old record writes into the old one,
+        // which nothing reads any more.
+        self.forget(subject);
+        let slot = self.slot(subject);
+        let mut s = lock(&slot);
+        s.token = Some(Arc::new(token));
+        s.refresh_at = Some(sent_at + delay);
+        s.failure = None;
+    }
+
+    /// The valid access token held for `subject`, if any, without counting as a use or
+    /// starting a refresh (for the API's view and for revocation).
+    pub(crate) fn peek(&self, subject: &SubjectId) -> Option<Arc<AccessToken>> {
+        let slot = lock(&self.slots).map.get(subject).cloned()?;
+        let s = lock(&slot);
+        s.token.clone().filter(|t| t.is_valid_at(Instant::now()))
+    }
 }
 
 /// Whether the caller should write the subject's `last_use` now (and notes that it will).

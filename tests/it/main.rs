@@ -50,6 +50,9 @@ mod soak;
 // The SubjectStore contract, one suite run against the file store and the Redis store.
 mod subject_store;
 
+// The subjects API (issue #12) against the real dev issuer, and the `subjects` CLI.
+mod subjects_api;
+
 // Shared helpers, one module per role: leak guard and logs, upstreams, raw client, test CA,
 // proxy under test and fixture builder, metrics, the binary as a process.
 mod support;
