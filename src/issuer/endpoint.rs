@@ -29,6 +29,9 @@
 //! * 400 `unsupported_grant_type`: any other grant;
 //! * 405 (not `POST`), 413 (body over 64 KiB), 404 (other paths), all as `invalid_request`.
 //!
+//! With [`IssuerOptions::client_auth`] clients may also authenticate by client certificate
+//! (`tls_client_auth`) or signed assertion (`private_key_jwt`); see `client_auth.rs`.
+//!
 //! Secrets, codes and tokens never reach a log line: tracing (debug level) shows only the grant
 //! type, client id and status.
 
@@ -43,6 +46,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use serde_json::{Map, Value};
 
+use super::client_auth::VerifiedClientCert;
 use super::params::{BodyError, Params, form_decode, header_string, read_body};
 use super::response::{OAuthError, error_response, json_response, post_only};
 use super::state::{Inner, RecordedRequest, Shared, new_refresh_token};
@@ -95,6 +99,7 @@ pub(super) async fn token_endpoint(
     };
     let params = Params::parse(content_type.as_deref(), &body);
     let basic = basic_auth(&parts.headers);
+    let cert = parts.extensions.get::<VerifiedClientCert>().copied();
     if let Ok(p) = &params {
         record.grant_type = p.first("grant_type").map(str::to_owned);
         record.client_id = p.first("client_id").map(str::to_owned);
@@ -118,7 +123,7 @@ pub(super) async fn token_endpoint(
         Some(fault) => fault.response(),
         None => match params
             .map_err(OAuthError::from)
-            .and_then(|p| shared.grant(&p, basic))
+            .and_then(|p| shared.grant(&p, basic, cert))
         {
             Ok(granted) => token_response(granted),
             Err(e) => e.into_response(),
@@ -135,7 +140,12 @@ pub(super) async fn token_endpoint(
 
 impl Shared {
     /// Runs a grant: authenticates the client, checks and consumes the grant, issues a token.
-    fn grant(&self, params: &Params, basic: Option<BasicAuth>) -> Result<Granted, OAuthError> {
+    fn grant(
+        &self,
+        params: &Params,
+        basic: Option<BasicAuth>,
+        cert: Option<VerifiedClientCert>,
+    ) -> Result<Granted, OAuthError> {
         let grant_name = params
             .one("grant_type")?
             .ok_or_else(|| OAuthError::invalid_request("grant_type missing"))?;
@@ -148,8 +158,18 @@ impl Shared {
         let scope = params.one("scope")?.map(str::to_owned);
         let redirect_uri = params.one("redirect_uri")?;
         let mut inner = self.lock();
-        let client_id =
-            inner.authenticate(params, basic, grant == Some(GrantType::ClientCredentials))?;
+        let strong = match basic {
+            None => inner
+                .client_auth
+                .authenticate(params, cert, SystemTime::now())?,
+            Some(_) => None,
+        };
+        let client_id = match strong {
+            Some(id) => id,
+            None => {
+                inner.authenticate(params, basic, grant == Some(GrantType::ClientCredentials))?
+            }
+        };
         let Some(grant) = grant else {
             return Err(OAuthError::new(
                 StatusCode::BAD_REQUEST,

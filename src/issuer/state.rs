@@ -12,6 +12,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use http::Method;
 use serde_json::{Map, Value, json};
 
+use super::client_auth::{ClientAuthOptions, ClientAuthState};
 use super::fault::Fault;
 use crate::config::GrantType;
 use crate::secret::Secret;
@@ -54,6 +55,8 @@ pub struct IssuerOptions {
     pub control_api: bool,
     /// The `sub` claim (the user at the bank, for Flinks).
     pub subject: String,
+    /// HTTPS, client certificates and `private_key_jwt` (off by default).
+    pub client_auth: ClientAuthOptions,
 }
 
 impl Default for IssuerOptions {
@@ -70,6 +73,7 @@ impl Default for IssuerOptions {
             fixed_token: None,
             control_api: true,
             subject: "dev-user-0001".into(),
+            client_auth: ClientAuthOptions::default(),
         }
     }
 }
@@ -88,6 +92,7 @@ impl fmt::Debug for IssuerOptions {
             .field("fixed_token", &self.fixed_token.is_some())
             .field("control_api", &self.control_api)
             .field("subject", &self.subject)
+            .field("client_auth", &self.client_auth)
             .finish()
     }
 }
@@ -163,6 +168,8 @@ pub(super) struct Inner {
     pub(super) issued_count: u64,
     /// Every issued token still possibly valid → its latest expiry.
     pub(super) valid: HashMap<String, SystemTime>,
+    /// Certificate and assertion clients, and the assertion ids already used.
+    pub(super) client_auth: ClientAuthState,
 }
 
 impl Shared {
@@ -187,6 +194,7 @@ impl Shared {
                 issued: VecDeque::new(),
                 issued_count: 0,
                 valid: HashMap::new(),
+                client_auth: ClientAuthState::new(opts.client_auth),
             }),
         }
     }
