@@ -53,8 +53,8 @@ pub struct ClientAuthOptions {
     pub tls_clients: Vec<String>,
     /// Clients authenticated by `private_key_jwt`, with their keys.
     pub assertion_keys: Vec<AssertionKeySpec>,
-    /// The `aud` assertions must carry (the token URL the proxy is configured with, or an
-    /// issuer identifier).
+    /// The `aud` assertions must carry (an issuer identifier); unset means the URL the request
+    /// was sent to (scheme, `Host` and path), which is the proxy's default `aud`, `token_url`.
     pub assertion_audience: Option<String>,
 }
 
@@ -73,6 +73,15 @@ impl fmt::Debug for ClientAuthOptions {
 /// extension set by the server).
 #[derive(Clone, Copy, Debug)]
 pub(super) struct VerifiedClientCert;
+
+/// Where a request was sent: the default audience of its assertion.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct RequestTarget<'a> {
+    /// The `Host` header.
+    pub(super) host: Option<&'a str>,
+    /// The path.
+    pub(super) path: &'a str,
+}
 
 /// The options and the `jti`s already used.
 #[derive(Debug, Default)]
@@ -95,6 +104,7 @@ impl ClientAuthState {
         &mut self,
         params: &Params,
         cert: Option<VerifiedClientCert>,
+        target: RequestTarget<'_>,
         now: SystemTime,
     ) -> Result<Option<String>, OAuthError> {
         let body_id = params.one("client_id")?;
@@ -113,7 +123,7 @@ impl ClientAuthState {
             let jwt = params
                 .one("client_assertion")?
                 .ok_or_else(|| OAuthError::invalid_request("client_assertion missing"))?;
-            let id = self.verify(jwt, now)?;
+            let id = self.verify(jwt, target, now)?;
             if body_id.is_some_and(|b| b != id) {
                 return Err(OAuthError::invalid_client(
                     false,
@@ -138,7 +148,12 @@ impl ClientAuthState {
 
     /// Verifies an assertion and returns its client; the `jti` is spent even when a later
     /// check fails, so a replay of anything once seen is refused.
-    fn verify(&mut self, jwt: &str, now: SystemTime) -> Result<String, OAuthError> {
+    fn verify(
+        &mut self,
+        jwt: &str,
+        target: RequestTarget<'_>,
+        now: SystemTime,
+    ) -> Result<String, OAuthError> {
         let bad = |why: &'static str| OAuthError::invalid_client(false, why);
         let (input, sig) = jwt
             .rsplit_once('.')
@@ -185,9 +200,22 @@ impl ClientAuthState {
         if !self.seen_jti.insert(jti.to_owned()) {
             return Err(bad("jti already used"));
         }
-        let aud_ok = match (&claims["aud"], &self.options.assertion_audience) {
-            (Value::String(a), Some(want)) => a == want,
-            (Value::Array(list), Some(want)) => list.iter().any(|a| a.as_str() == Some(want)),
+        let scheme = if self.options.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let want = match &self.options.assertion_audience {
+            Some(aud) => aud.clone(),
+            None => format!(
+                "{scheme}://{}{}",
+                target.host.unwrap_or_default(),
+                target.path
+            ),
+        };
+        let aud_ok = match &claims["aud"] {
+            Value::String(a) => *a == want,
+            Value::Array(list) => list.iter().any(|a| a.as_str() == Some(&want)),
             _ => false,
         };
         if !aud_ok {
@@ -285,7 +313,9 @@ mod tests {
             Some("c1")
         );
         let refused = |state: &mut ClientAuthState, jwt: &str, why: &str| {
-            let e = state.authenticate(&params(jwt), None, now).unwrap_err();
+            let e = state
+                .authenticate(&params(jwt), None, RequestTarget::default(), now)
+                .unwrap_err();
             let text = format!("{e:?}");
             assert!(text.contains("invalid_client"), "{why}: {text}");
             assert!(text.contains(why), "{why}: {text}");
@@ -341,17 +371,21 @@ mod tests {
         let now = SystemTime::now();
         assert_eq!(
             state
-                .authenticate(&p, Some(VerifiedClientCert), now)
+                .authenticate(&p, Some(VerifiedClientCert), RequestTarget::default(), now)
                 .unwrap()
                 .as_deref(),
             Some("mtls-client")
         );
-        assert!(state.authenticate(&p, None, now).is_err());
+        assert!(
+            state
+                .authenticate(&p, None, RequestTarget::default(), now)
+                .is_err()
+        );
         let other = br#"{"grant_type":"client_credentials","client_id":"demo-client"}"#;
         let p = Params::parse(Some("application/json"), other).unwrap();
         assert!(
             state
-                .authenticate(&p, Some(VerifiedClientCert), now)
+                .authenticate(&p, Some(VerifiedClientCert), RequestTarget::default(), now)
                 .unwrap()
                 .is_none()
         );

@@ -46,7 +46,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use serde_json::{Map, Value};
 
-use super::client_auth::VerifiedClientCert;
+use super::client_auth::{RequestTarget, VerifiedClientCert};
 use super::params::{BodyError, Params, form_decode, header_string, read_body};
 use super::response::{OAuthError, error_response, json_response, post_only};
 use super::state::{Inner, RecordedRequest, Shared, new_refresh_token};
@@ -121,10 +121,16 @@ pub(super) async fn token_endpoint(
     }
     let response = match shared.take_fault() {
         Some(fault) => fault.response(),
-        None => match params
-            .map_err(OAuthError::from)
-            .and_then(|p| shared.grant(&p, basic, cert))
-        {
+        None => match params.map_err(OAuthError::from).and_then(|p| {
+            let target = RequestTarget {
+                host: parts
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok()),
+                path: parts.uri.path(),
+            };
+            shared.grant(&p, basic, cert, target)
+        }) {
             Ok(granted) => token_response(granted),
             Err(e) => e.into_response(),
         },
@@ -145,6 +151,7 @@ impl Shared {
         params: &Params,
         basic: Option<BasicAuth>,
         cert: Option<VerifiedClientCert>,
+        target: RequestTarget<'_>,
     ) -> Result<Granted, OAuthError> {
         let grant_name = params
             .one("grant_type")?
@@ -161,7 +168,7 @@ impl Shared {
         let strong = match basic {
             None => inner
                 .client_auth
-                .authenticate(params, cert, SystemTime::now())?,
+                .authenticate(params, cert, target, SystemTime::now())?,
             Some(_) => None,
         };
         let client_id = match strong {

@@ -35,6 +35,9 @@ mod proxy;
 // `tests/soak/run.sh`.
 mod soak;
 
+// Issue #16: client certificates to the token endpoint and upstreams, private_key_jwt, check.
+mod clientauth;
+
 // Shared helpers, one module per role: leak guard and logs, upstreams, raw client, test CA,
 // proxy under test and fixture builder, metrics, the binary as a process.
 mod support;

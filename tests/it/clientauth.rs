@@ -1,0 +1,345 @@
+//! Issue #16 end to end over real TLS sockets with throwaway CAs: a token endpoint that requires a
+//! client certificate (`tls_client_auth`), one that requires `private_key_jwt` assertions (each
+//! algorithm, key rotation on disk), and `check` naming an expired or mismatched certificate.
+
+use std::path::Path;
+
+use bearer_proxy::config::{AssertionAlg, ClientAuth, Encoding, GrantType, TokenConfig};
+use bearer_proxy::issuer::{AssertionKeySpec, ClientAuthOptions, IssuerControl, IssuerOptions};
+use bearer_proxy::metrics::Metrics;
+use bearer_proxy::token::client::FetchError;
+use bearer_proxy::token::refresher::Refresher;
+use bearer_proxy::token::{ErrorKind, TokenCell};
+use ring::signature::KeyPair as _;
+
+use crate::support::{TestCa, never_log_pem_key};
+
+const RSA_KEY: &str = include_str!("../fixtures/throwaway-rsa-2048.pem");
+
+/// A dev issuer with `client_auth`, its token URL on `localhost` (`https` when it serves TLS).
+async fn issuer(client_auth: ClientAuthOptions) -> (String, IssuerControl) {
+    crate::support::guard_logs();
+    let issuer = bearer_proxy::issuer::DevIssuer::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        IssuerOptions {
+            clients: vec![],
+            client_auth,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let url = issuer.token_url().replace("127.0.0.1", "localhost");
+    let control = issuer.control();
+    tokio::spawn(issuer.serve(std::future::pending()));
+    (url, control)
+}
+
+fn config(url: &str, client_id: &str, client_auth: ClientAuth, encoding: Encoding) -> TokenConfig {
+    let mut c: TokenConfig = serde_json::from_value(serde_json::json!({
+        "token_url": url,
+        "grant_type": GrantType::ClientCredentials.as_str(),
+        "client_id": client_id,
+        "timeout": "5s",
+    }))
+    .unwrap();
+    c.name = "t".into();
+    c.client_auth = client_auth;
+    c.encoding = encoding;
+    c
+}
+
+fn refresher(cfg: TokenConfig) -> Refresher {
+    let cell = TokenCell::new("t", cfg.forced_refresh_interval);
+    Refresher::new(cfg, cell, Metrics::new().token("t")).unwrap()
+}
+
+#[tokio::test]
+async fn a_token_endpoint_requiring_a_client_certificate_gets_it_and_no_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server_ca, client_ca) = (TestCa::new(), TestCa::new());
+    let tls =
+        server_ca.server_config_requiring_client_certs(&["localhost"], &[b"http/1.1"], &client_ca);
+    // The client is known by its certificate only: no secret could authenticate it.
+    let (url, control) = issuer(ClientAuthOptions {
+        tls: Some(tls),
+        tls_clients: vec!["mtls-client".into()],
+        ..Default::default()
+    })
+    .await;
+    assert!(url.starts_with("https://localhost:"), "{url}");
+    for alg in [
+        &rcgen::PKCS_ECDSA_P256_SHA256,
+        &rcgen::PKCS_ECDSA_P384_SHA384,
+        &rcgen::PKCS_ED25519,
+    ] {
+        let (cert, key) = client_ca.client_cert_files("mtls-client", alg, dir.path());
+        for encoding in [Encoding::Form, Encoding::Json] {
+            let mut cfg = config(&url, "mtls-client", ClientAuth::TlsClientAuth, encoding);
+            cfg.ca_file = Some(server_ca.pem_file());
+            cfg.client_cert_file = Some(cert.clone());
+            cfg.client_key_file = Some(key.clone());
+            refresher(cfg)
+                .refresh()
+                .await
+                .unwrap_or_else(|e| panic!("{alg:?} {encoding:?}: {e}"));
+        }
+    }
+    let requests = control.requests();
+    assert_eq!(requests.len(), 6);
+    assert!(requests.iter().all(|r| !r.has_authorization));
+
+    // Without a certificate the handshake fails: no request reaches the endpoint.
+    let mut cfg = config(
+        &url,
+        "mtls-client",
+        ClientAuth::TlsClientAuth,
+        Encoding::Form,
+    );
+    cfg.ca_file = Some(server_ca.pem_file());
+    let e = refresher(cfg).refresh().await.unwrap_err();
+    assert!(matches!(e, FetchError::Connect(_)), "{e:?}");
+    assert_eq!(e.kind(), ErrorKind::Transient);
+    // A certificate from another CA fails the same way.
+    let stranger = TestCa::new();
+    let (cert, key) =
+        stranger.client_cert_files("mtls-client", &rcgen::PKCS_ECDSA_P256_SHA256, dir.path());
+    let mut cfg = config(
+        &url,
+        "mtls-client",
+        ClientAuth::TlsClientAuth,
+        Encoding::Form,
+    );
+    cfg.ca_file = Some(server_ca.pem_file());
+    cfg.client_cert_file = Some(cert);
+    cfg.client_key_file = Some(key);
+    assert!(matches!(
+        refresher(cfg).refresh().await.unwrap_err(),
+        FetchError::Connect(_)
+    ));
+    assert_eq!(control.requests().len(), 6);
+}
+
+/// A signing key for `alg` as PEM, and the public key the issuer verifies with.
+fn assertion_key(alg: AssertionAlg) -> (String, Vec<u8>) {
+    let pem = match alg {
+        AssertionAlg::RS256 | AssertionAlg::PS256 => RSA_KEY.to_owned(),
+        AssertionAlg::ES256 => rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .unwrap()
+            .serialize_pem(),
+    };
+    never_log_pem_key(&pem);
+    let der = rustls_pemfile::private_key(&mut pem.as_bytes())
+        .unwrap()
+        .unwrap();
+    let pkcs8 = der.secret_der();
+    let public = match alg {
+        AssertionAlg::ES256 => ring::signature::EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            pkcs8,
+            &ring::rand::SystemRandom::new(),
+        )
+        .unwrap()
+        .public_key()
+        .as_ref()
+        .to_vec(),
+        _ => ring::signature::RsaKeyPair::from_pkcs8(pkcs8)
+            .unwrap()
+            .public_key()
+            .as_ref()
+            .to_vec(),
+    };
+    (pem, public)
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[tokio::test]
+async fn private_key_jwt_works_for_each_algorithm_and_each_encoding() {
+    let dir = tempfile::tempdir().unwrap();
+    for (alg, configured) in [
+        (AssertionAlg::RS256, None),
+        (AssertionAlg::PS256, Some(AssertionAlg::PS256)),
+        (AssertionAlg::ES256, None),
+    ] {
+        let (pem, public) = assertion_key(alg);
+        let key_file = write(dir.path(), "assertion.pem", &pem);
+        let (url, control) = issuer(ClientAuthOptions {
+            assertion_keys: vec![AssertionKeySpec {
+                client_id: "jwt-client".into(),
+                alg,
+                public_key: public,
+            }],
+            assertion_audience: Some("https://as.example/".into()),
+            ..Default::default()
+        })
+        .await;
+        for encoding in [Encoding::Form, Encoding::Json] {
+            let mut cfg = config(&url, "jwt-client", ClientAuth::PrivateKeyJwt, encoding);
+            cfg.client_assertion_key_file = Some(key_file.clone());
+            cfg.client_assertion_alg = configured;
+            cfg.client_assertion_aud = Some("https://as.example/".into());
+            let mut r = refresher(cfg.clone());
+            // Twice: the second assertion has its own jti (a reused one is refused).
+            r.refresh().await.unwrap_or_else(|e| panic!("{alg:?}: {e}"));
+            r.refresh()
+                .await
+                .unwrap_or_else(|e| panic!("{alg:?} again: {e}"));
+
+            // The token URL as the audience is not what this server wants.
+            cfg.client_assertion_aud = None;
+            let e = refresher(cfg).refresh().await.unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Rejected, "{alg:?}: {e}");
+            assert_eq!(e.oauth().unwrap().code, "invalid_client");
+        }
+        assert!(control.requests().iter().all(|r| !r.has_authorization));
+    }
+}
+
+#[tokio::test]
+async fn a_rotated_assertion_key_is_used_from_the_next_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, _) = assertion_key(AssertionAlg::ES256);
+    let (new, new_public) = assertion_key(AssertionAlg::ES256);
+    let key_file = write(dir.path(), "assertion.pem", &old);
+    let (url, _) = issuer(ClientAuthOptions {
+        assertion_keys: vec![AssertionKeySpec {
+            client_id: "jwt-client".into(),
+            alg: AssertionAlg::ES256,
+            public_key: new_public,
+        }],
+        assertion_audience: Some("https://as.example/".into()),
+        ..Default::default()
+    })
+    .await;
+    let mut cfg = config(
+        &url,
+        "jwt-client",
+        ClientAuth::PrivateKeyJwt,
+        Encoding::Form,
+    );
+    cfg.client_assertion_key_file = Some(key_file.clone());
+    let mut r = refresher(cfg);
+    // The issuer knows the new key only, and wants an audience this client does not send.
+    let e = r.refresh().await.unwrap_err();
+    assert_eq!(e.oauth().unwrap().code, "invalid_client");
+    assert_eq!(
+        e.oauth().unwrap().description.as_deref(),
+        Some("bad assertion signature")
+    );
+    std::fs::write(&key_file, &new).unwrap();
+    let e = r.refresh().await.unwrap_err();
+    assert_eq!(
+        e.oauth().unwrap().description.as_deref(),
+        Some("wrong aud"),
+        "the new key's signature verified; only the audience is left: {e}"
+    );
+}
+
+#[tokio::test]
+async fn the_audience_is_the_token_url_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pem, public) = assertion_key(AssertionAlg::ES256);
+    let key_file = write(dir.path(), "assertion.pem", &pem);
+    // No audience configured on either side: the issuer expects the URL it was sent to.
+    let (url, _) = issuer(ClientAuthOptions {
+        assertion_keys: vec![AssertionKeySpec {
+            client_id: "jwt-client".into(),
+            alg: AssertionAlg::ES256,
+            public_key: public,
+        }],
+        ..Default::default()
+    })
+    .await;
+    let mut cfg = config(
+        &url,
+        "jwt-client",
+        ClientAuth::PrivateKeyJwt,
+        Encoding::Json,
+    );
+    cfg.client_assertion_key_file = Some(key_file);
+    refresher(cfg).refresh().await.unwrap();
+}
+
+/// `bearer-proxy check` on a config whose client certificate is unusable.
+async fn check(dir: &Path, cert: &Path, key: &Path) -> (i32, String) {
+    let config = write(
+        dir,
+        "config.toml",
+        &format!(
+            r#"
+[tokens.bank]
+token_url = "https://as.example/token"
+grant_type = "client_credentials"
+client_id = "c"
+client_auth = "tls_client_auth"
+client_cert_file = "{cert}"
+client_key_file = "{key}"
+
+[[routes]]
+host = "api.example"
+token = "bank"
+client_cert_file = "{cert}"
+client_key_file = "{key}"
+"#,
+            cert = cert.display(),
+            key = key.display()
+        ),
+    );
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_bearer-proxy"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[tokio::test]
+async fn check_names_an_expired_or_mismatched_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let (cert, key) = ca.client_cert_files("good", &rcgen::PKCS_ECDSA_P256_SHA256, dir.path());
+    let (code, text) = check(dir.path(), &cert, &key).await;
+    assert_eq!(code, 0, "{text}");
+
+    let (_, other_key) = ca.client_cert_files("other", &rcgen::PKCS_ECDSA_P256_SHA256, dir.path());
+    let (code, text) = check(dir.path(), &cert, &other_key).await;
+    assert_eq!(code, 2, "{text}");
+    for want in [
+        "tokens.bank.client_cert_file",
+        "routes[0].client_cert_file",
+        "other.key",
+    ] {
+        assert!(text.contains(want), "{want} not in {text}");
+    }
+    assert!(!text.contains("PRIVATE KEY"), "{text}");
+
+    // An expired certificate (self-signed is enough for `check`).
+    let key_pair = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let expired = write(
+        dir.path(),
+        "expired.crt",
+        &params.self_signed(&key_pair).unwrap().pem(),
+    );
+    let expired_key = write(dir.path(), "expired.key", &key_pair.serialize_pem());
+    never_log_pem_key(&key_pair.serialize_pem());
+    let (code, text) = check(dir.path(), &expired, &expired_key).await;
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("expired.crt: the certificate expired at 2021-01-01"),
+        "{text}"
+    );
+}
