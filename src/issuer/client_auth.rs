@@ -307,7 +307,7 @@ mod tests {
         let good = sign(&kp, header.clone(), claims("j1", aud, t, t + 60));
         assert_eq!(
             state
-                .authenticate(&params(&good), None, now)
+                .authenticate(&params(&good), None, RequestTarget::default(), now)
                 .unwrap()
                 .as_deref(),
             Some("c1")
