@@ -12,7 +12,7 @@
 //! - [`metrics`]: the Prometheus registry and per-token/per-route handles.
 //! - [`proxy`]: the forward proxy: routing, token injection, TLS origination, streaming.
 //! - [`admin`]: the admin port (`/metrics`, `/livez`, `/readyz`, `/status`).
-//! - `tls`: trust roots for outbound TLS; [`identity`]: client certificates for mutual TLS.
+//! - `tls`: trust roots (and a client identity) for outbound TLS; [`identity`]: client certificates for mutual TLS.
 //! - [`shutdown`]: OS signals and the phases of a graceful stop.
 //! - `time`: wall-clock time as text (RFC 3339) and as seconds since the Unix epoch.
 //! - `logging`: the tracing subscriber.

@@ -54,16 +54,9 @@ pub fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
-/// A client configuration that verifies servers against [`root_store`], offering `alpn`.
+/// A client configuration that verifies servers against [`root_store`], offering `alpn`, and
+/// presenting `identity`'s certificate when the server asks for one.
 pub fn client_config(
-    ca_file: Option<&Path>,
-    alpn: &[&[u8]],
-) -> Result<Arc<ClientConfig>, TlsError> {
-    client_config_with_identity(ca_file, alpn, None)
-}
-
-/// [`client_config`] presenting `identity`'s certificate when the server asks for one.
-pub fn client_config_with_identity(
     ca_file: Option<&Path>,
     alpn: &[&[u8]],
     identity: Option<Arc<crate::identity::ClientIdentity>>,
@@ -103,6 +96,6 @@ mod tests {
             root_store(Some(&dir.path().join("missing.pem"))),
             Err(TlsError::CaFile { .. })
         ));
-        assert!(client_config(Some(&good), &[b"h2", b"http/1.1"]).is_ok());
+        assert!(client_config(Some(&good), &[b"h2", b"http/1.1"], None).is_ok());
     }
 }

@@ -158,11 +158,8 @@ impl TokenClient {
             // `Config::validate` refuses one without the other.
             _ => None,
         };
-        let tls = crate::tls::client_config_with_identity(
-            cfg.ca_file.as_deref(),
-            &[b"http/1.1"],
-            identity.clone(),
-        )?;
+        let tls =
+            crate::tls::client_config(cfg.ca_file.as_deref(), &[b"http/1.1"], identity.clone())?;
         let http = reqwest::Client::builder()
             .use_preconfigured_tls((*tls).clone())
             .redirect(reqwest::redirect::Policy::none())

@@ -3,6 +3,7 @@
 //! algorithm, key rotation on disk), and `check` naming an expired or mismatched certificate.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use bearer_proxy::config::{AssertionAlg, ClientAuth, Encoding, GrantType, TokenConfig};
 use bearer_proxy::issuer::{AssertionKeySpec, ClientAuthOptions, IssuerControl, IssuerOptions};
@@ -341,5 +342,112 @@ async fn check_names_an_expired_or_mismatched_certificate() {
     assert!(
         text.contains("expired.crt: the certificate expired at 2021-01-01"),
         "{text}"
+    );
+}
+
+/// A TLS upstream that requires a client certificate from `clients`, records the subject of
+/// each connection's certificate, and answers every request with that subject: so a response
+/// shows which certificate the connection that carried it was made with.
+async fn mtls_upstream(
+    server_ca: &TestCa,
+    clients: &TestCa,
+) -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_ca.server_config_requiring_client_certs(
+        &["localhost"],
+        &[b"http/1.1"],
+        clients,
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handshakes = Arc::new(Mutex::new(Vec::new()));
+    let seen = handshakes.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let der = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+                let subject = bearer_proxy::identity::cert_info(&der).unwrap().subject;
+                seen.lock().unwrap().push(subject.clone());
+                let service = hyper::service::service_fn(move |_req| {
+                    let body = subject.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from(body)),
+                        ))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (addr, handshakes)
+}
+
+#[tokio::test]
+async fn routes_present_their_own_client_certificates_and_never_share_a_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server_ca, client_ca) = (TestCa::new(), TestCa::new());
+    let (addr, handshakes) = mtls_upstream(&server_ca, &client_ca).await;
+    let (a_cert, a_key) =
+        client_ca.client_cert_files("client-a", &rcgen::PKCS_ECDSA_P256_SHA256, dir.path());
+    let (b_cert, b_key) = client_ca.client_cert_files("client-b", &rcgen::PKCS_ED25519, dir.path());
+    let upstream = format!("https://localhost:{}", addr.port());
+    let route = |name: &str, pair: Option<(&Path, &Path)>| {
+        let files = pair.map_or(String::new(), |(c, k)| {
+            format!(
+                "client_cert_file = \"{}\"\nclient_key_file = \"{}\"\n",
+                c.display(),
+                k.display()
+            )
+        });
+        format!(
+            "[[routes]]\nname = \"{name}\"\nhost = \"{name}.test\"\ntoken = \"flinks\"\n\
+             upstream = \"{upstream}\"\n{files}"
+        )
+    };
+    let config = crate::support::config(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nca_file = \"{}\"\n{}{}{}{}",
+        server_ca.pem_file().display(),
+        route("a", Some((&a_cert, &a_key))),
+        route("b", Some((&b_cert, &b_key))),
+        // Same token and files as `a`: the same identity, so the same pool.
+        route("a2", Some((&a_cert, &a_key))),
+        route("none", None),
+    ));
+    let proxy = crate::support::TestProxy::start(&config).await;
+    proxy.publish("tok-clientauth-1");
+    for _ in 0..3 {
+        for (host, want) in [("a", "client-a"), ("b", "client-b"), ("a2", "client-a")] {
+            let r = crate::support::get(proxy.addr, &format!("http://{host}.test/x"), &[]).await;
+            assert_eq!(r.status, 200, "{host}: {}", r.text());
+            assert_eq!(
+                r.text(),
+                format!("CN={want}"),
+                "{host}'s request rode another connection"
+            );
+        }
+    }
+    // A route without a certificate does not get one: the upstream refuses the connection. In
+    // TLS 1.3 the server checks the client's certificate after the client considers the
+    // handshake done, so the refusal arrives as an alert in place of the answer: a reset.
+    let r = crate::support::get(proxy.addr, "http://none.test/x", &[]).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.proxy_error().as_deref(), Some("upstream_reset"));
+    // Connections were pooled (not one per request), one identity each.
+    let handshakes = handshakes.lock().unwrap().clone();
+    assert!(handshakes.len() < 9, "{handshakes:?}");
+    assert!(
+        handshakes.contains(&"CN=client-a".to_owned()),
+        "{handshakes:?}"
+    );
+    assert!(
+        handshakes.contains(&"CN=client-b".to_owned()),
+        "{handshakes:?}"
     );
 }
