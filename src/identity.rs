@@ -271,6 +271,18 @@ impl ClientIdentity {
         &self.cert
     }
 
+    /// Subject and expiry for the status page and the expiry gauge (a
+    /// [`crate::metrics::CertificateProbe`]), after picking up a rotated pair: the gauge shows
+    /// the certificate the next handshake will present.
+    pub fn probe(self: &Arc<Self>) -> crate::metrics::CertificateProbe {
+        let identity = Arc::clone(self);
+        Box::new(move || {
+            identity.reload_if_changed();
+            let info = identity.info();
+            (info.subject, info.not_after)
+        })
+    }
+
     /// Reloads the pair if the files changed since it was loaded; returns whether it did.
     pub fn reload_if_changed(&self) -> bool {
         let stamps = (stamp(&self.cert), stamp(&self.key));

@@ -106,6 +106,9 @@ impl Server {
             let cell = TokenCell::new(name.as_str(), cfg.forced_refresh_interval);
             let refresher = Refresher::new(cfg.clone(), cell.clone(), metrics.token(name))
                 .map_err(|e| anyhow::anyhow!("tokens.{name}: {e}"))?;
+            if let Some(identity) = refresher.client_identity() {
+                metrics.watch_client_certificate("token", name, identity.probe());
+            }
             background.push(refresher.spawn(shutdown.clone()));
             tokens.insert(name.clone(), cell);
         }

@@ -180,6 +180,7 @@ fn client_identities(
     config: &Config,
     routes: &mut RouteTable,
     credentials: usize,
+    metrics: &Metrics,
 ) -> Result<Vec<Arc<crate::identity::ClientIdentity>>, ProxyBuildError> {
     let mut keys: Vec<(&str, &std::path::Path, &std::path::Path)> = Vec::new();
     let mut identities = Vec::new();
@@ -203,6 +204,8 @@ fn client_identities(
                 keys.len() - 1
             }
         };
+        // Every route has its own status entry, even when it shares a pair (and a pool).
+        metrics.watch_client_certificate("route", rc.label(), identities[position].probe());
         routes.set_pool(index, credentials + position);
     }
     Ok(identities)
@@ -218,7 +221,7 @@ impl Proxy {
     ) -> Result<Self, ProxyBuildError> {
         let p = &config.proxy;
         let mut routes = RouteTable::build(config, tokens, &metrics)?;
-        let identities = client_identities(config, &mut routes, tokens.len())?;
+        let identities = client_identities(config, &mut routes, tokens.len(), &metrics)?;
         let upstreams = Upstreams::new(
             p.ca_file.as_deref(),
             p.connect_timeout,

@@ -439,6 +439,29 @@ async fn routes_present_their_own_client_certificates_and_never_share_a_connecti
     let r = crate::support::get(proxy.addr, "http://none.test/x", &[]).await;
     assert_eq!(r.status, 502, "{}", r.text());
     assert_eq!(r.proxy_error().as_deref(), Some("upstream_reset"));
+    // Each route's certificate is on the status page and in the expiry gauge.
+    let page = bearer_proxy::admin::Admin::new(
+        &proxy.tokens,
+        proxy.metrics.clone(),
+        bearer_proxy::shutdown::ShutdownController::new().1,
+    )
+    .status();
+    let certs = page["client_certificates"].as_array().unwrap();
+    assert_eq!(certs.len(), 3, "{page}");
+    assert!(
+        certs
+            .iter()
+            .any(|c| c["kind"] == "route" && c["name"] == "b" && c["subject"] == "CN=client-b"),
+        "{page}"
+    );
+    assert!(!page.to_string().contains("PRIVATE"), "{page}");
+    let exposition = proxy.metrics.encode();
+    assert!(
+        exposition.contains(
+            "bearer_proxy_client_certificate_expiry_timestamp_seconds{kind=\"route\",name=\"a2\"}"
+        ),
+        "{exposition}"
+    );
     // Connections were pooled (not one per request), one identity each.
     let handshakes = handshakes.lock().unwrap().clone();
     assert!(handshakes.len() < 9, "{handshakes:?}");
