@@ -465,7 +465,8 @@ mod tests {
     /// The throwaway RSA key of the tests (tests/fixtures/README.md).
     pub(crate) const RSA_TEST_KEY: &str = include_str!("../tests/fixtures/throwaway-rsa-2048.pem");
 
-    /// A throwaway CA and a leaf signed by it, valid from `from` to `until` (Unix seconds).
+    /// A self-signed certificate for `cn` and its key (PEM), valid from `from` to `until` (Unix
+    /// seconds).
     pub(crate) fn leaf(
         alg: &'static rcgen::SignatureAlgorithm,
         cn: &str,

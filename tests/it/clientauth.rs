@@ -474,3 +474,63 @@ async fn routes_present_their_own_client_certificates_and_never_share_a_connecti
         "{handshakes:?}"
     );
 }
+
+#[test]
+fn the_configuration_names_every_missing_or_misplaced_client_auth_key() {
+    let errs = bearer_proxy::config::from_str(
+        r#"
+[tokens.mtls]
+token_url = "https://as.example/token"
+grant_type = "client_credentials"
+client_id = "c"
+client_secret = "not-sent"
+client_auth = "tls_client_auth"
+
+[tokens.jwt]
+token_url = "https://as.example/token"
+grant_type = "client_credentials"
+client_id = "c"
+client_auth = "private_key_jwt"
+client_assertion_alg = "HS256"
+
+[tokens.plain]
+token_url = "https://as.example/token"
+grant_type = "client_credentials"
+client_id = "c"
+client_secret = "s"
+client_cert_file = "/c.pem"
+client_assertion_kid = "k"
+
+[[routes]]
+host = "api.example"
+token = "plain"
+client_key_file = "/k.pem"
+"#,
+        config::FileFormat::Toml,
+        Some(Default::default()),
+    )
+    .unwrap_err();
+    let keys: Vec<&str> = errs.0.iter().map(|e| e.key.as_str()).collect();
+    for want in [
+        "tokens.mtls.client_secret",
+        "tokens.mtls.client_cert_file",
+        "tokens.jwt.client_assertion_alg",
+        "tokens.plain.client_key_file",
+        "tokens.plain.client_assertion_kid",
+        "routes[0].client_cert_file",
+    ] {
+        assert!(keys.contains(&want), "{want} not in {keys:?}");
+    }
+    // With the type error fixed, the missing key file is named too.
+    let errs = bearer_proxy::config::from_str(
+        "[tokens.jwt]\ntoken_url = \"https://as.example/token\"\ngrant_type = \"client_credentials\"\n\
+         client_id = \"c\"\nclient_auth = \"private_key_jwt\"\n",
+        config::FileFormat::Toml,
+        Some(Default::default()),
+    )
+    .unwrap_err();
+    assert_eq!(
+        errs.0[0].key, "tokens.jwt.client_assertion_key_file",
+        "{errs}"
+    );
+}
