@@ -534,3 +534,70 @@ client_key_file = "/k.pem"
         "{errs}"
     );
 }
+
+#[tokio::test]
+async fn the_server_gets_tokens_with_a_client_certificate_and_shows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server_ca, client_ca) = (TestCa::new(), TestCa::new());
+    let tls =
+        server_ca.server_config_requiring_client_certs(&["localhost"], &[b"http/1.1"], &client_ca);
+    let (url, _) = issuer(ClientAuthOptions {
+        tls: Some(tls),
+        tls_clients: vec!["mtls-client".into()],
+        ..Default::default()
+    })
+    .await;
+    let (cert, key) =
+        client_ca.client_cert_files("mtls-client", &rcgen::PKCS_ECDSA_P384_SHA384, dir.path());
+    let config = bearer_proxy::config::from_str(
+        &format!(
+            r#"
+[proxy]
+listen = "127.0.0.1:0"
+[admin]
+listen = "127.0.0.1:0"
+[tokens.bank]
+token_url = "{url}"
+grant_type = "client_credentials"
+client_id = "mtls-client"
+client_auth = "tls_client_auth"
+ca_file = "{ca}"
+client_cert_file = "{cert}"
+client_key_file = "{key}"
+"#,
+            ca = server_ca.pem_file().display(),
+            cert = cert.display(),
+            key = key.display()
+        ),
+        config::FileFormat::Toml,
+        Some(Default::default()),
+    )
+    .unwrap();
+    let server = bearer_proxy::Server::start(config).await.unwrap();
+    server.tokens()["bank"]
+        .wait_valid(crate::support::PATIENCE)
+        .await
+        .unwrap();
+    let admin = server.admin_addr();
+    let get = |path: &'static str| async move {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+        crate::support::raw(admin, request.as_bytes()).await.text()
+    };
+    let status: serde_json::Value = serde_json::from_str(&get("/status").await).unwrap();
+    let certs = &status["client_certificates"];
+    assert_eq!(certs[0]["kind"], "token", "{status}");
+    assert_eq!(certs[0]["name"], "bank", "{status}");
+    assert_eq!(certs[0]["subject"], "CN=mtls-client", "{status}");
+    assert!(certs[0]["not_after"].is_string(), "{status}");
+    let metrics = get("/metrics").await;
+    let expiry = crate::support::metric("bearer_proxy_client_certificate_expiry_timestamp_seconds")
+        .label("kind", "token")
+        .label("name", "bank")
+        .value_in(&metrics)
+        .expect("the expiry gauge");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(expiry > now, "{expiry}");
+}
