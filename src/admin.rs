@@ -225,6 +225,19 @@ impl Admin {
             "phase": phase_name(self.shutdown.phase()),
             "tokens": tokens,
             "routes": routes,
+            "client_certificates": self
+                .metrics
+                .client_certificates()
+                .into_iter()
+                .map(|c| {
+                    json!({
+                        "kind": c.kind,
+                        "name": c.name,
+                        "subject": c.subject,
+                        "not_after": time(Some(crate::time::from_unix_secs(c.not_after.max(0) as u64))),
+                    })
+                })
+                .collect::<Vec<_>>(),
         });
         if let Some(subjects) = &self.subjects {
             let per_token: serde_json::Map<String, Value> = subjects

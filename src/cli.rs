@@ -228,7 +228,9 @@ fn check(path: Option<&Path>) -> Result<(), Failure> {
     Err(Failure::config(anyhow::Error::msg(message)))
 }
 
-/// Secret and CA files that cannot be read, and state directories that cannot be written.
+/// Secret and CA files that cannot be read, client certificates that do not match their key or
+/// are not valid now, assertion keys that cannot sign, and state directories that cannot be
+/// written.
 fn file_problems(config: &Config) -> Vec<String> {
     let mut problems = Vec::new();
     for (name, t) in &config.tokens {
@@ -257,6 +259,17 @@ fn file_problems(config: &Config) -> Vec<String> {
         {
             problems.push(format!("tokens.{name}.ca_file: {e}"));
         }
+        if let (Some(cert), Some(key)) = (&t.client_cert_file, &t.client_key_file)
+            && let Err(e) = crate::identity::load(cert, key, std::time::SystemTime::now())
+        {
+            problems.push(format!("tokens.{name}.client_cert_file: {e}"));
+        }
+        if t.client_auth == crate::config::ClientAuth::PrivateKeyJwt
+            && let Some(key) = &t.client_assertion_key_file
+            && let Err(e) = crate::token::assertion::AssertionKey::load(key, t.client_assertion_alg)
+        {
+            problems.push(format!("tokens.{name}.client_assertion_key_file: {e}"));
+        }
         if let Some(dir) = &t.state_dir {
             match std::fs::metadata(dir) {
                 Ok(m) if m.is_dir() && !m.permissions().readonly() => {}
@@ -266,6 +279,13 @@ fn file_problems(config: &Config) -> Vec<String> {
                 )),
                 Err(e) => problems.push(format!("tokens.{name}.state_dir: {}: {e}", dir.display())),
             }
+        }
+    }
+    for (i, r) in config.routes.iter().enumerate() {
+        if let (Some(cert), Some(key)) = (&r.client_cert_file, &r.client_key_file)
+            && let Err(e) = crate::identity::load(cert, key, std::time::SystemTime::now())
+        {
+            problems.push(format!("routes[{i}].client_cert_file: {e}"));
         }
     }
     if let Some(sc) = &config.subjects {

@@ -12,7 +12,7 @@
 //! - [`metrics`]: the Prometheus registry and per-token/per-route handles.
 //! - [`proxy`]: the forward proxy: routing, token injection, TLS origination, streaming.
 //! - [`admin`]: the admin port (`/metrics`, `/livez`, `/readyz`, `/status`).
-//! - `tls`: trust roots for outbound TLS.
+//! - `tls`: trust roots (and a client identity) for outbound TLS; [`identity`]: client certificates for mutual TLS.
 //! - [`shutdown`]: OS signals and the phases of a graceful stop.
 //! - `time`: wall-clock time as text (RFC 3339) and as seconds since the Unix epoch.
 //! - `logging`: the tracing subscriber.
@@ -40,6 +40,7 @@ pub mod config;
 #[cfg(feature = "dev-tools")]
 mod demo;
 mod error;
+pub mod identity;
 #[cfg(feature = "dev-tools")]
 pub mod issuer;
 mod listener;
@@ -111,6 +112,9 @@ impl Server {
             let cell = TokenCell::new(name.as_str(), cfg.forced_refresh_interval);
             let refresher = Refresher::new(cfg.clone(), cell.clone(), metrics.token(name))
                 .map_err(|e| anyhow::anyhow!("tokens.{name}: {e}"))?;
+            if let Some(identity) = refresher.client_identity() {
+                metrics.watch_client_certificate("token", name, identity.probe());
+            }
             background.push(refresher.spawn(shutdown.clone()));
             tokens.insert(name.clone(), cell);
         }

@@ -229,6 +229,34 @@ pub struct Metrics {
     store_errors: [IntCounter; StoreOp::COUNT],
     /// `bearer_proxy_subject_enrolments_total{token,result}` (the subjects API).
     subject_enrolments: IntCounterVec,
+    /// `bearer_proxy_client_certificate_expiry_timestamp_seconds{kind,name}`, set from
+    /// `client_certificates` at each scrape.
+    client_cert_expiry: prometheus::GaugeVec,
+    /// The client certificates in use (filled at start-up only).
+    client_certificates: std::sync::Mutex<Vec<WatchedCertificate>>,
+}
+
+/// Reads a client certificate's subject and expiry (Unix seconds) as they are now: a rotation on
+/// disk changes them.
+pub type CertificateProbe = Box<dyn Fn() -> (String, i64) + Send + Sync>;
+
+struct WatchedCertificate {
+    kind: &'static str,
+    name: String,
+    probe: CertificateProbe,
+}
+
+/// One client certificate as the status page shows it.
+#[derive(Clone, Debug)]
+pub(crate) struct CertificateView {
+    /// `token` or `route`.
+    pub(crate) kind: &'static str,
+    /// The token's or the route's name.
+    pub(crate) name: String,
+    /// The certificate's subject.
+    pub(crate) subject: String,
+    /// Its expiry, Unix seconds.
+    pub(crate) not_after: i64,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -452,6 +480,17 @@ impl Metrics {
                  imports), by result.",
                 &["token", "result"],
             ),
+            client_cert_expiry: register(
+                &r,
+                prometheus::GaugeVec::new(
+                    Opts::new(
+                        "bearer_proxy_client_certificate_expiry_timestamp_seconds",
+                        "When the client certificate presented for a token endpoint (kind=token) or an upstream (kind=route) expires, in seconds since the Unix epoch.",
+                    ),
+                    &["kind", "name"],
+                ),
+            ),
+            client_certificates: std::sync::Mutex::new(Vec::new()),
             build_info,
             registry: r,
             store_errors,
@@ -459,8 +498,49 @@ impl Metrics {
         Arc::new(m)
     }
 
+    /// Shows a client certificate (`kind` `token` or `route`) on the status page and in the
+    /// expiry gauge; `probe` is read at each scrape.
+    pub fn watch_client_certificate(
+        &self,
+        kind: &'static str,
+        name: &str,
+        probe: CertificateProbe,
+    ) {
+        self.client_certificates
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(WatchedCertificate {
+                kind,
+                name: name.to_owned(),
+                probe,
+            });
+    }
+
+    /// Every watched client certificate as it is now.
+    pub(crate) fn client_certificates(&self) -> Vec<CertificateView> {
+        self.client_certificates
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|w| {
+                let (subject, not_after) = (w.probe)();
+                CertificateView {
+                    kind: w.kind,
+                    name: w.name.clone(),
+                    subject,
+                    not_after,
+                }
+            })
+            .collect()
+    }
+
     /// Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
+        for c in self.client_certificates() {
+            self.client_cert_expiry
+                .with_label_values(&[c.kind, c.name.as_str()])
+                .set(c.not_after as f64);
+        }
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::error!(error = %e, "metrics encoding failed");

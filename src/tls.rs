@@ -54,16 +54,21 @@ pub fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
-/// A client configuration that verifies servers against [`root_store`], offering `alpn`.
+/// A client configuration that verifies servers against [`root_store`], offering `alpn`, and
+/// presenting `identity`'s certificate when the server asks for one.
 pub fn client_config(
     ca_file: Option<&Path>,
     alpn: &[&[u8]],
+    identity: Option<Arc<crate::identity::ClientIdentity>>,
 ) -> Result<Arc<ClientConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ClientConfig::builder_with_provider(provider)
+    let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(root_store(ca_file)?)
-        .with_no_client_auth();
+        .with_root_certificates(root_store(ca_file)?);
+    let mut config = match identity {
+        Some(identity) => builder.with_client_cert_resolver(identity),
+        None => builder.with_no_client_auth(),
+    };
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }
@@ -91,6 +96,6 @@ mod tests {
             root_store(Some(&dir.path().join("missing.pem"))),
             Err(TlsError::CaFile { .. })
         ));
-        assert!(client_config(Some(&good), &[b"h2", b"http/1.1"]).is_ok());
+        assert!(client_config(Some(&good), &[b"h2", b"http/1.1"], None).is_ok());
     }
 }

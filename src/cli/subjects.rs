@@ -132,7 +132,7 @@ pub(super) fn run(config: Option<&Path>, args: SubjectsArgs) -> Result<(), Failu
         None => None,
     };
     // An https API is verified against the system's and the bundled roots.
-    let tls = crate::tls::client_config(None, &[b"http/1.1"]).context("TLS roots")?;
+    let tls = crate::tls::client_config(None, &[b"http/1.1"], None).context("TLS roots")?;
     let client = Client {
         http: reqwest::Client::builder()
             .use_preconfigured_tls((*tls).clone())
@@ -517,7 +517,7 @@ mod tests {
         let client = Client {
             http: reqwest::Client::builder()
                 .use_preconfigured_tls(
-                    (*crate::tls::client_config(None, &[b"http/1.1"]).unwrap()).clone(),
+                    (*crate::tls::client_config(None, &[b"http/1.1"], None).unwrap()).clone(),
                 )
                 .build()
                 .unwrap(),

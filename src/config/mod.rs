@@ -329,6 +329,28 @@ pub enum ClientAuth {
     Body,
     /// HTTP Basic (`client_secret_basic`, RFC 6749 §2.3.1).
     Basic,
+    /// The TLS client certificate alone (RFC 8705 §2): `client_id` in the body, no secret.
+    TlsClientAuth,
+    /// A signed JWT assertion per request (RFC 7523 §2.2, `private_key_jwt`), no secret.
+    PrivateKeyJwt,
+}
+
+impl ClientAuth {
+    /// Whether the client secret is sent (and so needed).
+    pub fn sends_secret(self) -> bool {
+        matches!(self, ClientAuth::Body | ClientAuth::Basic)
+    }
+}
+
+/// The JWS algorithm of `private_key_jwt` assertions (the ones FAPI and most servers accept).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum AssertionAlg {
+    /// RSASSA-PKCS1-v1_5 with SHA-256.
+    RS256,
+    /// RSASSA-PSS with SHA-256 (FAPI's choice for RSA keys).
+    PS256,
+    /// ECDSA P-256 with SHA-256.
+    ES256,
 }
 
 /// How the token request body is encoded.
@@ -424,6 +446,24 @@ pub struct TokenConfig {
     /// the subject's bearer token), used by the subjects API's `DELETE …?revoke=true`.
     #[serde(default)]
     pub revoke_url: Option<String>,
+    /// Client certificate chain (PEM) presented to the token endpoint (mutual TLS).
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of `client_cert_file`.
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
+    /// Private key (PEM) that signs `private_key_jwt` assertions.
+    #[serde(default)]
+    pub client_assertion_key_file: Option<PathBuf>,
+    /// Assertion algorithm; unset means RS256 for an RSA key, ES256 for a P-256 key.
+    #[serde(default)]
+    pub client_assertion_alg: Option<AssertionAlg>,
+    /// `kid` header of the assertions, when the server holds several keys for the client.
+    #[serde(default)]
+    pub client_assertion_kid: Option<String>,
+    /// `aud` of the assertions; unset means `token_url` (some servers want their issuer id).
+    #[serde(default)]
+    pub client_assertion_aud: Option<String>,
 }
 
 fn default_refresh_ratio() -> f64 {
@@ -496,6 +536,12 @@ pub struct RouteConfig {
     /// Upstream statuses that mean "token rejected".
     #[serde(default = "default_replay_statuses")]
     pub replay_statuses: Vec<u16>,
+    /// Client certificate chain (PEM) presented to the upstream (mutual TLS).
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of `client_cert_file`.
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
 }
 
 impl RouteConfig {

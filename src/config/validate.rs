@@ -156,11 +156,22 @@ fn token_problems(name: &str, t: &TokenConfig, push: &mut impl FnMut(String, Str
             k("client_secret"),
             "set client_secret or client_secret_file, not both".into(),
         ),
-        (None, None) if t.grant_type == GrantType::ClientCredentials => push(
-            k("client_secret_file"),
-            "missing: the client_credentials grant needs client_secret_file (or client_secret)"
-                .into(),
+        (Some(_), _) | (_, Some(_)) if !t.client_auth.sends_secret() => push(
+            k("client_secret"),
+            format!(
+                "not sent with client_auth = {:?}; remove it so nobody believes it is used",
+                t.client_auth
+            ),
         ),
+        (None, None)
+            if t.grant_type == GrantType::ClientCredentials && t.client_auth.sends_secret() =>
+        {
+            push(
+                k("client_secret_file"),
+                "missing: the client_credentials grant needs client_secret_file (or client_secret)"
+                    .into(),
+            )
+        }
         (None, None) if t.client_auth == ClientAuth::Basic => push(
             k("client_secret_file"),
             "missing: client_auth = \"basic\" needs a client secret".into(),
@@ -259,6 +270,8 @@ fn token_problems(name: &str, t: &TokenConfig, push: &mut impl FnMut(String, Str
         "code",
         "scope",
         "redirect_uri",
+        "client_assertion",
+        "client_assertion_type",
     ];
     for key in t.extra.keys() {
         if RESERVED.contains(&key.as_str()) {
@@ -269,6 +282,73 @@ fn token_problems(name: &str, t: &TokenConfig, push: &mut impl FnMut(String, Str
         }
     }
     header_problems(&t.headers, &|h| format!("tokens.{name}.headers.{h}"), push);
+    client_auth_problems(t, &k, push);
+}
+
+/// The mutual TLS and `private_key_jwt` keys of a token (issue #16).
+fn client_auth_problems(
+    t: &TokenConfig,
+    k: &impl Fn(&str) -> String,
+    push: &mut impl FnMut(String, String),
+) {
+    cert_pair_problems(&t.client_cert_file, &t.client_key_file, k, push);
+    if t.client_auth == ClientAuth::TlsClientAuth && t.client_cert_file.is_none() {
+        push(
+            k("client_cert_file"),
+            "missing: client_auth = \"tls_client_auth\" needs client_cert_file and client_key_file"
+                .into(),
+        );
+    }
+    if t.client_auth == ClientAuth::PrivateKeyJwt {
+        if t.client_assertion_key_file.is_none() {
+            push(
+                k("client_assertion_key_file"),
+                "missing: client_auth = \"private_key_jwt\" needs client_assertion_key_file".into(),
+            );
+        }
+        if let Some(aud) = &t.client_assertion_aud
+            && aud.is_empty()
+        {
+            push(k("client_assertion_aud"), "must not be empty".into());
+        }
+    } else {
+        for (key, set) in [
+            (
+                "client_assertion_key_file",
+                t.client_assertion_key_file.is_some(),
+            ),
+            ("client_assertion_alg", t.client_assertion_alg.is_some()),
+            ("client_assertion_kid", t.client_assertion_kid.is_some()),
+            ("client_assertion_aud", t.client_assertion_aud.is_some()),
+        ] {
+            if set {
+                push(
+                    k(key),
+                    "only used with client_auth = \"private_key_jwt\"".into(),
+                );
+            }
+        }
+    }
+}
+
+/// `client_cert_file` and `client_key_file` come together.
+fn cert_pair_problems(
+    cert: &Option<PathBuf>,
+    key: &Option<PathBuf>,
+    k: &impl Fn(&str) -> String,
+    push: &mut impl FnMut(String, String),
+) {
+    match (cert, key) {
+        (Some(_), None) => push(
+            k("client_key_file"),
+            "missing: client_cert_file needs client_key_file".into(),
+        ),
+        (None, Some(_)) => push(
+            k("client_cert_file"),
+            "missing: client_key_file needs client_cert_file".into(),
+        ),
+        _ => {}
+    }
 }
 
 fn route_problems(
@@ -316,6 +396,7 @@ fn route_problems(
         }
     }
     header_problems(&r.headers, &|h| format!("{}.{h}", k("headers")), push);
+    cert_pair_problems(&r.client_cert_file, &r.client_key_file, k, push);
 }
 
 fn header_problems(

@@ -33,6 +33,9 @@
 //! * 400 `unsupported_grant_type`: any other grant;
 //! * 405 (not `POST`), 413 (body over 64 KiB), 404 (other paths), all as `invalid_request`.
 //!
+//! With [`IssuerOptions::client_auth`] clients may also authenticate by client certificate
+//! (`tls_client_auth`) or signed assertion (`private_key_jwt`); see `client_auth.rs`.
+//!
 //! Secrets, codes and tokens never reach a log line: tracing (debug level) shows only the grant
 //! type, client id and status.
 
@@ -48,6 +51,7 @@ use hyper::body::Incoming;
 use serde_json::{Map, Value};
 use tokio::time::Instant;
 
+use super::client_auth::{RequestTarget, VerifiedClientCert};
 use super::params::{BodyError, Params, form_decode, header_string, read_body};
 use super::response::{OAuthError, error_response, json_response, post_only};
 use super::state::{Inner, RecordedRequest, Shared};
@@ -101,6 +105,7 @@ pub(super) async fn token_endpoint(
     };
     let params = Params::parse(content_type.as_deref(), &body);
     let basic = basic_auth(&parts.headers);
+    let cert = parts.extensions.get::<VerifiedClientCert>().copied();
     if let Ok(p) = &params {
         record.grant_type = p.first("grant_type").map(str::to_owned);
         record.client_id = p.first("client_id").map(str::to_owned);
@@ -126,10 +131,16 @@ pub(super) async fn token_endpoint(
     }
     let response = match shared.take_fault() {
         Some(fault) => fault.response(),
-        None => match params
-            .map_err(OAuthError::from)
-            .and_then(|p| shared.grant(&p, basic))
-        {
+        None => match params.map_err(OAuthError::from).and_then(|p| {
+            let target = RequestTarget {
+                host: parts
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok()),
+                path: parts.uri.path(),
+            };
+            shared.grant(&p, basic, cert, target)
+        }) {
             Ok(granted) => token_response(granted),
             Err(e) => e.into_response(),
         },
@@ -145,7 +156,13 @@ pub(super) async fn token_endpoint(
 
 impl Shared {
     /// Runs a grant: authenticates the client, checks and consumes the grant, issues a token.
-    fn grant(&self, params: &Params, basic: Option<BasicAuth>) -> Result<Granted, OAuthError> {
+    fn grant(
+        &self,
+        params: &Params,
+        basic: Option<BasicAuth>,
+        cert: Option<VerifiedClientCert>,
+        target: RequestTarget<'_>,
+    ) -> Result<Granted, OAuthError> {
         let grant_name = params
             .one("grant_type")?
             .ok_or_else(|| OAuthError::invalid_request("grant_type missing"))?;
@@ -158,8 +175,18 @@ impl Shared {
         let scope = params.one("scope")?.map(str::to_owned);
         let redirect_uri = params.one("redirect_uri")?;
         let mut inner = self.lock();
-        let client_id =
-            inner.authenticate(params, basic, grant == Some(GrantType::ClientCredentials))?;
+        let strong = match basic {
+            None => inner
+                .client_auth
+                .authenticate(params, cert, target, SystemTime::now())?,
+            Some(_) => None,
+        };
+        let client_id = match strong {
+            Some(id) => id,
+            None => {
+                inner.authenticate(params, basic, grant == Some(GrantType::ClientCredentials))?
+            }
+        };
         let Some(grant) = grant else {
             return Err(OAuthError::new(
                 StatusCode::BAD_REQUEST,

@@ -14,12 +14,14 @@
 //! - `revoke.rs`: `DELETE /api/v1/revoke`, ending a user's consent with their access token;
 //! - `fdx.rs`: `/api/fdx/...`, the resource that names the token's user (or answers 602);
 //! - `users.rs`: end users: their codes, refresh tokens, consent, access tokens and counters;
+//! - `client_auth.rs`: client certificates and `private_key_jwt` assertions ([`ClientAuthOptions`]);
 //! - `control.rs`: [`IssuerControl`] and the `/control/...` HTTP switches;
 //! - `fault.rs`: the injectable failures ([`Fault`]) and their answers;
 //! - `state.rs`: [`IssuerOptions`], the shared state and request log, token minting;
 //! - `params.rs`: reading a body and its parameters; `response.rs`: JSON and OAuth error answers.
 
 mod authorize;
+mod client_auth;
 mod control;
 mod endpoint;
 mod fault;
@@ -51,6 +53,7 @@ use tokio::task::JoinSet;
 
 use crate::listener::accept;
 
+pub use client_auth::{AssertionKeySpec, ClientAuthOptions, MAX_ASSERTION_LIFETIME};
 pub use control::IssuerControl;
 pub use fault::Fault;
 pub use state::{IssuedToken, IssuerOptions, RecordedRequest};
@@ -75,12 +78,17 @@ const CONTROL_PREFIX: &str = "/control/";
 /// ample for a loopback token request, short enough that a configured delay cannot hold up a
 /// test that stops the issuer.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// A TLS client has this long to finish its handshake: generous for loopback, and a client that
+/// never completes one cannot hold a task.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A bound, not yet serving, dev issuer.
 pub struct DevIssuer {
     listener: TcpListener,
     local_addr: SocketAddr,
     shared: Arc<Shared>,
+    /// Serve HTTPS with this configuration ([`ClientAuthOptions::tls`]).
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl fmt::Debug for DevIssuer {
@@ -97,10 +105,16 @@ impl DevIssuer {
     pub async fn bind(addr: SocketAddr, opts: IssuerOptions) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let local_addr = listener.local_addr()?;
+        let tls = opts
+            .client_auth
+            .tls
+            .clone()
+            .map(tokio_rustls::TlsAcceptor::from);
         Ok(Self {
             listener,
             local_addr,
             shared: Arc::new(Shared::new(opts)),
+            tls,
         })
     }
 
@@ -109,7 +123,7 @@ impl DevIssuer {
         self.local_addr
     }
 
-    /// `http://<addr>` with no trailing slash; an unspecified bind address (`0.0.0.0`, `::`)
+    /// `http://<addr>` (`https://` when serving TLS) with no trailing slash; an unspecified bind address (`0.0.0.0`, `::`)
     /// is replaced by loopback so the URL can be connected to.
     pub fn base_url(&self) -> String {
         let mut addr = self.local_addr;
@@ -118,7 +132,8 @@ impl DevIssuer {
             IpAddr::V6(ip) if ip.is_unspecified() => addr.set_ip(Ipv6Addr::LOCALHOST.into()),
             _ => {}
         }
-        format!("http://{addr}")
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{addr}")
     }
 
     /// The token endpoint URL, `<base_url>/api/v1/token`.
@@ -149,7 +164,10 @@ impl DevIssuer {
     /// and returns.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) {
         let DevIssuer {
-            listener, shared, ..
+            listener,
+            shared,
+            tls,
+            ..
         } = self;
         let mut http = hyper::server::conn::http1::Builder::new();
         // The timer enables hyper's header read timeout, so an idle half-open client cannot pin
@@ -164,12 +182,34 @@ impl DevIssuer {
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
                 stream = accept(&listener, "dev issuer") => {
                     let shared = Arc::clone(&shared);
-                    let service = service_fn(move |req| {
-                        let shared = Arc::clone(&shared);
-                        async move { Ok::<_, Infallible>(handle(&shared, req).await) }
-                    });
-                    let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+                    let Some(tls) = tls.clone() else {
+                        let service = service(shared, None);
+                        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+                        connections.spawn(async move {
+                            if let Err(e) = conn.await {
+                                tracing::debug!(error = %e, "dev issuer: connection error");
+                            }
+                        });
+                        continue;
+                    };
+                    let watcher = graceful.watcher();
+                    let http = http.clone();
                     connections.spawn(async move {
+                        let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, "dev issuer: TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => return,
+                        };
+                        let cert = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .is_some_and(|c| !c.is_empty())
+                            .then_some(client_auth::VerifiedClientCert);
+                        let conn = watcher.watch(http.serve_connection(TokioIo::new(stream), service(shared, cert)));
                         if let Err(e) = conn.await {
                             tracing::debug!(error = %e, "dev issuer: connection error");
                         }
@@ -186,6 +226,25 @@ impl DevIssuer {
         }
         connections.shutdown().await;
     }
+}
+
+/// The service of one connection; `cert` marks a connection with a verified client certificate.
+fn service(
+    shared: Arc<Shared>,
+    cert: Option<client_auth::VerifiedClientCert>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send,
+> + Clone {
+    service_fn(move |mut req: Request<Incoming>| {
+        let shared = Arc::clone(&shared);
+        if let Some(cert) = cert {
+            req.extensions_mut().insert(cert);
+        }
+        async move { Ok::<_, Infallible>(handle(&shared, req).await) }
+    })
 }
 
 /// Routes a request.

@@ -13,6 +13,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use http::Method;
 use serde_json::{Map, Value, json};
 
+use super::client_auth::{ClientAuthOptions, ClientAuthState};
 use super::fault::Fault;
 use super::users::{DEFAULT_CODE_LIFETIME, Users};
 use crate::config::GrantType;
@@ -64,6 +65,8 @@ pub struct IssuerOptions {
     /// How long a code from `/api/v1/authorize` can be exchanged (ten minutes by default, the
     /// most RFC 6749 §4.1.2 recommends; Flinks does not say).
     pub code_lifetime: Duration,
+    /// HTTPS, client certificates and `private_key_jwt` (off by default).
+    pub client_auth: ClientAuthOptions,
 }
 
 impl Default for IssuerOptions {
@@ -81,6 +84,7 @@ impl Default for IssuerOptions {
             control_api: true,
             subject: "dev-user-0001".into(),
             code_lifetime: DEFAULT_CODE_LIFETIME,
+            client_auth: ClientAuthOptions::default(),
         }
     }
 }
@@ -100,6 +104,7 @@ impl fmt::Debug for IssuerOptions {
             .field("control_api", &self.control_api)
             .field("subject", &self.subject)
             .field("code_lifetime", &self.code_lifetime)
+            .field("client_auth", &self.client_auth)
             .finish()
     }
 }
@@ -180,6 +185,8 @@ pub(super) struct Inner {
     pub(super) issued_count: u64,
     /// Every issued token still possibly valid → its latest expiry.
     pub(super) valid: HashMap<String, SystemTime>,
+    /// Certificate and assertion clients, and the assertion ids already used.
+    pub(super) client_auth: ClientAuthState,
 }
 
 impl Shared {
@@ -207,6 +214,7 @@ impl Shared {
                 issued: VecDeque::new(),
                 issued_count: 0,
                 valid: HashMap::new(),
+                client_auth: ClientAuthState::new(opts.client_auth),
             }),
         }
     }

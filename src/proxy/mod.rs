@@ -177,6 +177,44 @@ fn via() -> HeaderValue {
     .clone()
 }
 
+/// Loads the client certificate of every route that has one, one per distinct (token,
+/// certificate file, key file), and points each such route at that identity's pooled client
+/// (numbered after the `credentials` per-token ones).
+fn client_identities(
+    config: &Config,
+    routes: &mut RouteTable,
+    credentials: usize,
+    metrics: &Metrics,
+) -> Result<Vec<Arc<crate::identity::ClientIdentity>>, ProxyBuildError> {
+    let mut keys: Vec<(&str, &std::path::Path, &std::path::Path)> = Vec::new();
+    let mut identities = Vec::new();
+    for (index, rc) in config.routes.iter().enumerate() {
+        let (Some(cert), Some(key)) = (&rc.client_cert_file, &rc.client_key_file) else {
+            continue;
+        };
+        let k = (rc.token.as_str(), cert.as_path(), key.as_path());
+        let position = match keys.iter().position(|x| *x == k) {
+            Some(position) => position,
+            None => {
+                let identity = crate::identity::ClientIdentity::load(cert, key).map_err(|e| {
+                    ProxyBuildError::Route {
+                        index,
+                        route: rc.label().to_owned(),
+                        reason: format!("client_cert_file: {e}"),
+                    }
+                })?;
+                keys.push(k);
+                identities.push(identity);
+                keys.len() - 1
+            }
+        };
+        // Every route has its own status entry, even when it shares a pair (and a pool).
+        metrics.watch_client_certificate("route", rc.label(), identities[position].probe());
+        routes.set_pool(index, credentials + position);
+    }
+    Ok(identities)
+}
+
 impl Proxy {
     /// Resolves the routes against their token cells, builds the upstream client and the
     /// server settings. For a configuration without per-subject tokens.
@@ -198,9 +236,11 @@ impl Proxy {
         metrics: Arc<Metrics>,
     ) -> Result<Self, ProxyBuildError> {
         let p = &config.proxy;
-        let routes = RouteTable::build(config, tokens, subjects.map(AsRef::as_ref), &metrics)?;
+        let mut routes = RouteTable::build(config, tokens, subjects.map(AsRef::as_ref), &metrics)?;
         let pools = tokens.len() + subjects.map_or(0, |s| s.token_names().count());
-        let upstreams = Upstreams::new(p.ca_file.as_deref(), p.connect_timeout, pools)?;
+        let identities = client_identities(config, &mut routes, pools, &metrics)?;
+        let upstreams =
+            Upstreams::new(p.ca_file.as_deref(), p.connect_timeout, pools, &identities)?;
         let mut server = auto::Builder::new(TokioExecutor::new());
         server
             .http1()

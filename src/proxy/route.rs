@@ -379,6 +379,14 @@ impl RouteTable {
         })
     }
 
+    /// Points the route at position `index` in `[[routes]]` at the pooled client `pool` (one
+    /// that presents the route's client certificate, see `upstream.rs`).
+    pub(crate) fn set_pool(&mut self, index: usize, pool: usize) {
+        if let Some(route) = self.routes.get_mut(index) {
+            route.pool = pool;
+        }
+    }
+
     /// The route for `host` and `port`; `defaults` are the ports the request's scheme implies,
     /// its own default first (`[80]` for `http://`, `[443]` for `https://`).
     pub(crate) fn by_host(

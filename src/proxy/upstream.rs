@@ -8,6 +8,12 @@
 //! upstream reading a header differently) cannot answer one credential's request with another's
 //! exchange. A route holds its client's index, so choosing it costs nothing per request.
 //!
+//! A route with a client certificate (`[[routes]] client_cert_file`) gets a pooled client of
+//! its own per (credential, certificate and key files), with a connector that presents that
+//! certificate: the pool key is (token, client identity), so two routes with different
+//! certificates, or one with and one without, never share a connection. Those clients come after
+//! the per-credential ones, so a route without a certificate keeps its token's index.
+//!
 //! TLS always verifies the upstream's certificate against the trust store of `tls.rs` (plus
 //! `proxy.ca_file`); ALPN offers HTTP/2 and HTTP/1.1 and the pool uses whichever the upstream
 //! picks. The whole connect, TCP and TLS, is bounded by `connect_timeout`. Each stage tags its
@@ -17,6 +23,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -30,6 +37,7 @@ use tower::Service;
 
 use super::body::ProxyBody;
 use crate::error::cause_ref;
+use crate::identity::ClientIdentity;
 use crate::metrics::UpstreamErrorKind;
 use crate::tls::TlsError;
 
@@ -41,27 +49,38 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// One pooled client.
 pub(crate) type UpstreamClient = Client<Connector, ProxyBody>;
 
-/// The pooled clients: one per credential, one for requests without a token.
+/// The pooled clients: one per credential, one per (credential, client certificate), one for
+/// requests without a token.
 pub(crate) struct Upstreams {
-    /// Indexed by `Route::pool`, the position of the route's token in `[tokens]`.
+    /// Indexed by `Route::pool`: the position of the route's token in `[tokens]`, or for a route
+    /// with a client certificate, `[tokens]`'s length plus the position of its identity.
     credentials: Box<[UpstreamClient]>,
     /// For `unmatched = "forward"`: the app's own headers, no token.
     unmatched: UpstreamClient,
 }
 
 impl Upstreams {
-    /// `credentials` pooled clients and the unmatched one, over one connector.
+    /// `credentials` pooled clients and the unmatched one over one connector, then one pooled
+    /// client with a connector of its own for each of `identities`.
     pub(crate) fn new(
         ca_file: Option<&std::path::Path>,
         connect_timeout: Duration,
         credentials: usize,
+        identities: &[Arc<ClientIdentity>],
     ) -> Result<Self, TlsError> {
-        let connector = connector(ca_file, connect_timeout)?;
+        let shared = connector(ca_file, connect_timeout, None)?;
+        let mut clients: Vec<UpstreamClient> =
+            (0..credentials).map(|_| client(shared.clone())).collect();
+        for identity in identities {
+            clients.push(client(connector(
+                ca_file,
+                connect_timeout,
+                Some(identity.clone()),
+            )?));
+        }
         Ok(Self {
-            credentials: (0..credentials)
-                .map(|_| client(connector.clone()))
-                .collect(),
-            unmatched: client(connector),
+            credentials: clients.into_boxed_slice(),
+            unmatched: client(shared),
         })
     }
 
@@ -81,14 +100,17 @@ impl Upstreams {
     }
 }
 
-/// The connector every pooled client shares (TLS settings and the trust store, loaded once).
+/// A connector presenting `identity`, if any, when the upstream asks for a certificate. The
+/// pooled clients without a client certificate share one (TLS settings and the trust store,
+/// loaded once).
 fn connector(
     ca_file: Option<&std::path::Path>,
     connect_timeout: Duration,
+    identity: Option<Arc<ClientIdentity>>,
 ) -> Result<Connector, TlsError> {
     // hyper-rustls sets ALPN itself (`enable_all_versions`: h2, http/1.1) and refuses a
     // configuration that already has some.
-    let tls = crate::tls::client_config(ca_file, &[])?;
+    let tls = crate::tls::client_config(ca_file, &[], identity)?;
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);

@@ -577,9 +577,14 @@ impl Operations {
 
 /// The HTTP client for a token's `revoke_url`: verified TLS with the token's CA file, no
 /// redirects (the bearer token must go nowhere else), no proxy variables (this process is the
-/// proxy), the token's `timeout`.
+/// proxy), the token's `timeout`, and the token's client certificate if it has one (the
+/// revocation endpoint sits beside the token endpoint, behind the same mutual TLS).
 fn revoke_client(cfg: &TokenConfig) -> anyhow::Result<reqwest::Client> {
-    let tls = crate::tls::client_config(cfg.ca_file.as_deref(), &[b"http/1.1"])?;
+    let identity = match (&cfg.client_cert_file, &cfg.client_key_file) {
+        (Some(cert), Some(key)) => Some(crate::identity::ClientIdentity::load(cert, key)?),
+        _ => None,
+    };
+    let tls = crate::tls::client_config(cfg.ca_file.as_deref(), &[b"http/1.1"], identity)?;
     Ok(reqwest::Client::builder()
         .use_preconfigured_tls((*tls).clone())
         .redirect(reqwest::redirect::Policy::none())

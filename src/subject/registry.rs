@@ -84,6 +84,9 @@ impl Subjects {
                 .map_err(|e| anyhow::anyhow!("subjects: {e}"))?;
             let client =
                 TokenClient::new(cfg).map_err(|e| anyhow::anyhow!("tokens.{name}: {e}"))?;
+            if let Some(identity) = client.identity() {
+                metrics.watch_client_certificate("token", name, identity.probe());
+            }
             let settings = Settings {
                 token: name.clone(),
                 client_id: cfg

@@ -15,6 +15,7 @@
 //! refresh token, code, also URL-encoded and as the Basic credential) is replaced by
 //! [`REDACTED`] before the text is cut to length or stored anywhere.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
@@ -24,8 +25,10 @@ use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderVal
 use serde::Deserialize;
 
 use crate::config::{ClientAuth, Encoding, TokenConfig};
+use crate::identity::ClientIdentity;
 use crate::secret::Secret;
 use crate::time::unix_secs_f64;
+use crate::token::assertion::{ASSERTION_TYPE, AssertionSigner};
 use crate::token::error::Redactor;
 pub use crate::token::error::{FetchError, OAuthError, REDACTED};
 
@@ -123,6 +126,10 @@ pub struct TokenClient {
     extra: Vec<(String, String)>,
     headers: HeaderMap,
     default_lifetime: Duration,
+    /// The client certificate offered to the token endpoint, if configured.
+    identity: Option<Arc<ClientIdentity>>,
+    /// Makes the `private_key_jwt` assertions, if that is how the client authenticates.
+    signer: Option<AssertionSigner>,
 }
 
 /// The HTTP client could not be built.
@@ -137,13 +144,22 @@ pub enum ClientBuildError {
     /// A configured header (`headers.<name>`) is not a valid HTTP header.
     #[error("headers.{0}: not a valid header name and value")]
     Header(String),
+    /// The client certificate or its key cannot be used.
+    #[error("client_cert_file: {0}")]
+    Identity(#[from] crate::identity::IdentityError),
 }
 
 impl TokenClient {
     /// A client for `cfg`. It follows no redirects, ignores `HTTP(S)_PROXY` (the sidecar must not
     /// send its own token requests into itself) and applies `cfg.timeout` to each request.
     pub fn new(cfg: &TokenConfig) -> Result<Self, ClientBuildError> {
-        let tls = crate::tls::client_config(cfg.ca_file.as_deref(), &[b"http/1.1"])?;
+        let identity = match (&cfg.client_cert_file, &cfg.client_key_file) {
+            (Some(cert), Some(key)) => Some(ClientIdentity::load(cert, key)?),
+            // `Config::validate` refuses one without the other.
+            _ => None,
+        };
+        let tls =
+            crate::tls::client_config(cfg.ca_file.as_deref(), &[b"http/1.1"], identity.clone())?;
         let http = reqwest::Client::builder()
             .use_preconfigured_tls((*tls).clone())
             .redirect(reqwest::redirect::Policy::none())
@@ -173,11 +189,26 @@ impl TokenClient {
                 .collect(),
             headers,
             default_lifetime: cfg.default_lifetime,
+            identity,
+            signer: match cfg.client_auth {
+                ClientAuth::PrivateKeyJwt => AssertionSigner::new(cfg),
+                _ => None,
+            },
         })
     }
 
+    /// The client certificate offered to the token endpoint, if any.
+    pub fn identity(&self) -> Option<&Arc<ClientIdentity>> {
+        self.identity.as_ref()
+    }
+
     /// The request body fields, in order.
-    fn fields<'a>(&'a self, creds: &'a Credentials, grant: &'a Grant) -> Vec<(&'a str, &'a str)> {
+    fn fields<'a>(
+        &'a self,
+        creds: &'a Credentials,
+        grant: &'a Grant,
+        assertion: Option<&'a Secret>,
+    ) -> Vec<(&'a str, &'a str)> {
         let mut f = vec![("grant_type", grant.name())];
         match grant {
             Grant::ClientCredentials => {}
@@ -190,14 +221,36 @@ impl TokenClient {
         if let Some(scope) = &self.scope {
             f.push(("scope", scope));
         }
-        if self.client_auth == ClientAuth::Body {
-            f.push(("client_id", creds.client_id.expose()));
-            if let Some(s) = &creds.client_secret {
-                f.push(("client_secret", s.expose()));
+        match self.client_auth {
+            ClientAuth::Body => {
+                f.push(("client_id", creds.client_id.expose()));
+                if let Some(s) = &creds.client_secret {
+                    f.push(("client_secret", s.expose()));
+                }
+            }
+            ClientAuth::Basic => {}
+            // RFC 8705 §2 and RFC 7523 §3: the id identifies the client, the certificate or the
+            // assertion authenticates it; no secret is sent.
+            ClientAuth::TlsClientAuth => f.push(("client_id", creds.client_id.expose())),
+            ClientAuth::PrivateKeyJwt => {
+                f.push(("client_id", creds.client_id.expose()));
+                if let Some(a) = assertion {
+                    f.push(("client_assertion_type", ASSERTION_TYPE));
+                    f.push(("client_assertion", a.expose()));
+                }
             }
         }
         f.extend(self.extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         f
+    }
+
+    /// A fresh `private_key_jwt` assertion, when that is how the client authenticates.
+    fn assertion(&self, creds: &Credentials) -> Result<Option<Secret>, FetchError> {
+        self.signer
+            .as_ref()
+            .map(|s| s.assertion(creds.client_id.expose(), SystemTime::now()))
+            .transpose()
+            .map_err(|e| FetchError::Unusable(format!("client assertion: {e}")))
     }
 
     /// Builds the HTTP request (exposed for tests: it holds secrets, never log it).
@@ -205,8 +258,19 @@ impl TokenClient {
         &self,
         creds: &Credentials,
         grant: &Grant,
+    ) -> Result<reqwest::Request, FetchError> {
+        let assertion = self.assertion(creds)?;
+        self.build_with(creds, grant, assertion.as_ref())
+            .map_err(transport_error)
+    }
+
+    fn build_with(
+        &self,
+        creds: &Credentials,
+        grant: &Grant,
+        assertion: Option<&Secret>,
     ) -> Result<reqwest::Request, reqwest::Error> {
-        let fields = self.fields(creds, grant);
+        let fields = self.fields(creds, grant, assertion);
         let mut req = self
             .http
             .post(&self.url)
@@ -249,7 +313,10 @@ impl TokenClient {
         creds: &Credentials,
         grant: &Grant,
     ) -> Result<TokenResponse, FetchError> {
-        let req = self.build(creds, grant).map_err(transport_error)?;
+        let assertion = self.assertion(creds)?;
+        let req = self
+            .build_with(creds, grant, assertion.as_ref())
+            .map_err(transport_error)?;
         let mut resp = self.http.execute(req).await.map_err(transport_error)?;
         let status = resp.status();
         let retry_after = resp
@@ -269,7 +336,8 @@ impl TokenClient {
             }
             body.extend_from_slice(&chunk);
         }
-        let sent = sent_secrets(self.client_auth, creds, grant);
+        let mut sent = sent_secrets(self.client_auth, creds, grant);
+        sent.extend(assertion.map(|a| a.expose().to_owned()));
         let redactor = Redactor::new(sent.iter().map(String::as_str));
         if status.is_success() {
             parse_response(&body, self.default_lifetime, SystemTime::now(), &redactor)
@@ -822,6 +890,78 @@ mod tests {
             req.headers()[CONTENT_TYPE],
             "application/x-www-form-urlencoded"
         );
+    }
+
+    #[test]
+    fn tls_client_auth_and_private_key_jwt_send_the_id_and_no_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("assertion.pem");
+        let ec = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        std::fs::write(&key, ec.serialize_pem()).unwrap();
+        // A secret in the credentials (validation refuses configuring one) is still not sent.
+        let creds = Credentials {
+            client_id: Secret::new("id-9"),
+            client_secret: Some(Secret::new("canary-unsent")),
+        };
+        for encoding in [Encoding::Form, Encoding::Json] {
+            let c = TokenClient::new(&cfg(encoding, ClientAuth::TlsClientAuth)).unwrap();
+            let req = c.build(&creds, &Grant::ClientCredentials).unwrap();
+            let body = body_text(&req);
+            assert!(body.contains("id-9"), "{body}");
+            assert!(
+                !body.contains("canary") && !body.contains("client_assertion"),
+                "{body}"
+            );
+            assert!(req.headers().get(AUTHORIZATION).is_none());
+
+            let mut pk = cfg(encoding, ClientAuth::PrivateKeyJwt);
+            pk.client_assertion_key_file = Some(key.clone());
+            let c = TokenClient::new(&pk).unwrap();
+            let fields: Vec<(String, String)> = match encoding {
+                Encoding::Form => url::form_urlencoded::parse(
+                    body_text(&c.build(&creds, &Grant::ClientCredentials).unwrap()).as_bytes(),
+                )
+                .into_owned()
+                .collect(),
+                Encoding::Json => {
+                    let v: serde_json::Value = serde_json::from_str(&body_text(
+                        &c.build(&creds, &Grant::ClientCredentials).unwrap(),
+                    ))
+                    .unwrap();
+                    v.as_object()
+                        .unwrap()
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+                        .collect()
+                }
+            };
+            let get = |k: &str| fields.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+            assert_eq!(get("client_id").as_deref(), Some("id-9"), "{encoding:?}");
+            assert_eq!(
+                get("client_assertion_type").as_deref(),
+                Some(ASSERTION_TYPE),
+                "{encoding:?}"
+            );
+            let jwt = get("client_assertion").unwrap();
+            assert_eq!(jwt.split('.').count(), 3, "{jwt}");
+            let claims = jwt_claims(&jwt).unwrap();
+            assert_eq!(claims["aud"], "http://127.0.0.1:9/api/v1/token");
+            assert!(get("client_secret").is_none(), "{encoding:?}");
+            assert!(!fields.iter().any(|(_, v)| v.contains("canary")));
+        }
+    }
+
+    #[test]
+    fn an_unusable_assertion_key_fails_the_request_without_sending_it() {
+        let mut pk = cfg(Encoding::Form, ClientAuth::PrivateKeyJwt);
+        pk.client_assertion_key_file = Some("/nonexistent/assertion.pem".into());
+        let c = TokenClient::new(&pk).unwrap();
+        let creds = Credentials {
+            client_id: Secret::new("id"),
+            client_secret: None,
+        };
+        let e = c.build(&creds, &Grant::ClientCredentials).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/assertion.pem"), "{e}");
     }
 
     #[test]

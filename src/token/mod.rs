@@ -11,6 +11,7 @@
 //! expiry the server granted, so a token is not sent in its last moments (it could expire on
 //! the way to the upstream).
 
+pub mod assertion;
 pub mod client;
 mod error;
 mod grant;

@@ -79,6 +79,11 @@ impl<C> std::fmt::Debug for Refresher<C> {
 }
 
 impl Refresher {
+    /// The client certificate its token requests present, if any.
+    pub fn client_identity(&self) -> Option<Arc<crate::identity::ClientIdentity>> {
+        self.client.identity().cloned()
+    }
+
     /// A refresher for `cfg` publishing into `cell`.
     pub fn new(
         cfg: TokenConfig,

@@ -53,6 +53,9 @@ mod subject_store;
 // The subjects API (issue #12) against the real dev issuer, and the `subjects` CLI.
 mod subjects_api;
 
+// Issue #16: client certificates to the token endpoint and upstreams, private_key_jwt, check.
+mod clientauth;
+
 // Shared helpers, one module per role: leak guard and logs, upstreams, raw client, test CA,
 // proxy under test and fixture builder, metrics, the binary as a process.
 mod support;

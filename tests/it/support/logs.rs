@@ -14,6 +14,17 @@ pub fn never_log(secret: &str) {
     SECRETS.lock().unwrap().push(secret.to_owned());
 }
 
+/// Registers a PEM private key: each line of its Base64 body must never be logged (a key can
+/// only leak in pieces that long or longer).
+pub fn never_log_pem_key(pem: &str) {
+    for line in pem
+        .lines()
+        .filter(|l| !l.starts_with("-----") && l.len() >= 16)
+    {
+        never_log(line);
+    }
+}
+
 /// Installs, once per test binary, a global `tracing` subscriber at TRACE for every crate
 /// (bearer-proxy, hyper, h2, rustls, reqwest…). Each formatted event is checked for every
 /// registered secret, for the word "canary" (the marker of test secrets), for anything
