@@ -203,6 +203,41 @@ pub struct ProxyConfig {
     pub ca_file: Option<PathBuf>,
     /// Request headers whose name contains `_`: `drop`, `reject` or `allow`.
     pub underscore_headers: UnderscoreHeaders,
+    /// `[proxy.intercept]`: terminate the app's TLS for routed hosts with an operator CA.
+    /// Absent means `CONNECT` to a routed host is refused (the safe default: no CA, no
+    /// certificates made).
+    pub intercept: Option<InterceptConfig>,
+}
+
+/// A leaf certificate lives a day: a leaked leaf key is useless soon, and re-signing one per
+/// routed host a day costs nothing. Apps never see it expire: it is renewed at half-life.
+pub const DEFAULT_LEAF_VALIDITY: Duration = Duration::from_secs(24 * 3600);
+/// Leaf certificates kept for hosts matched by `*.suffix` routes (exact hosts are made at start
+/// and always kept). A sidecar's app calls a handful of hosts; the bound only stops an app
+/// that walks many subdomains from growing memory without limit.
+pub const DEFAULT_MAX_CACHED_LEAVES: usize = 1000;
+
+/// `[proxy.intercept]`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct InterceptConfig {
+    /// The operator CA's certificate (PEM).
+    pub ca_cert_file: PathBuf,
+    /// The operator CA's private key (PEM, PKCS#8, SEC1 or PKCS#1). Read once at start.
+    pub ca_key_file: PathBuf,
+    /// Lifetime of each leaf certificate.
+    #[serde(with = "duration", default = "default_leaf_validity")]
+    pub leaf_validity: Duration,
+    /// Leaf certificates kept for wildcard-route hosts.
+    #[serde(default = "default_max_cached_leaves")]
+    pub max_cached_leaves: usize,
+}
+
+fn default_leaf_validity() -> Duration {
+    DEFAULT_LEAF_VALIDITY
+}
+
+fn default_max_cached_leaves() -> usize {
+    DEFAULT_MAX_CACHED_LEAVES
 }
 
 impl Default for ProxyConfig {
@@ -224,6 +259,7 @@ impl Default for ProxyConfig {
             workers: DEFAULT_WORKERS,
             ca_file: None,
             underscore_headers: DEFAULT_UNDERSCORE_HEADERS,
+            intercept: None,
         }
     }
 }
