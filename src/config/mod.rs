@@ -838,4 +838,35 @@ mod tests {
         assert!(check_endpoint_url("https://u:p@example.com/token").is_err());
         assert!(check_endpoint_url("ftp://example.com/").is_err());
     }
+
+    #[test]
+    fn intercept_settings_default_and_are_checked_naming_their_keys() {
+        const TOKEN: &str = r#"
+            [tokens.t]
+            token_url = "https://issuer.example/token"
+            grant_type = "client_credentials"
+            client_id = "id"
+            client_secret = "s"
+        "#;
+        let ok = toml(&format!(
+            "[proxy.intercept]\nca_cert_file = \"/ca/ca.crt\"\nca_key_file = \"/ca/ca.key\"\n{TOKEN}"
+        ))
+        .unwrap();
+        let i = ok.proxy.intercept.unwrap();
+        assert_eq!(i.leaf_validity, DEFAULT_LEAF_VALIDITY);
+        assert_eq!(i.max_cached_leaves, DEFAULT_MAX_CACHED_LEAVES);
+        assert!(toml(TOKEN).unwrap().proxy.intercept.is_none());
+        let errs = toml(&format!(
+            "[proxy.intercept]\nca_cert_file = \"/ca/both.pem\"\nca_key_file = \"/ca/both.pem\"\n\
+             leaf_validity = \"5m\"\nmax_cached_leaves = 0\n{TOKEN}"
+        ))
+        .unwrap_err();
+        let keys: Vec<&str> = errs.0.iter().map(|e| e.key.as_str()).collect();
+        for k in ["leaf_validity", "max_cached_leaves", "ca_key_file"] {
+            assert!(
+                keys.contains(&format!("proxy.intercept.{k}").as_str()),
+                "{k}: {keys:?}"
+            );
+        }
+    }
 }

@@ -45,6 +45,14 @@ impl OperatorCa {
             .output()
             .unwrap();
         assert!(out.status.success(), "{out:?}");
+        // The leak guard: no line of the CA key may reach a log.
+        let key = std::fs::read_to_string(dir.path().join("ca/ca.key")).unwrap();
+        for line in key
+            .lines()
+            .filter(|l| !l.starts_with("-----") && l.len() >= 32)
+        {
+            never_log(line);
+        }
         Self { dir }
     }
 
@@ -278,7 +286,7 @@ async fn python_requests_with_https_proxy_and_requests_ca_bundle() {
 
 #[tokio::test]
 async fn node_with_node_extra_ca_certs() {
-    if Command::new("node").arg("--version").status().is_err() {
+    if Command::new("node").arg("--version").output().is_err() {
         assert!(std::env::var_os("CI").is_none(), "node is needed");
         eprintln!("skipped: node is not installed");
         return;
@@ -550,4 +558,79 @@ fn check_names_a_bad_ca_pair_and_exits_2() {
     let key = std::fs::read_to_string(other.key()).unwrap();
     let body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
     assert!(!stderr.contains(&body[..32]));
+}
+
+#[tokio::test]
+async fn java_httpclient_with_a_truststore_made_by_keytool() {
+    if Command::new("java").arg("-version").output().is_err() {
+        assert!(std::env::var_os("CI").is_none(), "java is needed");
+        eprintln!("skipped: java is not installed");
+        return;
+    }
+    let ca = OperatorCa::new();
+    let f = intercepting(&ca, |_, _| Reply::ok("java")).await;
+    let dir = ca.dir.path();
+    // As the README prints it: the JDK's cacerts plus the operator CA, via keytool.
+    let java_home = String::from_utf8(
+        Command::new("java")
+            .args(["-XshowSettings:properties", "-version"])
+            .output()
+            .unwrap()
+            .stderr,
+    )
+    .unwrap()
+    .lines()
+    .find_map(|l| l.trim().strip_prefix("java.home = ").map(str::to_owned))
+    .unwrap();
+    let store = dir.join("truststore.p12");
+    std::fs::copy(format!("{java_home}/lib/security/cacerts"), &store).unwrap();
+    let out = Command::new("keytool")
+        .args([
+            "-importcert",
+            "-noprompt",
+            "-alias",
+            "bearer-proxy",
+            "-file",
+        ])
+        .arg(ca.cert())
+        .arg("-keystore")
+        .arg(&store)
+        .args(["-storepass", "changeit"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let source = dir.join("Main.java");
+    std::fs::write(
+        &source,
+        format!(
+            "import java.net.*; import java.net.http.*;\n\
+             public class Main {{ public static void main(String[] a) throws Exception {{\n\
+               HttpClient c = HttpClient.newBuilder().version(HttpClient.Version.HTTP_1_1)\n\
+                 .proxy(ProxySelector.of(new InetSocketAddress(\"127.0.0.1\", {port}))).build();\n\
+               for (int i = 0; i < 2; i++) {{\n\
+                 HttpResponse<String> r = c.send(HttpRequest.newBuilder(URI.create(\"https://{HOST}/j\")).build(),\n\
+                   HttpResponse.BodyHandlers.ofString());\n\
+                 System.out.println(r.statusCode() + \" \" + r.body());\n\
+               }} }} }}\n",
+            port = f.proxy.addr.port()
+        ),
+    )
+    .unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new("java")
+            .arg(format!("-Djavax.net.ssl.trustStore={}", store.display()))
+            .arg("-Djavax.net.ssl.trustStorePassword=changeit")
+            .arg(&source)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200 java\n200 java\n");
+    for r in f.upstream().requests() {
+        assert_eq!(r.all("authorization"), ["Bearer tok-1"]);
+    }
 }
