@@ -9,7 +9,7 @@
 //! decrypted stream then goes through the same wire guard, hyper settings and service
 //! (`Inner::handle`) as a connection on the proxy port, each request rewritten to
 //! `https://<CONNECT host>/...` so it takes the very route the decision found; a request naming
-//! another host is refused.
+//! another host is refused. At `Stopping` it drains like a proxy-port connection.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -37,6 +37,7 @@ use super::{ConnShared, Inner, ProxyBuildError, TunnelFuture, connection_error};
 use crate::ca::{Ca, renew_after};
 use crate::config::{ConnectPolicy, InterceptConfig, RouteConfig};
 use crate::metrics::TlsAcceptError;
+use crate::shutdown::{Phase, Shutdown};
 
 const OTHER_HOST: ProxyError = ProxyError::new(
     ErrorCode::BadRequest,
@@ -226,11 +227,18 @@ impl Inner {
         on_upgrade: OnUpgrade,
         host: Box<str>,
         port: u16,
+        shutdown: Shutdown,
     ) -> TunnelFuture {
-        Box::pin(self.serve_intercepted(on_upgrade, host, port))
+        Box::pin(self.serve_intercepted(on_upgrade, host, port, shutdown))
     }
 
-    async fn serve_intercepted(self: Arc<Self>, on_upgrade: OnUpgrade, host: Box<str>, port: u16) {
+    async fn serve_intercepted(
+        self: Arc<Self>,
+        on_upgrade: OnUpgrade,
+        host: Box<str>,
+        port: u16,
+        shutdown: Shutdown,
+    ) {
         let Some(interceptor) = self.intercept.as_ref() else {
             return;
         };
@@ -289,6 +297,7 @@ impl Inner {
         let shared = Arc::new(ConnShared {
             inner: self.clone(),
             tunnel: Mutex::new(None),
+            shutdown: shutdown.clone(),
         });
         let service = hyper::service::service_fn(move |req| {
             let conn = shared.clone();
@@ -296,7 +305,19 @@ impl Inner {
             async move { Ok::<_, Infallible>(conn.inner.intercepted(req, &conn, authority).await) }
         });
         let io = TokioIo::new(WireGuard::new(tls, self.wire.clone(), self.metrics.clone()));
-        if let Err(e) = self.server.serve_connection(io, service).await {
+        let conn = self.server.serve_connection(io, service);
+        tokio::pin!(conn);
+        // Like a connection on the proxy port: at `Stopping` an idle one closes at once and
+        // one with a request in flight closes after its answer (`Terminated` is the connection
+        // task's own business).
+        let result = tokio::select! {
+            result = &mut conn => result,
+            () = shutdown.reached(Phase::Stopping) => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = result {
             connection_error(&self.metrics, e.as_ref());
         }
     }

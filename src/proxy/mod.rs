@@ -322,6 +322,8 @@ pub(crate) struct ConnShared {
     inner: Arc<Inner>,
     /// A tunnel to run once hyper hands over the socket (after a successful `CONNECT`).
     tunnel: Mutex<Option<TunnelFuture>>,
+    /// The server's phases, for an intercepted connection to drain at `Stopping`.
+    shutdown: Shutdown,
 }
 
 /// Closes a client socket with a reset: a zero linger time makes `close` send RST.
@@ -372,6 +374,7 @@ impl Inner {
         let shared = Arc::new(ConnShared {
             inner: self.clone(),
             tunnel: Mutex::new(None),
+            shutdown: shutdown.clone(),
         });
         let for_service = shared.clone();
         let service = hyper::service::service_fn(move |req| {

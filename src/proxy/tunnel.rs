@@ -96,7 +96,12 @@ impl Inner {
                 tracing::debug!(route = &*route.label, "CONNECT intercepted");
                 let host: Box<str> = normalise(host).to_ascii_lowercase().into();
                 let on_upgrade = hyper::upgrade::on(req);
-                conn.set_tunnel(conn.inner.clone().intercept(on_upgrade, host, port));
+                conn.set_tunnel(conn.inner.clone().intercept(
+                    on_upgrade,
+                    host,
+                    port,
+                    conn.shutdown.clone(),
+                ));
                 let mut resp = Response::new(ProxyBody::empty());
                 *resp.status_mut() = StatusCode::OK;
                 return resp;

@@ -634,3 +634,20 @@ async fn java_httpclient_with_a_truststore_made_by_keytool() {
         assert_eq!(r.all("authorization"), ["Bearer tok-1"]);
     }
 }
+
+#[tokio::test]
+async fn an_idle_intercepted_connection_closes_when_the_proxy_stops() {
+    let ca = OperatorCa::new();
+    let mut f = intercepting(&ca, |_, _| Reply::ok("x")).await;
+    let s = tunnel(f.proxy.addr, &format!("{HOST}:443")).await;
+    let mut client = http(tls(s, &ca.cert(), HOST).await.unwrap()).await;
+    let (status, _, _) = send(&mut client, get("/x", HOST)).await;
+    assert_eq!(status, 200);
+    // Idle keep-alive inside the tunnel: `serve` returns (within PATIENCE, well before
+    // idle_timeout) because the intercepted connection drains like any other.
+    f.proxy.stop(bearer_proxy::shutdown::Phase::Stopping).await;
+    let after = tokio::time::timeout(PATIENCE, client.send_request(get("/y", HOST)))
+        .await
+        .unwrap();
+    assert!(after.is_err(), "the connection was closed: {after:?}");
+}
