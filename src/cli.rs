@@ -1,6 +1,6 @@
 //! The command line: `run` (the default), `check`, `token`, `subjects` (the subjects API's
-//! client, in `cli/subjects.rs`), and, in a build with the default `dev-tools` feature,
-//! `dev-issuer` and `demo`. `main.rs` calls [`run`] and, if it fails,
+//! client, in `cli/subjects.rs`), `ca init|bundle`, and, in a build with the default
+//! `dev-tools` feature, `dev-issuer` and `demo`. `main.rs` calls [`run`] and, if it fails,
 //! prints the [`Failure`] once and exits with its code.
 //!
 //! Exit codes: 0 success; 1 a runtime failure (a listener could not be bound, a token could not
@@ -103,6 +103,9 @@ pub enum Command {
     /// Manage the subjects of per-subject tokens through the subjects API (enrol a code,
     /// import a refresh token, list, show, delete, refresh).
     Subjects(subjects::SubjectsArgs),
+    /// The operator CA of HTTPS interception (`[proxy.intercept]`).
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Run a local token endpoint implementing Flinks' `/api/v1/token` contract, for demos,
     /// tests and benchmarks. Its failure switches are under `POST /control/...`.
     #[cfg(feature = "dev-tools")]
@@ -116,6 +119,28 @@ pub enum Command {
         /// Admin address.
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: std::net::SocketAddr,
+    },
+}
+
+/// `bearer-proxy ca ...`.
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create DIR/ca.crt and DIR/ca.key (mode 0600): an ECDSA P-256 CA for [proxy.intercept].
+    Init {
+        /// Directory to write into (created if missing; existing files are never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+        /// Limit the CA to these DNS names and their subdomains (repeat; `*.example.com` means
+        /// example.com and below), so a leaked key cannot sign for other domains.
+        #[arg(long = "name-constraint", value_name = "HOST")]
+        name_constraints: Vec<String>,
+    },
+    /// Print the system's root certificates followed by the operator CA as one PEM bundle,
+    /// for SSL_CERT_FILE, REQUESTS_CA_BUNDLE and similar (which replace the trust store).
+    Bundle {
+        /// The operator CA certificate (PEM).
+        #[arg(long)]
+        ca: PathBuf,
     },
 }
 
@@ -159,6 +184,7 @@ pub fn run() -> Result<(), Failure> {
         Command::Check => check(path),
         Command::Token { name } => token(path, name.as_deref()),
         Command::Subjects(args) => subjects::run(path, args),
+        Command::Ca(c) => ca(c),
         #[cfg(feature = "dev-tools")]
         Command::DevIssuer(args) => dev_issuer(args),
         #[cfg(feature = "dev-tools")]
@@ -228,6 +254,27 @@ fn check(path: Option<&Path>) -> Result<(), Failure> {
     Err(Failure::config(anyhow::Error::msg(message)))
 }
 
+/// `ca init` and `ca bundle`. A CA that cannot be made or read is the input's fault (exit 2).
+fn ca(command: CaCommand) -> Result<(), Failure> {
+    match command {
+        CaCommand::Init {
+            out,
+            name_constraints,
+        } => {
+            let (cert, key) = crate::ca::init(&out, &name_constraints)
+                .map_err(|e| Failure::config(anyhow!("ca init: {e}")))?;
+            println!("wrote {} and {} (mode 0600)", cert.display(), key.display());
+            Ok(())
+        }
+        CaCommand::Bundle { ca } => {
+            let pem =
+                crate::ca::bundle(&ca).map_err(|e| Failure::config(anyhow!("ca bundle: {e}")))?;
+            print!("{pem}");
+            Ok(())
+        }
+    }
+}
+
 /// Secret and CA files that cannot be read, client certificates that do not match their key or
 /// are not valid now, assertion keys that cannot sign, and state directories that cannot be
 /// written.
@@ -290,6 +337,11 @@ fn file_problems(config: &Config) -> Vec<String> {
     }
     if let Some(sc) = &config.subjects {
         subjects_file_problems(sc, &mut problems);
+    }
+    if let Some(i) = &config.proxy.intercept
+        && let Err(e) = crate::ca::Ca::load(&i.ca_cert_file, &i.ca_key_file)
+    {
+        problems.push(format!("proxy.intercept: {e}"));
     }
     problems
 }

@@ -13,6 +13,7 @@
 //! - [`proxy`]: the forward proxy: routing, token injection, TLS origination, streaming.
 //! - [`admin`]: the admin port (`/metrics`, `/livez`, `/readyz`, `/status`).
 //! - `tls`: trust roots (and a client identity) for outbound TLS; [`identity`]: client certificates for mutual TLS.
+//! - `ca`: the operator CA of HTTPS interception (`[proxy.intercept]`, `ca init`, `ca bundle`).
 //! - [`shutdown`]: OS signals and the phases of a graceful stop.
 //! - `time`: wall-clock time as text (RFC 3339) and as seconds since the Unix epoch.
 //! - `logging`: the tracing subscriber.
@@ -35,6 +36,7 @@
 
 pub mod admin;
 pub mod build;
+mod ca;
 pub mod cli;
 pub mod config;
 #[cfg(feature = "dev-tools")]

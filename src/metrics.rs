@@ -116,6 +116,22 @@ label_enums! {
         BadResponse => "bad_response",
     }
 
+    /// Why the TLS handshake of an intercepted `CONNECT` failed (`reason` label of
+    /// `bearer_proxy_tls_accept_errors_total`).
+    pub enum TlsAcceptError {
+        /// The app refused our leaf with `unknown_ca`: it does not trust the operator CA.
+        UnknownCa => "unknown_ca",
+        /// The app refused our leaf with another certificate alert (`bad_certificate`,
+        /// `certificate_unknown`: Java's answer to an untrusted CA, or a name it did not expect).
+        CertificateRejected => "certificate_rejected",
+        /// The ClientHello named another host than the `CONNECT` (SNI).
+        SniMismatch => "sni_mismatch",
+        /// No handshake within `header_read_timeout`.
+        Timeout => "timeout",
+        /// Anything else: no TLS at all, no common protocol or cipher, the app went away.
+        Handshake => "handshake",
+    }
+
     /// What happened after an upstream answered a `replay_statuses` status (`result` label).
     pub enum ReplayResult {
         /// Replayed with a new token and the upstream accepted it.
@@ -234,6 +250,9 @@ pub struct Metrics {
     client_cert_expiry: prometheus::GaugeVec,
     /// The client certificates in use (filled at start-up only).
     client_certificates: std::sync::Mutex<Vec<WatchedCertificate>>,
+    /// `CONNECT`s to routed hosts whose TLS the proxy terminated (`[proxy.intercept]`).
+    pub(crate) intercepted_connections: IntCounter,
+    tls_accept_errors: [IntCounter; TlsAcceptError::COUNT],
 }
 
 /// Reads a client certificate's subject and expiry (Unix seconds) as they are now: a rotation on
@@ -355,6 +374,14 @@ impl Metrics {
             &["op"],
         );
         let store_errors = StoreOp::ALL.map(|o| store_errors_vec.with_label_values(&[o.as_str()]));
+        let tls_accept_vec = counter_vec(
+            &r,
+            "bearer_proxy_tls_accept_errors_total",
+            "Intercepted CONNECTs whose TLS handshake with the app failed, by reason.",
+            &["reason"],
+        );
+        let tls_accept_errors =
+            TlsAcceptError::ALL.map(|k| tls_accept_vec.with_label_values(&[k.as_str()]));
         let m = Self {
             token_refreshes: counter_vec(
                 &r,
@@ -491,6 +518,14 @@ impl Metrics {
                 ),
             ),
             client_certificates: std::sync::Mutex::new(Vec::new()),
+            intercepted_connections: register(
+                &r,
+                IntCounter::new(
+                    "bearer_proxy_intercepted_connections_total",
+                    "CONNECTs to routed hosts whose TLS the proxy terminated with the operator CA.",
+                ),
+            ),
+            tls_accept_errors,
             build_info,
             registry: r,
             store_errors,
@@ -621,6 +656,11 @@ impl Metrics {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    /// Counts an intercepted `CONNECT` whose TLS handshake failed.
+    pub(crate) fn tls_accept_error(&self, reason: TlsAcceptError) {
+        self.tls_accept_errors[reason as usize].inc();
     }
 
     /// Counts a request the proxy answered itself.
@@ -932,6 +972,7 @@ mod tests {
             |v| v as usize,
             SubjectRejectReason::as_str,
         );
+        check(&TlsAcceptError::ALL, |v| v as usize, TlsAcceptError::as_str);
     }
 
     #[test]

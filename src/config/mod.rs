@@ -203,6 +203,41 @@ pub struct ProxyConfig {
     pub ca_file: Option<PathBuf>,
     /// Request headers whose name contains `_`: `drop`, `reject` or `allow`.
     pub underscore_headers: UnderscoreHeaders,
+    /// `[proxy.intercept]`: terminate the app's TLS for routed hosts with an operator CA.
+    /// Absent means `CONNECT` to a routed host is refused (the safe default: no CA, no
+    /// certificates made).
+    pub intercept: Option<InterceptConfig>,
+}
+
+/// A leaf certificate lives a day: a leaked leaf key is useless soon, and re-signing one per
+/// routed host a day costs nothing. Apps never see it expire: it is renewed at half-life.
+pub const DEFAULT_LEAF_VALIDITY: Duration = Duration::from_secs(24 * 3600);
+/// Leaf certificates kept for hosts matched by `*.suffix` routes (exact hosts are made at start
+/// and always kept). A sidecar's app calls a handful of hosts; the bound only stops an app
+/// that walks many subdomains from growing memory without limit.
+pub const DEFAULT_MAX_CACHED_LEAVES: usize = 1000;
+
+/// `[proxy.intercept]`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct InterceptConfig {
+    /// The operator CA's certificate (PEM).
+    pub ca_cert_file: PathBuf,
+    /// The operator CA's private key (PEM, PKCS#8, SEC1 or PKCS#1). Read once at start.
+    pub ca_key_file: PathBuf,
+    /// Lifetime of each leaf certificate.
+    #[serde(with = "duration", default = "default_leaf_validity")]
+    pub leaf_validity: Duration,
+    /// Leaf certificates kept for wildcard-route hosts.
+    #[serde(default = "default_max_cached_leaves")]
+    pub max_cached_leaves: usize,
+}
+
+fn default_leaf_validity() -> Duration {
+    DEFAULT_LEAF_VALIDITY
+}
+
+fn default_max_cached_leaves() -> usize {
+    DEFAULT_MAX_CACHED_LEAVES
 }
 
 impl Default for ProxyConfig {
@@ -224,6 +259,7 @@ impl Default for ProxyConfig {
             workers: DEFAULT_WORKERS,
             ca_file: None,
             underscore_headers: DEFAULT_UNDERSCORE_HEADERS,
+            intercept: None,
         }
     }
 }
@@ -847,5 +883,36 @@ mod tests {
         assert!(check_endpoint_url("http://example.com/token").is_err());
         assert!(check_endpoint_url("https://u:p@example.com/token").is_err());
         assert!(check_endpoint_url("ftp://example.com/").is_err());
+    }
+
+    #[test]
+    fn intercept_settings_default_and_are_checked_naming_their_keys() {
+        const TOKEN: &str = r#"
+            [tokens.t]
+            token_url = "https://issuer.example/token"
+            grant_type = "client_credentials"
+            client_id = "id"
+            client_secret = "s"
+        "#;
+        let ok = toml(&format!(
+            "[proxy.intercept]\nca_cert_file = \"/ca/ca.crt\"\nca_key_file = \"/ca/ca.key\"\n{TOKEN}"
+        ))
+        .unwrap();
+        let i = ok.proxy.intercept.unwrap();
+        assert_eq!(i.leaf_validity, DEFAULT_LEAF_VALIDITY);
+        assert_eq!(i.max_cached_leaves, DEFAULT_MAX_CACHED_LEAVES);
+        assert!(toml(TOKEN).unwrap().proxy.intercept.is_none());
+        let errs = toml(&format!(
+            "[proxy.intercept]\nca_cert_file = \"/ca/both.pem\"\nca_key_file = \"/ca/both.pem\"\n\
+             leaf_validity = \"5m\"\nmax_cached_leaves = 0\n{TOKEN}"
+        ))
+        .unwrap_err();
+        let keys: Vec<&str> = errs.0.iter().map(|e| e.key.as_str()).collect();
+        for k in ["leaf_validity", "max_cached_leaves", "ca_key_file"] {
+            assert!(
+                keys.contains(&format!("proxy.intercept.{k}").as_str()),
+                "{k}: {keys:?}"
+            );
+        }
     }
 }

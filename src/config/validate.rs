@@ -49,6 +49,9 @@ impl Config {
                 format!("same address as proxy.listen ({})", p.listen),
             );
         }
+        if let Some(i) = &p.intercept {
+            intercept_problems(i, &mut push);
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             push("log.level".into(), format!("not a valid filter: {e}"));
         }
@@ -121,6 +124,29 @@ impl Config {
             }
         }
         errors
+    }
+}
+
+/// Leaves shorter than this would be re-signed every few minutes, and a skewed client clock
+/// would reject them.
+const MIN_LEAF_VALIDITY: Duration = Duration::from_secs(3600);
+/// The CA/Browser Forum's ceiling for a TLS server certificate (398 days); Apple's clients
+/// refuse longer ones even from a private CA.
+const MAX_LEAF_VALIDITY: Duration = Duration::from_secs(397 * 24 * 3600);
+
+fn intercept_problems(i: &InterceptConfig, push: &mut impl FnMut(String, String)) {
+    let k = |field: &str| format!("proxy.intercept.{field}");
+    if !(MIN_LEAF_VALIDITY..=MAX_LEAF_VALIDITY).contains(&i.leaf_validity) {
+        push(k("leaf_validity"), "must be between 1h and 397 days".into());
+    }
+    if i.max_cached_leaves == 0 {
+        push(k("max_cached_leaves"), "must be at least 1".into());
+    }
+    if i.ca_cert_file == i.ca_key_file {
+        push(
+            k("ca_key_file"),
+            "is the same file as ca_cert_file: keep the key in its own file (mode 0600)".into(),
+        );
     }
 }
 

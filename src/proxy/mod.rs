@@ -15,6 +15,8 @@
 //! * `forward.rs`: sending (token wait, replay, consent probe, response checks);
 //! * `upstream.rs`: the pooled upstream clients (one per credential) and their error classes;
 //! * `tunnel.rs`: `CONNECT`;
+//! * `intercept.rs`: `CONNECT` to a routed host with `[proxy.intercept]` (the decision, leaf
+//!   certificates, serving the decrypted requests through `Inner::handle`);
 //! * `body.rs`, `error.rs`: the body type and the proxy's own answers.
 //!
 //! Back-pressure: a connection slot (semaphore permit) is taken *before* `accept`, so above
@@ -31,6 +33,7 @@ mod error;
 mod forward;
 #[doc(hidden)]
 pub mod fuzzing;
+mod intercept;
 mod route;
 mod sanitise;
 mod service;
@@ -99,6 +102,9 @@ pub enum ProxyBuildError {
     /// The upstream TLS configuration (trust store, `proxy.ca_file`) failed.
     #[error("upstream TLS: {0}")]
     Tls(#[from] TlsError),
+    /// The operator CA of `[proxy.intercept]` cannot be used.
+    #[error("proxy.intercept: {0}")]
+    Intercept(#[from] crate::ca::CaError),
 }
 
 /// The forward proxy. Cheap to clone.
@@ -156,6 +162,9 @@ pub(crate) struct Inner {
     max_connections: usize,
     /// hyper's HTTP/1 server settings.
     server: auto::Builder<TokioExecutor>,
+    /// `[proxy.intercept]`: the operator CA and its leaves; `None` refuses `CONNECT` to routed
+    /// hosts.
+    intercept: Option<intercept::Interceptor>,
 }
 
 /// This process's `Via` pseudonym, `bearer-proxy-<8 hex digits>`: random per process so that a
@@ -241,6 +250,11 @@ impl Proxy {
         let identities = client_identities(config, &mut routes, pools, &metrics)?;
         let upstreams =
             Upstreams::new(p.ca_file.as_deref(), p.connect_timeout, pools, &identities)?;
+        let intercept = p
+            .intercept
+            .as_ref()
+            .map(|i| intercept::Interceptor::new(i, &config.routes))
+            .transpose()?;
         let mut server = auto::Builder::new(TokioExecutor::new());
         server
             .http1()
@@ -281,6 +295,7 @@ impl Proxy {
                 }),
                 max_connections: p.max_connections,
                 server,
+                intercept,
                 metrics,
             }),
         })
@@ -365,6 +380,8 @@ pub(crate) struct ConnShared {
     inner: Arc<Inner>,
     /// A tunnel to run once hyper hands over the socket (after a successful `CONNECT`).
     tunnel: Mutex<Option<TunnelFuture>>,
+    /// The server's phases, for an intercepted connection to drain at `Stopping`.
+    shutdown: Shutdown,
 }
 
 /// Closes a client socket with a reset: a zero linger time makes `close` send RST.
@@ -415,6 +432,7 @@ impl Inner {
         let shared = Arc::new(ConnShared {
             inner: self.clone(),
             tunnel: Mutex::new(None),
+            shutdown: shutdown.clone(),
         });
         let for_service = shared.clone();
         let service = hyper::service::service_fn(move |req| {

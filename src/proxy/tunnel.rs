@@ -2,7 +2,9 @@
 //!
 //! A tunnel carries the app's own TLS, which the proxy cannot read or add a header to, so a
 //! `CONNECT` to a routed host is refused with an explanation instead of silently sending the
-//! request without its token. Other hosts follow `proxy.connect`: `tunnel` connects (within
+//! request without its token, unless `[proxy.intercept]` is configured: then the proxy
+//! terminates that TLS itself (`intercept.rs`, which also makes the decision). Other hosts
+//! follow `proxy.connect`: `tunnel` connects (within
 //! `connect_timeout`), answers 200 and copies bytes both ways until either side closes;
 //! `deny` answers 403.
 //!
@@ -30,9 +32,9 @@ use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
 use super::error::{ErrorCode, ProxyError};
+use super::intercept::{ConnectDecision, decide};
 use super::route::normalise;
 use super::{ConnShared, Inner};
-use crate::config::ConnectPolicy;
 use crate::metrics::UpstreamErrorKind;
 
 const ROUTED: ProxyError = ProxyError::new(
@@ -40,7 +42,8 @@ const ROUTED: ProxyError = ProxyError::new(
     "CONNECT to a routed host is refused: an HTTPS tunnel is encrypted end to end, so the proxy \
      cannot inject the access token into it. Call http:// URLs through the proxy instead (for \
      example http://ob.flinksapp.com/api/...); the proxy itself connects to the upstream over \
-     TLS and adds the token.",
+     TLS and adds the token. (Or let the proxy terminate the app's TLS with an operator CA: \
+     [proxy.intercept].)",
 )
 .closing();
 const DENIED: ProxyError = ProxyError::new(
@@ -82,11 +85,30 @@ impl Inner {
             return self.refuse(BAD_AUTHORITY);
         };
         let host = authority.host();
-        if self.routes.is_routed_host(host) {
-            return self.refuse(ROUTED);
-        }
-        if self.connect == ConnectPolicy::Deny {
-            return self.refuse(DENIED);
+        match decide(
+            &self.routes,
+            host,
+            port,
+            self.intercept.is_some(),
+            self.connect,
+        ) {
+            ConnectDecision::Intercept(route) => {
+                tracing::debug!(route = &*route.label, "CONNECT intercepted");
+                let host: Box<str> = normalise(host).to_ascii_lowercase().into();
+                let on_upgrade = hyper::upgrade::on(req);
+                conn.set_tunnel(conn.inner.clone().intercept(
+                    on_upgrade,
+                    host,
+                    port,
+                    conn.shutdown.clone(),
+                ));
+                let mut resp = Response::new(ProxyBody::empty());
+                *resp.status_mut() = StatusCode::OK;
+                return resp;
+            }
+            ConnectDecision::RefuseRouted => return self.refuse(ROUTED),
+            ConnectDecision::Deny => return self.refuse(DENIED),
+            ConnectDecision::Tunnel => {}
         }
         let dial = TcpStream::connect((normalise(host), port));
         let upstream = match tokio::time::timeout(self.connect_timeout, dial).await {

@@ -31,6 +31,10 @@ mod hardening;
 // `Expect`, upgrades, HTTP/1.0; checks the answer and what each upstream received.
 mod hostile;
 
+// HTTPS interception (`[proxy.intercept]`): an operator CA from `ca init`, curl, Python,
+// Node and rustls clients through intercepted CONNECTs to a real TLS upstream.
+mod intercept;
+
 // The proxy port end to end on an in-process proxy: token injection, sanitising, refusals,
 // limits, tunnels, streaming, replay, shutdown.
 mod proxy;
