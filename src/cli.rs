@@ -119,6 +119,9 @@ pub enum Command {
         /// Admin address.
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: std::net::SocketAddr,
+        /// Subjects API address (the per-subject part of the demo).
+        #[arg(long, default_value = "127.0.0.1:9902")]
+        subjects: std::net::SocketAddr,
     },
 }
 
@@ -188,7 +191,11 @@ pub fn run() -> Result<(), Failure> {
         #[cfg(feature = "dev-tools")]
         Command::DevIssuer(args) => dev_issuer(args),
         #[cfg(feature = "dev-tools")]
-        Command::Demo { listen, admin } => demo(listen, admin),
+        Command::Demo {
+            listen,
+            admin,
+            subjects,
+        } => demo(listen, admin, subjects),
     }
 }
 
@@ -556,9 +563,21 @@ fn dev_issuer(args: DevIssuerArgs) -> Result<(), Failure> {
 }
 
 #[cfg(feature = "dev-tools")]
-fn demo(proxy: std::net::SocketAddr, admin: std::net::SocketAddr) -> Result<(), Failure> {
+fn demo(
+    proxy: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+    subjects: std::net::SocketAddr,
+) -> Result<(), Failure> {
     use crate::demo::{DemoAddrs, DemoError};
-    block_on(1, crate::demo::run(DemoAddrs { proxy, admin }))?.map_err(|e| match e {
+    block_on(
+        1,
+        crate::demo::run(DemoAddrs {
+            proxy,
+            admin,
+            subjects,
+        }),
+    )?
+    .map_err(|e| match e {
         DemoError::Config(e) => Failure::config(anyhow!("demo: {e}")),
         DemoError::Failed(e) => Failure::from(e.context("demo")),
     })

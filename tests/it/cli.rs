@@ -350,3 +350,114 @@ async fn run_refreshes_and_stops_on_sigterm_without_leaking_secrets() {
     assert!(logs.contains("shutting down"), "{logs}");
     assert_no_canary(&logs);
 }
+
+/// Starts `bearer-proxy demo` on free ports with `TMPDIR` at `tmp` and reads its stdout until
+/// `until` appears; returns the child and what it printed.
+async fn start_demo(tmp: &Path, until: &str) -> (tokio::process::Child, String) {
+    let mut child = Command::new(BIN)
+        .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args(["--subjects", "127.0.0.1:0"])
+        .env("TMPDIR", tmp)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while !String::from_utf8_lossy(&out).contains(until) {
+            let n = stdout.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "demo exited early: {}",
+                String::from_utf8_lossy(&out)
+            );
+            out.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("the demo did not print its instructions");
+    (child, String::from_utf8_lossy(&out).into_owned())
+}
+
+/// The proxy address the demo printed (`curl -x http://ADDR ...`).
+fn demo_proxy(out: &str) -> String {
+    let start = out.find("curl -x http://").expect("no curl line") + "curl -x ".len();
+    out[start..].split_whitespace().next().unwrap().to_owned()
+}
+
+async fn through(proxy: &str, url: &str, subject: Option<&str>) -> (u16, String) {
+    // reqwest's rustls needs a process-wide provider; installing it twice is harmless.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(proxy).unwrap())
+        .build()
+        .unwrap();
+    let mut req = client.get(url);
+    if let Some(s) = subject {
+        req = req.header("x-bearer-proxy-subject", s);
+    }
+    let answer = req.send().await.unwrap();
+    (answer.status().as_u16(), answer.text().await.unwrap())
+}
+
+async fn sigterm(mut child: tokio::process::Child) -> Option<i32> {
+    let pid = child.id().unwrap().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .unwrap()
+            .success()
+    );
+    tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("the demo did not stop after SIGTERM")
+        .unwrap()
+        .code()
+}
+
+/// The README's first command: the demo shows the Data Recipient flow (two customers enrolled
+/// through the subjects API, each call getting its own customer's token) next to the named
+/// token, and removes its scratch directory when stopped.
+#[tokio::test]
+async fn the_demo_shows_two_customers_getting_their_own_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (child, out) = start_demo(tmp.path(), "revoke_consent").await;
+    let proxy = demo_proxy(&out);
+    let fdx = "http://fdx.demo.test/api/fdx/5/accounts";
+    for customer in ["customer-alice", "customer-bob"] {
+        let (status, body) = through(&proxy, fdx, Some(customer)).await;
+        assert_eq!(status, 200, "{body}");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["user"], customer, "{body}");
+    }
+    let (status, body) = through(&proxy, fdx, None).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("subject_required"), "{body}");
+    let (status, body) = through(&proxy, "http://api.demo.test/hello", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(std::fs::read_dir(tmp.path()).unwrap().count() == 1);
+    assert_eq!(sigterm(child).await, Some(0));
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "the demo left its scratch directory behind"
+    );
+}
+
+/// In a read-only container (no writable TMPDIR) the demo still runs its named-token part.
+#[tokio::test]
+async fn the_demo_without_a_writable_tmpdir_skips_only_the_per_subject_part() {
+    let missing = tempfile::tempdir().unwrap().path().join("absent");
+    let (child, out) = start_demo(&missing, "Ctrl-C stops everything").await;
+    assert!(!out.contains("Per-subject tokens"), "{out}");
+    let (status, body) = through(&demo_proxy(&out), "http://api.demo.test/hello", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(sigterm(child).await, Some(0));
+}
