@@ -6,7 +6,8 @@
 # `Authorization` is exactly that token.
 #
 #   benches/callgrind.sh [--bin PATH] [--requests N] [--warmup N] [--conns N] [--idle S]
-#                        [--credentials N] [--per-subject N [--active N]] [--out DIR]
+#                        [--credentials N] [--per-subject N [--active N]] [--intercept]
+#                        [--out DIR]
 #
 # The proxy (default: this checkout's target/release/bearer-proxy) runs under
 # `valgrind --tool=callgrind` (instruction counts only: no cache or branch simulation). A small
@@ -35,6 +36,11 @@
 # the upstream only checks that a JWT-shaped bearer token arrived; that the right subject's token
 # is injected is checked before the window through a second route to the issuer's /api/fdx/
 # stand-in, which names the user whose token arrived (sJ must come back as uJ).
+# --intercept (with one credential) adds [proxy.intercept] with a CA from `bearer-proxy ca init`:
+# each client connection sends `CONNECT api1.bench.test:443`, does TLS with that CA trusted
+# (the proxy's leaf) and then sends origin-form `GET /small` requests inside it, keep-alive; the
+# upstream is the same plain-HTTP nginx, so the difference to the default is the proxy's TLS
+# termination.
 #
 # Needs nginx, python3, curl, valgrind (callgrind_control talks to it through vgdb). Everything
 # listens on 127.0.0.1 (ports BASE_PORT..+5, default 29300); every process it starts runs in its
@@ -45,6 +51,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=$ROOT/target/release/bearer-proxy REQUESTS=20000 WARMUP=200 CONNS=8 IDLE=5 CREDENTIALS=1 OUT=""
 SUBJECTS=0 ACTIVE=100   # --per-subject: subjects enrolled, and how many the client names
+INTERCEPT=0
 TOKEN=${TOKEN:-e2e-6b1d0c7a93f24e58a1}
 P=${BASE_PORT:-29300}   # every port is P + a fixed offset
 while (($#)); do
@@ -57,6 +64,7 @@ while (($#)); do
     --conns) CONNS=$2; shift 2;;
     --per-subject) SUBJECTS=$2; shift 2;;
     --active) ACTIVE=$2; shift 2;;
+    --intercept) INTERCEPT=1; shift;;
     --out) OUT=$2; shift 2;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2;;
@@ -73,6 +81,9 @@ if ((SUBJECTS)); then
   ((ACTIVE >= 1 && ACTIVE <= SUBJECTS)) || die "--active must be 1..--per-subject"
 else
   ACTIVE=0
+fi
+if ((INTERCEPT)); then
+  ((CREDENTIALS == 1 && SUBJECTS == 0)) || die "--intercept takes one credential, no --per-subject"
 fi
 [[ -x $BIN ]] || die "$BIN is not an executable (build it: cargo build --release --locked)"
 BIN=$(realpath "$BIN")
@@ -158,6 +169,14 @@ listen = "127.0.0.1:$ADMIN"
 level = "warn"
 format = "text"
 EOF
+if ((INTERCEPT)); then
+  "$BIN" ca init --out "$W/ca" >"$W/ca.log" 2>&1 || die "ca init failed: $(cat "$W/ca.log")"
+  cat >>"$W/proxy.toml" <<EOF
+[proxy.intercept]
+ca_cert_file = "$W/ca/ca.crt"
+ca_key_file = "$W/ca/ca.key"
+EOF
+fi
 REDIRECT=http://app.bench.test/callback
 if ((SUBJECTS)); then
   mkdir -p "$W/state"
@@ -253,6 +272,11 @@ wait_for 60 "proxy ready (token fetched)" ready
 got=$(curl -s -o /dev/null -w '%{http_code} %{size_download}' --max-time 10 "${SUBJ_HEAD[@]}" \
   -x "http://127.0.0.1:$PROXY" http://api1.bench.test/small)
 [[ $got == "200 12" ]] || die "a proxied request gave '$got', not '200 12'"
+if ((INTERCEPT)); then
+  got=$(curl -s -o /dev/null -w '%{http_code} %{size_download}' --max-time 30 \
+    --cacert "$W/ca/ca.crt" -x "http://127.0.0.1:$PROXY" https://api1.bench.test/small)
+  [[ $got == "200 12" ]] || die "an intercepted request gave '$got', not '200 12'"
+fi
 # Per subject: the issuer's data stand-in names the user whose token the proxy injected.
 for j in 1 "$ACTIVE" "$SUBJECTS"; do
   ((SUBJECTS)) || break
@@ -267,9 +291,10 @@ done
 # connections are opened and warmed up before the counters are zeroed and closed after the dump,
 # so the window holds exactly REQUESTS requests and no connection setup or teardown.
 cat >"$W/client.py" <<'PY'
-import asyncio, itertools, subprocess, sys, urllib.request
+import asyncio, itertools, ssl, subprocess, sys, urllib.request
 
 proxy_port, conns, warmup, requests, pid, stub_port, credentials, active = map(int, sys.argv[1:9])
+ca = sys.argv[9]   # intercept: CONNECT, then TLS trusting this CA; "" for plain forward mode
 # connection i always uses route api<i mod credentials + 1>; per subject (active > 0) the
 # requests name the subjects s1..s<active> in turn, over all connections
 REQS = [f"GET http://api{k}.bench.test/small HTTP/1.1\r\nHost: api{k}.bench.test\r\n\r\n".encode()
@@ -277,6 +302,7 @@ REQS = [f"GET http://api{k}.bench.test/small HTTP/1.1\r\nHost: api{k}.bench.test
 SUBJ = [f"GET http://api1.bench.test/small HTTP/1.1\r\nHost: api1.bench.test\r\n"
         f"X-Bearer-Proxy-Subject: s{j}\r\n\r\n".encode() for j in range(1, active + 1)]
 turn = itertools.count()
+TLS_REQ = b"GET /small HTTP/1.1\r\nHost: api1.bench.test\r\n\r\n"
 BODY = b'{"ok":true}\n'
 
 async def one(reader, writer, req):
@@ -292,7 +318,8 @@ async def one(reader, writer, req):
 async def run(streams, total):
     async def conn(i, n):
         for _ in range(n):
-            req = SUBJ[next(turn) % active] if active else REQS[i % credentials]
+            req = (TLS_REQ if ca else SUBJ[next(turn) % active] if active
+                   else REQS[i % credentials])
             await one(*streams[i], req)
     share = [total // conns + (1 if i < total % conns else 0) for i in range(conns)]
     await asyncio.gather(*(conn(i, share[i]) for i in range(conns)))
@@ -307,8 +334,19 @@ def accepts():  # connections the upstream has accepted (its stub_status; this r
     with urllib.request.urlopen(f"http://127.0.0.1:{stub_port}/", timeout=10) as r:
         return int(r.read().decode().splitlines()[2].split()[0])
 
+async def open_one():
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
+    if ca:
+        writer.write(b"CONNECT api1.bench.test:443 HTTP/1.1\r\nHost: api1.bench.test:443\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        if head.split(b" ", 2)[1] != b"200":
+            raise SystemExit(f"CONNECT answered {head!r}")
+        await asyncio.wait_for(writer.start_tls(ssl.create_default_context(cafile=ca),
+                                                server_hostname="api1.bench.test"), 60)
+    return reader, writer
+
 async def main():
-    streams = [await asyncio.open_connection("127.0.0.1", proxy_port) for _ in range(conns)]
+    streams = [await open_one() for _ in range(conns)]
     await run(streams, warmup)
     a0 = accepts()
     control("--zero")
@@ -348,9 +386,10 @@ callgrind_control --dump=idle "$PROXY_PID" >>"$W/control.log" 2>&1 || die "callg
 idle_ir=$(total_ir "$(dumped "$before")")
 
 say "load: $CONNS connections, $((WARMUP * CONNS)) warm-up requests, then $REQUESTS measured"
+CA_ARG=""; ((INTERCEPT)) && CA_ARG=$W/ca/ca.crt
 before=$(newest_dump); r0=$(served); u0=$(upstream_requests); t0=$SECONDS
 timeout -k 5 1800 python3 "$W/client.py" "$PROXY" "$CONNS" $((WARMUP * CONNS)) "$REQUESTS" \
-  "$PROXY_PID" "$STUB" "$CREDENTIALS" "$ACTIVE" >"$W/client.log" 2>&1 || die "client failed: $(tail -5 "$W/client.log")"
+  "$PROXY_PID" "$STUB" "$CREDENTIALS" "$ACTIVE" "$CA_ARG" >"$W/client.log" 2>&1 || die "client failed: $(tail -5 "$W/client.log")"
 file=$(dumped "$before")
 secs=$((SECONDS - t0))
 r1=$(served); u1=$(upstream_requests)
@@ -359,6 +398,7 @@ opened=$(awk '$1 == "upstream_connections_opened" {print $2}' "$W/client.log")
 pooled=$(curl -s --max-time 10 "http://127.0.0.1:$STUB/" | awk 'NR == 1 {print $3 - 1}')
 # stub_status counts its own reads: ours (the second includes itself) and the client's two
 served_n=$((r1 - r0)) up_n=$((u1 - u0 - 3)) expect=$((WARMUP * CONNS + REQUESTS))
+((INTERCEPT)) && served_n=$((served_n - CONNS))   # the proxy also counts each CONNECT
 ((served_n == expect && up_n == expect)) ||
   die "the proxy counted $served_n requests and the upstream $up_n; the client sent $expect"
 {
@@ -370,6 +410,8 @@ served_n=$((r1 - r0)) up_n=$((u1 - u0 - 3)) expect=$((WARMUP * CONNS + REQUESTS)
   echo "measured window: $ir instructions for $REQUESTS requests" \
     "(proxy and upstream each counted all $expect)"
   echo "upstream connections: $pooled open after the run, $opened opened during the measured window"
+  ((INTERCEPT)) && echo "intercepted: CONNECT api1.bench.test:443 + TLS (proxy's leaf), then" \
+    "origin-form requests inside each connection"
   if ((SUBJECTS)); then
     echo "per subject: $SUBJECTS subjects enrolled (${enrol_secs}s), requests name s1..s$ACTIVE in" \
       "turn; s1, s$ACTIVE and s$SUBJECTS checked to reach the issuer with their user's token"
