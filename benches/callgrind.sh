@@ -35,7 +35,9 @@
 # warm-up fetches their tokens). The issuer then mints a token per user (no --fixed-token), so
 # the upstream only checks that a JWT-shaped bearer token arrived; that the right subject's token
 # is injected is checked before the window through a second route to the issuer's /api/fdx/
-# stand-in, which names the user whose token arrived (sJ must come back as uJ).
+# stand-in, which names the user whose token arrived (sJ must come back as uJ). The windows
+# start 75 s after the proxy, after the keep-alive's first pass over the store; the enrolment
+# takes ≈30 s per 10,000 subjects on an idle machine.
 # --intercept (with one credential) adds [proxy.intercept] with a CA from `bearer-proxy ca init`:
 # each client connection sends `CONNECT api1.bench.test:443`, does TLS with that CA trusted
 # (the proxy's leaf) and then sends origin-form `GET /small` requests inside it, keep-alive; the
