@@ -6,7 +6,8 @@
 # `Authorization` is exactly that token.
 #
 #   benches/callgrind.sh [--bin PATH] [--requests N] [--warmup N] [--conns N] [--idle S]
-#                        [--credentials N] [--out DIR]
+#                        [--credentials N] [--per-subject N [--active N]] [--intercept]
+#                        [--out DIR]
 #
 # The proxy (default: this checkout's target/release/bearer-proxy) runs under
 # `valgrind --tool=callgrind` (instruction counts only: no cache or branch simulation). A small
@@ -24,15 +25,35 @@
 # its own ([tokens.e2e1]..), all to the same upstream; client connection i uses route
 # api<i mod N + 1>. It shows what separate upstream pools per credential cost in steady state:
 # the result also gives the upstream connections open after the run and opened in the window.
+# --per-subject N (with one credential) makes the route's token `per_subject = true` (a
+# [subjects] section, records under the work directory) and enrols N subjects s1..sN before the
+# window: for each, a code from the dev issuer's authorize endpoint (user uI) is posted to the
+# subjects API. The proxy runs without valgrind for the enrolment, and its VmRSS/VmHWM are
+# reported with no subject and with N enrolled (every first access token held in memory); then it
+# is restarted under valgrind with the N records on disk. The client sends
+# `X-Bearer-Proxy-Subject: sJ`, J cycling over the first --active subjects (default 100; the
+# warm-up fetches their tokens). The issuer then mints a token per user (no --fixed-token), so
+# the upstream only checks that a JWT-shaped bearer token arrived; that the right subject's token
+# is injected is checked before the window through a second route to the issuer's /api/fdx/
+# stand-in, which names the user whose token arrived (sJ must come back as uJ). The windows
+# start 75 s after the proxy, after the keep-alive's first pass over the store; the enrolment
+# takes ≈30 s per 10,000 subjects on an idle machine.
+# --intercept (with one credential) adds [proxy.intercept] with a CA from `bearer-proxy ca init`:
+# each client connection sends `CONNECT api1.bench.test:443`, does TLS with that CA trusted
+# (the proxy's leaf) and then sends origin-form `GET /small` requests inside it, keep-alive; the
+# upstream is the same plain-HTTP nginx, so the difference to the default is the proxy's TLS
+# termination.
 #
 # Needs nginx, python3, curl, valgrind (callgrind_control talks to it through vgdb). Everything
-# listens on 127.0.0.1 (ports BASE_PORT..+4, default 29300); every process it starts runs in its
+# listens on 127.0.0.1 (ports BASE_PORT..+5, default 29300); every process it starts runs in its
 # own session and is stopped by its PID on exit. Takes about a minute per 10,000 requests on an
 # idle machine (the proxy runs ~50x slower under valgrind).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=$ROOT/target/release/bearer-proxy REQUESTS=20000 WARMUP=200 CONNS=8 IDLE=5 CREDENTIALS=1 OUT=""
+SUBJECTS=0 ACTIVE=100   # --per-subject: subjects enrolled, and how many the client names
+INTERCEPT=0
 TOKEN=${TOKEN:-e2e-6b1d0c7a93f24e58a1}
 P=${BASE_PORT:-29300}   # every port is P + a fixed offset
 while (($#)); do
@@ -43,6 +64,9 @@ while (($#)); do
     --idle) IDLE=$2; shift 2;;
     --credentials) CREDENTIALS=$2; shift 2;;
     --conns) CONNS=$2; shift 2;;
+    --per-subject) SUBJECTS=$2; shift 2;;
+    --active) ACTIVE=$2; shift 2;;
+    --intercept) INTERCEPT=1; shift;;
     --out) OUT=$2; shift 2;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2;;
@@ -54,10 +78,19 @@ die() { say "error: $*"; exit 1; }
 for t in nginx python3 curl valgrind callgrind_control; do
   command -v $t >/dev/null || die "$t is missing (apt-get install nginx python3 curl valgrind)"
 done
+if ((SUBJECTS)); then
+  ((CREDENTIALS == 1)) || die "--per-subject takes one credential"
+  ((ACTIVE >= 1 && ACTIVE <= SUBJECTS)) || die "--active must be 1..--per-subject"
+else
+  ACTIVE=0
+fi
+if ((INTERCEPT)); then
+  ((CREDENTIALS == 1 && SUBJECTS == 0)) || die "--intercept takes one credential, no --per-subject"
+fi
 [[ -x $BIN ]] || die "$BIN is not an executable (build it: cargo build --release --locked)"
 BIN=$(realpath "$BIN")
 
-UP=$P STUB=$((P + 1)) ISSUER=$((P + 2)) PROXY=$((P + 3)) ADMIN=$((P + 4))
+UP=$P STUB=$((P + 1)) ISSUER=$((P + 2)) PROXY=$((P + 3)) ADMIN=$((P + 4)) SUBJ_API=$((P + 5))
 OUT=${OUT:-/tmp/bp-callgrind.$(date +%Y%m%d-%H%M%S)}
 W=$OUT/work
 mkdir -p "$W"/{www,tmp}
@@ -89,12 +122,16 @@ wait_for() {  # SECONDS DESCRIPTION COMMAND...: poll until COMMAND succeeds
   local secs=$1 what=$2 deadline; shift 2; deadline=$((SECONDS + secs))
   until "$@"; do ((SECONDS < deadline)) || die "$what did not happen within ${secs}s"; sleep 0.2; done
 }
-for port in $(seq "$P" $((P + 4))); do
+for port in $(seq "$P" $((P + 5))); do
   listening "$port" && die "127.0.0.1:$port is in use; stop what listens there or set BASE_PORT"
 done
 
 # ------------------------------------------------------------------ upstream (as in e2e.sh)
 printf '{"ok":true}\n' >"$W/www/small"     # 12 bytes
+# The upstream's token check: exactly the fixed token, or (per subject: one token per user) a
+# JWT-shaped bearer token; which user's token is checked through the issuer below.
+AUTH_CHECK="!= \"Bearer $TOKEN\""
+((SUBJECTS)) && AUTH_CHECK='!~ "^Bearer [A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$"'
 cat >"$W/upstream.conf" <<EOF
 daemon off; master_process on; worker_processes 1; error_log $W/upstream.err crit;
 pid $W/upstream.pid;
@@ -107,7 +144,7 @@ http {
   server {
     listen 127.0.0.1:$UP backlog=4096;
     root $W/www;
-    if (\$http_authorization != "Bearer $TOKEN") { return 401 "wrong or missing token\n"; }
+    if (\$http_authorization $AUTH_CHECK) { return 401 "wrong or missing token\n"; }
     location = /small { }
     location / { return 404; }
   }
@@ -118,8 +155,9 @@ start upstream nginx -p "$W" -e "$W/upstream.err" -c "$W/upstream.conf"
 wait_for 10 "upstream listening" listening "$UP"
 
 # ------------------------------------------------------------------ dev issuer and proxy
+FIXED=(--fixed-token "$TOKEN"); ((SUBJECTS)) && FIXED=()   # per subject: a token per user
 start issuer "$BIN" dev-issuer --listen "127.0.0.1:$ISSUER" --lifetime 600 \
-  --client-id e2e --client-secret e2e-secret --fixed-token "$TOKEN"
+  --client-id e2e --client-secret e2e-secret "${FIXED[@]}"
 wait_for 10 "issuer listening" listening "$ISSUER"
 cat >"$W/proxy.toml" <<EOF
 [proxy]
@@ -133,11 +171,40 @@ listen = "127.0.0.1:$ADMIN"
 level = "warn"
 format = "text"
 EOF
+if ((INTERCEPT)); then
+  "$BIN" ca init --out "$W/ca" >"$W/ca.log" 2>&1 || die "ca init failed: $(cat "$W/ca.log")"
+  cat >>"$W/proxy.toml" <<EOF
+[proxy.intercept]
+ca_cert_file = "$W/ca/ca.crt"
+ca_key_file = "$W/ca/ca.key"
+EOF
+fi
+REDIRECT=http://app.bench.test/callback
+if ((SUBJECTS)); then
+  mkdir -p "$W/state"
+  head -c 32 /dev/urandom | base64 >"$W/subjects.key"
+  cat >>"$W/proxy.toml" <<EOF
+[subjects]
+listen = "127.0.0.1:$SUBJ_API"
+state_dir = "$W/state"
+encryption_key_file = "$W/subjects.key"
+[[routes]]
+name = "check"
+host = "check.bench.test"
+token = "e2e1"
+upstream = "http://127.0.0.1:$ISSUER"
+EOF
+  GRANT='grant_type = "authorization_code"
+per_subject = true
+redirect_uri = "'$REDIRECT'"'
+else
+  GRANT='grant_type = "client_credentials"'
+fi
 for ((i = 1; i <= CREDENTIALS; i++)); do   # route api<i> -> token e2e<i>, all to the same upstream
   cat >>"$W/proxy.toml" <<EOF
 [tokens.e2e$i]
 token_url = "http://127.0.0.1:$ISSUER/api/v1/token"
-grant_type = "client_credentials"
+$GRANT
 client_id = "e2e"
 client_secret = "e2e-secret"
 refresh_ratio = 0.75
@@ -148,16 +215,77 @@ token = "e2e$i"
 upstream = "http://127.0.0.1:$UP"
 EOF
 done
+ready() { [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 10 "http://127.0.0.1:$ADMIN/readyz") == 200 ]]; }
+stopped() { ! kill -0 "$1" 2>/dev/null; }
+rss() { awk '/^Vm(RSS|HWM):/ {printf "%s %s %s  ", $1, $2, $3}' "/proc/$1/status"; }
+SUBJ_HEAD=()
+if ((SUBJECTS)); then
+  # The enrolment, without valgrind: each worker asks the issuer's authorize endpoint for user
+  # uI's code and posts it to the subjects API as subject sI.
+  cat >"$W/enrol.py" <<'PY'
+import concurrent.futures, http.client, json, sys, urllib.parse
+
+issuer, api, n, redirect = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+WORKERS = 8
+
+def worker(k):
+    iss = http.client.HTTPConnection("127.0.0.1", issuer, timeout=30)
+    sub = http.client.HTTPConnection("127.0.0.1", api, timeout=30)
+    for i in range(k + 1, n + 1, WORKERS):
+        q = urllib.parse.urlencode({"client_id": "e2e", "redirect_uri": redirect,
+                                    "state": "x", "user": f"u{i}"})
+        iss.request("GET", f"/api/v1/authorize?{q}")
+        r = iss.getresponse(); r.read()
+        loc = urllib.parse.urlparse(r.getheader("location") or "")
+        code = urllib.parse.parse_qs(loc.query).get("code", [""])[0]
+        if r.status != 302 or not code:
+            raise SystemExit(f"authorize for u{i}: HTTP {r.status}")
+        sub.request("POST", f"/v1/tokens/e2e1/subjects/s{i}/code",
+                    body=json.dumps({"code": code}),
+                    headers={"content-type": "application/json"})
+        r = sub.getresponse(); body = r.read()
+        if r.status != 201:
+            raise SystemExit(f"enrolling s{i}: HTTP {r.status} {body[:200]!r}")
+
+with concurrent.futures.ThreadPoolExecutor(WORKERS) as ex:
+    for f in [ex.submit(worker, k) for k in range(WORKERS)]:
+        f.result()
+PY
+  start proxy-native "$BIN" run --config "$W/proxy.toml"
+  native=$LAST_PID
+  wait_for 30 "proxy listening" listening "$PROXY"
+  wait_for 30 "subjects API listening" listening "$SUBJ_API"
+  wait_for 30 "proxy ready" ready
+  rss_none=$(rss "$native")
+  say "enrolling $SUBJECTS subjects"; t0=$SECONDS
+  timeout -k 5 1800 python3 "$W/enrol.py" "$ISSUER" "$SUBJ_API" "$SUBJECTS" "$REDIRECT" \
+    >"$W/enrol.log" 2>&1 || die "enrolment failed: $(tail -5 "$W/enrol.log")"
+  enrol_secs=$((SECONDS - t0))
+  rss_all=$(rss "$native")
+  kill -TERM -- "-$native"; wait_for 30 "the unmeasured proxy stopping" stopped "$native"
+  SUBJ_HEAD=(-H "X-Bearer-Proxy-Subject: s1")
+fi
 # Instruction counts only (callgrind's default: no cache or branch simulation).
 start proxy valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out.%p" \
   "$BIN" run --config "$W/proxy.toml"
-PROXY_PID=$LAST_PID
-wait_for 120 "proxy (under valgrind) listening" listening "$PROXY"
-ready() { [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 10 "http://127.0.0.1:$ADMIN/readyz") == 200 ]]; }
+PROXY_PID=$LAST_PID PROXY_T0=$SECONDS
+wait_for 300 "proxy (under valgrind) listening" listening "$PROXY"
 wait_for 60 "proxy ready (token fetched)" ready
-got=$(curl -s -o /dev/null -w '%{http_code} %{size_download}' --max-time 10 \
+got=$(curl -s -o /dev/null -w '%{http_code} %{size_download}' --max-time 10 "${SUBJ_HEAD[@]}" \
   -x "http://127.0.0.1:$PROXY" http://api1.bench.test/small)
 [[ $got == "200 12" ]] || die "a proxied request gave '$got', not '200 12'"
+if ((INTERCEPT)); then
+  got=$(curl -s -o /dev/null -w '%{http_code} %{size_download}' --max-time 30 \
+    --cacert "$W/ca/ca.crt" -x "http://127.0.0.1:$PROXY" https://api1.bench.test/small)
+  [[ $got == "200 12" ]] || die "an intercepted request gave '$got', not '200 12'"
+fi
+# Per subject: the issuer's data stand-in names the user whose token the proxy injected.
+for j in 1 "$ACTIVE" "$SUBJECTS"; do
+  ((SUBJECTS)) || break
+  got=$(curl -s --max-time 30 -H "X-Bearer-Proxy-Subject: s$j" -x "http://127.0.0.1:$PROXY" \
+    http://check.bench.test/api/fdx/accounts)
+  [[ $got == *'"user":"u'$j'"'* ]] || die "subject s$j's request reached the issuer as '$got'"
+done
 
 # ------------------------------------------------------------------ measurement
 # The client: CONNS keep-alive connections, each sending its share of the requests one after
@@ -165,12 +293,18 @@ got=$(curl -s -o /dev/null -w '%{http_code} %{size_download}' --max-time 10 \
 # connections are opened and warmed up before the counters are zeroed and closed after the dump,
 # so the window holds exactly REQUESTS requests and no connection setup or teardown.
 cat >"$W/client.py" <<'PY'
-import asyncio, subprocess, sys, urllib.request
+import asyncio, itertools, ssl, subprocess, sys, urllib.request
 
-proxy_port, conns, warmup, requests, pid, stub_port, credentials = map(int, sys.argv[1:8])
-# connection i always uses route api<i mod credentials + 1>
+proxy_port, conns, warmup, requests, pid, stub_port, credentials, active = map(int, sys.argv[1:9])
+ca = sys.argv[9]   # intercept: CONNECT, then TLS trusting this CA; "" for plain forward mode
+# connection i always uses route api<i mod credentials + 1>; per subject (active > 0) the
+# requests name the subjects s1..s<active> in turn, over all connections
 REQS = [f"GET http://api{k}.bench.test/small HTTP/1.1\r\nHost: api{k}.bench.test\r\n\r\n".encode()
         for k in range(1, credentials + 1)]
+SUBJ = [f"GET http://api1.bench.test/small HTTP/1.1\r\nHost: api1.bench.test\r\n"
+        f"X-Bearer-Proxy-Subject: s{j}\r\n\r\n".encode() for j in range(1, active + 1)]
+turn = itertools.count()
+TLS_REQ = b"GET /small HTTP/1.1\r\nHost: api1.bench.test\r\n\r\n"
 BODY = b'{"ok":true}\n'
 
 async def one(reader, writer, req):
@@ -186,7 +320,9 @@ async def one(reader, writer, req):
 async def run(streams, total):
     async def conn(i, n):
         for _ in range(n):
-            await one(*streams[i], REQS[i % credentials])
+            req = (TLS_REQ if ca else SUBJ[next(turn) % active] if active
+                   else REQS[i % credentials])
+            await one(*streams[i], req)
     share = [total // conns + (1 if i < total % conns else 0) for i in range(conns)]
     await asyncio.gather(*(conn(i, share[i]) for i in range(conns)))
 
@@ -200,8 +336,19 @@ def accepts():  # connections the upstream has accepted (its stub_status; this r
     with urllib.request.urlopen(f"http://127.0.0.1:{stub_port}/", timeout=10) as r:
         return int(r.read().decode().splitlines()[2].split()[0])
 
+async def open_one():
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
+    if ca:
+        writer.write(b"CONNECT api1.bench.test:443 HTTP/1.1\r\nHost: api1.bench.test:443\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        if head.split(b" ", 2)[1] != b"200":
+            raise SystemExit(f"CONNECT answered {head!r}")
+        await asyncio.wait_for(writer.start_tls(ssl.create_default_context(cafile=ca),
+                                                server_hostname="api1.bench.test"), 60)
+    return reader, writer
+
 async def main():
-    streams = [await asyncio.open_connection("127.0.0.1", proxy_port) for _ in range(conns)]
+    streams = [await open_one() for _ in range(conns)]
     await run(streams, warmup)
     a0 = accepts()
     control("--zero")
@@ -227,6 +374,12 @@ dumped() {  # FILE_BEFORE -> the new dump's file, once complete
 }
 total_ir() { awk '/^(summary|totals):/ {print $2; exit}' "$1"; }
 
+if ((SUBJECTS)); then
+  # The keep-alive's first pass over the store runs a minute after start (FIRST_SWEEP_DELAY);
+  # let it happen before the windows (the idle window shows whether it was over).
+  say "waiting for the subjects keep-alive's first pass (a minute after start)"
+  while ((SECONDS < PROXY_T0 + 75)); do sleep 1; done
+fi
 say "idle window: ${IDLE}s without requests"
 before=$(newest_dump)
 callgrind_control --zero "$PROXY_PID" >"$W/control.log" 2>&1 || die "callgrind_control --zero failed"
@@ -235,9 +388,10 @@ callgrind_control --dump=idle "$PROXY_PID" >>"$W/control.log" 2>&1 || die "callg
 idle_ir=$(total_ir "$(dumped "$before")")
 
 say "load: $CONNS connections, $((WARMUP * CONNS)) warm-up requests, then $REQUESTS measured"
+CA_ARG=""; ((INTERCEPT)) && CA_ARG=$W/ca/ca.crt
 before=$(newest_dump); r0=$(served); u0=$(upstream_requests); t0=$SECONDS
 timeout -k 5 1800 python3 "$W/client.py" "$PROXY" "$CONNS" $((WARMUP * CONNS)) "$REQUESTS" \
-  "$PROXY_PID" "$STUB" "$CREDENTIALS" >"$W/client.log" 2>&1 || die "client failed: $(tail -5 "$W/client.log")"
+  "$PROXY_PID" "$STUB" "$CREDENTIALS" "$ACTIVE" "$CA_ARG" >"$W/client.log" 2>&1 || die "client failed: $(tail -5 "$W/client.log")"
 file=$(dumped "$before")
 secs=$((SECONDS - t0))
 r1=$(served); u1=$(upstream_requests)
@@ -246,6 +400,7 @@ opened=$(awk '$1 == "upstream_connections_opened" {print $2}' "$W/client.log")
 pooled=$(curl -s --max-time 10 "http://127.0.0.1:$STUB/" | awk 'NR == 1 {print $3 - 1}')
 # stub_status counts its own reads: ours (the second includes itself) and the client's two
 served_n=$((r1 - r0)) up_n=$((u1 - u0 - 3)) expect=$((WARMUP * CONNS + REQUESTS))
+((INTERCEPT)) && served_n=$((served_n - CONNS))   # the proxy also counts each CONNECT
 ((served_n == expect && up_n == expect)) ||
   die "the proxy counted $served_n requests and the upstream $up_n; the client sent $expect"
 {
@@ -257,6 +412,14 @@ served_n=$((r1 - r0)) up_n=$((u1 - u0 - 3)) expect=$((WARMUP * CONNS + REQUESTS)
   echo "measured window: $ir instructions for $REQUESTS requests" \
     "(proxy and upstream each counted all $expect)"
   echo "upstream connections: $pooled open after the run, $opened opened during the measured window"
+  ((INTERCEPT)) && echo "intercepted: CONNECT api1.bench.test:443 + TLS (proxy's leaf), then" \
+    "origin-form requests inside each connection"
+  if ((SUBJECTS)); then
+    echo "per subject: $SUBJECTS subjects enrolled (${enrol_secs}s), requests name s1..s$ACTIVE in" \
+      "turn; s1, s$ACTIVE and s$SUBJECTS checked to reach the issuer with their user's token"
+    echo "proxy RSS without valgrind, no subject: $rss_none"
+    echo "proxy RSS without valgrind, $SUBJECTS enrolled: $rss_all"
+  fi
   awk -v ir="$ir" -v n="$REQUESTS" 'BEGIN {printf "instructions per request: %.0f\n", ir / n}'
   echo "profile: callgrind_annotate --inclusive=yes $file"
 } | tee "$OUT/result.txt"
