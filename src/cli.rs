@@ -569,13 +569,19 @@ fn demo(
     subjects: std::net::SocketAddr,
 ) -> Result<(), Failure> {
     use crate::demo::{DemoAddrs, DemoError};
+    // Made before the runtime and removed after it (at the end of this function), so no task
+    // still writing a subject record can race the removal.
+    let scratch = crate::demo::scratch_dir();
     block_on(
         1,
-        crate::demo::run(DemoAddrs {
-            proxy,
-            admin,
-            subjects,
-        }),
+        crate::demo::run(
+            DemoAddrs {
+                proxy,
+                admin,
+                subjects,
+            },
+            &scratch,
+        ),
     )?
     .map_err(|e| match e {
         DemoError::Config(e) => Failure::config(anyhow!("demo: {e}")),

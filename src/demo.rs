@@ -148,8 +148,10 @@ pub enum DemoError {
     Failed(#[from] anyhow::Error),
 }
 
-/// Runs the demo until Ctrl-C or SIGTERM.
-pub async fn run(addrs: DemoAddrs) -> Result<(), DemoError> {
+/// Runs the demo until Ctrl-C or SIGTERM. `scratch` is the per-subject part's directory (see
+/// [`scratch_dir`]); the caller removes it once the runtime, and with it every task that
+/// might still write a record, is gone.
+pub async fn run(addrs: DemoAddrs, scratch: &anyhow::Result<Scratch>) -> Result<(), DemoError> {
     let issuer = DevIssuer::bind(
         SocketAddr::from(([127, 0, 0, 1], 0)),
         IssuerOptions {
@@ -165,8 +167,7 @@ pub async fn run(addrs: DemoAddrs) -> Result<(), DemoError> {
         .context("cannot start the echo API")?;
     let echo_addr = echo.local_addr().context("the echo API's address")?;
     let base_url = issuer.base_url();
-    let scratch = scratch_dir();
-    let per_subject = match &scratch {
+    let per_subject = match scratch {
         Ok(dir) => Some(PerSubject {
             dir: &dir.0,
             issuer: &base_url,
@@ -245,12 +246,12 @@ pub async fn run(addrs: DemoAddrs) -> Result<(), DemoError> {
     let signals = os_signals().context("cannot install signal handlers")?;
     server.run(signals).await;
     let _ = stop_tx.send(true);
-    drop(scratch);
     Ok(())
 }
 
 /// The per-subject part's directory, removed on drop.
-struct Scratch(std::path::PathBuf);
+#[derive(Debug)]
+pub struct Scratch(std::path::PathBuf);
 
 impl Drop for Scratch {
     fn drop(&mut self) {
@@ -260,7 +261,7 @@ impl Drop for Scratch {
 }
 
 /// A fresh directory under `$TMPDIR` with a throwaway encryption key (mode 0600).
-fn scratch_dir() -> anyhow::Result<Scratch> {
+pub fn scratch_dir() -> anyhow::Result<Scratch> {
     use base64::Engine as _;
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
