@@ -325,14 +325,7 @@ fn file_problems(config: &Config) -> Vec<String> {
             problems.push(format!("tokens.{name}.client_assertion_key_file: {e}"));
         }
         if let Some(dir) = &t.state_dir {
-            match std::fs::metadata(dir) {
-                Ok(m) if m.is_dir() && !m.permissions().readonly() => {}
-                Ok(_) => problems.push(format!(
-                    "tokens.{name}.state_dir: {} is not a writable directory",
-                    dir.display()
-                )),
-                Err(e) => problems.push(format!("tokens.{name}.state_dir: {}: {e}", dir.display())),
-            }
+            problems.extend(dir_problem(&format!("tokens.{name}.state_dir"), dir));
         }
     }
     for (i, r) in config.routes.iter().enumerate() {
@@ -370,14 +363,19 @@ fn subjects_file_problems(sc: &crate::config::SubjectsConfig, problems: &mut Vec
         ));
     }
     if let Some(dir) = &sc.state_dir {
-        match std::fs::metadata(dir) {
-            Ok(m) if m.is_dir() && !m.permissions().readonly() => {}
-            Ok(_) => problems.push(format!(
-                "subjects.state_dir: {} is not a writable directory",
-                dir.display()
-            )),
-            Err(e) => problems.push(format!("subjects.state_dir: {}: {e}", dir.display())),
-        }
+        problems.extend(dir_problem("subjects.state_dir", dir));
+    }
+}
+
+/// Why `dir` (the value of `key`) cannot hold state: missing, not a directory, or read-only.
+fn dir_problem(key: &str, dir: &Path) -> Option<String> {
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() && !m.permissions().readonly() => None,
+        Ok(_) => Some(format!(
+            "{key}: {} is not a writable directory",
+            dir.display()
+        )),
+        Err(e) => Some(format!("{key}: {}: {e}", dir.display())),
     }
 }
 

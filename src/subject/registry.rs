@@ -1,5 +1,5 @@
 //! The per-subject part of a running server: one [`SubjectTokens`] for each token entry with
-//! `per_subject = true`, over one store and one key ring. Built once by [`Subjects::start`];
+//! `per_subject = true`, over one store and one key ring. Built once by [`Subjects::start_with_metrics`];
 //! the proxy reads tokens from it and the subjects API manages subjects through it.
 //!
 //! Start-up reads every record once (the census) to count subjects and to refuse, naming the
@@ -53,15 +53,10 @@ impl std::fmt::Debug for Subjects {
 }
 
 impl Subjects {
-    /// Opens the store and key ring and builds each per-subject token entry; `None` when no
-    /// token has `per_subject = true`. Fails before anything is served if the store cannot be
-    /// opened, a key file cannot be read, or a record names a key id that is not configured.
-    pub async fn start(config: &Config) -> anyhow::Result<Option<Arc<Self>>> {
-        Self::start_with_metrics(config, &Metrics::new()).await
-    }
-
-    /// [`Subjects::start`], counting into `metrics` (`bearer_proxy_subjects` starts from the
-    /// census).
+    /// Opens the store and key ring and builds each per-subject token entry, counting into
+    /// `metrics` (`bearer_proxy_subjects` starts from the census); `None` when no token has
+    /// `per_subject = true`. Fails before anything is served if the store cannot be opened, a
+    /// key file cannot be read, or a record names a key id that is not configured.
     pub async fn start_with_metrics(
         config: &Config,
         metrics: &Metrics,
