@@ -144,6 +144,9 @@ fn from_tree(mut root: HashMap<String, config::Value>) -> Result<Config, ConfigE
     let subjects = root
         .remove("subjects")
         .and_then(|v| parse::<SubjectsConfig>(v, "subjects", &mut errors));
+    let redis = root
+        .remove("redis")
+        .and_then(|v| parse::<RedisConfig>(v, "redis", &mut errors));
     let mut unknown: Vec<_> = root.into_keys().collect();
     unknown.sort();
     for key in unknown {
@@ -157,6 +160,7 @@ fn from_tree(mut root: HashMap<String, config::Value>) -> Result<Config, ConfigE
         tokens,
         routes,
         subjects,
+        redis,
     };
     errors.extend(config.problems());
     if errors.is_empty() {

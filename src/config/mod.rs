@@ -16,6 +16,7 @@ use serde::Deserialize;
 
 use crate::secret::{Secret, SecretSource};
 pub use crate::subject::config::SubjectsConfig;
+pub use crate::subject::redis::config::RedisConfig;
 
 mod load;
 mod validate;
@@ -122,6 +123,9 @@ pub struct Config {
     /// `[subjects]`: per-subject tokens (their API, store and encryption). Present exactly
     /// when some token has `per_subject = true`.
     pub subjects: Option<SubjectsConfig>,
+    /// `[redis]`: the store replicas share (issue #13). Present exactly when `[subjects]
+    /// store = "redis"` or some token has `shared = true`.
+    pub redis: Option<RedisConfig>,
 }
 
 /// What to do with a request for a host no route names.
@@ -482,6 +486,11 @@ pub struct TokenConfig {
     /// the subject's bearer token), used by the subjects API's `DELETE …?revoke=true`.
     #[serde(default)]
     pub revoke_url: Option<String>,
+    /// Share this (named) token with the other replicas through `[redis]`: one token request
+    /// per lifetime between them instead of one each. Off by default, because it adds a
+    /// dependency on Redis to a token that works without one.
+    #[serde(default)]
+    pub shared: bool,
     /// Client certificate chain (PEM) presented to the token endpoint (mutual TLS).
     #[serde(default)]
     pub client_cert_file: Option<PathBuf>,
@@ -634,6 +643,33 @@ mod tests {
             Ok(_) => Vec::new(),
             Err(e) => e.0.into_iter().map(|p| p.key).collect(),
         }
+    }
+
+    #[test]
+    fn the_redis_section_is_required_exactly_when_something_uses_it() {
+        let redis_store =
+            PER_SUBJECT.replace("state_dir = \"/var/lib/bearer-proxy\"", "store = \"redis\"");
+        assert_eq!(problem_keys(&redis_store), ["redis"]);
+        let with_section = redis_store.clone() + "\n[redis]\nurl = \"redis://127.0.0.1:6379\"\n";
+        let c = toml(&with_section).unwrap();
+        assert_eq!(c.redis.unwrap().url, "redis://127.0.0.1:6379");
+        // A Redis store keeps no files: a state_dir there is a mistake worth naming.
+        let both = with_section.replace("[subjects]", "[subjects]\nstate_dir = \"/s\"");
+        assert_eq!(problem_keys(&both), ["subjects.state_dir"]);
+
+        let orphan = PER_SUBJECT.to_owned() + "\n[redis]\nurl = \"redis://127.0.0.1:6379\"\n";
+        assert_eq!(problem_keys(&orphan), ["redis"]);
+
+        let shared = MINIMAL.replace("[tokens.flinks]", "[tokens.flinks]\nshared = true");
+        assert_eq!(problem_keys(&shared), ["redis"]);
+        let shared_ok = shared.clone() + "\n[redis]\nurl = \"rediss://redis.example:6380\"\n";
+        assert!(toml(&shared_ok).unwrap().tokens["flinks"].shared);
+        let bad_url = shared + "\n[redis]\nurl = \"http://redis.example\"\n";
+        assert_eq!(problem_keys(&bad_url), ["redis.url"]);
+
+        let shared_subject =
+            with_section.replace("per_subject = true", "per_subject = true\nshared = true");
+        assert_eq!(problem_keys(&shared_subject), ["tokens.fdx.shared"]);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 
 use super::*;
+use crate::subject::config::StoreKind;
 
 impl Config {
     /// Checks everything serde cannot: references, ranges, URLs, combinations.
@@ -96,6 +97,7 @@ impl Config {
             ),
             None => {}
         }
+        self.redis_problems(&mut push);
 
         let mut names = HashMap::new();
         let mut keys = HashMap::new();
@@ -124,6 +126,60 @@ impl Config {
             }
         }
         errors
+    }
+
+    /// `[redis]` exists exactly when something uses it, and is itself valid.
+    fn redis_problems(&self, push: &mut impl FnMut(String, String)) {
+        let redis_store = self
+            .subjects
+            .as_ref()
+            .is_some_and(|s| s.store == StoreKind::Redis);
+        let shared: Vec<&str> = self
+            .tokens
+            .values()
+            .filter(|t| t.shared)
+            .map(|t| t.name.as_str())
+            .collect();
+        for t in self.tokens.values().filter(|t| t.shared && t.per_subject) {
+            push(
+                format!("tokens.{}.shared", t.name),
+                "not used with per_subject = true: per-subject tokens are shared through \
+                 [subjects] store = \"redis\""
+                    .into(),
+            );
+        }
+        match &self.redis {
+            Some(r) => {
+                r.problems(push);
+                if !redis_store && shared.is_empty() {
+                    push(
+                        "redis".into(),
+                        "nothing uses this section: set [subjects] store = \"redis\" or \
+                         shared = true on a token"
+                            .into(),
+                    );
+                }
+            }
+            None => {
+                if redis_store {
+                    push(
+                        "redis".into(),
+                        "missing: [subjects] store = \"redis\" needs a [redis] section (url)"
+                            .into(),
+                    );
+                }
+                if !shared.is_empty() {
+                    push(
+                        "redis".into(),
+                        format!(
+                            "missing: tokens {} have shared = true and need a [redis] section \
+                             (url)",
+                            shared.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
     }
 }
 

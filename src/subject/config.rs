@@ -56,6 +56,8 @@ pub enum StoreKind {
     /// running; one process only (a shared store for replicas is issue #13).
     #[default]
     File,
+    /// Records in the `[redis]` store, shared by every replica (issue #13).
+    Redis,
 }
 
 /// `[subjects]`: the subjects API, the request header, storage and encryption of per-subject
@@ -198,6 +200,14 @@ impl SubjectsConfig {
                 Some(p) if p.as_os_str().is_empty() => push(k("state_dir"), "empty path".into()),
                 Some(_) => {}
             },
+            StoreKind::Redis => {
+                if self.state_dir.is_some() {
+                    push(
+                        k("state_dir"),
+                        "not used with store = \"redis\": records live in [redis]".into(),
+                    );
+                }
+            }
         }
     }
 
@@ -232,6 +242,11 @@ impl SubjectsConfig {
                 let dir = self.state_dir.as_deref().unwrap_or(Path::new(""));
                 FileStore::open(dir).await
             }
+            // Opened by the caller, which holds the `[redis]` section and the metrics.
+            StoreKind::Redis => Err(StoreError::Io {
+                location: "subjects.store".into(),
+                source: std::io::Error::other("the Redis store is opened by Subjects::start"),
+            }),
         }
     }
 }
