@@ -108,6 +108,18 @@ impl Server {
         let (controller, shutdown) = ShutdownController::new();
         let mut tokens = BTreeMap::new();
         let mut background = Vec::new();
+        // One connection manager for everything replicas share (`[redis]`): subject records,
+        // leases and shared access tokens. Connected before anything is served, so a wrong
+        // URL, CA or password stops the start with a clear error.
+        let redis = match &config.redis {
+            Some(rc) => Some(Arc::new(
+                subject::redis::RedisStore::connect(rc)
+                    .await
+                    .context("redis")?
+                    .with_metrics(metrics.clone()),
+            )),
+            None => None,
+        };
         // A per-subject token has no cell and no refresher: its tokens live in `subjects`,
         // fetched per subject on demand.
         for (name, cfg) in config.tokens.iter().filter(|(_, t)| !t.per_subject) {
@@ -120,7 +132,8 @@ impl Server {
             background.push(refresher.spawn(shutdown.clone()));
             tokens.insert(name.clone(), cell);
         }
-        let subjects = subject::Subjects::start_with_metrics(&config, &metrics).await?;
+        let subjects =
+            subject::Subjects::start_with_metrics(&config, &metrics, redis.clone()).await?;
         if let Some(s) = &subjects {
             background.extend(s.spawn_keepalive());
         }

@@ -13,8 +13,10 @@ use anyhow::Context as _;
 use http::HeaderName;
 
 use super::census::Census;
+use super::config::StoreKind;
 use super::keyring::KeyRing;
 use super::record::{SubjectState, SubjectStore};
+use super::redis::RedisStore;
 use super::tokens::{DEFAULT_FAILURE_HOLD, Settings, SubjectTokens};
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -57,9 +59,12 @@ impl Subjects {
     /// `metrics` (`bearer_proxy_subjects` starts from the census); `None` when no token has
     /// `per_subject = true`. Fails before anything is served if the store cannot be opened, a
     /// key file cannot be read, or a record names a key id that is not configured.
+    /// `redis` is the server's connection to `[redis]`, the store when `[subjects] store =
+    /// "redis"`.
     pub async fn start_with_metrics(
         config: &Config,
         metrics: &Metrics,
+        redis: Option<Arc<RedisStore>>,
     ) -> anyhow::Result<Option<Arc<Self>>> {
         let Some(sc) = &config.subjects else {
             return Ok(None);
@@ -67,8 +72,13 @@ impl Subjects {
         let header = HeaderName::from_bytes(sc.header.as_bytes())
             .context("subjects.header: not a valid header name")?;
         let ring = Arc::new(sc.key_ring().await.context("subjects: encryption keys")?);
-        let store: Arc<dyn SubjectStore> =
-            Arc::new(sc.open_store().await.context("subjects: store")?);
+        let store: Arc<dyn SubjectStore> = match (sc.store, redis) {
+            (StoreKind::Redis, Some(redis)) => redis,
+            (StoreKind::Redis, None) => {
+                anyhow::bail!("subjects.store = \"redis\" without a connection to [redis]")
+            }
+            (StoreKind::File, _) => Arc::new(sc.open_store().await.context("subjects: store")?),
+        };
         let mut entries = BTreeMap::new();
         for (name, cfg) in config.tokens.iter().filter(|(_, t)| t.per_subject) {
             let census = Census::take(store.as_ref(), name)
