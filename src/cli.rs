@@ -460,6 +460,14 @@ fn token(path: Option<&Path>, name: Option<&str>) -> Result<(), Failure> {
             "no [tokens.{name}] in the configuration"
         )));
     };
+    if cfg.per_subject {
+        // A per-subject token has no token of its own to fetch: each subject's comes from
+        // that subject's refresh token, which lives in the store the running proxy owns.
+        return Err(Failure::config(anyhow!(
+            "tokens.{name} has per_subject = true: there is no single token to fetch; use \
+             `bearer-proxy subjects refresh <subject>` against the running proxy"
+        )));
+    }
     block_on(1, async {
         let cell = TokenCell::new(name.as_str(), cfg.forced_refresh_interval);
         let metrics = Metrics::new();

@@ -216,6 +216,15 @@ async fn check_loads_the_subjects_encryption_keys() {
     std::fs::write(dir.path().join("api_token"), "t").unwrap();
     let out = run(&["check"], &config, &[]).await;
     assert_eq!(out.code, 0, "{}", out.stderr);
+    // `token` on a per-subject entry explains itself instead of trying a grant it cannot make
+    // (the unreachable token_url shows that nothing was sent: the answer is immediate).
+    let token = run(&["token", "fdx"], &config, &[]).await;
+    assert_eq!(token.code, 2, "{}", token.stderr);
+    assert!(
+        token.stderr.contains("per_subject = true") && token.stderr.contains("subjects refresh"),
+        "{}",
+        token.stderr
+    );
     assert!(
         out.stdout.contains("fdx: authorization_code per subject"),
         "{}",
