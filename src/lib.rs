@@ -134,9 +134,6 @@ impl Server {
         }
         let subjects =
             subject::Subjects::start_with_metrics(&config, &metrics, redis.clone()).await?;
-        if let Some(s) = &subjects {
-            background.extend(s.spawn_keepalive());
-        }
         let proxy =
             proxy::Proxy::with_subjects(&config, &tokens, subjects.as_ref(), metrics.clone())?;
         let proxy_listener = TcpListener::bind(config.proxy.listen)
@@ -165,6 +162,11 @@ impl Server {
             }
             _ => None,
         };
+        // Spawned only once every listener is bound, so a start that fails leaves no
+        // keep-alive pass refreshing subjects behind it.
+        if let Some(s) = &subjects {
+            background.extend(s.spawn_keepalive());
+        }
         let admin = admin::Admin::new(&tokens, metrics.clone(), shutdown.clone())
             .with_subjects(subjects.clone());
         background.push(tokio::spawn(admin.serve(admin_listener)));
