@@ -7,6 +7,10 @@
 //!
 //! The current token keeps being served while it is valid whatever happens here; the cell never
 //! hands out an expired one.
+//!
+//! With `shared = true` ([`Refresher::with_shared`]) each attempt goes through the token's
+//! shared slot first (see [`crate::token::shared`]): adopt a newer token another replica
+//! wrote, or take the lease and request one for everybody, or wait for the lease holder's.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -26,7 +30,11 @@ use crate::token::client::{
 };
 use crate::token::error::REFRESH_ERROR_REASONS;
 use crate::token::grant::{Grants, Rotation};
-use crate::token::schedule::{refresh_delay, retry_delay};
+use crate::token::schedule::{MIN_REFRESH_DELAY, refresh_delay, retry_delay};
+use crate::token::shared::{
+    POLL_INTERVAL, SharedSlot, SlotToken, SlotUnavailable, adopted_lifetime, lease_ttl, slot_ttl,
+    unix_secs_floor,
+};
 use crate::token::status::{ErrorInfo, ErrorKind};
 use crate::token::{AccessToken, TokenCell};
 
@@ -52,6 +60,9 @@ pub struct Fetched {
     pub claims: Option<serde_json::Map<String, serde_json::Value>>,
     /// Whether the server sent a new refresh token.
     pub refresh_token_rotated: bool,
+    /// Whether the token was adopted from the shared slot (another replica requested it)
+    /// instead of being requested by this process.
+    pub adopted: bool,
 }
 
 /// Obtains and renews the tokens of one `[tokens.<name>]`, through `C` (the real HTTP client
@@ -68,6 +79,17 @@ pub struct Refresher<C = TokenClient> {
     /// A rotated refresh token is held only in memory (see
     /// [`TokenStatus::refresh_token_in_memory_only`]).
     in_memory_only: bool,
+    /// The token's slot in `[redis]`, when it has `shared = true`.
+    shared: Option<Arc<dyn SharedSlot>>,
+}
+
+/// How a shared attempt ended without a result of its own.
+enum Fallback {
+    /// Redis could not be used.
+    Unavailable(SlotUnavailable),
+    /// Other replicas kept the lease for longer than a holder may: waiting longer would risk
+    /// the current token's expiry.
+    LeaseHeld,
 }
 
 impl<C> std::fmt::Debug for Refresher<C> {
@@ -114,7 +136,14 @@ impl<C: Fetch> Refresher<C> {
             metrics,
             failures: 0,
             in_memory_only: false,
+            shared: None,
         }
+    }
+
+    /// Shares the token with the other replicas through `slot` (`shared = true`).
+    pub fn with_shared(mut self, slot: Arc<dyn SharedSlot>) -> Self {
+        self.shared = Some(slot);
+        self
     }
 
     /// Runs the refresher on its own task until the process terminates.
@@ -166,7 +195,7 @@ impl<C: Fetch> Refresher<C> {
             self.metrics.forced.inc();
         }
         let before = self.cell.status().state;
-        let delay = match self.refresh().await {
+        let delay = match self.obtain().await {
             Ok(f) => {
                 let delay = refresh_delay(
                     f.lifetime,
@@ -181,6 +210,7 @@ impl<C: Fetch> Refresher<C> {
                     lifetime_from = ?f.lifetime_source,
                     next_refresh_secs = delay.as_secs_f64(),
                     forced,
+                    adopted = f.adopted,
                     "token refreshed"
                 );
                 delay
@@ -381,7 +411,165 @@ impl<C: Fetch> Refresher<C> {
             expires_wall,
             claims,
             refresh_token_rotated: rotated,
+            adopted: false,
         })
+    }
+
+    /// One token, requested by this process or, for a shared token, adopted from the slot.
+    async fn obtain(&mut self) -> Result<Fetched, FetchError> {
+        let Some(slot) = self.shared.clone() else {
+            return self.refresh().await;
+        };
+        match self.through_slot(&*slot).await {
+            Ok(result) => result,
+            Err(fallback) => {
+                // A client_credentials token holds nothing that could be lost: request one
+                // ourselves rather than let the route go without a token.
+                self.metrics.shared_fallbacks.inc();
+                match &fallback {
+                    Fallback::Unavailable(e) => tracing::warn!(
+                        token = %self.cfg.name,
+                        error = %e,
+                        "the shared token's slot in Redis cannot be used; requesting a token \
+                         for this replica alone (sharing resumes when Redis answers)"
+                    ),
+                    Fallback::LeaseHeld => tracing::warn!(
+                        token = %self.cfg.name,
+                        "other replicas held the shared token's lease for too long; \
+                         requesting a token for this replica alone"
+                    ),
+                }
+                self.refresh().await
+            }
+        }
+    }
+
+    /// The shared protocol: adopt a newer token from the slot; else take the lease, look again,
+    /// request, write the slot and release; else wait for the holder's token, until the lease
+    /// lapses (then try again). `Err` when the slot cannot be used and the caller should
+    /// request on its own.
+    async fn through_slot(
+        &mut self,
+        slot: &dyn SharedSlot,
+    ) -> Result<Result<Fetched, FetchError>, Fallback> {
+        let ttl = lease_ttl(self.cfg.timeout);
+        // Long enough for a holder to finish or its lease to lapse, and one more try after it.
+        let give_up = Instant::now() + ttl + POLL_INTERVAL * 2;
+        loop {
+            if let Some(f) = self.adopt_from(slot).await.map_err(Fallback::Unavailable)? {
+                return Ok(Ok(f));
+            }
+            if slot.try_lock(ttl).await.map_err(Fallback::Unavailable)? {
+                let result = self.as_holder(slot).await;
+                if let Err(e) = slot.unlock().await {
+                    // It lapses at its TTL; the others wait for it at most that long.
+                    tracing::warn!(
+                        token = %self.cfg.name,
+                        error = %e,
+                        "the shared token's lease could not be released"
+                    );
+                }
+                return result.map_err(Fallback::Unavailable);
+            }
+            if Instant::now() >= give_up {
+                return Err(Fallback::LeaseHeld);
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// Holding the lease: look again (another replica may have written between our read and
+    /// our lock), else request, and share what we got.
+    async fn as_holder(
+        &mut self,
+        slot: &dyn SharedSlot,
+    ) -> Result<Result<Fetched, FetchError>, SlotUnavailable> {
+        if let Some(f) = self.adopt_from(slot).await? {
+            return Ok(Ok(f));
+        }
+        let result = self.refresh().await;
+        if result.is_ok()
+            && let Some(t) = self.cell.latest()
+            && let Some(raw) = t.raw()
+        {
+            let sent_at = t.expires_at() - t.lifetime();
+            let ttl = slot_ttl(
+                sent_at,
+                t.lifetime(),
+                self.cfg.refresh_ratio,
+                self.cfg.refresh_margin,
+                Instant::now(),
+            );
+            let expires_at = unix_secs_floor(t.expires_wall());
+            if let Err(e) = slot.write(&raw, expires_at, ttl).await {
+                // This replica has its token; the others request their own if Redis stays
+                // unusable, or find the lease free again and one of them requests.
+                tracing::warn!(
+                    token = %self.cfg.name,
+                    error = %e,
+                    "the new token could not be written to the shared slot"
+                );
+            }
+        }
+        Ok(result)
+    }
+
+    /// Reads the slot and publishes its token if it is worth adopting: not the token this
+    /// replica holds (a forced refresh must not adopt the token the upstream rejected), valid
+    /// longer than ours, and for longer than the shortest refresh delay.
+    async fn adopt_from(
+        &mut self,
+        slot: &dyn SharedSlot,
+    ) -> Result<Option<Fetched>, SlotUnavailable> {
+        let Some(SlotToken {
+            access_token,
+            expires_at,
+        }) = slot.read().await?
+        else {
+            return Ok(None);
+        };
+        let now = Instant::now();
+        let now_wall = SystemTime::now();
+        let Some(lifetime) = adopted_lifetime(expires_at, now_wall) else {
+            return Ok(None);
+        };
+        let Ok(token) = AccessToken::new(access_token.expose(), now, now_wall, lifetime, None)
+        else {
+            // Sealed by a key we hold, so written by a replica: it cannot be malformed unless
+            // the issuer's answer was, which the writer already refused. Refresh instead.
+            return Ok(None);
+        };
+        if token.usable_until() <= now + MIN_REFRESH_DELAY {
+            return Ok(None);
+        }
+        if let Some(ours) = self.cell.latest()
+            && (ours.header() == token.header() || ours.usable_until() >= token.usable_until())
+        {
+            return Ok(None);
+        }
+        let expires_wall = token.expires_wall();
+        let generation = self.cell.publish(token);
+        let now_wall = SystemTime::now();
+        self.failures = 0;
+        self.metrics.adoptions.inc();
+        self.metrics.expiry.set(unix_secs_f64(expires_wall));
+        self.metrics.last_success.set(unix_secs_f64(now_wall));
+        self.cell.update_status(|s| {
+            s.in_flight = false;
+            s.last_success = Some(now_wall);
+            s.consecutive_failures = 0;
+        });
+        Ok(Some(Fetched {
+            generation,
+            lifetime,
+            lifetime_source: LifetimeSource::SharedSlot,
+            token_type: None,
+            scope: None,
+            expires_wall,
+            claims: None,
+            refresh_token_rotated: false,
+            adopted: true,
+        }))
     }
 
     /// Reads the client credentials from their sources (files are re-read every time).
