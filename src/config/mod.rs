@@ -682,7 +682,11 @@ mod tests {
         let errors = toml(&shared).unwrap_err();
         assert_eq!(errors.0.len(), 1);
         assert_eq!(errors.0[0].key, "redis.encryption_key_file");
-        assert!(errors.0[0].message.contains("flinks"), "{}", errors.0[0].message);
+        assert!(
+            errors.0[0].message.contains("flinks"),
+            "{}",
+            errors.0[0].message
+        );
         let keyed = shared.replace(
             "[redis]",
             "[redis]\nencryption_key_files = [\"/k/new\", \"/k/old\"]",
@@ -691,21 +695,29 @@ mod tests {
         // A refresh token per process cannot back one shared access token.
         let refresh = keyed
             .replace("client_credentials", "refresh_token")
-            .replace("[tokens.flinks]", "[tokens.flinks]\nrefresh_token_file = \"/rt\"");
+            .replace(
+                "[tokens.flinks]",
+                "[tokens.flinks]\nrefresh_token_file = \"/rt\"",
+            );
         let errors = toml(&refresh).unwrap_err();
         assert_eq!(errors.0.len(), 1);
         assert_eq!(errors.0[0].key, "tokens.flinks.shared");
         assert!(errors.0[0].message.contains("client_credentials"));
         assert!(errors.0[0].message.contains("per_subject"));
-        let code = keyed.replace("client_credentials", "authorization_code").replace(
-            "[tokens.flinks]",
-            "[tokens.flinks]\ncode_file = \"/c\"\nstate_dir = \"/s\"",
-        );
+        let code = keyed
+            .replace("client_credentials", "authorization_code")
+            .replace(
+                "[tokens.flinks]",
+                "[tokens.flinks]\ncode_file = \"/c\"\nstate_dir = \"/s\"",
+            );
         assert_eq!(problem_keys(&code), ["tokens.flinks.shared"]);
         // A key with nothing to seal is named too.
-        let unused = MINIMAL.to_owned()
-            + "\n[redis]\nurl = \"redis://h\"\nencryption_key_file = \"/k\"\n";
-        assert_eq!(problem_keys(&unused), ["redis", "redis.encryption_key_file"]);
+        let unused =
+            MINIMAL.to_owned() + "\n[redis]\nurl = \"redis://h\"\nencryption_key_file = \"/k\"\n";
+        assert_eq!(
+            problem_keys(&unused),
+            ["redis.encryption_key_file", "redis"]
+        );
     }
 
     #[test]

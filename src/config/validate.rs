@@ -137,7 +137,7 @@ impl Config {
         let shared: Vec<&str> = self
             .tokens
             .values()
-            .filter(|t| t.shared)
+            .filter(|t| t.shared && !t.per_subject)
             .map(|t| t.name.as_str())
             .collect();
         for t in self.tokens.values().filter(|t| t.shared && t.per_subject) {

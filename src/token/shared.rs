@@ -80,7 +80,9 @@ pub trait SharedSlot: Send + Sync {
 /// when a holder dies. Twice the timeout (a holder stalled by a pause as long as the request
 /// itself still holds it) plus [`LEASE_SLACK`].
 pub fn lease_ttl(request_timeout: Duration) -> Duration {
-    request_timeout.saturating_mul(2).saturating_add(LEASE_SLACK)
+    request_timeout
+        .saturating_mul(2)
+        .saturating_add(LEASE_SLACK)
 }
 
 /// How long a token sent at `sent_at`, living `lifetime`, stays in the slot when written at

@@ -286,12 +286,13 @@ mod tests {
         assert_eq!(full.validate(), Ok(()));
         assert!(full.is_tls() && full.gate_readiness);
         assert!(d.key_files().is_empty());
-        let rotating = parse(
-            "url = \"redis://h\"\nencryption_key_files = [\"/k/new\", \"/k/old\"]",
-        )
-        .unwrap();
+        let rotating =
+            parse("url = \"redis://h\"\nencryption_key_files = [\"/k/new\", \"/k/old\"]").unwrap();
         assert_eq!(rotating.validate(), Ok(()));
-        assert_eq!(rotating.key_files(), [PathBuf::from("/k/new"), "/k/old".into()]);
+        assert_eq!(
+            rotating.key_files(),
+            [PathBuf::from("/k/new"), "/k/old".into()]
+        );
         assert_eq!(full.command_timeout, Duration::from_millis(250));
         let e = parse("url = \"redis://h\"\ncommand_timeout = \"2\"").unwrap_err();
         assert!(e.contains("no unit"), "{e}");

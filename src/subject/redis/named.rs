@@ -105,7 +105,12 @@ impl SharedSlot for RedisSlot {
                 .unwrap_or_else(PoisonError::into_inner)
                 .take();
             match lease {
-                Some(lease) => self.store.release(lease).await.map(drop).map_err(unavailable),
+                Some(lease) => self
+                    .store
+                    .release(lease)
+                    .await
+                    .map(drop)
+                    .map_err(unavailable),
                 None => Ok(()),
             }
         })
