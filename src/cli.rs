@@ -412,7 +412,13 @@ fn summary(config: &Config) -> String {
             s,
             "token  {name}: {}{} at {} ({:?} auth, {:?} body, {secret})",
             t.grant_type.as_str(),
-            if t.per_subject { " per subject" } else { "" },
+            if t.per_subject {
+                " per subject"
+            } else if t.shared {
+                " shared through redis"
+            } else {
+                ""
+            },
             t.token_url,
             t.client_auth,
             t.encoding

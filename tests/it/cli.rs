@@ -255,6 +255,12 @@ async fn check_loads_the_shared_tokens_encryption_key() {
     .unwrap();
     let out = run(&["check"], &config, &[]).await;
     assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stdout
+            .contains("flinks: client_credentials shared through redis"),
+        "{}",
+        out.stdout
+    );
 }
 
 /// `--version` names the commit this checkout is at (the build script re-runs when HEAD moves),
