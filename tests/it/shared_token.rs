@@ -137,7 +137,8 @@ async fn three_replicas_share_one_token_request_per_round_and_survive_redis_goin
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("client_secret"), SECRET).unwrap();
     let key = base64::engine::general_purpose::STANDARD.encode([42u8; 32]);
-    std::fs::write(dir.path().join("redis_key"), key).unwrap();
+    never_log(&key);
+    std::fs::write(dir.path().join("redis_key"), &key).unwrap();
     let upstream_url = upstream.url(false);
     let mut replicas = Vec::new();
     for n in 0..3 {
@@ -218,7 +219,7 @@ async fn three_replicas_share_one_token_request_per_round_and_survive_redis_goin
             .expect("did not stop")
             .unwrap();
         let logs = r.logs().await;
-        assert!(!logs.contains(SECRET));
+        assert!(!logs.contains(SECRET) && !logs.contains(&key));
         for t in issued.iter() {
             assert!(
                 !logs.contains(t.access_token.expose()),
