@@ -26,6 +26,7 @@ printf 'placeholder-code\n' >"$tmp/code"
 mkdir "$tmp/state"
 head -c 32 /dev/urandom | base64 >"$tmp/encryption_key"
 printf 'placeholder-api-token\n' >"$tmp/api_token"
+printf 'placeholder-redis-password\n' >"$tmp/redis_password"
 chmod 0600 "$tmp"/client_id "$tmp"/client_secret "$tmp"/refresh_token "$tmp"/code \
   "$tmp"/encryption_key "$tmp"/api_token
 
@@ -77,6 +78,12 @@ check() {
       fi
     done
   done
+  # [redis]'s files (shared tokens): a real random key, since `check` loads it.
+  if grep -Eq "^[[:space:]]*encryption_key_file[[:space:]]*[=:]" "$file" &&
+    grep -Eq "^\[?redis\]?[[:space:]]*:?[[:space:]]*$" "$file"; then
+    env+=("BEARER_PROXY__REDIS__ENCRYPTION_KEY_FILE=$tmp/encryption_key")
+    env+=("BEARER_PROXY__REDIS__PASSWORD_FILE=$tmp/redis_password")
+  fi
   echo "== bearer-proxy check --config $file"
   printf '   with %s\n' "${env[@]}"
   local out
@@ -98,6 +105,7 @@ failed=0
 check "$here/flinks-client-credentials.toml" flinks || failed=1
 check "$here/flinks-data-recipient.toml" flinks || failed=1
 check "$here/gateway.yaml" flinks || failed=1
+check "$here/gateway-redis.yaml" flinks || failed=1
 check --subjects "$here/flinks-data-recipient-subjects.toml" fdx || failed=1
 
 if ((failed)); then

@@ -5,7 +5,7 @@
 #   1. lint: hadolint on deploy/Dockerfile, shellcheck on the scripts
 #   2. copies in sync: the kustomize config files equal config/*, generated files are current;
 #      the overlays name the image tag deploy/image.sh builds (the Cargo.toml version)
-#   3. render every kustomization (base, overlays/sidecar, overlays/gateway, monitoring)
+#   3. render every kustomization (base, the overlays, monitoring)
 #   4. schemas: built-in kinds with kubernetes-validate (strict), Prometheus Operator kinds with
 #      deploy/validate.py's own schemas; cross-references (selectors, ports, names)
 #   5. promtool: check rules.yaml and the PrometheusRule's extracted spec; unit-test the alerts
@@ -52,6 +52,7 @@ step "copies of config/ used by kustomize are identical"
 cmp config/flinks-client-credentials.toml $k8s/base/config.toml
 cmp config/gateway.yaml $k8s/overlays/gateway/config.yaml
 cmp config/flinks-data-recipient-subjects.toml $k8s/overlays/data-recipient/config.toml
+cmp config/gateway-redis.yaml $k8s/components/redis-client/config.yaml
 echo "ok"
 
 step "overlays name the image deploy/image.sh builds (bearer-proxy:<Cargo.toml version>)"
@@ -69,17 +70,19 @@ python3 $mon/generate.py --check
 echo "ok"
 
 step "render kustomizations"
-for dir in base overlays/sidecar overlays/gateway overlays/data-recipient monitoring; do
+for dir in base overlays/sidecar overlays/gateway overlays/gateway-redis \
+  overlays/gateway-managed-redis overlays/data-recipient monitoring; do
   out="$tmp/$(basename "$dir").yaml"
   "${kustomize[@]}" "$k8s/$dir" >"$out"
-  printf '%-20s %s objects\n' "$dir" "$(grep -c '^kind:' "$out")"
+  printf '%-32s %s objects\n' "$dir" "$(grep -c '^kind:' "$out")"
 done
 
 step "schemas and cross-references (Kubernetes $KUBE_VERSION)"
 mkdir "$tmp/rules"
 # base is a part of each overlay; validate the overlays and monitoring, which are applied.
 python3 deploy/validate.py manifests --kube-version "$KUBE_VERSION" --rules-dir "$tmp/rules" \
-  "$tmp/sidecar.yaml" "$tmp/gateway.yaml" "$tmp/data-recipient.yaml" "$tmp/monitoring.yaml"
+  "$tmp/sidecar.yaml" "$tmp/gateway.yaml" "$tmp/gateway-redis.yaml" \
+  "$tmp/gateway-managed-redis.yaml" "$tmp/data-recipient.yaml" "$tmp/monitoring.yaml"
 
 step "promtool check rules"
 promtool check rules $mon/rules.yaml "$tmp"/rules/*.rules.yaml

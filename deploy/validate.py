@@ -174,12 +174,17 @@ def matches(selector, labels):
 
 
 def pod_specs(docs):
-    """(namespace, workload name, pod labels, pod spec) of every Deployment."""
+    """(namespace, workload name, pod labels, pod spec) of every Deployment, StatefulSet and
+    DaemonSet."""
     for _, d in docs:
         if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet"):
             t = d["spec"]["template"]
+            spec = dict(t["spec"])
+            # A StatefulSet's volumeClaimTemplates are volumes of its pods too.
+            spec["_claim_templates"] = [c["metadata"]["name"]
+                                        for c in d["spec"].get("volumeClaimTemplates", [])]
             yield d["metadata"].get("namespace"), d["metadata"]["name"], \
-                t["metadata"].get("labels", {}), t["spec"]
+                t["metadata"].get("labels", {}), spec
 
 
 def containers(spec):
@@ -202,7 +207,7 @@ def cross_references(docs):
                 if key in v and (kind, ns, v[key][field]) not in names:
                     fail(f"{where}: volume {v['name']} refers to {kind} {v[key][field]}, not rendered")
         mounts = {m["name"] for c in containers(spec) for m in c.get("volumeMounts", [])}
-        vols = {v["name"] for v in spec.get("volumes", [])}
+        vols = {v["name"] for v in spec.get("volumes", [])} | set(spec["_claim_templates"])
         for missing in sorted(mounts - vols):
             fail(f"{where}: volumeMount {missing} has no volume")
         sa = spec.get("serviceAccountName")

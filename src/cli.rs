@@ -338,6 +338,16 @@ fn file_problems(config: &Config) -> Vec<String> {
     if let Some(sc) = &config.subjects {
         subjects_file_problems(sc, &mut problems);
     }
+    // The key that seals shared tokens' slots: a wrong one would stop the start.
+    if let Some(rc) = &config.redis
+        && !rc.key_files().is_empty()
+    {
+        match block_on(1, crate::subject::keyring::KeyRing::load(&rc.key_files())) {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => problems.push(format!("redis: {e}")),
+            Err(e) => problems.push(format!("redis: cannot check the encryption keys: {e:?}")),
+        }
+    }
     if let Some(i) = &config.proxy.intercept
         && let Err(e) = crate::ca::Ca::load(&i.ca_cert_file, &i.ca_key_file)
     {
@@ -402,7 +412,13 @@ fn summary(config: &Config) -> String {
             s,
             "token  {name}: {}{} at {} ({:?} auth, {:?} body, {secret})",
             t.grant_type.as_str(),
-            if t.per_subject { " per subject" } else { "" },
+            if t.per_subject {
+                " per subject"
+            } else if t.shared {
+                " shared through redis"
+            } else {
+                ""
+            },
             t.token_url,
             t.client_auth,
             t.encoding

@@ -120,12 +120,28 @@ impl Server {
             )),
             None => None,
         };
+        // The key that seals `shared = true` tokens' slots, loaded before anything is served.
+        let shared_ring = match (&config.redis, &redis) {
+            (Some(rc), Some(_)) if config.tokens.values().any(|t| t.shared) => Some(Arc::new(
+                subject::keyring::KeyRing::load(&rc.key_files())
+                    .await
+                    .context("redis.encryption_key_file")?,
+            )),
+            _ => None,
+        };
         // A per-subject token has no cell and no refresher: its tokens live in `subjects`,
         // fetched per subject on demand.
         for (name, cfg) in config.tokens.iter().filter(|(_, t)| !t.per_subject) {
             let cell = TokenCell::new(name.as_str(), cfg.forced_refresh_interval);
-            let refresher = Refresher::new(cfg.clone(), cell.clone(), metrics.token(name))
+            let mut refresher = Refresher::new(cfg.clone(), cell.clone(), metrics.token(name))
                 .map_err(|e| anyhow::anyhow!("tokens.{name}: {e}"))?;
+            if let (true, Some(store), Some(ring)) = (cfg.shared, &redis, &shared_ring) {
+                refresher = refresher.with_shared(Arc::new(subject::redis::named::RedisSlot::new(
+                    store.clone(),
+                    ring.clone(),
+                    name,
+                )));
+            }
             if let Some(identity) = refresher.client_identity() {
                 metrics.watch_client_certificate("token", name, identity.probe());
             }

@@ -226,6 +226,8 @@ pub struct Metrics {
     token_last_success: prometheus::GaugeVec,
     token_valid: IntGaugeVec,
     token_forced: IntCounterVec,
+    token_adoptions: IntCounterVec,
+    token_shared_fallbacks: IntCounterVec,
     token_state_persisted: IntGaugeVec,
     requests: IntCounterVec,
     request_duration: HistogramVec,
@@ -428,6 +430,19 @@ impl Metrics {
                 "Refreshes forced by an upstream rejecting the token.",
                 &["token"],
             ),
+            token_adoptions: counter_vec(
+                &r,
+                "bearer_proxy_token_adoptions_total",
+                "Tokens taken from the shared slot (shared = true) instead of being requested.",
+                &["token"],
+            ),
+            token_shared_fallbacks: counter_vec(
+                &r,
+                "bearer_proxy_token_shared_fallbacks_total",
+                "Refreshes of a shared token that requested their own token because Redis \
+                 could not be used.",
+                &["token"],
+            ),
             token_state_persisted: register(
                 &r,
                 IntGaugeVec::new(
@@ -600,6 +615,8 @@ impl Metrics {
             expiry: self.token_expiry.with_label_values(&[name]),
             last_success: self.token_last_success.with_label_values(&[name]),
             forced: self.token_forced.with_label_values(&[name]),
+            adoptions: self.token_adoptions.with_label_values(&[name]),
+            shared_fallbacks: self.token_shared_fallbacks.with_label_values(&[name]),
             state_persisted: {
                 let g = self.token_state_persisted.with_label_values(&[name]);
                 // Nothing is held only in memory until a refresh token is rotated.
@@ -733,6 +750,10 @@ pub struct TokenMetrics {
     pub(crate) last_success: prometheus::Gauge,
     /// Forced refreshes.
     pub(crate) forced: IntCounter,
+    /// Tokens adopted from the shared slot.
+    pub(crate) adoptions: IntCounter,
+    /// Shared-token refreshes that fell back to an own request (Redis unusable).
+    pub(crate) shared_fallbacks: IntCounter,
     /// 0 while a rotated refresh token is kept only in memory.
     pub(crate) state_persisted: IntGauge,
 }

@@ -662,14 +662,62 @@ mod tests {
 
         let shared = MINIMAL.replace("[tokens.flinks]", "[tokens.flinks]\nshared = true");
         assert_eq!(problem_keys(&shared), ["redis"]);
-        let shared_ok = shared.clone() + "\n[redis]\nurl = \"rediss://redis.example:6380\"\n";
+        let shared_ok = shared.clone()
+            + "\n[redis]\nurl = \"rediss://redis.example:6380\"\nencryption_key_file = \"/k\"\n";
         assert!(toml(&shared_ok).unwrap().tokens["flinks"].shared);
-        let bad_url = shared + "\n[redis]\nurl = \"http://redis.example\"\n";
+        let bad_url = shared.clone()
+            + "\n[redis]\nurl = \"http://redis.example\"\nencryption_key_file = \"/k\"\n";
         assert_eq!(problem_keys(&bad_url), ["redis.url"]);
 
         let shared_subject =
             with_section.replace("per_subject = true", "per_subject = true\nshared = true");
         assert_eq!(problem_keys(&shared_subject), ["tokens.fdx.shared"]);
+    }
+
+    #[test]
+    fn a_shared_token_is_client_credentials_and_its_slot_has_a_key() {
+        let shared = MINIMAL.replace("[tokens.flinks]", "[tokens.flinks]\nshared = true")
+            + "\n[redis]\nurl = \"redis://127.0.0.1:6379\"\n";
+        // The access token is sealed in Redis: without a key there is nothing to seal with.
+        let errors = toml(&shared).unwrap_err();
+        assert_eq!(errors.0.len(), 1);
+        assert_eq!(errors.0[0].key, "redis.encryption_key_file");
+        assert!(
+            errors.0[0].message.contains("flinks"),
+            "{}",
+            errors.0[0].message
+        );
+        let keyed = shared.replace(
+            "[redis]",
+            "[redis]\nencryption_key_files = [\"/k/new\", \"/k/old\"]",
+        );
+        assert!(toml(&keyed).is_ok());
+        // A refresh token per process cannot back one shared access token.
+        let refresh = keyed
+            .replace("client_credentials", "refresh_token")
+            .replace(
+                "[tokens.flinks]",
+                "[tokens.flinks]\nrefresh_token_file = \"/rt\"",
+            );
+        let errors = toml(&refresh).unwrap_err();
+        assert_eq!(errors.0.len(), 1);
+        assert_eq!(errors.0[0].key, "tokens.flinks.shared");
+        assert!(errors.0[0].message.contains("client_credentials"));
+        assert!(errors.0[0].message.contains("per_subject"));
+        let code = keyed
+            .replace("client_credentials", "authorization_code")
+            .replace(
+                "[tokens.flinks]",
+                "[tokens.flinks]\ncode_file = \"/c\"\nstate_dir = \"/s\"",
+            );
+        assert_eq!(problem_keys(&code), ["tokens.flinks.shared"]);
+        // A key with nothing to seal is named too.
+        let unused =
+            MINIMAL.to_owned() + "\n[redis]\nurl = \"redis://h\"\nencryption_key_file = \"/k\"\n";
+        assert_eq!(
+            problem_keys(&unused),
+            ["redis.encryption_key_file", "redis"]
+        );
     }
 
     #[test]

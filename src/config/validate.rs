@@ -137,7 +137,7 @@ impl Config {
         let shared: Vec<&str> = self
             .tokens
             .values()
-            .filter(|t| t.shared)
+            .filter(|t| t.shared && !t.per_subject)
             .map(|t| t.name.as_str())
             .collect();
         for t in self.tokens.values().filter(|t| t.shared && t.per_subject) {
@@ -148,9 +148,45 @@ impl Config {
                     .into(),
             );
         }
+        for t in self
+            .tokens
+            .values()
+            .filter(|t| t.shared && !t.per_subject && t.grant_type != GrantType::ClientCredentials)
+        {
+            push(
+                format!("tokens.{}.shared", t.name),
+                format!(
+                    "only for grant_type = \"client_credentials\": a {} token's refresh token \
+                     is this process's own (state_dir), and sharing its access token while \
+                     each replica rotates its own refresh token is unsafe; for consent shared \
+                     by replicas use per_subject = true with [subjects] store = \"redis\"",
+                    t.grant_type.as_str()
+                ),
+            );
+        }
         match &self.redis {
             Some(r) => {
                 r.problems(push);
+                let has_key = r.encryption_key_file.is_some() || !r.encryption_key_files.is_empty();
+                if !shared.is_empty() && !has_key {
+                    push(
+                        "redis.encryption_key_file".into(),
+                        format!(
+                            "missing: tokens {} have shared = true, and their access tokens are \
+                             sealed in Redis; set encryption_key_file (make a key with `openssl \
+                             rand -base64 32`) or encryption_key_files",
+                            shared.join(", ")
+                        ),
+                    );
+                }
+                if shared.is_empty() && has_key {
+                    push(
+                        "redis.encryption_key_file".into(),
+                        "no token has shared = true, so nothing is sealed with this key \
+                         ([subjects] records use [subjects]' own key)"
+                            .into(),
+                    );
+                }
                 if !redis_store && shared.is_empty() {
                     push(
                         "redis".into(),

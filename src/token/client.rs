@@ -78,6 +78,9 @@ pub enum LifetimeSource {
     JwtExp,
     /// `default_lifetime` from the configuration.
     Default,
+    /// The expiry another replica wrote to a shared token's slot (`shared = true`), less the
+    /// clock-skew allowance.
+    SharedSlot,
 }
 
 /// A successful token response.
@@ -518,7 +521,9 @@ fn parse_response(
                 "the token's JWT exp is {:.0} s in the past (or this host's clock is ahead)",
                 -seconds
             ),
-            LifetimeSource::Default => "default_lifetime is zero".into(),
+            LifetimeSource::Default | LifetimeSource::SharedSlot => {
+                "default_lifetime is zero".into()
+            }
         }));
     };
     let refresh_token = match raw.refresh_token {

@@ -4,7 +4,8 @@
 //! A request does one `ArcSwap` load and an expiry check ([`TokenCell::current`]); it never
 //! waits on the refresher unless no valid token exists. The refresher ([`refresher`]) is the only
 //! writer. The token endpoint client lives in [`client`], refresh-token persistence in `store`, the
-//! choice of grant in `grant`, the refresh schedule in `schedule`, the status types in `status`.
+//! choice of grant in `grant`, the refresh schedule in `schedule`, the status types in `status`,
+//! and the contract of a token shared by replicas through Redis in [`shared`].
 //!
 //! An expired token is never handed out: validity is checked against tokio's monotonic clock at
 //! the moment of use, not by a timer that might fire late, and ends [`expiry_leeway`] before the
@@ -17,6 +18,7 @@ mod error;
 mod grant;
 pub mod refresher;
 mod schedule;
+pub mod shared;
 mod status;
 mod store;
 
@@ -95,6 +97,15 @@ impl AccessToken {
     /// The `Authorization` header value.
     pub fn header(&self) -> &HeaderValue {
         &self.header
+    }
+
+    /// The token itself (the header without `Bearer `), to be sealed into a shared slot
+    /// (`shared = true`); nothing else needs it.
+    pub(crate) fn raw(&self) -> Option<crate::secret::Secret> {
+        let bytes = self.header.as_bytes().strip_prefix(b"Bearer ")?;
+        std::str::from_utf8(bytes)
+            .ok()
+            .map(|s| crate::secret::Secret::new(s.to_owned()))
     }
 
     /// Monotonic expiry, as granted by the server.

@@ -7,6 +7,10 @@
 //!
 //! The current token keeps being served while it is valid whatever happens here; the cell never
 //! hands out an expired one.
+//!
+//! With `shared = true` ([`Refresher::with_shared`]) each attempt goes through the token's
+//! shared slot first (see [`crate::token::shared`]): adopt a newer token another replica
+//! wrote, or take the lease and request one for everybody, or wait for the lease holder's.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -26,7 +30,11 @@ use crate::token::client::{
 };
 use crate::token::error::REFRESH_ERROR_REASONS;
 use crate::token::grant::{Grants, Rotation};
-use crate::token::schedule::{refresh_delay, retry_delay};
+use crate::token::schedule::{MIN_REFRESH_DELAY, refresh_delay, retry_delay};
+use crate::token::shared::{
+    POLL_INTERVAL, SharedSlot, SlotToken, SlotUnavailable, adopted_lifetime, lease_ttl, slot_ttl,
+    unix_secs_floor,
+};
 use crate::token::status::{ErrorInfo, ErrorKind};
 use crate::token::{AccessToken, TokenCell};
 
@@ -52,6 +60,9 @@ pub struct Fetched {
     pub claims: Option<serde_json::Map<String, serde_json::Value>>,
     /// Whether the server sent a new refresh token.
     pub refresh_token_rotated: bool,
+    /// Whether the token was adopted from the shared slot (another replica requested it)
+    /// instead of being requested by this process.
+    pub adopted: bool,
 }
 
 /// Obtains and renews the tokens of one `[tokens.<name>]`, through `C` (the real HTTP client
@@ -68,6 +79,17 @@ pub struct Refresher<C = TokenClient> {
     /// A rotated refresh token is held only in memory (see
     /// [`TokenStatus::refresh_token_in_memory_only`]).
     in_memory_only: bool,
+    /// The token's slot in `[redis]`, when it has `shared = true`.
+    shared: Option<Arc<dyn SharedSlot>>,
+}
+
+/// How a shared attempt ended without a result of its own.
+enum Fallback {
+    /// Redis could not be used.
+    Unavailable(SlotUnavailable),
+    /// Other replicas kept the lease for longer than a holder may: waiting longer would risk
+    /// the current token's expiry.
+    LeaseHeld,
 }
 
 impl<C> std::fmt::Debug for Refresher<C> {
@@ -114,7 +136,14 @@ impl<C: Fetch> Refresher<C> {
             metrics,
             failures: 0,
             in_memory_only: false,
+            shared: None,
         }
+    }
+
+    /// Shares the token with the other replicas through `slot` (`shared = true`).
+    pub fn with_shared(mut self, slot: Arc<dyn SharedSlot>) -> Self {
+        self.shared = Some(slot);
+        self
     }
 
     /// Runs the refresher on its own task until the process terminates.
@@ -166,7 +195,7 @@ impl<C: Fetch> Refresher<C> {
             self.metrics.forced.inc();
         }
         let before = self.cell.status().state;
-        let delay = match self.refresh().await {
+        let delay = match self.obtain(forced).await {
             Ok(f) => {
                 let delay = refresh_delay(
                     f.lifetime,
@@ -181,6 +210,7 @@ impl<C: Fetch> Refresher<C> {
                     lifetime_from = ?f.lifetime_source,
                     next_refresh_secs = delay.as_secs_f64(),
                     forced,
+                    adopted = f.adopted,
                     "token refreshed"
                 );
                 delay
@@ -381,7 +411,174 @@ impl<C: Fetch> Refresher<C> {
             expires_wall,
             claims,
             refresh_token_rotated: rotated,
+            adopted: false,
         })
+    }
+
+    /// One token, requested by this process or, for a shared token, adopted from the slot.
+    async fn obtain(&mut self, forced: bool) -> Result<Fetched, FetchError> {
+        let Some(slot) = self.shared.clone() else {
+            return self.refresh().await;
+        };
+        match self.through_slot(&*slot, forced).await {
+            Ok(result) => result,
+            Err(fallback) => {
+                // A client_credentials token holds nothing that could be lost: request one
+                // ourselves rather than let the route go without a token.
+                self.metrics.shared_fallbacks.inc();
+                match &fallback {
+                    Fallback::Unavailable(e) => tracing::warn!(
+                        token = %self.cfg.name,
+                        error = %e,
+                        "the shared token's slot in Redis cannot be used; requesting a token \
+                         for this replica alone (sharing resumes when Redis answers)"
+                    ),
+                    Fallback::LeaseHeld => tracing::warn!(
+                        token = %self.cfg.name,
+                        "other replicas held the shared token's lease for too long; \
+                         requesting a token for this replica alone"
+                    ),
+                }
+                self.refresh().await
+            }
+        }
+    }
+
+    /// The shared protocol: adopt a newer token from the slot; else take the lease, look again,
+    /// request, write the slot and release; else wait for the holder's token, until the lease
+    /// lapses (then try again). `Err` when the slot cannot be used and the caller should
+    /// request on its own.
+    async fn through_slot(
+        &mut self,
+        slot: &dyn SharedSlot,
+        forced: bool,
+    ) -> Result<Result<Fetched, FetchError>, Fallback> {
+        let ttl = lease_ttl(self.cfg.timeout);
+        // Long enough for a holder to finish or its lease to lapse, and one more try after it.
+        let give_up = Instant::now() + ttl + POLL_INTERVAL * 2;
+        loop {
+            if let Some(f) = self
+                .adopt_from(slot, forced)
+                .await
+                .map_err(Fallback::Unavailable)?
+            {
+                return Ok(Ok(f));
+            }
+            if slot.try_lock(ttl).await.map_err(Fallback::Unavailable)? {
+                let result = self.as_holder(slot, forced).await;
+                if let Err(e) = slot.unlock().await {
+                    // It lapses at its TTL; the others wait for it at most that long.
+                    tracing::warn!(
+                        token = %self.cfg.name,
+                        error = %e,
+                        "the shared token's lease could not be released"
+                    );
+                }
+                return result.map_err(Fallback::Unavailable);
+            }
+            if Instant::now() >= give_up {
+                return Err(Fallback::LeaseHeld);
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// Holding the lease: look again (another replica may have written between our read and
+    /// our lock), else request, and share what we got.
+    async fn as_holder(
+        &mut self,
+        slot: &dyn SharedSlot,
+        forced: bool,
+    ) -> Result<Result<Fetched, FetchError>, SlotUnavailable> {
+        if let Some(f) = self.adopt_from(slot, forced).await? {
+            return Ok(Ok(f));
+        }
+        let result = self.refresh().await;
+        if result.is_ok()
+            && let Some(t) = self.cell.latest()
+            && let Some(raw) = t.raw()
+        {
+            let sent_at = t.expires_at() - t.lifetime();
+            let ttl = slot_ttl(
+                sent_at,
+                t.lifetime(),
+                self.cfg.refresh_ratio,
+                self.cfg.refresh_margin,
+                Instant::now(),
+            );
+            let expires_at = unix_secs_floor(t.expires_wall());
+            if let Err(e) = slot.write(&raw, expires_at, ttl).await {
+                // This replica has its token; the others request their own if Redis stays
+                // unusable, or find the lease free again and one of them requests.
+                tracing::warn!(
+                    token = %self.cfg.name,
+                    error = %e,
+                    "the new token could not be written to the shared slot"
+                );
+            }
+        }
+        Ok(result)
+    }
+
+    /// Reads the slot and publishes its token if it is worth adopting: not the token this
+    /// replica holds (a forced refresh must not adopt the token the upstream rejected), valid
+    /// for longer than the shortest refresh delay, and (unless `forced`: then ours was
+    /// rejected, and any other valid token is better) valid longer than ours.
+    async fn adopt_from(
+        &mut self,
+        slot: &dyn SharedSlot,
+        forced: bool,
+    ) -> Result<Option<Fetched>, SlotUnavailable> {
+        let Some(SlotToken {
+            access_token,
+            expires_at,
+        }) = slot.read().await?
+        else {
+            return Ok(None);
+        };
+        let now = Instant::now();
+        let now_wall = SystemTime::now();
+        let Some(lifetime) = adopted_lifetime(expires_at, now_wall) else {
+            return Ok(None);
+        };
+        let Ok(token) = AccessToken::new(access_token.expose(), now, now_wall, lifetime, None)
+        else {
+            // Sealed by a key we hold, so written by a replica: it cannot be malformed unless
+            // the issuer's answer was, which the writer already refused. Refresh instead.
+            return Ok(None);
+        };
+        if token.usable_until() <= now + MIN_REFRESH_DELAY {
+            return Ok(None);
+        }
+        if let Some(ours) = self.cell.latest()
+            && (ours.header() == token.header()
+                || (!forced && ours.usable_until() >= token.usable_until()))
+        {
+            return Ok(None);
+        }
+        let expires_wall = token.expires_wall();
+        let generation = self.cell.publish(token);
+        let now_wall = SystemTime::now();
+        self.failures = 0;
+        self.metrics.adoptions.inc();
+        self.metrics.expiry.set(unix_secs_f64(expires_wall));
+        self.metrics.last_success.set(unix_secs_f64(now_wall));
+        self.cell.update_status(|s| {
+            s.in_flight = false;
+            s.last_success = Some(now_wall);
+            s.consecutive_failures = 0;
+        });
+        Ok(Some(Fetched {
+            generation,
+            lifetime,
+            lifetime_source: LifetimeSource::SharedSlot,
+            token_type: None,
+            scope: None,
+            expires_wall,
+            claims: None,
+            refresh_token_rotated: false,
+            adopted: true,
+        }))
     }
 
     /// Reads the client credentials from their sources (files are re-read every time).
@@ -743,5 +940,304 @@ mod tests {
         let sent = Instant::now();
         let t = cell.wait_valid(S(10)).await.unwrap();
         assert_eq!(t.expires_at(), sent + S(60));
+    }
+
+    /// Redis in memory for the shared-token protocol: one slot and one lease, shared by every
+    /// [`FakeSlot`] (replica) made from it. The paused clock moves tokio's time but not the
+    /// wall clock, so a read returns the written expiry less the (tokio) time since the write:
+    /// what a reader's wall clock would see.
+    #[derive(Default)]
+    struct FakeRedis {
+        /// Token, expiry (Unix s), when written, when its TTL ends.
+        slot: Mutex<Option<(String, u64, Instant, Instant)>>,
+        /// Holder and the end of its TTL.
+        lease: Mutex<Option<(u32, Instant)>>,
+        down: std::sync::atomic::AtomicBool,
+        writes: std::sync::atomic::AtomicU32,
+        /// Put in the slot just before the next lease is granted: another replica's write that
+        /// landed between a replica's read and its lock.
+        race: Mutex<Option<(String, u64)>>,
+    }
+
+    impl FakeRedis {
+        fn put(&self, token: &str, expires_at: u64, ttl: Duration) {
+            let now = Instant::now();
+            *self.slot.lock().unwrap() = Some((token.to_owned(), expires_at, now, now + ttl));
+        }
+        fn lock_for(&self, holder: u32, ttl: Duration) {
+            *self.lease.lock().unwrap() = Some((holder, Instant::now() + ttl));
+        }
+        fn check(&self) -> Result<(), SlotUnavailable> {
+            if self.down.load(std::sync::atomic::Ordering::Relaxed) {
+                Err(SlotUnavailable("redis: connection refused".into()))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    struct FakeSlot {
+        redis: Arc<FakeRedis>,
+        id: u32,
+    }
+
+    impl SharedSlot for FakeSlot {
+        fn read(&self) -> BoxFuture<'_, Result<Option<SlotToken>, SlotUnavailable>> {
+            Box::pin(async move {
+                self.redis.check()?;
+                let now = Instant::now();
+                let slot = self.redis.slot.lock().unwrap();
+                Ok(slot.as_ref().filter(|s| now < s.3).map(|(t, exp, at, _)| {
+                    let elapsed = (now - *at).as_secs_f64().ceil() as u64;
+                    SlotToken {
+                        access_token: Secret::new(t.clone()),
+                        expires_at: exp - elapsed,
+                    }
+                }))
+            })
+        }
+        fn write<'a>(
+            &'a self,
+            access_token: &'a Secret,
+            expires_at: u64,
+            ttl: Duration,
+        ) -> BoxFuture<'a, Result<(), SlotUnavailable>> {
+            Box::pin(async move {
+                self.redis.check()?;
+                self.redis
+                    .writes
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.redis.put(access_token.expose(), expires_at, ttl);
+                Ok(())
+            })
+        }
+        fn try_lock(&self, ttl: Duration) -> BoxFuture<'_, Result<bool, SlotUnavailable>> {
+            Box::pin(async move {
+                self.redis.check()?;
+                let now = Instant::now();
+                let mut lease = self.redis.lease.lock().unwrap();
+                if lease.is_some_and(|(_, end)| now < end) {
+                    return Ok(false);
+                }
+                if let Some((t, exp)) = self.redis.race.lock().unwrap().take() {
+                    self.redis.put(&t, exp, S(60));
+                }
+                *lease = Some((self.id, now + ttl));
+                Ok(true)
+            })
+        }
+        fn unlock(&self) -> BoxFuture<'_, Result<(), SlotUnavailable>> {
+            Box::pin(async move {
+                self.redis.check()?;
+                let mut lease = self.redis.lease.lock().unwrap();
+                if lease.is_some_and(|(holder, _)| holder == self.id) {
+                    *lease = None;
+                }
+                Ok(())
+            })
+        }
+    }
+
+    use futures_util::future::BoxFuture;
+
+    /// A replica: a refresher of `fake` sharing through `redis`.
+    fn replica(
+        fake: &Arc<Fake>,
+        redis: &Arc<FakeRedis>,
+        id: u32,
+    ) -> (Arc<TokenCell>, TokenMetrics, ShutdownController) {
+        let cfg = config();
+        let cell = TokenCell::new("t", cfg.forced_refresh_interval);
+        let metrics = crate::metrics::Metrics::new().token("t");
+        let (ctl, sd) = ShutdownController::new();
+        let slot = Arc::new(FakeSlot {
+            redis: redis.clone(),
+            id,
+        });
+        Refresher::with_client(cfg, cell.clone(), metrics.clone(), fake.clone())
+            .with_shared(slot)
+            .spawn(sd);
+        (cell, metrics, ctl)
+    }
+
+    /// Unix second `d` from now.
+    fn wall_in(d: Duration) -> u64 {
+        unix_secs_floor(SystemTime::now() + d)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn three_replicas_request_about_as_often_as_one_and_always_hold_a_valid_token() {
+        let fake = Fake::new(vec![], || Answer::Slow(Duration::from_millis(300), S(300)));
+        let redis = Arc::new(FakeRedis::default());
+        let replicas: Vec<_> = (0..3).map(|i| replica(&fake, &redis, i)).collect();
+        for (cell, _, _) in &replicas {
+            cell.wait_valid(S(5)).await.expect("first token");
+        }
+        assert_eq!(fake.times().len(), 1, "one request at start, not three");
+        let t0 = Instant::now();
+        while Instant::now() < t0 + S(1800) {
+            for (cell, _, _) in &replicas {
+                let t = cell.current().expect("a replica without a valid token");
+                assert!(Instant::now() < t.usable_until());
+            }
+            tokio::time::sleep(S(3)).await;
+        }
+        // One replica alone makes 9 to 11 in 30 min of 300 s tokens (see the test above);
+        // three replicas sharing make about as many, never three times as many.
+        let requests = fake.times().len();
+        assert!((8..=13).contains(&requests), "{requests} token requests");
+        let adoptions: u64 = replicas.iter().map(|r| r.1.adoptions.get()).sum();
+        assert!(
+            adoptions >= 2 * (requests as u64 - 1),
+            "{adoptions} adoptions"
+        );
+        for (_, m, _) in &replicas {
+            assert_eq!(m.shared_fallbacks.get(), 0);
+        }
+        // Nothing ever requested while another replica held the lease: requests are spaced.
+        for pair in fake.times().windows(2) {
+            assert!(
+                pair[1] - pair[0] > S(60),
+                "two requests {:?} apart",
+                pair[1] - pair[0]
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replica_that_finds_the_lease_taken_adopts_the_holders_token() {
+        let fake = Fake::new(vec![], || Answer::Token(S(300)));
+        let redis = Arc::new(FakeRedis::default());
+        // Another replica holds the lease and is requesting.
+        redis.lock_for(99, S(20));
+        let (cell, metrics, _ctl) = replica(&fake, &redis, 1);
+        tokio::time::sleep(S(2)).await;
+        assert!(cell.current().is_none());
+        redis.put("token-from-99", wall_in(S(300)), S(225));
+        let t = cell
+            .wait_valid(POLL_INTERVAL * 2)
+            .await
+            .expect("adopted within a poll");
+        assert_eq!(t.header(), "Bearer token-from-99");
+        assert!(
+            fake.times().is_empty(),
+            "requested while another held the lease"
+        );
+        assert_eq!(metrics.adoptions.get(), 1);
+        // Never later than the slot says, less the skew allowance.
+        assert!(
+            t.expires_at() <= Instant::now() + S(300) - crate::token::shared::CLOCK_SKEW_ALLOWANCE
+        );
+        assert!(t.expires_at() >= Instant::now() + S(297));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_holders_lease_lapses_and_the_waiter_requests_then() {
+        let fake = Fake::new(vec![], || Answer::Token(S(300)));
+        let redis = Arc::new(FakeRedis::default());
+        let start = Instant::now();
+        redis.lock_for(99, S(5));
+        let (cell, _m, _ctl) = replica(&fake, &redis, 1);
+        cell.wait_valid(S(10))
+            .await
+            .expect("a token once the lease lapsed");
+        let times = fake.times();
+        assert_eq!(times.len(), 1);
+        assert!(times[0] >= start + S(5), "requested under another's lease");
+        assert!(
+            times[0] < start + S(5) + POLL_INTERVAL * 2,
+            "waited past the lapse"
+        );
+        // It shared what it got, and let the lease go.
+        assert_eq!(redis.writes.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert!(redis.lease.lock().unwrap().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_holder_looks_again_after_locking_and_adopts_a_token_written_meanwhile() {
+        let fake = Fake::new(vec![], || Answer::Token(S(300)));
+        let redis = Arc::new(FakeRedis::default());
+        *redis.race.lock().unwrap() = Some(("token-raced".into(), wall_in(S(300))));
+        let (cell, metrics, _ctl) = replica(&fake, &redis, 1);
+        let t = cell.wait_valid(S(1)).await.unwrap();
+        assert_eq!(t.header(), "Bearer token-raced");
+        assert!(fake.times().is_empty());
+        assert_eq!(metrics.adoptions.get(), 1);
+        assert!(redis.lease.lock().unwrap().is_none(), "lease released");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slot_token_about_to_expire_or_already_held_is_not_adopted() {
+        let fake = Fake::new(vec![], || Answer::Token(S(300)));
+        let redis = Arc::new(FakeRedis::default());
+        // Within the skew allowance of its expiry: useless.
+        redis.put("token-dying", wall_in(S(1)), S(60));
+        let (cell, metrics, _ctl) = replica(&fake, &redis, 1);
+        let t = cell.wait_valid(S(1)).await.unwrap();
+        assert_eq!(t.header(), "Bearer token-1");
+        assert_eq!(metrics.adoptions.get(), 0);
+        // The upstream rejects token-1, which is also what the slot holds: a forced refresh
+        // requests a new one instead of adopting the rejected token again.
+        let newer = cell.invalidate(t.generation(), S(5)).await.expect("newer");
+        assert_eq!(newer.header(), "Bearer token-2");
+        assert_eq!(fake.times().len(), 2);
+        assert_eq!(metrics.adoptions.get(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_forced_refresh_adopts_a_newer_token_another_replica_shared() {
+        let fake = Fake::new(vec![], || Answer::Token(S(300)));
+        let redis = Arc::new(FakeRedis::default());
+        let (cell, metrics, _ctl) = replica(&fake, &redis, 1);
+        let t = cell.wait_valid(S(1)).await.unwrap();
+        // Another replica was refused the same token and already shared a new one.
+        redis.put("token-newer", wall_in(S(300)), S(225));
+        let newer = cell.invalidate(t.generation(), S(5)).await.expect("newer");
+        assert_eq!(newer.header(), "Bearer token-newer");
+        assert_eq!(fake.times().len(), 1);
+        assert_eq!(metrics.adoptions.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn redis_down_means_an_own_request_and_sharing_resumes_when_it_returns() {
+        let fake = Fake::new(vec![], || Answer::Token(S(20)));
+        let redis = Arc::new(FakeRedis::default());
+        redis.down.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (a, ma, _ca) = replica(&fake, &redis, 1);
+        let (b, mb, _cb) = replica(&fake, &redis, 2);
+        a.wait_valid(S(2)).await.expect("a serves without Redis");
+        b.wait_valid(S(2)).await.expect("b serves without Redis");
+        assert_eq!(fake.times().len(), 2, "each its own");
+        assert_eq!(ma.shared_fallbacks.get() + mb.shared_fallbacks.get(), 2);
+        // Both keep refreshing on their own while it is down: never without a token.
+        let t0 = Instant::now();
+        while Instant::now() < t0 + S(60) {
+            assert!(a.current().is_some() && b.current().is_some());
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let fallbacks = ma.shared_fallbacks.get() + mb.shared_fallbacks.get();
+        assert!(
+            fallbacks >= 8,
+            "every refresh while down fell back: {fallbacks}"
+        );
+        redis
+            .down
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        let before = fake.times().len();
+        let t1 = Instant::now();
+        while Instant::now() < t1 + S(200) {
+            assert!(a.current().is_some() && b.current().is_some());
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        // 200 s of 20 s tokens refreshed at ~half their life: one replica alone makes about
+        // 20 requests (each replica ~20 on its own), sharing about as many for both.
+        let shared = fake.times().len() - before;
+        assert!(
+            (10..=28).contains(&shared),
+            "{shared} requests after Redis returned"
+        );
+        assert!(ma.adoptions.get() + mb.adoptions.get() >= 8);
+        // At most the refresh under way when it returned still fell back.
+        assert!(ma.shared_fallbacks.get() + mb.shared_fallbacks.get() <= fallbacks + 2);
     }
 }

@@ -237,6 +237,41 @@ async fn check_loads_the_subjects_encryption_keys() {
     );
 }
 
+#[tokio::test]
+async fn check_loads_the_shared_tokens_encryption_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let config = dir.path().join("shared.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tokens.flinks]\ntoken_url = \"https://ob.flinksapp.com/api/v1/token\"\n\
+             grant_type = \"client_credentials\"\nshared = true\nclient_id = \"c\"\n\
+             client_secret = \"s\"\n\
+             [redis]\nurl = \"rediss://redis.example:6380\"\nencryption_key_file = \"{d}/key\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("key"), "c2hvcnQ=\n").unwrap();
+    let out = run(&["check"], &config, &[]).await;
+    assert_eq!(out.code, 2, "{}", out.stdout);
+    assert!(out.stderr.contains("redis: "), "{}", out.stderr);
+    assert!(out.stderr.contains("holds 5 bytes"), "{}", out.stderr);
+    std::fs::write(
+        dir.path().join("key"),
+        [b'A'; 43].iter().chain(b"=").copied().collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    let out = run(&["check"], &config, &[]).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stdout
+            .contains("flinks: client_credentials shared through redis"),
+        "{}",
+        out.stdout
+    );
+}
+
 /// `--version` names the commit this checkout is at (the build script re-runs when HEAD moves),
 /// `unknown` outside a checkout, or the commit given to the build in `BEARER_PROXY_GIT_COMMIT`.
 #[tokio::test]

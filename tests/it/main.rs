@@ -47,6 +47,9 @@ mod redis;
 // subject header, needs_reauth, 10,000 subjects at start, restart, keys, no plaintext at rest.
 mod subjects;
 
+// `shared = true` named tokens (issue #13): three processes, one Redis, Redis going away.
+mod shared_token;
+
 // Soak under token rotation: the binary as a child for `SOAK_SECS`; `#[ignore]`d, run by
 // `tests/soak/run.sh`.
 mod soak;

@@ -62,6 +62,13 @@ pub struct RedisConfig {
     /// degraded state (cached access tokens still served, enrolment answering 503) into a full
     /// outage. `/readyz` and `/status` report Redis either way.
     pub gate_readiness: bool,
+    /// The key that seals the access tokens of `shared = true` named tokens in Redis (base64
+    /// of 32 random bytes, the `[subjects]` key format): Redis never holds one in plaintext.
+    /// Required when some token is shared. Set this or `encryption_key_files`, not both.
+    pub encryption_key_file: Option<PathBuf>,
+    /// Several keys, newest first, for rotation exactly as `[subjects]`' own: new slots are
+    /// sealed with the first, a slot sealed with any listed key still opens.
+    pub encryption_key_files: Vec<PathBuf>,
 }
 
 impl Default for RedisConfig {
@@ -75,6 +82,8 @@ impl Default for RedisConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
             gate_readiness: false,
+            encryption_key_file: None,
+            encryption_key_files: Vec::new(),
         }
     }
 }
@@ -143,6 +152,43 @@ impl RedisConfig {
             if d.is_zero() {
                 push(k(key), "must be greater than zero".into());
             }
+        }
+        self.key_file_problems(push);
+    }
+
+    /// The shape of the key-file settings (whether a key is needed at all is
+    /// `Config::validate`'s business: it knows which tokens are shared).
+    fn key_file_problems(&self, push: &mut impl FnMut(String, String)) {
+        if self.encryption_key_file.is_some() && !self.encryption_key_files.is_empty() {
+            push(
+                "redis.encryption_key_file".into(),
+                "set encryption_key_file or encryption_key_files, not both".into(),
+            );
+        }
+        if self
+            .encryption_key_file
+            .as_deref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            push("redis.encryption_key_file".into(), "empty path".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, path) in self.encryption_key_files.iter().enumerate() {
+            let key = format!("redis.encryption_key_files[{i}]");
+            if path.as_os_str().is_empty() {
+                push(key, "empty path".into());
+            } else if !seen.insert(path) {
+                push(key, format!("{} is listed twice", path.display()));
+            }
+        }
+    }
+
+    /// The key files that seal shared access tokens, newest first, whichever key gave them
+    /// (empty when none is configured).
+    pub fn key_files(&self) -> Vec<PathBuf> {
+        match &self.encryption_key_file {
+            Some(one) => vec![one.clone()],
+            None => self.encryption_key_files.clone(),
         }
     }
 
@@ -239,6 +285,14 @@ mod tests {
         .unwrap();
         assert_eq!(full.validate(), Ok(()));
         assert!(full.is_tls() && full.gate_readiness);
+        assert!(d.key_files().is_empty());
+        let rotating =
+            parse("url = \"redis://h\"\nencryption_key_files = [\"/k/new\", \"/k/old\"]").unwrap();
+        assert_eq!(rotating.validate(), Ok(()));
+        assert_eq!(
+            rotating.key_files(),
+            [PathBuf::from("/k/new"), "/k/old".into()]
+        );
         assert_eq!(full.command_timeout, Duration::from_millis(250));
         let e = parse("url = \"redis://h\"\ncommand_timeout = \"2\"").unwrap_err();
         assert!(e.contains("no unit"), "{e}");
@@ -257,6 +311,8 @@ mod tests {
             connect_timeout: Duration::ZERO,
             command_timeout: Duration::ZERO,
             gate_readiness: false,
+            encryption_key_file: Some(PathBuf::new()),
+            encryption_key_files: vec!["/k".into(), "/k".into()],
         };
         assert_eq!(
             keys(&all),
@@ -268,6 +324,9 @@ mod tests {
                 "redis.key_prefix",
                 "redis.connect_timeout",
                 "redis.command_timeout",
+                "redis.encryption_key_file",
+                "redis.encryption_key_file",
+                "redis.encryption_key_files[1]",
             ]
         );
         let plain_with_ca = RedisConfig {

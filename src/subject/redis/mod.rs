@@ -11,7 +11,7 @@
 //!   ids (score 0, so ordered by id), the listing indexes;
 //! - `P{T}:code:<sha256>`: a spent authorization code, holding the subject id;
 //! - `P{T}:lock[:S]`: a lease; `P{T}:access[:S]`: a shared access token (a named token's
-//!   without `:S`).
+//!   without `:S`, used through [`named::RedisSlot`]).
 //!
 //! `{T}` is a Redis Cluster hash tag: every key of one token lands in one slot, so each script
 //! touches one slot. (The client here talks to one Redis or a primary behind a failover
@@ -40,6 +40,7 @@
 pub mod access;
 pub mod config;
 pub mod lock;
+pub mod named;
 
 use std::fmt;
 use std::sync::Arc;
