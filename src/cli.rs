@@ -283,8 +283,8 @@ fn ca(command: CaCommand) -> Result<(), Failure> {
 }
 
 /// Secret and CA files that cannot be read, client certificates that do not match their key or
-/// are not valid now, assertion keys that cannot sign, and state directories that cannot be
-/// written.
+/// are not valid now, assertion keys that cannot sign, state directories that cannot be
+/// written, and a `[redis]` that cannot be connected to.
 fn file_problems(config: &Config) -> Vec<String> {
     let mut problems = Vec::new();
     for (name, t) in &config.tokens {
@@ -337,6 +337,15 @@ fn file_problems(config: &Config) -> Vec<String> {
     }
     if let Some(sc) = &config.subjects {
         subjects_file_problems(sc, &mut problems);
+    }
+    if let Some(rc) = &config.redis {
+        // Connecting reads the password and CA files and authenticates, within
+        // `redis.connect_timeout`: a wrong password or CA shows here, not at the first start.
+        match block_on(1, crate::subject::redis::RedisStore::connect(rc)) {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => problems.push(format!("redis: {}", crate::error::Chain(&e))),
+            Err(e) => problems.push(format!("redis: cannot check the connection: {e:?}")),
+        }
     }
     if let Some(i) = &config.proxy.intercept
         && let Err(e) = crate::ca::Ca::load(&i.ca_cert_file, &i.ca_key_file)

@@ -38,6 +38,13 @@ pub(crate) trait Coordination: Send + Sync {
         subject: &'a SubjectId,
     ) -> BoxFuture<'a, Result<Option<SharedToken>, StoreError>>;
 
+    /// Empties the subject's slot.
+    fn unshare<'a>(
+        &'a self,
+        token: &'a str,
+        subject: &'a SubjectId,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
     /// Stores the subject's access token (expiring at `expires_at`, Unix seconds) for `ttl`.
     fn share<'a>(
         &'a self,
@@ -72,6 +79,17 @@ impl Coordination for RedisStore {
     ) -> BoxFuture<'a, Result<Option<SharedToken>, StoreError>> {
         Box::pin(async move {
             self.get_access_token(ring, &Scope::Subject(token, subject))
+                .await
+        })
+    }
+
+    fn unshare<'a>(
+        &'a self,
+        token: &'a str,
+        subject: &'a SubjectId,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.delete_access_token(&Scope::Subject(token, subject))
                 .await
         })
     }

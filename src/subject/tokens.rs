@@ -961,6 +961,53 @@ impl<F: Fetch> SubjectTokens<F> {
         s.failure = None;
     }
 
+    /// With a shared store, puts the access token an enrolment just obtained (request sent at
+    /// `sent_at`/`sent_wall`, granted `lifetime`) into the subject's shared slot, replacing
+    /// the previous consent's token, so other replicas serve the subject without a token
+    /// request. A failure is logged: the record is what matters, and the other replicas then
+    /// refresh on their own.
+    pub(crate) async fn share_enrolled(
+        &self,
+        subject: &SubjectId,
+        access_token: &crate::secret::Secret,
+        sent_at: Instant,
+        sent_wall: SystemTime,
+        lifetime: Duration,
+    ) {
+        let Some(coord) = self.coord.as_deref() else {
+            return;
+        };
+        let token = self.settings.token.as_str();
+        let delay = refresh_delay(
+            lifetime,
+            self.settings.refresh_ratio,
+            self.settings.refresh_margin,
+            rand::random::<f64>(),
+        );
+        let expires_at = crate::time::unix_secs(sent_wall) + lifetime.as_secs();
+        let ttl = (sent_at + delay).saturating_duration_since(Instant::now());
+        let outcome = if ttl.is_zero() {
+            coord.unshare(token, subject).await
+        } else {
+            coord
+                .share(&self.ring, token, subject, access_token, expires_at, ttl)
+                .await
+        };
+        if let Err(e) = outcome {
+            tracing::warn!(token, subject = %subject, error = %e, "could not share the enrolled subject's access token");
+        }
+    }
+
+    /// With a shared store, empties the subject's shared slot (deleted, or refreshed on
+    /// request), so no replica takes the old token from it. Replicas that hold the old token
+    /// in memory keep it until it expires or is rejected.
+    pub(crate) async fn unshare(&self, subject: &SubjectId) -> Result<(), StoreError> {
+        match self.coord.as_deref() {
+            Some(coord) => coord.unshare(&self.settings.token, subject).await,
+            None => Ok(()),
+        }
+    }
+
     /// The valid access token held for `subject`, if any, without counting as a use or
     /// starting a refresh (for the API's view and for revocation).
     pub(crate) fn peek(&self, subject: &SubjectId) -> Option<Arc<AccessToken>> {
@@ -1645,6 +1692,18 @@ mod tests {
                             expires_at: *expires_at,
                         },
                     ))
+            })
+        }
+
+        fn unshare<'a>(
+            &'a self,
+            token: &'a str,
+            subject: &'a SubjectId,
+        ) -> futures_util::future::BoxFuture<'a, Result<(), StoreError>> {
+            Box::pin(async move {
+                self.check()?;
+                lock(&self.slots).remove(&format!("{token}:{subject}"));
+                Ok(())
             })
         }
 
