@@ -726,14 +726,16 @@ impl<F: Fetch> SubjectTokens<F> {
             }
             Err(e) => return Err(self.failed(subject, "shared store (access token)", &e)),
         };
+        // What is left of the lifetime, to the nanosecond: whole seconds on this side would
+        // stretch the token up to a second past the expiry the writer stored.
         let now_wall = SystemTime::now();
-        let remaining = shared
-            .expires_at
-            .saturating_sub(crate::time::unix_secs(now_wall));
-        if remaining == 0 {
+        let since_epoch = now_wall
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let lifetime = Duration::from_secs(shared.expires_at).saturating_sub(since_epoch);
+        if lifetime.is_zero() {
             return Ok(None);
         }
-        let lifetime = Duration::from_secs(remaining);
         let now = Instant::now();
         let Ok(access) =
             AccessToken::new(shared.access_token.expose(), now, now_wall, lifetime, None)
