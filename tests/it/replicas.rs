@@ -151,12 +151,14 @@ async fn readyz_until(admin: SocketAddr, ok: impl Fn(u16, &serde_json::Value) ->
     }
 }
 
-/// No log line of `p` carries an access token (the dev issuer's are JWTs: `eyJ…`).
-async fn assert_no_tokens_logged(p: &mut Child) {
+/// Stops `p`; no log line of it carries an access token (the dev issuer's are JWTs: `eyJ…`).
+/// Its logs, for more checks.
+async fn assert_no_tokens_logged(p: &mut Child) -> String {
     let _ = p.child.start_kill();
     let _ = p.child.wait().await;
     let logs = p.logs().await;
     assert!(!logs.contains("eyJ"), "a token in the logs:\n{logs}");
+    logs
 }
 
 async fn plain_redis() -> Option<RedisServer> {
@@ -353,7 +355,8 @@ async fn tls_with_a_throwaway_ca_works_and_a_wrong_password_stops_the_start_nami
     let r = enrol(p.subjects.unwrap(), &issuer, "cust-1", "user-1").await;
     assert_eq!(r.status, 201, "{}", r.text());
     served_as(&fdx(p.proxy, "cust-1").await, "user-1");
-    assert_no_tokens_logged(&mut p).await;
+    let logs = assert_no_tokens_logged(&mut p).await;
+    assert!(!logs.contains("right-password"), "{logs}");
 
     // The wrong password: `run` exits non-zero naming Redis, and so does `check`.
     let wrong = setup.dir.path().join("wrong-password");
