@@ -408,6 +408,10 @@ impl<F: Fetch> SubjectTokens<F> {
                         Some(SubjectState::Active.as_str()),
                         Some(SubjectState::NeedsReauth.as_str()),
                     );
+                    // No replica may take the gone consent's token from the shared slot.
+                    if let Err(e) = self.unshare(subject).await {
+                        tracing::debug!(token, subject = %subject, error = %e, "could not empty the shared access token");
+                    }
                     return;
                 }
                 Err(StoreError::Conflict { .. }) => continue,
@@ -1877,6 +1881,15 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(value(&at_b), value(&fresh));
+        assert_eq!(f.calls(), 2);
+        // The consent is gone (602 at A): the slot is emptied, so a replica without the
+        // token in memory learns needs_reauth from the record instead of serving it.
+        a.consent_revoked(&id("c1"), &fresh).await;
+        let c = replica(&f, &coord);
+        assert_eq!(
+            c.get(&id("c1")).await.unwrap_err(),
+            SubjectTokenError::NeedsReauth
+        );
         assert_eq!(f.calls(), 2);
     }
 }
