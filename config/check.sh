@@ -108,6 +108,40 @@ check "$here/gateway.yaml" flinks || failed=1
 check "$here/gateway-redis.yaml" flinks || failed=1
 check --subjects "$here/flinks-data-recipient-subjects.toml" fdx || failed=1
 
+# The Redis example: `check` connects to Redis, so a throwaway redis-server (loopback, a
+# placeholder password, no persistence) stands in for the real one when it is installed.
+if command -v redis-server >/dev/null; then
+  printf 'placeholder-redis-password\n' >"$tmp/redis_password"
+  redis_pid=
+  for _ in 1 2 3 4 5; do
+    port=$((20000 + RANDOM % 20000))
+    redis-server --bind 127.0.0.1 --port "$port" --requirepass placeholder-redis-password \
+      --save '' --appendonly no --dir "$tmp" --logfile "$tmp/redis.log" &
+    redis_pid=$!
+    for _ in $(seq 50); do
+      grep -q 'Ready to accept connections' "$tmp/redis.log" 2>/dev/null && break
+      kill -0 "$redis_pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    grep -q 'Ready to accept connections' "$tmp/redis.log" 2>/dev/null && break
+    kill "$redis_pid" 2>/dev/null || true
+    redis_pid=
+    rm -f "$tmp/redis.log"
+  done
+  if [[ -n $redis_pid ]]; then
+    BEARER_PROXY__REDIS__URL="redis://127.0.0.1:$port" \
+      BEARER_PROXY__REDIS__PASSWORD_FILE="$tmp/redis_password" \
+      check --subjects "$here/flinks-data-recipient-redis.toml" fdx || failed=1
+    kill "$redis_pid" 2>/dev/null || true
+    wait "$redis_pid" 2>/dev/null || true
+  else
+    echo "FAIL: redis-server did not start for the Redis example" >&2
+    failed=1
+  fi
+else
+  echo "SKIP: $here/flinks-data-recipient-redis.toml (redis-server is not installed)"
+fi
+
 if ((failed)); then
   echo "config/check.sh: FAILED" >&2
   exit 1

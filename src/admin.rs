@@ -5,9 +5,12 @@
 //! - `GET /livez`: 200 while the process serves, whatever the token endpoint does.
 //! - `GET /readyz`: 200 only while every configured (named) token is valid and the process
 //!   is not shutting down; otherwise 503 with a JSON reason naming the token and its state.
-//!   Per-subject tokens never count: one customer's consent is not the pod's readiness.
+//!   Per-subject tokens never count: one customer's consent is not the pod's readiness. With
+//!   `[redis]`, the body lists Redis under `dependencies`; an unreachable Redis fails
+//!   readiness only with `redis.gate_readiness = true`.
 //! - `GET /status`: JSON with each token's state, expiry, last success and error, each
-//!   route's request counts, and per per-subject token the subjects per state and in memory.
+//!   route's request counts, per per-subject token the subjects per state and in memory, and
+//!   with `[redis]` its health and failed operations (`store`).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -29,6 +32,7 @@ use crate::listener::accept;
 use crate::metrics::Metrics;
 use crate::shutdown::{Phase, Shutdown};
 use crate::subject::Subjects;
+use crate::subject::redis::health::StoreHealth;
 use crate::time::rfc3339;
 use crate::token::{ErrorKind, TokenCell, TokenStatus};
 
@@ -49,6 +53,7 @@ pub struct Admin {
     metrics: Arc<Metrics>,
     shutdown: Shutdown,
     subjects: Option<Arc<Subjects>>,
+    store: Option<Arc<StoreHealth>>,
 }
 
 impl std::fmt::Debug for Admin {
@@ -69,7 +74,15 @@ impl Admin {
             metrics,
             shutdown,
             subjects: None,
+            store: None,
         }
+    }
+
+    /// Also reports the shared store's (Redis') health on `/readyz` and `/status`.
+    #[must_use]
+    pub fn with_store(mut self, store: Option<Arc<StoreHealth>>) -> Self {
+        self.store = store;
+        self
     }
 
     /// Also reports the per-subject token entries on `/status`.
@@ -173,8 +186,28 @@ impl Admin {
             .filter(|cell| cell.current().is_none())
             .map(|cell| (cell.name(), cell.status().state.as_str()))
             .collect();
+        let redis = self
+            .store
+            .as_ref()
+            .map(|h| (h.snapshot().up, h.gates_readiness()));
+        let dependencies =
+            redis.map(|(up, gates)| json!({"redis": {"up": up, "gates_readiness": gates}}));
+        if redis.is_some_and(|(up, gates)| gates && !up) {
+            return json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({
+                    "ready": false,
+                    "reason": "Redis is unreachable (redis.gate_readiness = true)",
+                    "dependencies": dependencies,
+                }),
+            );
+        }
         if not_valid.is_empty() {
-            return json_response(StatusCode::OK, &json!({"ready": true}));
+            let mut body = json!({"ready": true});
+            if let Some(d) = dependencies {
+                body["dependencies"] = d;
+            }
+            return json_response(StatusCode::OK, &body);
         }
         let reason: Vec<String> = not_valid
             .iter()
@@ -256,6 +289,25 @@ impl Admin {
                 })
                 .collect();
             doc["subjects"] = Value::Object(per_token);
+        }
+        if let Some(health) = &self.store {
+            let s = health.snapshot();
+            let errors: serde_json::Map<String, Value> = self
+                .metrics
+                .store_errors()
+                .into_iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(op, n)| (op.to_owned(), json!(n)))
+                .collect();
+            doc["store"] = json!({
+                "kind": "redis",
+                "up": s.up,
+                "since": rfc3339(s.since),
+                "checked": rfc3339(s.checked),
+                "last_error": s.last_error,
+                "gates_readiness": health.gates_readiness(),
+                "errors": errors,
+            });
         }
         doc
     }

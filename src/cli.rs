@@ -283,8 +283,8 @@ fn ca(command: CaCommand) -> Result<(), Failure> {
 }
 
 /// Secret and CA files that cannot be read, client certificates that do not match their key or
-/// are not valid now, assertion keys that cannot sign, and state directories that cannot be
-/// written.
+/// are not valid now, assertion keys that cannot sign, state directories that cannot be
+/// written, and a `[redis]` that cannot be connected to.
 fn file_problems(config: &Config) -> Vec<String> {
     let mut problems = Vec::new();
     for (name, t) in &config.tokens {
@@ -338,14 +338,21 @@ fn file_problems(config: &Config) -> Vec<String> {
     if let Some(sc) = &config.subjects {
         subjects_file_problems(sc, &mut problems);
     }
-    // The key that seals shared tokens' slots: a wrong one would stop the start.
-    if let Some(rc) = &config.redis
-        && !rc.key_files().is_empty()
-    {
-        match block_on(1, crate::subject::keyring::KeyRing::load(&rc.key_files())) {
+    if let Some(rc) = &config.redis {
+        // The key that seals shared tokens' slots: a wrong one would stop the start.
+        if !rc.key_files().is_empty() {
+            match block_on(1, crate::subject::keyring::KeyRing::load(&rc.key_files())) {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => problems.push(format!("redis: {e}")),
+                Err(e) => problems.push(format!("redis: cannot check the encryption keys: {e:?}")),
+            }
+        }
+        // Connecting reads the password and CA files and authenticates, within
+        // `redis.connect_timeout`: a wrong password or CA shows here, not at the first start.
+        match block_on(1, crate::subject::redis::RedisStore::connect(rc)) {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => problems.push(format!("redis: {e}")),
-            Err(e) => problems.push(format!("redis: cannot check the encryption keys: {e:?}")),
+            Ok(Err(e)) => problems.push(format!("redis: {}", crate::error::Chain(&e))),
+            Err(e) => problems.push(format!("redis: cannot check the connection: {e:?}")),
         }
     }
     if let Some(i) = &config.proxy.intercept

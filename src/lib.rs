@@ -183,8 +183,21 @@ impl Server {
         if let Some(s) = &subjects {
             background.extend(s.spawn_keepalive());
         }
+        let store_health = match (&redis, &config.redis) {
+            (Some(store), Some(rc)) => {
+                let (health, task) = subject::redis::health::StoreHealth::spawn(
+                    store.clone(),
+                    rc.gate_readiness,
+                    metrics.clone(),
+                );
+                background.push(task);
+                Some(health)
+            }
+            _ => None,
+        };
         let admin = admin::Admin::new(&tokens, metrics.clone(), shutdown.clone())
-            .with_subjects(subjects.clone());
+            .with_subjects(subjects.clone())
+            .with_store(store_health);
         background.push(tokio::spawn(admin.serve(admin_listener)));
         let mut servers = vec![tokio::spawn(proxy.serve(proxy_listener, shutdown.clone()))];
         if let Some((api, listener)) = subjects_api {

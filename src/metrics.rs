@@ -245,6 +245,9 @@ pub struct Metrics {
     /// CONNECT tunnels currently open.
     pub(crate) open_tunnels: IntGauge,
     store_errors: [IntCounter; StoreOp::COUNT],
+    /// `bearer_proxy_store_up`, registered by the first [`Metrics::set_store_up`] (only a
+    /// process with `[redis]` has the series).
+    store_up: std::sync::OnceLock<IntGauge>,
     /// `bearer_proxy_subject_enrolments_total{token,result}` (the subjects API).
     subject_enrolments: IntCounterVec,
     /// `bearer_proxy_client_certificate_expiry_timestamp_seconds{kind,name}`, set from
@@ -544,6 +547,7 @@ impl Metrics {
             build_info,
             registry: r,
             store_errors,
+            store_up: std::sync::OnceLock::new(),
         };
         Arc::new(m)
     }
@@ -693,6 +697,30 @@ impl Metrics {
     /// Counts a failed operation on the shared subject store.
     pub(crate) fn store_error(&self, op: StoreOp) {
         self.store_errors[op as usize].inc();
+    }
+
+    /// Failed operations on the shared store so far, by operation (for `/status`).
+    pub fn store_errors(&self) -> Vec<(&'static str, u64)> {
+        StoreOp::ALL
+            .iter()
+            .map(|op| (op.as_str(), self.store_errors[*op as usize].get()))
+            .collect()
+    }
+
+    /// Sets `bearer_proxy_store_up` (1: the shared store answered its last health check).
+    pub(crate) fn set_store_up(&self, up: bool) {
+        self.store_up
+            .get_or_init(|| {
+                register(
+                    &self.registry,
+                    IntGauge::new(
+                        "bearer_proxy_store_up",
+                        "Whether the shared subject store (Redis) answered its last health \
+                         check (1) or not (0).",
+                    ),
+                )
+            })
+            .set(i64::from(up));
     }
 
     /// Sets `bearer_proxy_build_info{version,commit,features}` to 1 (the server passes its

@@ -15,7 +15,8 @@
 //! Every failure is `{"error", "message"}` with an `x-bearer-proxy-error` header, like the
 //! proxy's own answers: 400 (`invalid_subject`, `bad_request`), 401 `unauthorized`, 404
 //! (`not_found`, `unknown_token`, `unknown_subject`), 405 (with `Allow`), 408 `body_timeout`,
-//! 413 `body_too_large`, 503 `api_token_unavailable`.
+//! 413 `body_too_large`, 503 `api_token_unavailable`, 503 `store_unavailable` (the subject store,
+//! Redis, cannot be reached: nothing was changed, retry).
 //!
 //! **Caller authentication.** With `api_token_file`, every request needs
 //! `Authorization: Bearer <the file's content, trimmed>`. The SHA-256 of what the caller sent is

@@ -80,6 +80,9 @@ pub(crate) enum OpError {
     /// A listing cursor this server did not hand out.
     #[error("invalid cursor: pass back next_cursor as it was received")]
     InvalidCursor,
+    /// The subject store could not be reached (Redis down): nothing was changed, retry later.
+    #[error("the subject store is unavailable: {0}")]
+    StoreUnavailable(String),
     /// A local failure (store, key, credentials file).
     #[error("{0}")]
     Internal(String),
@@ -95,6 +98,7 @@ impl OpError {
             OpError::Unavailable(_) | OpError::RevokeFailed(_) => StatusCode::BAD_GATEWAY,
             OpError::Timeout | OpError::RevokeTimeout => StatusCode::GATEWAY_TIMEOUT,
             OpError::RevokeNotConfigured | OpError::InvalidCursor => StatusCode::BAD_REQUEST,
+            OpError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             OpError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -113,6 +117,7 @@ impl OpError {
             OpError::RevokeFailed(_) => "revoke_failed",
             OpError::RevokeTimeout => "revoke_timeout",
             OpError::InvalidCursor => "invalid_cursor",
+            OpError::StoreUnavailable(_) => "store_unavailable",
             OpError::Internal(_) => "internal_error",
         }
     }
@@ -140,6 +145,7 @@ impl OpError {
         match e {
             StoreError::CodeSpent => OpError::CodeSpent,
             StoreError::InvalidCursor => OpError::InvalidCursor,
+            e @ StoreError::Io { .. } => OpError::StoreUnavailable(e.to_string()),
             e => OpError::Internal(e.to_string()),
         }
     }
@@ -445,7 +451,19 @@ impl Operations {
             response.lifetime,
             response.scope,
         ) {
-            Ok(access) => entry.tokens.prime(subject, access, sent_at),
+            Ok(access) => {
+                entry.tokens.prime(subject, access, sent_at);
+                entry
+                    .tokens
+                    .share_enrolled(
+                        subject,
+                        &response.access_token,
+                        sent_at,
+                        sent_wall,
+                        response.lifetime,
+                    )
+                    .await;
+            }
             Err(_) => {
                 // The record is what matters; the first request fetches a token itself.
                 entry.tokens.forget(subject);
@@ -551,6 +569,10 @@ impl Operations {
             return Err(OpError::UnknownSubject);
         }
         entry.tokens.forget(subject);
+        if let Err(e) = entry.tokens.unshare(subject).await {
+            // The slot lapses at its TTL (the token's refresh point at the latest).
+            tracing::warn!(token, subject = %subject, error = %e, "could not empty the deleted subject's shared access token");
+        }
         entry
             .tokens
             .metrics()
@@ -562,6 +584,12 @@ impl Operations {
     /// Refreshes `subject`'s access token now, whatever the cache holds.
     pub(crate) async fn refresh(&self, token: &str, subject: &SubjectId) -> Result<View, OpError> {
         let entry = self.entry(token)?;
+        // Another replica's token in the shared slot would answer instead of a refresh.
+        entry
+            .tokens
+            .unshare(subject)
+            .await
+            .map_err(OpError::store)?;
         entry.tokens.forget(subject);
         let outcome = entry.tokens.get(subject).await;
         match &outcome {

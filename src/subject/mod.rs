@@ -12,8 +12,9 @@
 //! - [`record`]: the stored record, the [`SubjectStore`] trait every store implements, and its
 //!   errors.
 //! - [`file`]: the embedded store, one file per subject under `state_dir`.
-//! - [`redis`]: the shared store for replicas (issue #13), with leases and shared access-token
-//!   slots; not yet selectable in the configuration.
+//! - [`redis`]: the shared store for replicas (issue #13, `[subjects] store = "redis"`), with
+//!   leases and shared access-token slots; `coordination`: what `tokens` needs of them to
+//!   refresh each subject once across replicas.
 //! - [`census`]: subjects counted by state and key at start; refuses records whose key is
 //!   not configured.
 //! - `tokens`: the per-subject access-token cache with single-flight lazy refresh, upstream
@@ -44,6 +45,7 @@
 pub mod api;
 pub mod census;
 pub mod config;
+mod coordination;
 mod enrol;
 pub mod file;
 pub mod keyring;

@@ -14,10 +14,11 @@ use http::HeaderName;
 
 use super::census::Census;
 use super::config::StoreKind;
+use super::coordination::Coordination;
 use super::keyring::KeyRing;
 use super::record::{SubjectState, SubjectStore};
 use super::redis::RedisStore;
-use super::tokens::{DEFAULT_FAILURE_HOLD, Settings, SubjectTokens};
+use super::tokens::{DEFAULT_FAILURE_HOLD, Settings, SubjectTokens, lease_ttl};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::token::client::TokenClient;
@@ -72,8 +73,14 @@ impl Subjects {
         let header = HeaderName::from_bytes(sc.header.as_bytes())
             .context("subjects.header: not a valid header name")?;
         let ring = Arc::new(sc.key_ring().await.context("subjects: encryption keys")?);
+        // With Redis as the store, refreshes also coordinate through it (leases, shared
+        // access tokens), so the replicas sharing it act as one towards the token endpoint.
+        let mut coord: Option<Arc<dyn Coordination>> = None;
         let store: Arc<dyn SubjectStore> = match (sc.store, redis) {
-            (StoreKind::Redis, Some(redis)) => redis,
+            (StoreKind::Redis, Some(redis)) => {
+                coord = Some(redis.clone());
+                redis
+            }
             (StoreKind::Redis, None) => {
                 anyhow::bail!("subjects.store = \"redis\" without a connection to [redis]")
             }
@@ -104,6 +111,7 @@ impl Subjects {
                 refresh_margin: cfg.refresh_margin,
                 failure_hold: DEFAULT_FAILURE_HOLD,
                 forced_interval: cfg.forced_refresh_interval,
+                lease_ttl: lease_ttl(cfg.timeout),
             };
             let states = SubjectState::ALL.map(SubjectState::as_str);
             let entry_metrics = metrics.subject(name, &states);
@@ -113,7 +121,14 @@ impl Subjects {
             tracing::info!(token = %name, subjects = census.total(), "per-subject token ready");
             entries.insert(
                 name.clone(),
-                SubjectTokens::new(settings, client, store.clone(), ring.clone(), entry_metrics),
+                SubjectTokens::with_coordination(
+                    settings,
+                    client,
+                    store.clone(),
+                    ring.clone(),
+                    entry_metrics,
+                    coord.clone(),
+                ),
             );
         }
         Ok(Some(Arc::new(Self {

@@ -33,6 +33,24 @@
 //!   token was last used more than `keepalive_after` ago, and re-counts subjects per state for
 //!   `bearer_proxy_subjects` on the way.
 //!
+//! - **Replicas** (`[subjects] store = "redis"`, issue #13). With a [`Coordination`] handle,
+//!   a refresh is one per subject across every process sharing the store: after the
+//!   in-process single flight, the refresh takes the subject's lease; holding it, it re-reads
+//!   the subject's shared access-token slot and uses a token another replica stored
+//!   meanwhile, else refreshes (the record re-read inside), writes the refresh token with the
+//!   compare-and-set, and stores the access token in the slot with a TTL ending at this
+//!   process's refresh point (before the expiry the issuer granted, measured from when the
+//!   request was sent). A process that does not get the lease polls the slot and the record
+//!   (bounded by `token_wait`) and never calls the token endpoint. A lease or read that
+//!   fails (Redis unreachable) fails the refresh *before* any token request: a rotated
+//!   refresh token that cannot be stored would be lost. Cached valid tokens are still served.
+//! - **A lease lost while stalled.** The compare-and-set refuses the late write. If the
+//!   record then holds another refresh token (another replica refreshed), this process
+//!   discards its own answer and uses the token in the slot (or fails, and the next request
+//!   refreshes with the stored refresh token): it never serves a token whose refresh token
+//!   is not the stored one, so the replicas never diverge. The refresh token it got is lost;
+//!   the issuer sees it as never used.
+//!
 //! On the request path a lookup takes two short `std::sync::Mutex` sections (the map, then
 //! the subject's slot) and no `await` unless a refresh is needed.
 
@@ -44,6 +62,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::SubjectId;
+use super::coordination::Coordination;
 use super::keyring::{KeyRing, Sealed};
 use super::record::{Record, StoreError, SubjectState, SubjectStore};
 use crate::metrics::{SubjectMetrics, SubjectRefreshResult};
@@ -83,6 +102,29 @@ pub const KEEPALIVE_SPACING: Duration = Duration::from_millis(200);
 /// this time get the failure at once instead of each causing a token request.
 pub const DEFAULT_FAILURE_HOLD: Duration = Duration::from_secs(1);
 
+/// Shortest lease on a subject's refresh. The lease must outlast the work it covers or a
+/// second replica starts a refresh with the same refresh token; 30 s is far beyond any sane
+/// token request while a crashed holder blocks its subject for half a minute at most (the
+/// other replicas keep serving cached tokens meanwhile).
+pub const MIN_LEASE_TTL: Duration = Duration::from_secs(30);
+
+/// Token requests one refresh sends while holding the lease: a subject's refresh tries once
+/// (a failure is held for `failure_hold`, and the next request tries again under a new lease).
+const ATTEMPTS_PER_LEASE: u32 = 1;
+
+/// How often a replica that did not get the lease looks for the token the holder stores. A
+/// Redis read costs well under a millisecond and a token request tens to hundreds, so 50 ms
+/// adds little latency while a waiting subject costs a replica at most 60 reads a second, and
+/// only during the refresh.
+pub const LEASE_POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// The lease TTL for a token whose requests time out after `request_timeout`: twice what the
+/// holder's requests can take, at least [`MIN_LEASE_TTL`]. Twice, so a holder whose request
+/// ends at its timeout still writes the result well inside its lease.
+pub fn lease_ttl(request_timeout: Duration) -> Duration {
+    (request_timeout * 2 * ATTEMPTS_PER_LEASE).max(MIN_LEASE_TTL)
+}
+
 /// Settings of one per-subject token entry.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -105,6 +147,8 @@ pub struct Settings {
     /// Least time between two refreshes forced by an upstream rejecting a subject's token
     /// (`forced_refresh_interval` of the token entry).
     pub forced_interval: Duration,
+    /// How long a refresh holds the subject's lease (with a shared store); see [`lease_ttl`].
+    pub lease_ttl: Duration,
 }
 
 /// Why no token can be handed out for a subject.
@@ -151,6 +195,8 @@ pub(crate) struct SubjectTokens<F> {
     ring: Arc<KeyRing>,
     metrics: SubjectMetrics,
     slots: Mutex<Cache>,
+    /// Leases and shared slots when the store is shared by replicas (Redis).
+    coord: Option<Arc<dyn Coordination>>,
 }
 
 #[derive(Default)]
@@ -160,12 +206,28 @@ struct Cache {
 }
 
 impl<F: Fetch> SubjectTokens<F> {
+    /// Per-subject tokens over `store` without replicas to coordinate with (unit tests; the
+    /// server uses [`SubjectTokens::with_coordination`]).
+    #[cfg(test)]
     pub(crate) fn new(
         settings: Settings,
         fetch: F,
         store: Arc<dyn SubjectStore>,
         ring: Arc<KeyRing>,
         metrics: SubjectMetrics,
+    ) -> Arc<Self> {
+        Self::with_coordination(settings, fetch, store, ring, metrics, None)
+    }
+
+    /// As [`SubjectTokens::new`], refreshing through `coord`'s leases and shared slots when
+    /// given (the store is shared by replicas).
+    pub(crate) fn with_coordination(
+        settings: Settings,
+        fetch: F,
+        store: Arc<dyn SubjectStore>,
+        ring: Arc<KeyRing>,
+        metrics: SubjectMetrics,
+        coord: Option<Arc<dyn Coordination>>,
     ) -> Arc<Self> {
         Arc::new(Self {
             settings,
@@ -174,6 +236,7 @@ impl<F: Fetch> SubjectTokens<F> {
             ring,
             metrics,
             slots: Mutex::new(Cache::default()),
+            coord,
         })
     }
 
@@ -209,7 +272,8 @@ impl<F: Fetch> SubjectTokens<F> {
                 // A background refresh that just failed is not retried by every request.
                 if s.refresh_at.is_some_and(|at| now >= at) && s.flight.is_none() && held.is_none()
                 {
-                    self.start_flight(subject, &slot, &mut s);
+                    let stale = s.token.clone();
+                    self.start_flight(subject, &slot, &mut s, stale);
                 }
                 let note = use_due(&mut s, now);
                 drop(s);
@@ -223,7 +287,10 @@ impl<F: Fetch> SubjectTokens<F> {
             }
             match &s.flight {
                 Some(rx) => rx.clone(),
-                None => self.start_flight(subject, &slot, &mut s),
+                None => {
+                    let stale = s.token.clone();
+                    self.start_flight(subject, &slot, &mut s, stale)
+                }
             }
         };
         let outcome = wait_flight(&mut rx, self.settings.token_wait).await;
@@ -271,7 +338,7 @@ impl<F: Fetch> SubjectTokens<F> {
                     }
                     s.failure = None;
                     tracing::info!(token = %self.settings.token, subject = %subject, "upstream rejected the subject's token; refreshing");
-                    self.start_flight(subject, &slot, &mut s)
+                    self.start_flight(subject, &slot, &mut s, Some(seen.clone()))
                 }
             }
         };
@@ -341,6 +408,10 @@ impl<F: Fetch> SubjectTokens<F> {
                         Some(SubjectState::Active.as_str()),
                         Some(SubjectState::NeedsReauth.as_str()),
                     );
+                    // No replica may take the gone consent's token from the shared slot.
+                    if let Err(e) = self.unshare(subject).await {
+                        tracing::debug!(token, subject = %subject, error = %e, "could not empty the shared access token");
+                    }
                     return;
                 }
                 Err(StoreError::Conflict { .. }) => continue,
@@ -414,6 +485,8 @@ impl<F: Fetch> SubjectTokens<F> {
         let token = self.settings.token.as_str();
         let mut counts = [0u64; SubjectState::ALL.len()];
         let mut refreshed = 0;
+        // Subjects skipped because the shared store failed: logged once per pass.
+        let mut unreachable: Option<(u64, String)> = None;
         let mut cursor = None;
         loop {
             let page = self
@@ -433,10 +506,14 @@ impl<F: Fetch> SubjectTokens<F> {
                 }
                 let spacing = KEEPALIVE_SPACING.mul_f64(0.5 + rand::random::<f64>());
                 tokio::time::sleep(spacing).await;
-                refreshed += 1;
                 match self.keepalive_one(&record.subject).await {
-                    Ok(()) => {
+                    Ok(KeepAlive::Refreshed) => {
+                        refreshed += 1;
                         tracing::info!(token, subject = %record.subject, "keep-alive refresh done");
+                    }
+                    Ok(KeepAlive::Busy) => {}
+                    Ok(KeepAlive::Unreachable(e)) => {
+                        unreachable.get_or_insert((0, e)).0 += 1;
                     }
                     Err(e) => {
                         tracing::warn!(token, subject = %record.subject, error = %e, "keep-alive refresh failed");
@@ -448,6 +525,9 @@ impl<F: Fetch> SubjectTokens<F> {
                 None => break,
             }
         }
+        if let Some((n, first)) = unreachable {
+            tracing::warn!(token, skipped = n, error = %first, "keep-alive skipped subjects whose lease could not be taken (shared store unreachable); next pass as scheduled");
+        }
         for (state, n) in SubjectState::ALL.iter().zip(counts) {
             self.metrics.set_state(state.as_str(), n);
         }
@@ -456,8 +536,29 @@ impl<F: Fetch> SubjectTokens<F> {
 
     /// Refreshes one subject for the keep-alive: through its slot (sharing a refresh with
     /// requests) when it is in memory, else without caching its access token (an idle subject
-    /// must not push a busy one out of memory).
-    async fn keepalive_one(self: &Arc<Self>, subject: &SubjectId) -> Result<(), SubjectTokenError> {
+    /// must not push a busy one out of memory). With a shared store, only under the subject's
+    /// lease: a subject another replica is refreshing is skipped (that refresh keeps it
+    /// alive), and one whose lease cannot be taken (Redis unreachable) too.
+    async fn keepalive_one(
+        self: &Arc<Self>,
+        subject: &SubjectId,
+    ) -> Result<KeepAlive, SubjectTokenError> {
+        if let Some(coord) = self.coord.as_deref() {
+            let token = self.settings.token.as_str();
+            let lease = match coord
+                .try_lease(token, subject, self.settings.lease_ttl)
+                .await
+            {
+                Ok(Some(lease)) => lease,
+                Ok(None) => return Ok(KeepAlive::Busy),
+                Err(e) => return Ok(KeepAlive::Unreachable(e.to_string())),
+            };
+            let outcome = self.refresh_once(subject, Some(coord)).await;
+            if let Err(e) = coord.release(lease).await {
+                tracing::debug!(token, subject = %subject, error = %e, "could not release the subject's lease");
+            }
+            return outcome.map(|_| KeepAlive::Refreshed);
+        }
         let slot = lock(&self.slots).map.get(subject).cloned();
         match slot {
             Some(slot) => {
@@ -465,14 +566,20 @@ impl<F: Fetch> SubjectTokens<F> {
                     let mut s = lock(&slot);
                     match s.flight.clone() {
                         Some(rx) => rx,
-                        None => self.start_flight(subject, &slot, &mut s),
+                        None => {
+                            let stale = s.token.clone();
+                            self.start_flight(subject, &slot, &mut s, stale)
+                        }
                     }
                 };
                 wait_flight(&mut rx, self.settings.token_wait)
                     .await
-                    .map(|_| ())
+                    .map(|_| KeepAlive::Refreshed)
             }
-            None => self.refresh(subject).await.map(|_| ()),
+            None => self
+                .refresh(subject, None)
+                .await
+                .map(|_| KeepAlive::Refreshed),
         }
     }
 
@@ -504,17 +611,20 @@ impl<F: Fetch> SubjectTokens<F> {
     }
 
     /// Starts a refresh for `subject` (its slot locked as `s`) and returns its receiver.
+    /// `stale` is the token being replaced (expired, past its refresh point, or rejected by
+    /// the upstream): a shared slot still holding it does not count as a newer token.
     fn start_flight(
         self: &Arc<Self>,
         subject: &SubjectId,
         slot: &Arc<Mutex<Slot>>,
         s: &mut Slot,
+        stale: Option<Arc<AccessToken>>,
     ) -> watch::Receiver<Option<Outcome>> {
         let (tx, rx) = watch::channel(None);
         s.flight = Some(rx.clone());
         let (this, subject, slot) = (self.clone(), subject.clone(), slot.clone());
         tokio::spawn(async move {
-            let outcome = this.refresh(&subject).await;
+            let outcome = this.refresh(&subject, stale.as_ref()).await;
             let mut s = lock(&slot);
             s.flight = None;
             match &outcome {
@@ -538,16 +648,125 @@ impl<F: Fetch> SubjectTokens<F> {
         rx
     }
 
-    /// One refresh: read the record, send its refresh token, store what changed.
+    /// One refresh of `subject`'s token (`stale`: the token it replaces). Without a
+    /// coordination handle, [`Self::refresh_once`]; with one, under the subject's lease, or
+    /// by waiting for the token of the replica holding it.
     async fn refresh(
         &self,
         subject: &SubjectId,
+        stale: Option<&Arc<AccessToken>>,
+    ) -> Result<(Arc<AccessToken>, Instant), SubjectTokenError> {
+        let Some(coord) = self.coord.as_deref() else {
+            return self.refresh_once(subject, None).await;
+        };
+        let token = self.settings.token.as_str();
+        let deadline = Instant::now() + self.settings.token_wait;
+        loop {
+            let lease = coord
+                .try_lease(token, subject, self.settings.lease_ttl)
+                .await
+                .map_err(|e| self.failed(subject, "shared store (lease)", &e))?;
+            if let Some(lease) = lease {
+                // Another replica may have refreshed between our miss and the lease.
+                let outcome = match self.shared_token(coord, subject, stale).await {
+                    Ok(Some(found)) => Ok(found),
+                    Ok(None) => self.refresh_once(subject, Some(coord)).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = coord.release(lease).await {
+                    // It lapses at its TTL; the other replicas wait or serve cached tokens.
+                    tracing::debug!(token, subject = %subject, error = %e, "could not release the subject's lease");
+                }
+                return outcome;
+            }
+            // Another replica holds the lease: its token appears in the slot, or its
+            // outcome in the record (deleted, needs_reauth).
+            if let Some(found) = self.shared_token(coord, subject, stale).await? {
+                return Ok(found);
+            }
+            match self.store.get(token, subject).await {
+                Ok(Some(r)) if r.state == SubjectState::NeedsReauth => {
+                    return Err(SubjectTokenError::NeedsReauth);
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => return Err(SubjectTokenError::UnknownSubject),
+                Err(e) => return Err(self.failed(subject, "subject store", &e)),
+            }
+            if Instant::now() + LEASE_POLL_INTERVAL > deadline {
+                return Err(SubjectTokenError::Timeout);
+            }
+            tokio::time::sleep(LEASE_POLL_INTERVAL).await;
+        }
+    }
+
+    /// Logs a refresh failure of `subject` and turns it into the callers' error.
+    fn failed(
+        &self,
+        subject: &SubjectId,
+        what: &str,
+        e: &dyn std::fmt::Display,
+    ) -> SubjectTokenError {
+        tracing::warn!(token = %self.settings.token, subject = %subject, error = %e, "subject refresh failed: {what}");
+        SubjectTokenError::Failed(format!("{what}: {e}"))
+    }
+
+    /// The token in `subject`'s shared slot with this process's refresh point for it, unless
+    /// the slot is empty, holds `stale` or a token too close to its expiry. A slot that does
+    /// not open (a key no longer configured, an altered value) counts as empty: the refresh
+    /// replaces it.
+    async fn shared_token(
+        &self,
+        coord: &dyn Coordination,
+        subject: &SubjectId,
+        stale: Option<&Arc<AccessToken>>,
+    ) -> Result<Option<(Arc<AccessToken>, Instant)>, SubjectTokenError> {
+        let token = self.settings.token.as_str();
+        let shared = match coord.shared(&self.ring, token, subject).await {
+            Ok(Some(shared)) => shared,
+            Ok(None) => return Ok(None),
+            Err(e @ StoreError::Corrupt { .. }) => {
+                tracing::warn!(token, subject = %subject, error = %e, "ignoring the subject's shared access token");
+                return Ok(None);
+            }
+            Err(e) => return Err(self.failed(subject, "shared store (access token)", &e)),
+        };
+        // What is left of the lifetime, to the nanosecond: whole seconds on this side would
+        // stretch the token up to a second past the expiry the writer stored.
+        let now_wall = SystemTime::now();
+        let since_epoch = now_wall
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let lifetime = Duration::from_secs(shared.expires_at).saturating_sub(since_epoch);
+        if lifetime.is_zero() {
+            return Ok(None);
+        }
+        let now = Instant::now();
+        let Ok(access) =
+            AccessToken::new(shared.access_token.expose(), now, now_wall, lifetime, None)
+        else {
+            return Ok(None);
+        };
+        if !access.is_valid_at(now) || stale.is_some_and(|old| old.header() == access.header()) {
+            return Ok(None);
+        }
+        let delay = refresh_delay(
+            lifetime,
+            self.settings.refresh_ratio,
+            self.settings.refresh_margin,
+            rand::random::<f64>(),
+        );
+        Ok(Some((Arc::new(access), now + delay)))
+    }
+
+    /// One refresh: read the record, send its refresh token, store what changed; with
+    /// `coord` (whose lease the caller holds), also share the access token.
+    async fn refresh_once(
+        &self,
+        subject: &SubjectId,
+        coord: Option<&dyn Coordination>,
     ) -> Result<(Arc<AccessToken>, Instant), SubjectTokenError> {
         let token = self.settings.token.as_str();
-        let failed = |what: &str, e: &dyn std::fmt::Display| {
-            tracing::warn!(token, subject = %subject, error = %e, "subject refresh failed: {what}");
-            SubjectTokenError::Failed(format!("{what}: {e}"))
-        };
+        let failed = |what: &str, e: &dyn std::fmt::Display| self.failed(subject, what, e);
         let record = match self.store.get(token, subject).await {
             Ok(Some(r)) => r,
             Ok(None) => return Err(SubjectTokenError::UnknownSubject),
@@ -629,9 +848,19 @@ impl<F: Fetch> SubjectTokens<F> {
                                 base = now;
                             }
                             Ok(_) => {
+                                // A replica that refreshed while this one stalled past its
+                                // lease: its token is the one that matches the stored
+                                // refresh token, so it is served instead of ours.
+                                if let Some(coord) = coord
+                                    && let Some(found) =
+                                        self.shared_token(coord, subject, None).await?
+                                {
+                                    tracing::warn!(token, subject = %subject, "another replica refreshed the subject meanwhile (this one's lease lapsed); using its token, this refresh's result is discarded");
+                                    return Ok(found);
+                                }
                                 return Err(failed(
                                     "storing the refreshed record",
-                                    &"the subject was enrolled again or deleted meanwhile",
+                                    &"the subject was refreshed elsewhere, enrolled again or deleted meanwhile",
                                 ));
                             }
                             Err(e) => return Err(failed("storing the refreshed record", &e)),
@@ -657,6 +886,27 @@ impl<F: Fetch> SubjectTokens<F> {
             self.settings.refresh_margin,
             rand::random::<f64>(),
         );
+        if let Some(coord) = coord {
+            // The slot lapses at this process's refresh point, before the expiry the issuer
+            // granted counted from when the request was sent (whole seconds, rounded down):
+            // no replica takes a token from it that is about to expire.
+            let expires_at = crate::time::unix_secs(sent_wall) + response.lifetime.as_secs();
+            let ttl = (sent_at + delay).saturating_duration_since(Instant::now());
+            if let Err(e) = coord
+                .share(
+                    &self.ring,
+                    token,
+                    subject,
+                    &response.access_token,
+                    expires_at,
+                    ttl,
+                )
+                .await
+            {
+                // The refresh token is stored; the other replicas refresh on their own.
+                tracing::warn!(token, subject = %subject, error = %e, "could not share the subject's access token");
+            }
+        }
         Ok((Arc::new(access), sent_at + delay))
     }
 
@@ -717,6 +967,53 @@ impl<F: Fetch> SubjectTokens<F> {
         s.failure = None;
     }
 
+    /// With a shared store, puts the access token an enrolment just obtained (request sent at
+    /// `sent_at`/`sent_wall`, granted `lifetime`) into the subject's shared slot, replacing
+    /// the previous consent's token, so other replicas serve the subject without a token
+    /// request. A failure is logged: the record is what matters, and the other replicas then
+    /// refresh on their own.
+    pub(crate) async fn share_enrolled(
+        &self,
+        subject: &SubjectId,
+        access_token: &crate::secret::Secret,
+        sent_at: Instant,
+        sent_wall: SystemTime,
+        lifetime: Duration,
+    ) {
+        let Some(coord) = self.coord.as_deref() else {
+            return;
+        };
+        let token = self.settings.token.as_str();
+        let delay = refresh_delay(
+            lifetime,
+            self.settings.refresh_ratio,
+            self.settings.refresh_margin,
+            rand::random::<f64>(),
+        );
+        let expires_at = crate::time::unix_secs(sent_wall) + lifetime.as_secs();
+        let ttl = (sent_at + delay).saturating_duration_since(Instant::now());
+        let outcome = if ttl.is_zero() {
+            coord.unshare(token, subject).await
+        } else {
+            coord
+                .share(&self.ring, token, subject, access_token, expires_at, ttl)
+                .await
+        };
+        if let Err(e) = outcome {
+            tracing::warn!(token, subject = %subject, error = %e, "could not share the enrolled subject's access token");
+        }
+    }
+
+    /// With a shared store, empties the subject's shared slot (deleted, or refreshed on
+    /// request), so no replica takes the old token from it. Replicas that hold the old token
+    /// in memory keep it until it expires or is rejected.
+    pub(crate) async fn unshare(&self, subject: &SubjectId) -> Result<(), StoreError> {
+        match self.coord.as_deref() {
+            Some(coord) => coord.unshare(&self.settings.token, subject).await,
+            None => Ok(()),
+        }
+    }
+
     /// The valid access token held for `subject`, if any, without counting as a use or
     /// starting a refresh (for the API's view and for revocation).
     pub(crate) fn peek(&self, subject: &SubjectId) -> Option<Arc<AccessToken>> {
@@ -724,6 +1021,16 @@ impl<F: Fetch> SubjectTokens<F> {
         let s = lock(&slot);
         s.token.clone().filter(|t| t.is_valid_at(Instant::now()))
     }
+}
+
+/// What the keep-alive did with one due subject.
+enum KeepAlive {
+    /// Its refresh token was used.
+    Refreshed,
+    /// Another replica holds its lease (and is refreshing it).
+    Busy,
+    /// Its lease could not be taken: the shared store failed (the error, for the pass's log).
+    Unreachable(String),
 }
 
 /// Whether the caller should write the subject's `last_use` now (and notes that it will).
@@ -798,6 +1105,8 @@ mod tests {
     struct Issuer {
         calls: AtomicUsize,
         delay: Duration,
+        /// The first answer's delay instead of `delay` (a holder stalling past its lease).
+        first_delay: Option<Duration>,
         rotate: bool,
         down: AtomicBool,
         revoked: Mutex<HashSet<String>>,
@@ -811,7 +1120,11 @@ mod tests {
         ) -> Result<TokenResponse, FetchError> {
             let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
             assert_eq!(creds.client_id.expose(), "client-1");
-            tokio::time::sleep(self.delay).await;
+            let delay = match self.first_delay {
+                Some(d) if n == 1 => d,
+                _ => self.delay,
+            };
+            tokio::time::sleep(delay).await;
             let Grant::RefreshToken(rt) = grant else {
                 panic!("only the refresh grant is used")
             };
@@ -875,6 +1188,7 @@ mod tests {
                 refresh_margin: Duration::from_secs(30),
                 failure_hold: DEFAULT_FAILURE_HOLD,
                 forced_interval: Duration::from_secs(5),
+                lease_ttl: lease_ttl(Duration::from_secs(2)),
             };
             let metrics = Metrics::new().subject("fdx", &["active", "needs_reauth"]);
             let tokens = SubjectTokens::new(
@@ -1299,5 +1613,283 @@ mod tests {
         tokio::time::sleep(SWEEP_INTERVAL).await;
         assert_eq!(f.calls(), 5);
         task.abort();
+    }
+
+    /// Leases and shared slots in memory, on tokio's clock, as Redis keeps them: a lease
+    /// lapses at its TTL, a slot at its TTL; `down` fails every call as an unreachable Redis.
+    #[derive(Default)]
+    struct FakeCoordination {
+        leases: Mutex<HashMap<String, (String, Instant)>>,
+        slots: Mutex<HashMap<String, (String, u64, Instant)>>,
+        down: AtomicBool,
+        holders: AtomicUsize,
+    }
+
+    impl FakeCoordination {
+        fn check(&self) -> Result<(), StoreError> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(StoreError::Io {
+                    location: "fake redis".into(),
+                    source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+                });
+            }
+            Ok(())
+        }
+    }
+
+    impl Coordination for FakeCoordination {
+        fn try_lease<'a>(
+            &'a self,
+            token: &'a str,
+            subject: &'a SubjectId,
+            ttl: Duration,
+        ) -> futures_util::future::BoxFuture<
+            'a,
+            Result<Option<crate::subject::redis::lock::Lease>, StoreError>,
+        > {
+            Box::pin(async move {
+                self.check()?;
+                let key = format!("{token}:{subject}");
+                let mut leases = lock(&self.leases);
+                let now = Instant::now();
+                if leases.get(&key).is_some_and(|(_, until)| now < *until) {
+                    return Ok(None);
+                }
+                let holder = self.holders.fetch_add(1, Ordering::SeqCst).to_string();
+                leases.insert(key.clone(), (holder.clone(), now + ttl));
+                Ok(Some(crate::subject::redis::lock::Lease::fake(key, holder)))
+            })
+        }
+
+        fn release(
+            &self,
+            lease: crate::subject::redis::lock::Lease,
+        ) -> futures_util::future::BoxFuture<'_, Result<bool, StoreError>> {
+            Box::pin(async move {
+                self.check()?;
+                let (key, holder) = lease.parts();
+                let mut leases = lock(&self.leases);
+                let mine = leases.get(key).is_some_and(|(h, _)| h == holder);
+                if mine {
+                    leases.remove(key);
+                }
+                Ok(mine)
+            })
+        }
+
+        fn shared<'a>(
+            &'a self,
+            _ring: &'a KeyRing,
+            token: &'a str,
+            subject: &'a SubjectId,
+        ) -> futures_util::future::BoxFuture<
+            'a,
+            Result<Option<crate::subject::redis::access::SharedToken>, StoreError>,
+        > {
+            Box::pin(async move {
+                self.check()?;
+                let slots = lock(&self.slots);
+                Ok(slots
+                    .get(&format!("{token}:{subject}"))
+                    .filter(|(_, _, until)| Instant::now() < *until)
+                    .map(
+                        |(v, expires_at, _)| crate::subject::redis::access::SharedToken {
+                            access_token: Secret::new(v.clone()),
+                            expires_at: *expires_at,
+                        },
+                    ))
+            })
+        }
+
+        fn unshare<'a>(
+            &'a self,
+            token: &'a str,
+            subject: &'a SubjectId,
+        ) -> futures_util::future::BoxFuture<'a, Result<(), StoreError>> {
+            Box::pin(async move {
+                self.check()?;
+                lock(&self.slots).remove(&format!("{token}:{subject}"));
+                Ok(())
+            })
+        }
+
+        fn share<'a>(
+            &'a self,
+            _ring: &'a KeyRing,
+            token: &'a str,
+            subject: &'a SubjectId,
+            access_token: &'a Secret,
+            expires_at: u64,
+            ttl: Duration,
+        ) -> futures_util::future::BoxFuture<'a, Result<(), StoreError>> {
+            Box::pin(async move {
+                self.check()?;
+                lock(&self.slots).insert(
+                    format!("{token}:{subject}"),
+                    (
+                        access_token.expose().to_owned(),
+                        expires_at,
+                        Instant::now() + ttl,
+                    ),
+                );
+                Ok(())
+            })
+        }
+    }
+
+    /// A second process ("replica") over the fixture's store and issuer; both refresh through
+    /// `coord`.
+    fn replica(f: &Fixture, coord: &Arc<FakeCoordination>) -> Arc<SubjectTokens<Arc<Issuer>>> {
+        SubjectTokens::with_coordination(
+            f.tokens.settings.clone(),
+            f.issuer.clone(),
+            f.store.clone(),
+            f.ring.clone(),
+            Metrics::new().subject("fdx", &["active", "needs_reauth"]),
+            Some(coord.clone() as Arc<dyn Coordination>),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_replicas_sharing_a_store_cause_one_token_request_per_lifetime() {
+        let issuer = Issuer {
+            delay: Duration::from_millis(300),
+            rotate: true,
+            ..Issuer::default()
+        };
+        let f = Fixture::new(issuer, 10, &["c1"]).await;
+        let coord = Arc::new(FakeCoordination::default());
+        let (a, b) = (replica(&f, &coord), replica(&f, &coord));
+        for lifetime in 0..3 {
+            let gets = (0..400).map(|i| {
+                let tokens = if i % 2 == 0 { a.clone() } else { b.clone() };
+                tokio::spawn(async move { tokens.get(&id("c1")).await })
+            });
+            let values: HashSet<String> = futures_util::future::join_all(gets)
+                .await
+                .into_iter()
+                .map(|r| value(&r.unwrap().unwrap()))
+                .collect();
+            assert_eq!(values.len(), 1, "{values:?}");
+            assert_eq!(f.calls(), lifetime + 1);
+            tokio::time::advance(LIFETIME).await;
+        }
+        // Every refresh sent the refresh token the previous one stored: the chain is unbroken.
+        let record = f.record("c1").await;
+        let rt = f
+            .ring
+            .open("fdx", &id("c1"), &record.refresh_token)
+            .unwrap();
+        assert_eq!(rt.expose(), "rt-c1.r1.r2.r3");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unreachable_shared_store_stops_refreshes_before_the_token_endpoint() {
+        let f = Fixture::new(Issuer::default(), 10, &["c1", "c2"]).await;
+        let coord = Arc::new(FakeCoordination::default());
+        let a = replica(&f, &coord);
+        let held = value(&a.get(&id("c1")).await.unwrap());
+        assert_eq!(f.calls(), 1);
+        coord.down.store(true, Ordering::SeqCst);
+        // The cached, valid token is still served; past its refresh point too.
+        tokio::time::advance(Duration::from_secs(240)).await;
+        for _ in 0..10 {
+            assert_eq!(value(&a.get(&id("c1")).await.unwrap()), held);
+        }
+        // A subject without a cached token gets no token, and no request is sent for it.
+        let e = a.get(&id("c2")).await.unwrap_err();
+        assert!(
+            matches!(&e, SubjectTokenError::Failed(m) if m.contains("lease")),
+            "{e}"
+        );
+        assert_eq!(f.calls(), 1);
+        // The keep-alive skips c2 (due: enrolled long ago) without a token request.
+        assert_eq!(a.sweep(Duration::from_secs(3600)).await.unwrap(), 0);
+        assert_eq!(f.calls(), 1);
+        // Redis is back: the next attempt after the failure hold refreshes.
+        coord.down.store(false, Ordering::SeqCst);
+        tokio::time::advance(DEFAULT_FAILURE_HOLD).await;
+        assert!(a.get(&id("c2")).await.is_ok());
+        assert_eq!(f.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_holder_stalled_past_its_lease_serves_the_winners_token_not_its_own() {
+        let issuer = Issuer {
+            first_delay: Some(MIN_LEASE_TTL + Duration::from_secs(10)),
+            rotate: true,
+            ..Issuer::default()
+        };
+        let f = Fixture::new(issuer, 10, &["c1"]).await;
+        let coord = Arc::new(FakeCoordination::default());
+        let (a, b) = (replica(&f, &coord), replica(&f, &coord));
+        // A takes the lease and stalls in its token request; its caller gives up.
+        assert_eq!(
+            a.get(&id("c1")).await.unwrap_err(),
+            SubjectTokenError::Timeout
+        );
+        // B waits while A's lease lasts, then takes the lapsed lease and refreshes.
+        tokio::time::advance(MIN_LEASE_TTL).await;
+        let winner = value(&b.get(&id("c1")).await.unwrap());
+        assert_eq!(winner, "Bearer at.rt-c1.2");
+        // A's answer arrives; its write is refused and its refresh ends with B's token (not
+        // a failure, and not its own token, whose refresh token is not the stored one).
+        tokio::time::advance(Duration::from_secs(15)).await;
+        let deadline = Instant::now() + Duration::from_millis(500);
+        let held = loop {
+            if let Some(t) = a.peek(&id("c1")) {
+                break t;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "A's refresh did not end with a token"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(value(&held), winner);
+        assert_eq!(value(&a.get(&id("c1")).await.unwrap()), winner);
+        assert_eq!(f.calls(), 2);
+        // The record holds B's rotated refresh token, the one the issuer will accept next.
+        let record = f.record("c1").await;
+        let rt = f
+            .ring
+            .open("fdx", &id("c1"), &record.refresh_token)
+            .unwrap();
+        assert_eq!(rt.expose(), "rt-c1.r2");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_the_upstream_rejected_is_not_taken_back_from_the_shared_slot() {
+        let f = Fixture::new(Issuer::default(), 10, &["c1"]).await;
+        let coord = Arc::new(FakeCoordination::default());
+        let (a, b) = (replica(&f, &coord), replica(&f, &coord));
+        let seen = a.get(&id("c1")).await.unwrap();
+        // B takes the same token from the slot, without a request.
+        assert_eq!(value(&b.get(&id("c1")).await.unwrap()), value(&seen));
+        assert_eq!(f.calls(), 1);
+        // The upstream rejects it at A: A refreshes instead of reading it back from the slot.
+        let fresh = a
+            .invalidate(&id("c1"), &seen, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_ne!(value(&fresh), value(&seen));
+        assert_eq!(f.calls(), 2);
+        // B, rejected with the old token too, takes A's new one from the slot.
+        let old_b = b.get(&id("c1")).await.unwrap();
+        let at_b = b
+            .invalidate(&id("c1"), &old_b, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(value(&at_b), value(&fresh));
+        assert_eq!(f.calls(), 2);
+        // The consent is gone (602 at A): the slot is emptied, so a replica without the
+        // token in memory learns needs_reauth from the record instead of serving it.
+        a.consent_revoked(&id("c1"), &fresh).await;
+        let c = replica(&f, &coord);
+        assert_eq!(
+            c.get(&id("c1")).await.unwrap_err(),
+            SubjectTokenError::NeedsReauth
+        );
+        assert_eq!(f.calls(), 2);
     }
 }

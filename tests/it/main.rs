@@ -43,6 +43,10 @@ mod proxy;
 // passwords, Redis gone and back, leases, shared access-token slots, tampering.
 mod redis;
 
+// Replicas (issue #13): two bearer-proxy processes sharing one redis-server and the dev
+// issuer: one token request per refresh between them, rotation, Redis down and back, TLS.
+mod replicas;
+
 // Per-subject tokens (issue #12) through the whole server: one token per customer, the
 // subject header, needs_reauth, 10,000 subjects at start, restart, keys, no plaintext at rest.
 mod subjects;

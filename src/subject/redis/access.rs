@@ -101,6 +101,17 @@ impl RedisStore {
         .await
     }
 
+    /// Empties the slot of `scope` (a subject deleted, re-enrolled or refreshed on request: no
+    /// replica may take its old token from the slot).
+    pub async fn delete_access_token(&self, scope: &Scope<'_>) -> Result<(), StoreError> {
+        let key = self.scope_key("access", scope)?;
+        let mut c = self.conn.clone();
+        self.run(StoreOp::AccessTokenPut, scope.location(), async {
+            redis::cmd("DEL").arg(&key).query_async::<()>(&mut c).await
+        })
+        .await
+    }
+
     /// The access token in the slot of `scope`, if there is one. A value that does not open
     /// (sealed with a key no longer configured, or altered) is [`StoreError::Corrupt`] naming
     /// the key id; callers treat it as a miss and refresh.

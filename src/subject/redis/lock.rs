@@ -64,6 +64,23 @@ pub struct Lease {
     location: String,
 }
 
+#[cfg(test)]
+impl Lease {
+    /// A lease as a fake coordination hands it out (unit tests of the refresh logic).
+    pub(crate) fn fake(key: String, holder: String) -> Self {
+        Self {
+            location: key.clone(),
+            key,
+            holder,
+        }
+    }
+
+    /// The lease's key and holder value (unit tests).
+    pub(crate) fn parts(&self) -> (&str, &str) {
+        (&self.key, &self.holder)
+    }
+}
+
 /// A TTL as Redis' milliseconds: at least 1 (Redis refuses 0).
 fn millis(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)

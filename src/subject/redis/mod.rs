@@ -39,6 +39,7 @@
 
 pub mod access;
 pub mod config;
+pub mod health;
 pub mod lock;
 pub mod named;
 

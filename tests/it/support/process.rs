@@ -14,6 +14,8 @@ pub struct Child {
     pub child: tokio::process::Child,
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
+    /// Where the subjects API listens, when the configuration has `[subjects]`.
+    pub subjects: Option<SocketAddr>,
     logs: Arc<Mutex<String>>,
     /// The task collecting stderr; it ends at EOF, once the process has exited.
     reader: Option<tokio::task::JoinHandle<()>>,
@@ -49,20 +51,25 @@ impl Child {
             use tokio::io::AsyncBufReadExt;
             let mut lines = tokio::io::BufReader::new(stderr).lines();
             let mut tx = Some(tx);
+            let mut subjects = None;
             while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains("\"message\":\"subjects API listening\"") {
+                    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+                    subjects = v["subjects_api"].as_str().and_then(|a| a.parse().ok());
+                }
                 if line.contains("\"message\":\"started\"")
                     && let Some(tx) = tx.take()
                 {
                     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
                     let addr = |k: &str| v[k].as_str().unwrap().parse::<SocketAddr>().unwrap();
-                    let _ = tx.send((addr("proxy"), addr("admin"))).await;
+                    let _ = tx.send((addr("proxy"), addr("admin"), subjects)).await;
                 }
                 let mut logs = keep.lock().unwrap();
                 logs.push_str(&line);
                 logs.push('\n');
             }
         });
-        let (proxy, admin) = tokio::time::timeout(PATIENCE, rx.recv())
+        let (proxy, admin, subjects) = tokio::time::timeout(PATIENCE, rx.recv())
             .await
             .expect("no \"started\" line")
             .expect("exited before starting");
@@ -70,6 +77,7 @@ impl Child {
             child,
             proxy,
             admin,
+            subjects,
             logs,
             reader: Some(reader),
         }

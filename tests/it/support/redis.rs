@@ -10,7 +10,7 @@ use std::time::Duration;
 use bearer_proxy::subject::redis::RedisConfig;
 use tokio::time::Instant;
 
-use super::{PATIENCE, guard_logs};
+use super::{PATIENCE, guard_logs, never_log};
 
 /// How the server is started.
 #[derive(Clone, Debug, Default)]
@@ -147,6 +147,8 @@ impl RedisServer {
             .map(|(_, p)| p)
             .or(self.opts.password.as_ref());
         let password_file = password.map(|p| {
+            // A Redis password is a secret like any other: never in a log line.
+            never_log(p);
             let path = self.dir.path().join("password");
             std::fs::write(&path, format!("{p}\n")).unwrap();
             path
