@@ -79,8 +79,7 @@ check() {
     done
   done
   # [redis]'s files (shared tokens): a real random key, since `check` loads it.
-  if grep -Eq "^[[:space:]]*encryption_key_file[[:space:]]*[=:]" "$file" &&
-    grep -Eq "^\[?redis\]?[[:space:]]*:?[[:space:]]*$" "$file"; then
+  if grep -Eq "^[[:space:]]*shared[[:space:]]*[=:][[:space:]]*true" "$file"; then
     env+=("BEARER_PROXY__REDIS__ENCRYPTION_KEY_FILE=$tmp/encryption_key")
     env+=("BEARER_PROXY__REDIS__PASSWORD_FILE=$tmp/redis_password")
   fi
@@ -105,10 +104,9 @@ failed=0
 check "$here/flinks-client-credentials.toml" flinks || failed=1
 check "$here/flinks-data-recipient.toml" flinks || failed=1
 check "$here/gateway.yaml" flinks || failed=1
-check "$here/gateway-redis.yaml" flinks || failed=1
 check --subjects "$here/flinks-data-recipient-subjects.toml" fdx || failed=1
 
-# The Redis example: `check` connects to Redis, so a throwaway redis-server (loopback, a
+# The Redis examples: `check` connects to Redis, so a throwaway redis-server (loopback, a
 # placeholder password, no persistence) stands in for the real one when it is installed.
 if command -v redis-server >/dev/null; then
   printf 'placeholder-redis-password\n' >"$tmp/redis_password"
@@ -132,6 +130,8 @@ if command -v redis-server >/dev/null; then
     BEARER_PROXY__REDIS__URL="redis://127.0.0.1:$port" \
       BEARER_PROXY__REDIS__PASSWORD_FILE="$tmp/redis_password" \
       check --subjects "$here/flinks-data-recipient-redis.toml" fdx || failed=1
+    BEARER_PROXY__REDIS__URL="redis://127.0.0.1:$port" \
+      check "$here/gateway-redis.yaml" flinks || failed=1
     kill "$redis_pid" 2>/dev/null || true
     wait "$redis_pid" 2>/dev/null || true
   else
@@ -139,7 +139,7 @@ if command -v redis-server >/dev/null; then
     failed=1
   fi
 else
-  echo "SKIP: $here/flinks-data-recipient-redis.toml (redis-server is not installed)"
+  echo "SKIP: $here/flinks-data-recipient-redis.toml and $here/gateway-redis.yaml (redis-server is not installed)"
 fi
 
 if ((failed)); then

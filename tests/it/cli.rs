@@ -239,6 +239,10 @@ async fn check_loads_the_subjects_encryption_keys() {
 
 #[tokio::test]
 async fn check_loads_the_shared_tokens_encryption_key() {
+    // `check` also connects to Redis, so the good case needs a real one.
+    let Some(redis) = crate::support::RedisServer::start(Default::default()).await else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().display();
     let config = dir.path().join("shared.toml");
@@ -248,7 +252,8 @@ async fn check_loads_the_shared_tokens_encryption_key() {
             "[tokens.flinks]\ntoken_url = \"https://ob.flinksapp.com/api/v1/token\"\n\
              grant_type = \"client_credentials\"\nshared = true\nclient_id = \"c\"\n\
              client_secret = \"s\"\n\
-             [redis]\nurl = \"rediss://redis.example:6380\"\nencryption_key_file = \"{d}/key\"\n"
+             [redis]\nurl = \"{}\"\nencryption_key_file = \"{d}/key\"\n",
+            redis.url()
         ),
     )
     .unwrap();
