@@ -83,6 +83,11 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// Whether the new configuration is in force.
+    pub fn is_ok(&self) -> bool {
+        self.result == ReloadResult::Ok
+    }
+
     fn invalid(hash: Option<String>, problems: Vec<String>) -> Self {
         Self {
             result: ReloadResult::Invalid,

@@ -686,7 +686,7 @@ async fn after_a_ca_rotation_and_a_reload_a_client_trusting_only_the_new_ca_conn
     std::fs::copy(&new_cert, &old_cert).unwrap();
     std::fs::copy(new.key(), old.key()).unwrap();
     let outcome = server.reload().await;
-    assert_eq!(outcome.result.as_str(), "ok", "{:?}", outcome.problems);
+    assert!(outcome.is_ok(), "{:?}", outcome.problems);
 
     let s = tunnel(proxy, &format!("{HOST}:443")).await;
     let mut client = http(tls(s, &new_cert, HOST).await.unwrap()).await;

@@ -185,7 +185,7 @@ async fn reloads_under_steady_load_never_fail_a_request_or_mix_configurations() 
         ),
     );
     let o = server.reload().await;
-    assert_eq!(o.result.as_str(), "ok", "{:?}", o.problems);
+    assert!(o.is_ok(), "{:?}", o.problems);
     assert_eq!(get(proxy, "http://extra.test/x", &[]).await.text(), "A:v3");
 
     // 3. The log level changes (in-process the subscriber is the test's: reported, applied
@@ -199,7 +199,7 @@ async fn reloads_under_steady_load_never_fail_a_request_or_mix_configurations() 
         ),
     );
     let o = server.reload().await;
-    assert_eq!(o.result.as_str(), "ok", "{:?}", o.problems);
+    assert!(o.is_ok(), "{:?}", o.problems);
     assert_eq!(o.log_level, "not ours");
 
     // 4. A token is added, used by the new route.
@@ -214,7 +214,7 @@ async fn reloads_under_steady_load_never_fail_a_request_or_mix_configurations() 
         ),
     );
     let o = server.reload().await;
-    assert_eq!(o.result.as_str(), "ok", "{:?}", o.problems);
+    assert!(o.is_ok(), "{:?}", o.problems);
     assert_eq!(o.tokens_started, ["second"]);
     assert_eq!(o.tokens_kept, ["flinks"]);
     assert_eq!(token_requests(&control, "other-client"), 1);
@@ -257,7 +257,7 @@ async fn reloads_under_steady_load_never_fail_a_request_or_mix_configurations() 
         ),
     );
     let o = server.reload().await;
-    assert_eq!(o.result.as_str(), "ok", "{:?}", o.problems);
+    assert!(o.is_ok(), "{:?}", o.problems);
     assert_eq!(o.tokens_stopped, ["second"]);
     let gone = get(proxy, "http://extra.test/x", &[]).await;
     assert_eq!(gone.status, 403);
@@ -278,7 +278,7 @@ async fn reloads_under_steady_load_never_fail_a_request_or_mix_configurations() 
         ),
     );
     let o = server.reload().await;
-    assert_eq!(o.result.as_str(), "ok", "{:?}", o.problems);
+    assert!(o.is_ok(), "{:?}", o.problems);
     assert_eq!(o.tokens_started, ["flinks"]);
     assert_eq!(o.tokens_stopped, ["flinks"]);
     assert_eq!(token_requests(&control, "other-client"), 2);
@@ -343,7 +343,7 @@ async fn post_reload_is_refused_unless_the_admin_trigger_is_on() {
     );
     // GET is not a reload either, even when enabled.
     write(&path, &format!("{}{flinks}{fdx2}", head(&ca, true, "info")));
-    assert_eq!(server.reload().await.result.as_str(), "ok");
+    assert!(server.reload().await.is_ok());
     assert_eq!(admin_get(server.admin_addr(), "/-/reload").await.status, 405);
     let r = post_reload(server.admin_addr()).await;
     assert_eq!(r.status, 200, "{}", r.text());
