@@ -96,7 +96,8 @@ impl Admin {
 
     /// Reports on `tokens` from now on (this admin server and every clone of it).
     pub fn set_tokens(&self, tokens: &BTreeMap<String, Arc<TokenCell>>) {
-        self.tokens.store(Arc::new(tokens.values().cloned().collect()));
+        self.tokens
+            .store(Arc::new(tokens.values().cloned().collect()));
     }
 
     /// Serves `POST /-/reload` (when `reload` says it is enabled) and shows the loaded
@@ -203,7 +204,7 @@ impl Admin {
                 StatusCode::NOT_FOUND,
                 &json!({
                     "error": "not_found",
-                    "message": "admin paths: /metrics /livez /readyz /status; the admin port never proxies"
+                    "message": "admin paths: /metrics /livez /readyz /status, POST /-/reload; the admin port never proxies"
                 }),
             ),
         }

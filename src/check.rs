@@ -102,4 +102,3 @@ pub(crate) fn dir_problem(key: &str, dir: &Path) -> Option<String> {
         Err(e) => Some(format!("{key}: {}: {e}", dir.display())),
     }
 }
-

@@ -118,10 +118,7 @@ impl Server {
         Self::start_inner(config, Some(path.to_path_buf())).await
     }
 
-    async fn start_inner(
-        config: Config,
-        path: Option<std::path::PathBuf>,
-    ) -> anyhow::Result<Self> {
+    async fn start_inner(config: Config, path: Option<std::path::PathBuf>) -> anyhow::Result<Self> {
         let metrics = Metrics::new();
         metrics.set_build_info(build::VERSION, build::COMMIT, build::FEATURES);
         let (controller, shutdown) = ShutdownController::new();

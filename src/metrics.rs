@@ -633,10 +633,10 @@ impl Metrics {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         watched.retain(|w| !(w.kind == kind && w.name == name));
         watched.push(WatchedCertificate {
-                kind,
-                name: name.to_owned(),
-                probe,
-            });
+            kind,
+            name: name.to_owned(),
+            probe,
+        });
     }
 
     /// Every watched client certificate as it is now.

@@ -144,7 +144,11 @@ struct View {
 }
 
 impl View {
-    fn of(config: &Config, hash: Option<String>, last: Option<(SystemTime, Trigger, Value)>) -> Self {
+    fn of(
+        config: &Config,
+        hash: Option<String>,
+        last: Option<(SystemTime, Trigger, Value)>,
+    ) -> Self {
         Self {
             hash,
             loaded_at: SystemTime::now(),
@@ -302,7 +306,8 @@ fn restart_needed(running: &Config, mut next: Config) -> (Config, Vec<String>) {
     // The watch is started (or not) once, with its debounce.
     if keep(
         "reload",
-        running.reload.watch != next.reload.watch || running.reload.debounce != next.reload.debounce,
+        running.reload.watch != next.reload.watch
+            || running.reload.debounce != next.reload.debounce,
     ) {
         next.reload = running.reload.clone();
     }
@@ -350,8 +355,8 @@ fn restart_needed(running: &Config, mut next: Config) -> (Config, Vec<String>) {
 }
 
 impl Reloader {
-    /// Starts the named tokens of `config` (the server's start); returns their cells.
-    #[allow(clippy::too_many_arguments)] // the parts a reload replaces, named once at start
+    /// Starts the named tokens of `config` (the server's start); returns their cells and
+    /// what becomes the reloader once the rest of the server is built.
     pub(crate) fn start(
         config: Config,
         path: Option<PathBuf>,
@@ -503,15 +508,12 @@ impl Reloader {
                 },
             }
         }
-        let proxy = match Proxy::with_subjects(
-            &next,
-            &cells,
-            self.subjects.as_ref(),
-            self.metrics.clone(),
-        ) {
-            Ok(p) => p,
-            Err(e) => return Outcome::invalid(Some(hash), vec![e.to_string()]),
-        };
+        let proxy =
+            match Proxy::with_subjects(&next, &cells, self.subjects.as_ref(), self.metrics.clone())
+            {
+                Ok(p) => p,
+                Err(e) => return Outcome::invalid(Some(hash), vec![e.to_string()]),
+            };
 
         // From here on nothing fails: start the new tokens and give them up to `token_wait`
         // to get a first token, so requests after the swap do not wait for it.
@@ -545,7 +547,10 @@ impl Reloader {
         let mut retiring = Vec::new();
         let old = std::mem::take(&mut state.tokens);
         for (name, token) in old {
-            if cells.get(&name).is_some_and(|c| Arc::ptr_eq(c, &token.cell)) {
+            if cells
+                .get(&name)
+                .is_some_and(|c| Arc::ptr_eq(c, &token.cell))
+            {
                 state.tokens.insert(name, token);
             } else {
                 stopped.push(name.clone());
@@ -569,11 +574,12 @@ impl Reloader {
             });
         }
         let routes: Vec<&str> = next.routes.iter().map(|r| r.label()).collect();
-        self.metrics.retain_client_certificates(|kind, name| match kind {
-            "route" => routes.contains(&name),
-            "token" => cells.contains_key(name),
-            _ => true,
-        });
+        self.metrics
+            .retain_client_certificates(|kind, name| match kind {
+                "route" => routes.contains(&name),
+                "token" => cells.contains_key(name),
+                _ => true,
+            });
         state.config = next;
         Outcome {
             result: ReloadResult::Ok,
@@ -603,11 +609,12 @@ impl Reloader {
         };
         // One pending wake-up is enough: the loop below reads the file after the last event.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok() {
-                let _ = tx.try_send(());
-            }
-        })?;
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if event.is_ok() {
+                    let _ = tx.try_send(());
+                }
+            })?;
         watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
         tracing::info!(dir = %dir.display(), "watching the configuration file's directory");
         let me = self.clone();
@@ -692,7 +699,9 @@ impl StartedTokens {
 
 /// Each problem as `key: message`.
 fn problem_lines(e: &config::ConfigErrors) -> Vec<String> {
-    e.0.iter().map(|p| format!("{}: {}", p.key, p.message)).collect()
+    e.0.iter()
+        .map(|p| format!("{}: {}", p.key, p.message))
+        .collect()
 }
 
 /// The hash of the file at `path` as [`crate::Server::start_from`] loads it.
@@ -735,5 +744,94 @@ impl ReloadEndpoint for Endpoint {
                 "outcome": outcome,
             })),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Config {
+        config::from_str(
+            text,
+            ::config::FileFormat::Toml,
+            Some(std::collections::HashMap::new()),
+        )
+        .unwrap()
+    }
+
+    fn file(extra_proxy: &str, token: &str) -> String {
+        format!(
+            "[proxy]\n{extra_proxy}\n[tokens.t]\ntoken_url = \"http://127.0.0.1:9/token\"\n\
+             grant_type = \"client_credentials\"\nclient_id = \"c\"\n{token}\n\
+             [[routes]]\nhost = \"api.test\"\ntoken = \"t\"\n"
+        )
+    }
+
+    #[test]
+    fn restart_only_settings_keep_their_running_value_and_are_named() {
+        let running = parse(&file(
+            "listen = \"127.0.0.1:3128\"",
+            "client_secret = \"s\"",
+        ));
+        let next = parse(&file(
+            "listen = \"127.0.0.1:4000\"\nworkers = 2\ntoken_wait = \"1s\"",
+            "client_secret = \"s\"",
+        ));
+        let (applied, keys) = restart_needed(&running, next);
+        assert_eq!(keys, ["proxy.listen", "proxy.workers"]);
+        assert_eq!(applied.proxy.listen, running.proxy.listen);
+        assert_eq!(applied.proxy.workers, running.proxy.workers);
+        // What can change in place does.
+        assert_eq!(applied.proxy.token_wait, Duration::from_secs(1));
+        let (_, none) = restart_needed(&running, running.clone());
+        assert!(none.is_empty());
+    }
+
+    #[test]
+    fn a_per_subject_token_change_needs_a_restart_and_keeps_the_running_one() {
+        let running = parse(&file("", "client_secret = \"s\""));
+        let mut next = running.clone();
+        let mut added = running.tokens["t"].clone();
+        added.name = "p".into();
+        added.per_subject = true;
+        next.tokens.insert("p".into(), added);
+        let (applied, keys) = restart_needed(&running, next);
+        assert_eq!(keys, ["tokens.p (per_subject)"]);
+        assert!(!applied.tokens.contains_key("p"));
+    }
+
+    #[test]
+    fn the_fingerprint_sees_inline_secrets_and_file_contents_not_just_their_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = dir.path().join("id");
+        std::fs::write(&id, "one").unwrap();
+        let a = parse(&file("", "client_secret = \"s1\""));
+        let b = parse(&file("", "client_secret = \"s2\""));
+        assert_eq!(
+            fingerprint(&a.tokens["t"]),
+            fingerprint(&a.clone().tokens["t"])
+        );
+        // `Debug` prints both secrets as `[redacted]`; the fingerprint still tells them apart.
+        assert_eq!(
+            format!("{:?}", a.tokens["t"]),
+            format!("{:?}", b.tokens["t"])
+        );
+        assert_ne!(fingerprint(&a.tokens["t"]), fingerprint(&b.tokens["t"]));
+        let mut with_file = a.tokens["t"].clone();
+        with_file.client_id = None;
+        with_file.client_id_file = Some(id.clone());
+        let before = fingerprint(&with_file);
+        std::fs::write(&id, "two").unwrap();
+        assert_ne!(fingerprint(&with_file), before);
+    }
+
+    #[test]
+    fn the_hash_is_16_hex_digits_of_the_text() {
+        let h = hash_text("a");
+        assert_eq!(h.len(), 16);
+        assert!(h.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(h, hash_text("a"));
+        assert_ne!(h, hash_text("b"));
     }
 }

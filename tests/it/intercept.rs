@@ -673,7 +673,9 @@ async fn after_a_ca_rotation_and_a_reload_a_client_trusting_only_the_new_ca_conn
     let path = dir.path().join("config.toml");
     std::fs::write(&path, b.toml(&upstream.url(true))).unwrap();
     let config = bearer_proxy::config::load(&path).unwrap();
-    let server = bearer_proxy::Server::start_from(config, &path).await.unwrap();
+    let server = bearer_proxy::Server::start_from(config, &path)
+        .await
+        .unwrap();
     let proxy = server.proxy_addr();
     // Before the rotation a client trusting only the new CA is refused (so the check below
     // can fail).

@@ -42,9 +42,10 @@ fn token_requests(control: &IssuerControl, client_id: &str) -> usize {
 /// A TLS upstream named `name` that answers `<name>:<x-config header>`, so a client sees
 /// which upstream got which version of the route's static header.
 async fn upstream(ca: &TestCa, name: &'static str) -> Upstream {
-    Upstream::tls(ca.server_config(&["localhost"], &[b"http/1.1"]), move |r, _| {
-        Reply::ok(&format!("{name}:{}", r.one("x-config").unwrap_or_default()))
-    })
+    Upstream::tls(
+        ca.server_config(&["localhost"], &[b"http/1.1"]),
+        move |r, _| Reply::ok(&format!("{name}:{}", r.one("x-config").unwrap_or_default())),
+    )
     .await
 }
 
@@ -99,7 +100,10 @@ async fn post_reload(admin: std::net::SocketAddr) -> RawResponse {
 }
 
 /// Polls `check` until it holds, within [`PATIENCE`].
-async fn eventually<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
+async fn eventually<F: std::future::Future<Output = bool>>(
+    what: &str,
+    mut check: impl FnMut() -> F,
+) {
     let deadline = Instant::now() + PATIENCE;
     while !check().await {
         assert!(Instant::now() < deadline, "never: {what}");
@@ -245,7 +249,10 @@ async fn reloads_under_steady_load_never_fail_a_request_or_mix_configurations() 
         Some(1.0)
     );
     let status = admin_get(admin, "/status").await.json();
-    assert_eq!(status["config"]["last_reload"]["outcome"]["result"], "invalid");
+    assert_eq!(
+        status["config"]["last_reload"]["outcome"]["result"],
+        "invalid"
+    );
 
     // 6. A route is removed (and the token only it used).
     write(
@@ -264,7 +271,10 @@ async fn reloads_under_steady_load_never_fail_a_request_or_mix_configurations() 
     assert_eq!(gone.proxy_error().as_deref(), Some("denied"));
     // No token request for the unchanged token through five reloads.
     assert_eq!(token_requests(&control, "demo-client"), demo_before);
-    assert!(Arc::ptr_eq(&server.reloader().tokens().await["flinks"], &flinks_cell));
+    assert!(Arc::ptr_eq(
+        &server.reloader().tokens().await["flinks"],
+        &flinks_cell
+    ));
 
     // 7. The token's client_id changes: a new refresher (one token request as the new
     // client) takes over; the route goes back to upstream A.
@@ -282,7 +292,10 @@ async fn reloads_under_steady_load_never_fail_a_request_or_mix_configurations() 
     assert_eq!(o.tokens_started, ["flinks"]);
     assert_eq!(o.tokens_stopped, ["flinks"]);
     assert_eq!(token_requests(&control, "other-client"), 2);
-    assert!(!Arc::ptr_eq(&server.reloader().tokens().await["flinks"], &flinks_cell));
+    assert!(!Arc::ptr_eq(
+        &server.reloader().tokens().await["flinks"],
+        &flinks_cell
+    ));
     assert_eq!(get(proxy, "http://api.test/x", &[]).await.text(), "A:v7");
 
     stop.store(true, Ordering::Relaxed);
@@ -291,10 +304,16 @@ async fn reloads_under_steady_load_never_fail_a_request_or_mix_configurations() 
         let seen = task.await.unwrap();
         total += seen.len();
         for body in &seen {
-            assert!(consistent(body), "a request saw a mixed configuration: {body}");
+            assert!(
+                consistent(body),
+                "a request saw a mixed configuration: {body}"
+            );
         }
     }
-    assert!(total > 20, "too little load to mean anything: {total} requests");
+    assert!(
+        total > 20,
+        "too little load to mean anything: {total} requests"
+    );
     let text = scrape(admin).await;
     assert_eq!(
         metric("bearer_proxy_config_reloads_total")
@@ -332,23 +351,37 @@ async fn post_reload_is_refused_unless_the_admin_trigger_is_on() {
     let server = start(&path).await;
     // The file now asks for something else; a refused POST must not apply it.
     let fdx2 = route("fdx", "api.test", "flinks", &a.url(true), "v2");
-    write(&path, &format!("{}{flinks}{fdx2}", head(&ca, false, "info")));
+    write(
+        &path,
+        &format!("{}{flinks}{fdx2}", head(&ca, false, "info")),
+    );
     let r = post_reload(server.admin_addr()).await;
     assert_eq!(r.status, 403);
     assert_eq!(r.json()["error"], "reload_disabled");
-    server.tokens()["flinks"].wait_valid(PATIENCE).await.unwrap();
+    server.tokens()["flinks"]
+        .wait_valid(PATIENCE)
+        .await
+        .unwrap();
     assert_eq!(
-        get(server.proxy_addr(), "http://api.test/x", &[]).await.text(),
+        get(server.proxy_addr(), "http://api.test/x", &[])
+            .await
+            .text(),
         "A:v1"
     );
     // GET is not a reload either, even when enabled.
     write(&path, &format!("{}{flinks}{fdx2}", head(&ca, true, "info")));
     assert!(server.reload().await.is_ok());
-    assert_eq!(admin_get(server.admin_addr(), "/-/reload").await.status, 405);
+    assert_eq!(
+        admin_get(server.admin_addr(), "/-/reload").await.status,
+        405
+    );
     let r = post_reload(server.admin_addr()).await;
     assert_eq!(r.status, 200, "{}", r.text());
     // Turning it off again takes effect at once.
-    write(&path, &format!("{}{flinks}{fdx2}", head(&ca, false, "info")));
+    write(
+        &path,
+        &format!("{}{flinks}{fdx2}", head(&ca, false, "info")),
+    );
     assert_eq!(post_reload(server.admin_addr()).await.status, 200);
     assert_eq!(post_reload(server.admin_addr()).await.status, 403);
 }
@@ -403,7 +436,10 @@ async fn a_kubernetes_style_data_symlink_swap_triggers_a_watch_reload() {
     };
     let mut cm = ConfigMapDir::new(&text("v1"));
     let server = start(&cm.path()).await;
-    server.tokens()["flinks"].wait_valid(PATIENCE).await.unwrap();
+    server.tokens()["flinks"]
+        .wait_valid(PATIENCE)
+        .await
+        .unwrap();
     let proxy = server.proxy_addr();
     assert_eq!(get(proxy, "http://api.test/x", &[]).await.text(), "A:v1");
     cm.update(&text("v2"));
@@ -437,7 +473,10 @@ async fn sighup_reloads_the_binary_and_is_harmless_while_it_shuts_down() {
         format!(
             "{}{flinks}{}",
             head(&ca, false, level)
-                .replace("drain_delay = \"0s\"", &format!("drain_delay = \"{drain}\""))
+                .replace(
+                    "drain_delay = \"0s\"",
+                    &format!("drain_delay = \"{drain}\"")
+                )
                 .replace("[log]\n", "[log]\naccess = true\n"),
             route("fdx", "api.test", "flinks", &a.url(true), v)
         )
