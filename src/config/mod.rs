@@ -758,6 +758,23 @@ mod tests {
     }
 
     #[test]
+    fn reload_triggers_are_off_by_default_and_the_debounce_is_bounded() {
+        let c = toml(MINIMAL).unwrap();
+        assert!(!c.admin.reload);
+        assert!(!c.reload.watch);
+        assert_eq!(c.reload.debounce, DEFAULT_RELOAD_DEBOUNCE);
+        let on = MINIMAL.to_owned() + "\n[admin]\nreload = true\n[reload]\nwatch = true\n";
+        let c = toml(&on).unwrap();
+        assert!(c.admin.reload && c.reload.watch);
+        for bad in ["0s", "61s"] {
+            let text = format!("{MINIMAL}\n[reload]\ndebounce = \"{bad}\"\n");
+            assert_eq!(problem_keys(&text), ["reload.debounce"], "{bad}");
+        }
+        let typo = MINIMAL.to_owned() + "\n[reload]\nwach = true\n";
+        assert_eq!(problem_keys(&typo), ["reload.wach"]);
+    }
+
+    #[test]
     fn default_addresses_parse() {
         assert_eq!(
             "127.0.0.1:3128".parse::<SocketAddr>().unwrap(),
