@@ -161,12 +161,13 @@ async fn reloads_under_steady_load_never_fail_a_request_or_mix_configurations() 
             seen
         }));
     }
-    // 1. A route's upstream and its static header change (POST /-/reload).
+    // 1. A route's upstream and its static header change (POST /-/reload); so does the
+    // listen address, which needs a restart: reported, and the rest still applies.
     write(
         &path,
         &format!(
             "{}{flinks}{}",
-            head(&ca, true, "info"),
+            head(&ca, true, "info").replace("127.0.0.1:0\"\ndrain", "127.0.0.1:1\"\ndrain"),
             route("fdx", "api.test", "flinks", &ub, "v2")
         ),
     );
@@ -175,7 +176,7 @@ async fn reloads_under_steady_load_never_fail_a_request_or_mix_configurations() 
     let doc = r.json();
     assert_eq!(doc["result"], "ok");
     assert_eq!(doc["tokens"]["kept"], serde_json::json!(["flinks"]));
-    assert_eq!(doc["restart_needed"], serde_json::json!([]));
+    assert_eq!(doc["restart_needed"], serde_json::json!(["proxy.listen"]));
     assert_eq!(get(proxy, "http://api.test/x", &[]).await.text(), "B:v2");
 
     // 2. A route is added.
