@@ -10,13 +10,19 @@
 //!   readiness only with `redis.gate_readiness = true`.
 //! - `GET /status`: JSON with each token's state, expiry, last success and error, each
 //!   route's request counts, per per-subject token the subjects per state and in memory, and
-//!   with `[redis]` its health and failed operations (`store`).
+//!   with `[redis]` its health and failed operations (`store`), and the loaded
+//!   configuration's hash and load time.
+//! - `POST /-/reload`: reloads the configuration file (`crate::reload`) and answers its
+//!   result, only with `[admin] reload = true` (403 otherwise).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
@@ -45,15 +51,30 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// the listener stops accepting and new connections wait in the kernel's backlog, and each
 /// admitted one that stays silent is closed after `HEADER_READ_TIMEOUT`.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Prometheus' path for the same operation, so operators' habits carry over.
+pub const RELOAD_PATH: &str = "/-/reload";
+
+/// What the admin port asks of configuration reloads (implemented in `crate::reload`, which
+/// depends on this module, not the other way round).
+pub trait ReloadEndpoint: Send + Sync {
+    /// Whether `POST /-/reload` is enabled (`[admin] reload` of the configuration in force).
+    fn enabled(&self) -> bool;
+    /// Reloads the configuration file; the answer's status and JSON document.
+    fn reload(&self) -> Pin<Box<dyn Future<Output = (StatusCode, Value)> + Send + 'static>>;
+    /// The `config` object of `/status` (hash, load time, last reload).
+    fn status(&self) -> Value;
+}
 
 /// What the admin port reports on.
 #[derive(Clone)]
 pub struct Admin {
-    tokens: Arc<[Arc<TokenCell>]>,
+    /// The named tokens in force; a reload swaps the list (clones share it).
+    tokens: Arc<ArcSwap<Vec<Arc<TokenCell>>>>,
     metrics: Arc<Metrics>,
     shutdown: Shutdown,
     subjects: Option<Arc<Subjects>>,
     store: Option<Arc<StoreHealth>>,
+    reload: Option<Arc<dyn ReloadEndpoint>>,
 }
 
 impl std::fmt::Debug for Admin {
@@ -70,11 +91,12 @@ impl Admin {
         shutdown: Shutdown,
     ) -> Self {
         Self {
-            tokens: tokens.values().cloned().collect(),
+            tokens: Arc::new(ArcSwap::from_pointee(tokens.values().cloned().collect())),
             metrics,
             shutdown,
             subjects: None,
             store: None,
+            reload: None,
         }
     }
 
@@ -82,6 +104,20 @@ impl Admin {
     #[must_use]
     pub fn with_store(mut self, store: Option<Arc<StoreHealth>>) -> Self {
         self.store = store;
+        self
+    }
+
+    /// Reports on `tokens` from now on (this admin server and every clone of it).
+    pub fn set_tokens(&self, tokens: &BTreeMap<String, Arc<TokenCell>>) {
+        self.tokens
+            .store(Arc::new(tokens.values().cloned().collect()));
+    }
+
+    /// Serves `POST /-/reload` (when `reload` says it is enabled) and shows the loaded
+    /// configuration on `/status`.
+    #[must_use]
+    pub fn with_reload(mut self, reload: Arc<dyn ReloadEndpoint>) -> Self {
+        self.reload = Some(reload);
         self
     }
 
@@ -120,7 +156,7 @@ impl Admin {
                 TokioIo::new(stream),
                 service_fn(move |req| {
                     let admin = admin.clone();
-                    async move { Ok::<_, Infallible>(admin.handle(&req)) }
+                    async move { Ok::<_, Infallible>(admin.answer(&req).await) }
                 }),
             );
             tokio::spawn(async move {
@@ -132,9 +168,37 @@ impl Admin {
         }
     }
 
-    /// Answers one request.
+    /// Answers one request, `POST /-/reload` included.
+    pub async fn answer(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        if req.uri().path() == RELOAD_PATH {
+            return self.reload(req.method()).await;
+        }
+        self.handle(req)
+    }
+
+    /// Answers one request other than a reload.
     pub fn handle(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         self.route(req.method(), req.uri().path())
+    }
+
+    async fn reload(&self, method: &Method) -> Response<Full<Bytes>> {
+        let Some(reload) = self.reload.as_ref().filter(|r| r.enabled()) else {
+            return json_response(
+                StatusCode::FORBIDDEN,
+                &json!({
+                    "error": "reload_disabled",
+                    "message": "configuration reload over the admin port is off; set [admin] reload = true, or send SIGHUP"
+                }),
+            );
+        };
+        if method != Method::POST {
+            return json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &json!({"error": "method_not_allowed", "message": "POST /-/reload reloads the configuration"}),
+            );
+        }
+        let (status, doc) = reload.reload().await;
+        json_response(status, &doc)
     }
 
     fn route(&self, method: &Method, path: &str) -> Response<Full<Bytes>> {
@@ -153,14 +217,14 @@ impl Admin {
                 StatusCode::NOT_FOUND,
                 &json!({
                     "error": "not_found",
-                    "message": "admin paths: /metrics /livez /readyz /status; the admin port never proxies"
+                    "message": "admin paths: /metrics /livez /readyz /status, POST /-/reload; the admin port never proxies"
                 }),
             ),
         }
     }
 
     fn metrics(&self) -> Response<Full<Bytes>> {
-        for cell in self.tokens.iter() {
+        for cell in self.tokens.load().iter() {
             self.metrics
                 .set_token_valid(cell.name(), cell.current().is_some());
         }
@@ -180,8 +244,8 @@ impl Admin {
                 &json!({"ready": false, "reason": "shutting down", "phase": phase_name(phase)}),
             );
         }
-        let not_valid: Vec<(&str, &'static str)> = self
-            .tokens
+        let tokens = self.tokens.load();
+        let not_valid: Vec<(&str, &'static str)> = tokens
             .iter()
             .filter(|cell| cell.current().is_none())
             .map(|cell| (cell.name(), cell.status().state.as_str()))
@@ -231,6 +295,7 @@ impl Admin {
     pub fn status(&self) -> Value {
         let tokens: serde_json::Map<String, Value> = self
             .tokens
+            .load()
             .iter()
             .map(|cell| (cell.name().to_owned(), token_json(&cell.status())))
             .collect();
@@ -308,6 +373,9 @@ impl Admin {
                 "gates_readiness": health.gates_readiness(),
                 "errors": errors,
             });
+        }
+        if let Some(reload) = &self.reload {
+            doc["config"] = reload.status();
         }
         doc
     }

@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use anyhow::{Context as _, anyhow};
 use clap::{Parser, Subcommand};
 
-use crate::config::{self, Config, GrantType};
+use crate::config::{self, Config};
 use crate::metrics::Metrics;
 use crate::shutdown::os_signals;
 use crate::time::{from_unix_secs, rfc3339};
@@ -230,9 +230,11 @@ fn block_on<T>(workers: usize, work: impl Future<Output = T>) -> Result<T, Failu
 
 fn run_proxy(path: Option<&Path>) -> Result<(), Failure> {
     let config = load(path)?;
+    // `load` succeeded, so there was a path; SIGHUP and `[reload] watch` read it again.
+    let path = path.map(Path::to_path_buf).unwrap_or_default();
     crate::logging::init(&config.log).map_err(|e| Failure::config(anyhow!("logging: {e}")))?;
     block_on(config.proxy.workers, async {
-        let server = crate::Server::start(config)
+        let server = crate::Server::start_from(config, &path)
             .await
             .inspect_err(|e| tracing::error!(error = format!("{e:#}"), "cannot start"))?;
         let signals = os_signals().context("cannot install signal handlers")?;
@@ -243,7 +245,11 @@ fn run_proxy(path: Option<&Path>) -> Result<(), Failure> {
 
 fn check(path: Option<&Path>) -> Result<(), Failure> {
     let config = load(path)?;
-    let problems = file_problems(&config);
+    let problems = block_on(1, async {
+        let mut problems = crate::check::file_problems(&config).await;
+        problems.extend(crate::check::redis_problems(&config).await);
+        problems
+    })?;
     print!("{}", summary(&config));
     if problems.is_empty() {
         println!("configuration OK");
@@ -279,120 +285,6 @@ fn ca(command: CaCommand) -> Result<(), Failure> {
             print!("{pem}");
             Ok(())
         }
-    }
-}
-
-/// Secret and CA files that cannot be read, client certificates that do not match their key or
-/// are not valid now, assertion keys that cannot sign, state directories that cannot be
-/// written, and a `[redis]` that cannot be connected to.
-fn file_problems(config: &Config) -> Vec<String> {
-    let mut problems = Vec::new();
-    for (name, t) in &config.tokens {
-        let mut files: Vec<(&str, &Path)> = Vec::new();
-        if let Some(p) = &t.client_id_file {
-            files.push(("client_id_file", p));
-        }
-        if let Some(p) = &t.client_secret_file {
-            files.push(("client_secret_file", p));
-        }
-        if t.grant_type == GrantType::RefreshToken
-            && let Some(p) = &t.refresh_token_file
-        {
-            files.push(("refresh_token_file", p));
-        }
-        for (key, p) in files {
-            if let Err(e) = std::fs::read(p) {
-                problems.push(format!(
-                    "tokens.{name}.{key}: cannot read {}: {e}",
-                    p.display()
-                ));
-            }
-        }
-        if let Some(ca) = &t.ca_file
-            && let Err(e) = crate::tls::root_store(Some(ca))
-        {
-            problems.push(format!("tokens.{name}.ca_file: {e}"));
-        }
-        if let (Some(cert), Some(key)) = (&t.client_cert_file, &t.client_key_file)
-            && let Err(e) = crate::identity::load(cert, key, std::time::SystemTime::now())
-        {
-            problems.push(format!("tokens.{name}.client_cert_file: {e}"));
-        }
-        if t.client_auth == crate::config::ClientAuth::PrivateKeyJwt
-            && let Some(key) = &t.client_assertion_key_file
-            && let Err(e) = crate::token::assertion::AssertionKey::load(key, t.client_assertion_alg)
-        {
-            problems.push(format!("tokens.{name}.client_assertion_key_file: {e}"));
-        }
-        if let Some(dir) = &t.state_dir {
-            problems.extend(dir_problem(&format!("tokens.{name}.state_dir"), dir));
-        }
-    }
-    for (i, r) in config.routes.iter().enumerate() {
-        if let (Some(cert), Some(key)) = (&r.client_cert_file, &r.client_key_file)
-            && let Err(e) = crate::identity::load(cert, key, std::time::SystemTime::now())
-        {
-            problems.push(format!("routes[{i}].client_cert_file: {e}"));
-        }
-    }
-    if let Some(sc) = &config.subjects {
-        subjects_file_problems(sc, &mut problems);
-    }
-    if let Some(rc) = &config.redis {
-        // The key that seals shared tokens' slots: a wrong one would stop the start.
-        if !rc.key_files().is_empty() {
-            match block_on(1, crate::subject::keyring::KeyRing::load(&rc.key_files())) {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => problems.push(format!("redis: {e}")),
-                Err(e) => problems.push(format!("redis: cannot check the encryption keys: {e:?}")),
-            }
-        }
-        // Connecting reads the password and CA files and authenticates, within
-        // `redis.connect_timeout`: a wrong password or CA shows here, not at the first start.
-        match block_on(1, crate::subject::redis::RedisStore::connect(rc)) {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => problems.push(format!("redis: {}", crate::error::Chain(&e))),
-            Err(e) => problems.push(format!("redis: cannot check the connection: {e:?}")),
-        }
-    }
-    if let Some(i) = &config.proxy.intercept
-        && let Err(e) = crate::ca::Ca::load(&i.ca_cert_file, &i.ca_key_file)
-    {
-        problems.push(format!("proxy.intercept: {e}"));
-    }
-    problems
-}
-
-/// The `[subjects]` files: every encryption key loads (a wrong or missing key would stop the
-/// start), the API token file is readable, the state directory is a writable directory.
-fn subjects_file_problems(sc: &crate::config::SubjectsConfig, problems: &mut Vec<String>) {
-    match block_on(1, sc.key_ring()) {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => problems.push(format!("subjects: {e}")),
-        Err(e) => problems.push(format!("subjects: cannot check the encryption keys: {e:?}")),
-    }
-    if let Some(p) = &sc.api_token_file
-        && let Err(e) = std::fs::read(p)
-    {
-        problems.push(format!(
-            "subjects.api_token_file: cannot read {}: {e}",
-            p.display()
-        ));
-    }
-    if let Some(dir) = &sc.state_dir {
-        problems.extend(dir_problem("subjects.state_dir", dir));
-    }
-}
-
-/// Why `dir` (the value of `key`) cannot hold state: missing, not a directory, or read-only.
-fn dir_problem(key: &str, dir: &Path) -> Option<String> {
-    match std::fs::metadata(dir) {
-        Ok(m) if m.is_dir() && !m.permissions().readonly() => None,
-        Ok(_) => Some(format!(
-            "{key}: {} is not a writable directory",
-            dir.display()
-        )),
-        Err(e) => Some(format!("{key}: {}: {e}", dir.display())),
     }
 }
 
@@ -584,7 +476,12 @@ fn dev_issuer(args: DevIssuerArgs) -> Result<(), Failure> {
         let mut signals = os_signals().context("cannot install signal handlers")?;
         issuer
             .serve(async move {
-                signals.recv().await;
+                // SIGHUP has nothing to reload here; only a stop signal ends the issuer.
+                while let Some(s) = signals.recv().await {
+                    if s.stops() {
+                        break;
+                    }
+                }
             })
             .await;
         Ok(())

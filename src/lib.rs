@@ -11,7 +11,9 @@
 //!   subject store, and each per-subject entry's access tokens (read by the proxy).
 //! - [`metrics`]: the Prometheus registry and per-token/per-route handles.
 //! - [`proxy`]: the forward proxy: routing, token injection, TLS origination, streaming.
-//! - [`admin`]: the admin port (`/metrics`, `/livez`, `/readyz`, `/status`).
+//! - [`admin`]: the admin port (`/metrics`, `/livez`, `/readyz`, `/status`, `/-/reload`).
+//! - [`reload`]: configuration reload (load, check, compare, swap) and its triggers.
+//! - `check`: the file checks `check` and a reload share.
 //! - `tls`: trust roots (and a client identity) for outbound TLS; [`identity`]: client certificates for mutual TLS.
 //! - `ca`: the operator CA of HTTPS interception (`[proxy.intercept]`, `ca init`, `ca bundle`).
 //! - [`shutdown`]: OS signals and the phases of a graceful stop.
@@ -37,6 +39,7 @@
 pub mod admin;
 pub mod build;
 mod ca;
+mod check;
 pub mod cli;
 pub mod config;
 #[cfg(feature = "dev-tools")]
@@ -49,6 +52,7 @@ mod listener;
 mod logging;
 pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod secret;
 pub mod shutdown;
 pub mod subject;
@@ -71,11 +75,9 @@ use crate::metrics::Metrics;
 pub use crate::shutdown::Signal;
 use crate::shutdown::{Phase, Shutdown, ShutdownController};
 use crate::token::TokenCell;
-use crate::token::refresher::Refresher;
 
 /// A started bearer-proxy: listeners bound and tasks running.
 pub struct Server {
-    config: Config,
     metrics: Arc<Metrics>,
     tokens: BTreeMap<String, Arc<TokenCell>>,
     /// Per-subject token entries, when some token has `per_subject = true`.
@@ -89,8 +91,11 @@ pub struct Server {
     subjects_addr: Option<SocketAddr>,
     /// Tasks that serve connections; they finish by themselves once stopping and drained.
     servers: Vec<JoinHandle<()>>,
-    /// Tasks that run until terminated (the refreshers).
+    /// Tasks that run until terminated (the admin port, keepalives; refreshers stop by
+    /// themselves at `Terminated`).
     background: Vec<JoinHandle<()>>,
+    /// Reloads the configuration (SIGHUP in [`Server::run`], `POST /-/reload`, the watch).
+    reloader: Arc<reload::Reloader>,
 }
 
 impl std::fmt::Debug for Server {
@@ -101,12 +106,22 @@ impl std::fmt::Debug for Server {
 
 impl Server {
     /// Builds every part and starts it. Fails, before anything is served, if a part cannot be
-    /// built or a listener cannot be bound.
+    /// built or a listener cannot be bound. Without a file, a reload has nothing to read (it
+    /// reports so); see [`Server::start_from`].
     pub async fn start(config: Config) -> anyhow::Result<Self> {
+        Self::start_inner(config, None).await
+    }
+
+    /// [`Server::start`] for `config` loaded from `path`, which reloads read again (and
+    /// `[reload] watch` watches).
+    pub async fn start_from(config: Config, path: &std::path::Path) -> anyhow::Result<Self> {
+        Self::start_inner(config, Some(path.to_path_buf())).await
+    }
+
+    async fn start_inner(config: Config, path: Option<std::path::PathBuf>) -> anyhow::Result<Self> {
         let metrics = Metrics::new();
         metrics.set_build_info(build::VERSION, build::COMMIT, build::FEATURES);
         let (controller, shutdown) = ShutdownController::new();
-        let mut tokens = BTreeMap::new();
         let mut background = Vec::new();
         // One connection manager for everything replicas share (`[redis]`): subject records,
         // leases and shared access tokens. Connected before anything is served, so a wrong
@@ -120,34 +135,33 @@ impl Server {
             )),
             None => None,
         };
-        // The key that seals `shared = true` tokens' slots, loaded before anything is served.
-        let shared_ring = match (&config.redis, &redis) {
-            (Some(rc), Some(_)) if config.tokens.values().any(|t| t.shared) => Some(Arc::new(
-                subject::keyring::KeyRing::load(&rc.key_files())
-                    .await
-                    .context("redis.encryption_key_file")?,
-            )),
+        // What `shared = true` tokens share through: the connection and the key that seals
+        // their slots, loaded before anything is served.
+        let sharing = match (&config.redis, &redis) {
+            (Some(rc), Some(store)) if config.tokens.values().any(|t| t.shared) => {
+                Some(reload::Sharing {
+                    store: store.clone(),
+                    ring: Arc::new(
+                        subject::keyring::KeyRing::load(&rc.key_files())
+                            .await
+                            .context("redis.encryption_key_file")?,
+                    ),
+                })
+            }
             _ => None,
         };
         // A per-subject token has no cell and no refresher: its tokens live in `subjects`,
         // fetched per subject on demand.
-        for (name, cfg) in config.tokens.iter().filter(|(_, t)| !t.per_subject) {
-            let cell = TokenCell::new(name.as_str(), cfg.forced_refresh_interval);
-            let mut refresher = Refresher::new(cfg.clone(), cell.clone(), metrics.token(name))
-                .map_err(|e| anyhow::anyhow!("tokens.{name}: {e}"))?;
-            if let (true, Some(store), Some(ring)) = (cfg.shared, &redis, &shared_ring) {
-                refresher = refresher.with_shared(Arc::new(subject::redis::named::RedisSlot::new(
-                    store.clone(),
-                    ring.clone(),
-                    name,
-                )));
-            }
-            if let Some(identity) = refresher.client_identity() {
-                metrics.watch_client_certificate("token", name, identity.probe());
-            }
-            background.push(refresher.spawn(shutdown.clone()));
-            tokens.insert(name.clone(), cell);
-        }
+        // Refreshers are owned by the reloader, which keeps, starts and stops them.
+        let hash = path.as_deref().and_then(reload::file_hash);
+        let (tokens, started) = reload::Reloader::start(
+            config.clone(),
+            path,
+            hash,
+            metrics.clone(),
+            shutdown.clone(),
+            sharing,
+        )?;
         let subjects =
             subject::Subjects::start_with_metrics(&config, &metrics, redis.clone()).await?;
         let proxy =
@@ -198,6 +212,13 @@ impl Server {
         let admin = admin::Admin::new(&tokens, metrics.clone(), shutdown.clone())
             .with_subjects(subjects.clone())
             .with_store(store_health);
+        let reloader = started.into_reloader(proxy.clone(), admin.clone(), subjects.clone());
+        if config.reload.watch {
+            reloader
+                .watch(config.reload.debounce)
+                .context("reload.watch: cannot watch the configuration file's directory")?;
+        }
+        let admin = admin.with_reload(Arc::new(reload::Endpoint(reloader.clone())));
         background.push(tokio::spawn(admin.serve(admin_listener)));
         let mut servers = vec![tokio::spawn(proxy.serve(proxy_listener, shutdown.clone()))];
         if let Some((api, listener)) = subjects_api {
@@ -211,7 +232,6 @@ impl Server {
             "started"
         );
         Ok(Self {
-            config,
             metrics,
             tokens,
             subjects,
@@ -221,7 +241,18 @@ impl Server {
             subjects_addr,
             servers,
             background,
+            reloader,
         })
+    }
+
+    /// Reloads the configuration file now (what SIGHUP does); see [`reload`].
+    pub async fn reload(&self) -> reload::Outcome {
+        self.reloader.reload(reload::Trigger::Call).await
+    }
+
+    /// The reloader (for a library user's own trigger).
+    pub fn reloader(&self) -> &Arc<reload::Reloader> {
+        &self.reloader
     }
 
     /// Where the proxy listens (useful with port 0).
@@ -240,7 +271,7 @@ impl Server {
         self.subjects_addr
     }
 
-    /// The token cells, by name.
+    /// The token cells at start, by name ([`reload::Reloader::tokens`] has those in force).
     pub fn tokens(&self) -> &BTreeMap<String, Arc<TokenCell>> {
         &self.tokens
     }
@@ -264,20 +295,43 @@ impl Server {
     /// accepting) for `drain_delay`; then accepting stops and in-flight requests get
     /// `shutdown_grace`. A second signal, or the grace running out, ends everything at once.
     /// Returns when everything has stopped.
+    ///
+    /// `SIGHUP` ([`Signal::Hangup`]) reloads the configuration while running (one reload at a
+    /// time, on its own task so stop signals are still heard); once shutting down it is
+    /// ignored.
     pub async fn run(mut self, mut signals: mpsc::Receiver<Signal>) {
-        let drain_delay = self.config.proxy.drain_delay;
-        let grace = self.config.proxy.shutdown_grace;
         // A closed signal source means nobody can ask us to stop: serve until the process ends.
-        let Some(first) = signals.recv().await else {
-            std::future::pending::<()>().await;
-            return;
+        let first = loop {
+            match signals.recv().await {
+                None => {
+                    std::future::pending::<()>().await;
+                    return;
+                }
+                Some(Signal::Hangup) => {
+                    let reloader = self.reloader.clone();
+                    tokio::spawn(async move {
+                        reloader.reload(reload::Trigger::Signal).await;
+                    });
+                }
+                Some(s) => break s,
+            }
         };
+        // The values in force now, a reload may have changed them.
+        let (drain_delay, grace) = self.reloader.shutdown_timing();
         tracing::info!(signal = ?first, drain_delay_secs = drain_delay.as_secs_f64(), "shutting down: draining");
         self.controller.advance(Phase::Draining);
         let second = async {
-            match signals.recv().await {
-                Some(s) => tracing::warn!(signal = ?s, "second signal: stopping now"),
-                None => std::future::pending::<()>().await,
+            loop {
+                match signals.recv().await {
+                    Some(s) if !s.stops() => {
+                        tracing::info!(signal = ?s, "shutting down: reload ignored");
+                    }
+                    Some(s) => {
+                        tracing::warn!(signal = ?s, "second signal: stopping now");
+                        return;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
             }
         };
         tokio::pin!(second);

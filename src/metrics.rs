@@ -57,6 +57,16 @@ macro_rules! label_enums {
 }
 
 label_enums! {
+    /// Outcome of one configuration reload (`result` label).
+    pub enum ReloadResult {
+        /// The new configuration is in force.
+        Ok => "ok",
+        /// The new configuration was refused; the running one stays.
+        Invalid => "invalid",
+    }
+}
+
+label_enums! {
     /// Outcome of one refresh attempt (`result` label).
     pub enum RefreshResult {
         /// A token was obtained.
@@ -258,6 +268,49 @@ pub struct Metrics {
     /// `CONNECT`s to routed hosts whose TLS the proxy terminated (`[proxy.intercept]`).
     pub(crate) intercepted_connections: IntCounter,
     tls_accept_errors: [IntCounter; TlsAcceptError::COUNT],
+    /// The configuration reload families.
+    config: ConfigMetrics,
+}
+
+/// `bearer_proxy_config_*`: reloads and the configuration in force.
+struct ConfigMetrics {
+    reloads: [IntCounter; ReloadResult::COUNT],
+    last_success: prometheus::Gauge,
+    info: IntGaugeVec,
+}
+
+impl ConfigMetrics {
+    fn new(r: &Registry) -> Self {
+        let reloads = counter_vec(
+            r,
+            "bearer_proxy_config_reloads_total",
+            "Configuration reloads (SIGHUP, POST /-/reload, file watch), by result: ok (in \
+             force) or invalid (refused, the running configuration stays).",
+            &["result"],
+        );
+        Self {
+            reloads: ReloadResult::ALL.map(|k| reloads.with_label_values(&[k.as_str()])),
+            last_success: register(
+                r,
+                prometheus::Gauge::new(
+                    "bearer_proxy_config_last_reload_success_timestamp_seconds",
+                    "When the configuration in force was loaded (at start or by the last \
+                     successful reload), in seconds since the Unix epoch.",
+                ),
+            ),
+            info: register(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "bearer_proxy_config_info",
+                        "The configuration in force, by the first 16 hex digits of the SHA-256 \
+                         of its file; always 1.",
+                    ),
+                    &["hash"],
+                ),
+            ),
+        }
+    }
 }
 
 /// Reads a client certificate's subject and expiry (Unix seconds) as they are now: a rotation on
@@ -544,6 +597,7 @@ impl Metrics {
                 ),
             ),
             tls_accept_errors,
+            config: ConfigMetrics::new(&r),
             build_info,
             registry: r,
             store_errors,
@@ -552,22 +606,56 @@ impl Metrics {
         Arc::new(m)
     }
 
+    /// Counts a configuration reload; an `ok` one also records `hash` and `loaded_at` (Unix
+    /// seconds) as the configuration in force (so does the start, with `result` `None`).
+    pub fn config_loaded(&self, result: Option<ReloadResult>, hash: Option<&str>, loaded_at: f64) {
+        if let Some(r) = result {
+            self.config.reloads[r as usize].inc();
+        }
+        if let Some(hash) = hash {
+            self.config.info.reset();
+            self.config.info.with_label_values(&[hash]).set(1);
+            self.config.last_success.set(loaded_at);
+        }
+    }
+
+    /// Stops showing the client certificates for which `keep(kind, name)` is false (a reload
+    /// removed their route or token).
+    pub fn retain_client_certificates(&self, keep: impl Fn(&str, &str) -> bool) {
+        let mut watched = self
+            .client_certificates
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        watched.retain(|w| {
+            let kept = keep(w.kind, &w.name);
+            if !kept {
+                let _ = self
+                    .client_cert_expiry
+                    .remove_label_values(&[w.kind, w.name.as_str()]);
+            }
+            kept
+        });
+    }
+
     /// Shows a client certificate (`kind` `token` or `route`) on the status page and in the
-    /// expiry gauge; `probe` is read at each scrape.
+    /// expiry gauge; `probe` is read at each scrape. Watching the same kind and name again
+    /// (after a reload) replaces the earlier probe.
     pub fn watch_client_certificate(
         &self,
         kind: &'static str,
         name: &str,
         probe: CertificateProbe,
     ) {
-        self.client_certificates
+        let mut watched = self
+            .client_certificates
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(WatchedCertificate {
-                kind,
-                name: name.to_owned(),
-                probe,
-            });
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        watched.retain(|w| !(w.kind == kind && w.name == name));
+        watched.push(WatchedCertificate {
+            kind,
+            name: name.to_owned(),
+            probe,
+        });
     }
 
     /// Every watched client certificate as it is now.
@@ -633,6 +721,14 @@ impl Metrics {
     /// Handles for one route's metrics (`route` is a route name, `unmatched` or `connect`).
     /// Call once per route at start-up: the handle is remembered for [`Metrics::routes`].
     pub fn route(&self, route: &str) -> RouteMetrics {
+        let mut routes = self
+            .routes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // A reload builds the routes again: the same name keeps its handle (and counts).
+        if let Some(existing) = routes.iter().find(|r| r.name() == route) {
+            return existing.clone();
+        }
         let handle = RouteMetrics {
             inner: Arc::new(RouteInner {
                 name: route.to_owned(),
@@ -645,10 +741,7 @@ impl Metrics {
                     .map(|k| self.replays.with_label_values(&[route, k.as_str()])),
             }),
         };
-        self.routes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(handle.clone());
+        routes.push(handle.clone());
         handle
     }
 

@@ -16,21 +16,34 @@ pub enum Signal {
     Terminate,
     /// SIGINT (Ctrl-C): the same as SIGTERM.
     Interrupt,
+    /// SIGHUP: reload the configuration file (not a stop; ignored once shutting down).
+    Hangup,
 }
 
-/// SIGTERM and SIGINT, delivered as [`Signal`]s. Must be called inside a tokio runtime; the
+impl Signal {
+    /// Whether this signal asks the process to stop.
+    pub fn stops(self) -> bool {
+        self != Self::Hangup
+    }
+}
+
+/// SIGTERM, SIGINT and SIGHUP, delivered as [`Signal`]s. Must be called inside a tokio runtime; the
 /// handlers stay installed for the life of the process.
 pub fn os_signals() -> std::io::Result<mpsc::Receiver<Signal>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    // A few queued signals are plenty: only the first two change anything.
+    // Installed before anything is served: SIGHUP's default action ends the process.
+    let mut hup = signal(SignalKind::hangup())?;
+    // A few queued signals are plenty: only the first two stops change anything, and a
+    // SIGHUP sent while the queue is full is one reload among several already queued.
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
         loop {
             let s = tokio::select! {
                 Some(()) = term.recv() => Signal::Terminate,
                 Some(()) = int.recv() => Signal::Interrupt,
+                Some(()) = hup.recv() => Signal::Hangup,
                 else => return,
             };
             if tx.send(s).await.is_err() {

@@ -60,6 +60,13 @@ pub fn load_with_env(
     path: &Path,
     env: Option<HashMap<String, String>>,
 ) -> Result<Config, ConfigErrors> {
+    let (text, format) = read(path)?;
+    from_str(&text, format, env)
+}
+
+/// The text of the file at `path` and its format (by extension), for [`from_str`]. A reload
+/// reads the text itself so that the hash it reports is of exactly what it parsed.
+pub fn read(path: &Path) -> Result<(String, config::FileFormat), ConfigErrors> {
     let format = match path.extension().and_then(|e| e.to_str()) {
         Some("toml") => config::FileFormat::Toml,
         Some("yaml" | "yml") => config::FileFormat::Yaml,
@@ -79,7 +86,7 @@ pub fn load_with_env(
             format!("cannot read {}: {e}", path.display()),
         )])
     })?;
-    from_str(&text, format, env)
+    Ok((text, format))
 }
 
 /// Parses a configuration document (plus environment overrides) and validates it.
@@ -110,6 +117,7 @@ fn from_tree(mut root: HashMap<String, config::Value>) -> Result<Config, ConfigE
     let proxy = section::<ProxyConfig>(root.remove("proxy"), "proxy", &mut errors);
     let admin = section::<AdminConfig>(root.remove("admin"), "admin", &mut errors);
     let log = section::<LogConfig>(root.remove("log"), "log", &mut errors);
+    let reload = section::<ReloadConfig>(root.remove("reload"), "reload", &mut errors);
 
     let mut tokens = BTreeMap::new();
     if let Some(value) = root.remove("tokens") {
@@ -161,6 +169,7 @@ fn from_tree(mut root: HashMap<String, config::Value>) -> Result<Config, ConfigE
         routes,
         subjects,
         redis,
+        reload: reload.unwrap_or_default(),
     };
     errors.extend(config.problems());
     if errors.is_empty() {

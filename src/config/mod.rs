@@ -21,7 +21,7 @@ pub use crate::subject::redis::config::RedisConfig;
 mod load;
 mod validate;
 
-pub use load::{ConfigError, ConfigErrors, from_str, load, load_with_env};
+pub use load::{ConfigError, ConfigErrors, from_str, load, load_with_env, read};
 pub use validate::{check_endpoint_url, is_loopback_host};
 
 /// Prefix of environment overrides (`BEARER_PROXY__PROXY__LISTEN=...`).
@@ -126,6 +126,8 @@ pub struct Config {
     /// `[redis]`: the store replicas share (issue #13). Present exactly when `[subjects]
     /// store = "redis"` or some token has `shared = true`.
     pub redis: Option<RedisConfig>,
+    /// `[reload]`: reloading the configuration file when it changes.
+    pub reload: ReloadConfig,
 }
 
 /// What to do with a request for a host no route names.
@@ -294,12 +296,51 @@ impl ProxyConfig {
 pub struct AdminConfig {
     /// Address of the admin server.
     pub listen: SocketAddr,
+    /// Answer `POST /-/reload` (reload the configuration file).
+    pub reload: bool,
 }
+
+/// Off: the admin port listens on all interfaces by default (the kubelet probes the pod IP), so
+/// anyone who can reach the pod could otherwise make it re-read its files. SIGHUP and
+/// `[reload] watch` need no network access.
+pub const DEFAULT_ADMIN_RELOAD: bool = false;
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: DEFAULT_ADMIN_LISTEN,
+            reload: DEFAULT_ADMIN_RELOAD,
+        }
+    }
+}
+
+// ---- [reload] defaults ----
+
+/// Off: a file watch is one more moving part (an inotify handle on the file's directory);
+/// operators who mount a ConfigMap and want edits applied turn it on.
+pub const DEFAULT_RELOAD_WATCH: bool = false;
+/// Kubernetes replaces a ConfigMap volume's content with a few renames and a symlink swap, and
+/// editors write a file in several steps: changes are collected until the directory has been
+/// quiet this long, then the file is read once. Short enough to feel immediate.
+pub const DEFAULT_RELOAD_DEBOUNCE: Duration = Duration::from_millis(500);
+
+/// `[reload]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct ReloadConfig {
+    /// Reload when the configuration file changes (watching its directory, so a Kubernetes
+    /// `..data` symlink swap is seen).
+    pub watch: bool,
+    /// Quiet time after the last change in the directory before the file is read.
+    #[serde(with = "duration")]
+    pub debounce: Duration,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        Self {
+            watch: DEFAULT_RELOAD_WATCH,
+            debounce: DEFAULT_RELOAD_DEBOUNCE,
         }
     }
 }
@@ -762,6 +803,23 @@ mod tests {
         let named_revoke =
             MINIMAL.replace("grant_type", "revoke_url = \"https://x/r\"\ngrant_type");
         assert_eq!(problem_keys(&named_revoke), ["tokens.flinks.revoke_url"]);
+    }
+
+    #[test]
+    fn reload_triggers_are_off_by_default_and_the_debounce_is_bounded() {
+        let c = toml(MINIMAL).unwrap();
+        assert!(!c.admin.reload);
+        assert!(!c.reload.watch);
+        assert_eq!(c.reload.debounce, DEFAULT_RELOAD_DEBOUNCE);
+        let on = MINIMAL.to_owned() + "\n[admin]\nreload = true\n[reload]\nwatch = true\n";
+        let c = toml(&on).unwrap();
+        assert!(c.admin.reload && c.reload.watch);
+        for bad in ["0s", "61s"] {
+            let text = format!("{MINIMAL}\n[reload]\ndebounce = \"{bad}\"\n");
+            assert_eq!(problem_keys(&text), ["reload.debounce"], "{bad}");
+        }
+        let typo = MINIMAL.to_owned() + "\n[reload]\nwach = true\n";
+        assert_eq!(problem_keys(&typo), ["reload.wach"]);
     }
 
     #[test]

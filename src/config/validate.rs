@@ -6,6 +6,10 @@ use std::net::IpAddr;
 use super::*;
 use crate::subject::config::StoreKind;
 
+/// A longer quiet time would only delay a reload an operator is waiting for; a change that
+/// takes longer than this to write is a broken writer.
+const MAX_RELOAD_DEBOUNCE: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl Config {
     /// Checks everything serde cannot: references, ranges, URLs, combinations.
     /// Returns every problem found.
@@ -55,6 +59,16 @@ impl Config {
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             push("log.level".into(), format!("not a valid filter: {e}"));
+        }
+        let debounce = self.reload.debounce;
+        if debounce.is_zero() || debounce > MAX_RELOAD_DEBOUNCE {
+            push(
+                "reload.debounce".into(),
+                format!(
+                    "must be greater than zero and at most {}s",
+                    MAX_RELOAD_DEBOUNCE.as_secs()
+                ),
+            );
         }
 
         for (name, t) in &self.tokens {

@@ -151,7 +151,7 @@ impl Router {
 
     /// Where `req` would go.
     pub fn route<B>(&self, req: &Request<B>) -> Routing {
-        match self.0.inner.target(req) {
+        match self.0.current.load().target(req) {
             Ok(Target::Routed {
                 route,
                 origin,

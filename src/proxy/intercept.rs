@@ -17,6 +17,7 @@ use std::io;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::uri::{Authority, Scheme};
 use http::{Method, Request, Response, Uri};
@@ -224,16 +225,18 @@ impl Inner {
     /// such a cycle is `Send` across a named (boxed) type.
     pub(super) fn intercept(
         self: Arc<Self>,
+        current: Arc<ArcSwap<Inner>>,
         on_upgrade: OnUpgrade,
         host: Box<str>,
         port: u16,
         shutdown: Shutdown,
     ) -> TunnelFuture {
-        Box::pin(self.serve_intercepted(on_upgrade, host, port, shutdown))
+        Box::pin(self.serve_intercepted(current, on_upgrade, host, port, shutdown))
     }
 
     async fn serve_intercepted(
         self: Arc<Self>,
+        current: Arc<ArcSwap<Inner>>,
         on_upgrade: OnUpgrade,
         host: Box<str>,
         port: u16,
@@ -294,15 +297,20 @@ impl Inner {
             Some(a) => a,
             None => return,
         };
+        // The TLS session keeps the leaf it was made with; each request inside it loads the
+        // configuration in force, like a request on the proxy port.
         let shared = Arc::new(ConnShared {
-            inner: self.clone(),
+            current,
             tunnel: Mutex::new(None),
             shutdown: shutdown.clone(),
         });
         let service = hyper::service::service_fn(move |req| {
             let conn = shared.clone();
             let authority = authority.clone();
-            async move { Ok::<_, Infallible>(conn.inner.intercepted(req, &conn, authority).await) }
+            async move {
+                let inner = conn.current.load_full();
+                Ok::<_, Infallible>(inner.intercepted(req, &conn, authority).await)
+            }
         });
         let io = TokioIo::new(WireGuard::new(tls, self.wire.clone(), self.metrics.clone()));
         let conn = self.server.serve_connection(io, service);

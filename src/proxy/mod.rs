@@ -51,6 +51,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::{HeaderName, HeaderValue};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -107,21 +108,23 @@ pub enum ProxyBuildError {
     Intercept(#[from] crate::ca::CaError),
 }
 
-/// The forward proxy. Cheap to clone.
+/// The forward proxy. Cheap to clone; clones share the configuration [`Proxy::replace`] swaps.
 #[derive(Clone)]
 pub struct Proxy {
-    inner: Arc<Inner>,
+    /// The configuration in force. Each request loads it once, at its start, and uses that
+    /// copy to the end, so it sees the old or the new configuration of a reload, never a mix.
+    current: Arc<ArcSwap<Inner>>,
 }
 
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Proxy")
-            .field("routes", &self.inner.routes)
+            .field("routes", &self.current.load().routes)
             .finish_non_exhaustive()
     }
 }
 
-/// Everything resolved at start-up that the request path reads.
+/// Everything resolved from one configuration that the request path reads.
 pub(crate) struct Inner {
     /// Routes, with their tokens, upstreams and metric handles.
     routes: RouteTable,
@@ -165,6 +168,9 @@ pub(crate) struct Inner {
     /// `[proxy.intercept]`: the operator CA and its leaves; `None` refuses `CONNECT` to routed
     /// hosts.
     intercept: Option<intercept::Interceptor>,
+    /// Closed when this configuration is dropped, that is when no request uses it any more
+    /// (see [`Proxy::released`]).
+    in_use: tokio::sync::watch::Sender<()>,
 }
 
 /// This process's `Via` pseudonym, `bearer-proxy-<8 hex digits>`: random per process so that a
@@ -272,7 +278,7 @@ impl Proxy {
             .half_close(true)
             .keep_alive(true);
         Ok(Self {
-            inner: Arc::new(Inner {
+            current: Arc::new(ArcSwap::from_pointee(Inner {
                 subject_header: subjects.map(|s| s.header().clone()),
                 unmatched_metrics: metrics.route("unmatched"),
                 connect_metrics: metrics.route("connect"),
@@ -297,16 +303,38 @@ impl Proxy {
                 server,
                 intercept,
                 metrics,
-            }),
+                in_use: tokio::sync::watch::Sender::new(()),
+            })),
         })
+    }
+
+    /// Puts `next`'s configuration in force for every request that starts from now on (on
+    /// every connection, old and new); requests already running finish with the one they
+    /// started with. Connection settings (`max_connections`, hyper's settings, the wire
+    /// limits) are read when a connection is accepted.
+    pub fn replace(&self, next: &Proxy) {
+        self.current.store(next.current.load_full());
+    }
+
+    /// Resolves once no request uses the configuration in force now (after a [`replace`]
+    /// and the end of the requests that started before it), or at once if it is gone.
+    ///
+    /// [`replace`]: Proxy::replace
+    pub fn released(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.current.load().in_use.subscribe();
+        async move {
+            // Only the sender's drop ends this: it never sends.
+            while rx.changed().await.is_ok() {}
+        }
     }
 
     /// Serves until `shutdown` reaches Phase::Stopping (then stops accepting and drains
     /// in-flight connections gracefully, returning when they are done) or Phase::Terminated
     /// (return at once).
     pub async fn serve(self, listener: TcpListener, shutdown: Shutdown) {
-        let inner = self.inner;
-        let slots = Arc::new(Semaphore::new(inner.max_connections));
+        let current = self.current;
+        // Fixed for the life of the listener (a reload reports it as needing a restart).
+        let slots = Arc::new(Semaphore::new(current.load().max_connections));
         let graceful = GracefulShutdown::new();
         let mut tasks = JoinSet::new();
         {
@@ -336,7 +364,14 @@ impl Proxy {
                     }
                     stream = accept(&listener, "proxy") => stream,
                 };
-                tasks.spawn(inner.connection(stream, permit, &graceful, shutdown.clone()));
+                let inner = current.load_full();
+                tasks.spawn(inner.connection(
+                    &current,
+                    stream,
+                    permit,
+                    &graceful,
+                    shutdown.clone(),
+                ));
             }
         }
         drop(listener);
@@ -376,8 +411,8 @@ type TunnelFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// What one client connection's requests share.
 pub(crate) struct ConnShared {
-    /// The proxy.
-    inner: Arc<Inner>,
+    /// The proxy's configuration in force; each request loads it once.
+    current: Arc<ArcSwap<Inner>>,
     /// A tunnel to run once hyper hands over the socket (after a successful `CONNECT`).
     tunnel: Mutex<Option<TunnelFuture>>,
     /// The server's phases, for an intercepted connection to drain at `Stopping`.
@@ -418,6 +453,7 @@ impl Inner {
     /// The task serving one client connection (and its tunnel, if it becomes one).
     fn connection(
         self: &Arc<Self>,
+        current: &Arc<ArcSwap<Inner>>,
         stream: TcpStream,
         permit: OwnedSemaphorePermit,
         graceful: &GracefulShutdown,
@@ -430,14 +466,18 @@ impl Inner {
             gauge: self.metrics.open_connections.clone(),
         };
         let shared = Arc::new(ConnShared {
-            inner: self.clone(),
+            current: current.clone(),
             tunnel: Mutex::new(None),
             shutdown: shutdown.clone(),
         });
         let for_service = shared.clone();
         let service = hyper::service::service_fn(move |req| {
             let conn = for_service.clone();
-            async move { Ok::<_, Infallible>(conn.inner.handle(req, &conn).await) }
+            async move {
+                // The one configuration load of this request.
+                let inner = conn.current.load_full();
+                Ok::<_, Infallible>(inner.handle(req, &conn).await)
+            }
         });
         // Set when an answer was cut short, so the socket closes with a reset.
         let cut = Arc::new(AtomicBool::new(false));

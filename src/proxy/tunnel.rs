@@ -96,7 +96,8 @@ impl Inner {
                 tracing::debug!(route = &*route.label, "CONNECT intercepted");
                 let host: Box<str> = normalise(host).to_ascii_lowercase().into();
                 let on_upgrade = hyper::upgrade::on(req);
-                conn.set_tunnel(conn.inner.clone().intercept(
+                conn.set_tunnel(conn.current.load_full().intercept(
+                    conn.current.clone(),
                     on_upgrade,
                     host,
                     port,

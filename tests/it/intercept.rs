@@ -651,3 +651,56 @@ async fn an_idle_intercepted_connection_closes_when_the_proxy_stops() {
         .unwrap();
     assert!(after.is_err(), "the connection was closed: {after:?}");
 }
+
+/// Issue #14 closing a gap of #15: the operator CA is rotated in place (same files, new
+/// contents, as a renewed Kubernetes Secret is) and the configuration reloaded; from then on
+/// a client trusting only the new CA connects, and one trusting only the old no longer does.
+#[tokio::test]
+async fn after_a_ca_rotation_and_a_reload_a_client_trusting_only_the_new_ca_connects() {
+    let (old, new) = (OperatorCa::new(), OperatorCa::new());
+    let (url, _) = issuer(bearer_proxy::issuer::IssuerOptions::default()).await;
+    never_log("demo-secret");
+    let b = fixture(HOST)
+        .proxy(&format!(
+            "listen = \"127.0.0.1:0\"\n{}[admin]\nlisten = \"127.0.0.1:0\"\n",
+            old.toml()
+        ))
+        .token(&format!(
+            "token_url = \"{url}\"\nclient_secret = \"demo-secret\"\n"
+        ));
+    let upstream = b.tls_upstream(|_, _| Reply::ok("rotated")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, b.toml(&upstream.url(true))).unwrap();
+    let config = bearer_proxy::config::load(&path).unwrap();
+    let server = bearer_proxy::Server::start_from(config, &path)
+        .await
+        .unwrap();
+    let proxy = server.proxy_addr();
+    // Before the rotation a client trusting only the new CA is refused (so the check below
+    // can fail).
+    let s = tunnel(proxy, &format!("{HOST}:443")).await;
+    assert!(tls(s, &new.cert(), HOST).await.is_err());
+
+    // Rotate in place: the old CA's files now hold the new CA.
+    let (old_cert, new_cert) = (old.cert(), new.cert());
+    std::fs::copy(&old_cert, old_copy(&old)).unwrap();
+    std::fs::copy(&new_cert, &old_cert).unwrap();
+    std::fs::copy(new.key(), old.key()).unwrap();
+    let outcome = server.reload().await;
+    assert!(outcome.is_ok(), "{:?}", outcome.problems);
+
+    let s = tunnel(proxy, &format!("{HOST}:443")).await;
+    let mut client = http(tls(s, &new_cert, HOST).await.unwrap()).await;
+    let (status, _, body) = send(&mut client, get("/x", HOST)).await;
+    assert_eq!(status, 200);
+    assert_eq!(&body[..], b"rotated");
+    let s = tunnel(proxy, &format!("{HOST}:443")).await;
+    // The old certificate is gone from disk; a client holding a copy of it is refused.
+    assert!(tls(s, &old_copy(&old), HOST).await.is_err());
+}
+
+/// A copy of the CA certificate `ca` was made with, kept before a rotation overwrites it.
+fn old_copy(ca: &OperatorCa) -> PathBuf {
+    ca.dir.path().join("ca.crt.before-rotation")
+}

@@ -39,6 +39,10 @@ mod intercept;
 // limits, tunnels, streaming, replay, shutdown.
 mod proxy;
 
+// Configuration reload (issue #14): steady load through route, header, token and log level
+// changes, an invalid file, the admin trigger, the watch on a `..data` symlink swap, SIGHUP.
+mod reload;
+
 // The Redis store against a real redis-server: crash and AOF restart, racing connections, TLS,
 // passwords, Redis gone and back, leases, shared access-token slots, tampering.
 mod redis;

@@ -105,6 +105,11 @@ impl Child {
         assert!(ok);
     }
 
+    /// What the process has written to stderr so far (it may still be running).
+    pub fn logs_so_far(&self) -> String {
+        self.logs.lock().unwrap().clone()
+    }
+
     /// Everything the process wrote to stderr. Call after it exited: this waits (bounded) for
     /// the collecting task to reach EOF, so the last lines are not lost to a race with `wait()`.
     pub async fn logs(&mut self) -> String {
