@@ -13,7 +13,8 @@
 //! - [`proxy`]: the forward proxy: routing, token injection, TLS origination, streaming.
 //! - [`admin`]: the admin port (`/metrics`, `/livez`, `/readyz`, `/status`).
 //! - `tls`: trust roots (and a client identity) for outbound TLS; [`identity`]: client certificates for mutual TLS.
-//! - `ca`: the operator CA of HTTPS interception (`[proxy.intercept]`, `ca init`, `ca bundle`).
+//! - `ca`: the operator CA of HTTPS interception (`[proxy.intercept]`, `ca init`, `ca bundle`);
+//!   `truststore`: the PKCS#12 truststore `ca bundle --pkcs12` writes for Java.
 //! - [`shutdown`]: OS signals and the phases of a graceful stop.
 //! - `time`: wall-clock time as text (RFC 3339) and as seconds since the Unix epoch.
 //! - `logging`: the tracing subscriber.
@@ -55,6 +56,7 @@ pub mod subject;
 mod time;
 mod tls;
 pub mod token;
+mod truststore;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
