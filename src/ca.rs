@@ -89,12 +89,9 @@ pub enum CaError {
          system bundle): a bundle of only the operator CA would break the app's other HTTPS calls"
     )]
     NoSystemRoots,
-    /// `ca bundle --pkcs12` was given an empty password.
-    #[error(
-        "the truststore password is empty: Java would not check the file's integrity (pass \
-         --password-file or --password)"
-    )]
-    EmptyPassword,
+    /// `ca bundle --pkcs12` was given a password Java cannot use.
+    #[error("unusable truststore password: {0}")]
+    Password(&'static str),
     /// `ca init` would overwrite a file.
     #[error("{0} already exists; remove it or choose another --out directory")]
     Exists(PathBuf),
@@ -361,6 +358,23 @@ pub fn bundle(ca_path: &Path) -> Result<String, CaError> {
     Ok(out)
 }
 
+/// Java derives the MAC key of a PKCS#12 file only from a printable-ASCII password (its
+/// `PBEKey` refuses anything else with "Password is not ASCII"), and skips the integrity check
+/// altogether without one.
+fn check_truststore_password(password: &str) -> Result<(), CaError> {
+    if password.is_empty() {
+        return Err(CaError::Password(
+            "it is empty (Java would not check the file's integrity)",
+        ));
+    }
+    if !password.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+        return Err(CaError::Password(
+            "Java accepts only printable ASCII characters in a PKCS#12 password",
+        ));
+    }
+    Ok(())
+}
+
 /// The alias of the operator CA in a PKCS#12 truststore (`-2`, `-3`… for further certificates
 /// in the CA file); `keytool -list` shows it.
 pub const TRUSTSTORE_CA_ALIAS: &str = "bearer-proxy-operator-ca";
@@ -385,9 +399,7 @@ pub fn bundle_pkcs12(
     out: &Path,
     password: &crate::secret::Secret,
 ) -> Result<Pkcs12Written, CaError> {
-    if password.is_empty() {
-        return Err(CaError::EmptyPassword);
-    }
+    check_truststore_password(password.expose())?;
     let certs = bundle_certs(ca_path)?;
     let mut entries: Vec<crate::truststore::TrustedCert<'_>> = certs
         .system
@@ -510,6 +522,42 @@ mod tests {
         assert!(ca_x.name_constraints().unwrap().is_some());
         // Never overwrites.
         assert!(matches!(init(dir.path(), &[]), Err(CaError::Exists(_))));
+    }
+
+    #[test]
+    fn bundle_pkcs12_writes_the_roots_and_the_ca_and_refuses_passwords_java_cannot_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, _) = init(&dir.path().join("ca"), &[]).unwrap();
+        let out = dir.path().join("truststore.p12");
+        std::fs::write(&out, "an older truststore").unwrap();
+        let written = bundle_pkcs12(&c, &out, &crate::secret::Secret::new("changeit")).unwrap();
+        assert_eq!(written.operator, 1);
+        assert!(written.system_roots > 0);
+        let file = std::fs::read(&out).unwrap();
+        // The CA's certificate is inside, as DER, after every system root.
+        let ca_pem = std::fs::read(&c).unwrap();
+        let ca_der = rustls_pemfile::certs(&mut ca_pem.as_slice())
+            .next()
+            .unwrap()
+            .unwrap();
+        let at = file
+            .windows(ca_der.len())
+            .position(|w| w == ca_der.as_ref())
+            .expect("the operator CA is in the truststore");
+        assert!(at > file.len() / 2, "the operator CA comes last");
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(
+            std::fs::metadata(&out).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+        // No temporary file is left beside it.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+        for bad in ["", "pässword", "tab\there"] {
+            let e = bundle_pkcs12(&c, &out, &crate::secret::Secret::new(bad)).unwrap_err();
+            assert!(matches!(e, CaError::Password(_)), "{bad:?}: {e}");
+        }
+        // A refused password leaves the file it would have replaced as it was.
+        assert_eq!(std::fs::read(&out).unwrap(), file);
     }
 
     #[test]
