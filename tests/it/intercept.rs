@@ -598,7 +598,7 @@ async fn java_httpclient_with_a_truststore_made_by_keytool() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    let out = java_client(dir, f.proxy.addr, &store, "changeit", None).await;
+    let out = java_client(dir, f.proxy.addr, &store, Some("changeit"), None).await;
     assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "200 java\n200 java\n");
     for r in f.upstream().requests() {
@@ -612,7 +612,7 @@ async fn java_client(
     dir: &Path,
     proxy: SocketAddr,
     store: &Path,
-    password: &str,
+    password: Option<&str>,
     store_type: Option<&str>,
 ) -> std::process::Output {
     let source = dir.join("Main.java");
@@ -633,8 +633,10 @@ async fn java_client(
     )
     .unwrap();
     let mut cmd = tokio::process::Command::new("java");
-    cmd.arg(format!("-Djavax.net.ssl.trustStore={}", store.display()))
-        .arg(format!("-Djavax.net.ssl.trustStorePassword={password}"));
+    cmd.arg(format!("-Djavax.net.ssl.trustStore={}", store.display()));
+    if let Some(p) = password {
+        cmd.arg(format!("-Djavax.net.ssl.trustStorePassword={p}"));
+    }
     if let Some(t) = store_type {
         cmd.arg(format!("-Djavax.net.ssl.trustStoreType={t}"));
     }
@@ -712,11 +714,26 @@ async fn java_httpclient_trusting_only_the_pkcs12_truststore_from_ca_bundle() {
     );
     assert!(!list("not-the-password").status.success());
 
-    let out = java_client(dir, f.proxy.addr, &store, password, Some("PKCS12")).await;
+    let out = java_client(dir, f.proxy.addr, &store, Some(password), Some("PKCS12")).await;
     assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "200 java\n200 java\n");
+    // Without trustStorePassword (as deploy/'s JAVA_TOOL_OPTIONS, which the JVM echoes to
+    // stderr): Java reads the trusted certificates without checking the MAC.
+    let out = java_client(dir, f.proxy.addr, &store, None, Some("PKCS12")).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200 java\n200 java\n");
+    // A wrong one fails the integrity check: the MAC is real.
+    let out = java_client(
+        dir,
+        f.proxy.addr,
+        &store,
+        Some("wrong-password"),
+        Some("PKCS12"),
+    )
+    .await;
+    assert!(!out.status.success(), "{out:?}");
     let requests = f.upstream().requests();
-    assert_eq!(requests.len(), 2);
+    assert_eq!(requests.len(), 4);
     for r in requests {
         assert_eq!(r.all("authorization"), ["Bearer tok-1"]);
     }
