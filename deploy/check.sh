@@ -5,8 +5,10 @@
 #   1. lint: hadolint on deploy/Dockerfile, shellcheck on the scripts
 #   2. copies in sync: the kustomize config files equal config/*, generated files are current;
 #      the overlays name the image tag deploy/image.sh builds (the Cargo.toml version)
-#   3. render every kustomization (base, overlays/sidecar, overlays/gateway, monitoring)
-#   4. schemas: built-in kinds with kubernetes-validate (strict), Prometheus Operator kinds with
+#   3. render every kustomization (base, overlays/sidecar, overlays/gateway,
+#      overlays/data-recipient, overlays/sidecar-https, monitoring)
+#   4. schemas: built-in kinds with kubernetes-validate (strict), Prometheus Operator kinds and
+#      trust-manager's Bundle (overlays/sidecar-https/trust-bundle.yaml, applied on its own) with
 #      deploy/validate.py's own schemas; cross-references (selectors, ports, names)
 #   5. promtool: check rules.yaml and the PrometheusRule's extracted spec; unit-test the alerts
 #   6. metric names in the rules and the dashboard exist in src/metrics.rs; the dashboard's
@@ -69,7 +71,8 @@ python3 $mon/generate.py --check
 echo "ok"
 
 step "render kustomizations"
-for dir in base overlays/sidecar overlays/gateway overlays/data-recipient monitoring; do
+for dir in base overlays/sidecar overlays/gateway overlays/data-recipient overlays/sidecar-https \
+  monitoring; do
   out="$tmp/$(basename "$dir").yaml"
   "${kustomize[@]}" "$k8s/$dir" >"$out"
   printf '%-20s %s objects\n' "$dir" "$(grep -c '^kind:' "$out")"
@@ -79,7 +82,8 @@ step "schemas and cross-references (Kubernetes $KUBE_VERSION)"
 mkdir "$tmp/rules"
 # base is a part of each overlay; validate the overlays and monitoring, which are applied.
 python3 deploy/validate.py manifests --kube-version "$KUBE_VERSION" --rules-dir "$tmp/rules" \
-  "$tmp/sidecar.yaml" "$tmp/gateway.yaml" "$tmp/data-recipient.yaml" "$tmp/monitoring.yaml"
+  "$tmp/sidecar.yaml" "$tmp/gateway.yaml" "$tmp/data-recipient.yaml" "$tmp/sidecar-https.yaml" \
+  $k8s/overlays/sidecar-https/trust-bundle.yaml "$tmp/monitoring.yaml"
 
 step "promtool check rules"
 promtool check rules $mon/rules.yaml "$tmp"/rules/*.rules.yaml
