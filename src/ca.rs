@@ -524,6 +524,57 @@ mod tests {
         assert!(matches!(init(dir.path(), &[]), Err(CaError::Exists(_))));
     }
 
+    /// What `--name-constraint` is for: a client (rustls's WebPKI verifier, as any rustls app
+    /// uses) accepts a leaf for a permitted name and refuses one for any other name, even though
+    /// the operator CA's key signed both (as a thief of the key would).
+    #[test]
+    fn a_name_constrained_ca_cannot_vouch_for_other_domains() {
+        use rustls::client::danger::ServerCertVerifier as _;
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k) = init(dir.path(), &["ob.example.com".into(), "*.wild.test".into()]).unwrap();
+        let ca = Ca::load(&c, &k).unwrap();
+        let pem = std::fs::read(&c).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(
+                rustls_pemfile::certs(&mut pem.as_slice())
+                    .next()
+                    .unwrap()
+                    .unwrap(),
+            )
+            .unwrap();
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .unwrap();
+        let verify = |host: &str| {
+            let leaf = ca.leaf(host, Duration::from_secs(3600)).unwrap();
+            verifier.verify_server_cert(
+                &leaf.cert[0],
+                &[],
+                &rustls::pki_types::ServerName::try_from(host.to_owned()).unwrap(),
+                &[],
+                rustls::pki_types::UnixTime::now(),
+            )
+        };
+        verify("ob.example.com").unwrap();
+        verify("api.wild.test").unwrap();
+        for other in [
+            "bank.example",
+            "example.com",
+            "ob.example.com.evil.test",
+            "wild.test.evil",
+        ] {
+            let e = verify(other).unwrap_err();
+            assert!(
+                format!("{e:?}").contains("NameConstraint"),
+                "{other}: {e:?}"
+            );
+        }
+    }
+
     #[test]
     fn bundle_pkcs12_writes_the_roots_and_the_ca_and_refuses_passwords_java_cannot_use() {
         let dir = tempfile::tempdir().unwrap();
