@@ -377,9 +377,10 @@ EOF
   wait_listen "$port" "$name"
 }
 # A socat relay on the load core: PORT -> TARGET (a socat address, e.g. TCP:127.0.0.1:N, or
-# PROXY:127.0.0.1:host:443,proxyport=N to send CONNECT first). One process per connection.
+# PROXY:127.0.0.1:host:443,proxyport=N to send CONNECT first). One process per connection;
+# TCP_NODELAY on both sides (without it a 16 KiB answer meets Nagle + delayed ACK: 40 ms each).
 relay() {  # NAME PORT TARGET
-  start "$1" "$LOAD_CPU" socat "TCP-LISTEN:$2,bind=127.0.0.1,fork,reuseaddr,backlog=4096" "$3"
+  start "$1" "$LOAD_CPU" socat "TCP-LISTEN:$2,bind=127.0.0.1,fork,reuseaddr,backlog=4096,nodelay" "$3,nodelay"
   wait_listen "$2" "$1"
 }
 add() { MODE[$1]=$2; PORT[$1]=$3; URLSCHEME[$1]=${4:-http}; }
