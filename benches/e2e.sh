@@ -32,11 +32,21 @@
 #   tls       the upstream listens with TLS (certificate from a throwaway CA made by openssl);
 #             bearer-proxy trusts the CA via proxy.ca_file, nginx and HAProxy verify it too and
 #             keep TLS connections alive; direct-tls is wrk over TLS.
+#   intercept (not in the default set) the cost of terminating the client's TLS: the app talks
+#             HTTPS with keep-alive; the upstream is the plain-HTTP one, so only the client leg
+#             differs. bp-icpt is bearer-proxy with [proxy.intercept] (a CA from `ca init`): the
+#             client sends CONNECT api.bench.test:443 and then TLS inside it; nginx-tlsterm is
+#             nginx terminating TLS itself (an ECDSA P-256 certificate, as bearer-proxy's
+#             leaves) with the static header; bp-plain is plain forward mode, for the baseline.
+#             wrk cannot send CONNECT, so every candidate is reached through a socat relay on
+#             the load core (socat's PROXY address sends the CONNECT for bp-icpt; plain TCP
+#             relays for the other two), which keeps the client side identical; the relays'
+#             CPU is not the proxy's. Needs socat.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 ROUNDS=5 DURATION=10 WARMUP=2 CONNS="64 1" SIZES="small 16k" SCENARIOS="main rotation tls"
-ROT_ROUNDS="" TLS_ROUNDS="" OUT="" BUILD=1 WAIT_IDLE=0
+ROT_ROUNDS="" TLS_ROUNDS="" ICPT_ROUNDS="" OUT="" BUILD=1 WAIT_IDLE=0
 LOAD_CPU=${LOAD_CPU:-0} PROXY_CPU=${PROXY_CPU:-1} NICE=${NICE:--15}
 TOKEN=${TOKEN:-e2e-6b1d0c7a93f24e58a1}
 P=${BASE_PORT:-29100}   # every port is P + a fixed offset
@@ -47,11 +57,12 @@ Options:
                      order rotated every round)
   --rot-rounds N     rounds for the rotation scenario (default: --rounds)
   --tls-rounds N     rounds for the TLS scenario (default: --rounds)
+  --icpt-rounds N    rounds for the intercept scenario (default: --rounds)
   --duration S       seconds per wrk run (default $DURATION)
   --warmup S         one unrecorded run per candidate first (default $WARMUP; 0 = none)
   --conns "A B"      wrk connection counts (default "$CONNS")
   --sizes "a b"      response bodies: small (12 bytes), 16k (16 KiB) (default "$SIZES")
-  --scenarios "..."  main rotation tls (default "$SCENARIOS")
+  --scenarios "..."  main rotation tls intercept (default "$SCENARIOS")
   --out DIR          results (default /tmp/bp-e2e.<time>)
   --no-build         use the existing target/release/bearer-proxy
   --wait-idle MIN    wait up to MIN minutes for load average < 0.5 before starting
@@ -64,6 +75,7 @@ while (($#)); do
     --rounds) ROUNDS=$2; shift 2;;
     --rot-rounds) ROT_ROUNDS=$2; shift 2;;
     --tls-rounds) TLS_ROUNDS=$2; shift 2;;
+    --icpt-rounds) ICPT_ROUNDS=$2; shift 2;;
     --duration) DURATION=$2; shift 2;;
     --warmup) WARMUP=$2; shift 2;;
     --conns) CONNS=$2; shift 2;;
@@ -77,13 +89,16 @@ while (($#)); do
     *) echo "unknown option $1 (see --help)" >&2; exit 2;;
   esac
 done
-ROT_ROUNDS=${ROT_ROUNDS:-$ROUNDS} TLS_ROUNDS=${TLS_ROUNDS:-$ROUNDS}
+ROT_ROUNDS=${ROT_ROUNDS:-$ROUNDS} TLS_ROUNDS=${TLS_ROUNDS:-$ROUNDS} ICPT_ROUNDS=${ICPT_ROUNDS:-$ROUNDS}
 
 say() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 for t in nginx haproxy wrk curl openssl taskset setsid; do
   command -v $t >/dev/null || die "$t is missing (apt-get install nginx haproxy wrk curl openssl)"
 done
+if [[ " $SCENARIOS " == *" intercept "* ]] && ! command -v socat >/dev/null; then
+  die "socat is missing (apt-get install socat): the intercept scenario needs it"
+fi
 
 # Ports.
 UP=$((P + 0)) STUB=$((P + 1)) UP_ROT=$((P + 2)) UP_TLS=$((P + 3)) UP_STEADY=$((P + 4))
@@ -335,6 +350,39 @@ EOF
   start "$name" "$PROXY_CPU" haproxy -db -f "$W/cfg/$name.cfg"
   wait_listen "$port" "$name"
 }
+# nginx terminating the client's TLS (ECDSA P-256 certificate for api.bench.test, TLS 1.3 and
+# 1.2 as bearer-proxy offers), static header, plain-HTTP upstream with a keepalive pool.
+nginx_tls_term() {  # NAME PORT UPSTREAM_PORT
+  local name=$1 port=$2 uport=$3
+  cat >"$W/cfg/$name.conf" <<EOF
+${NGINX_COMMON//ERRLOG/$name.err}
+pid $W/$name.pid;
+http {
+  $NGINX_HTTP
+  upstream api { server 127.0.0.1:$uport; keepalive 128; keepalive_requests 1000000000; keepalive_timeout 600s; }
+  server {
+    listen 127.0.0.1:$port ssl backlog=4096;
+    ssl_certificate $W/term.pem; ssl_certificate_key $W/term.key;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    location / {
+      proxy_pass http://api;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer $TOKEN";
+    }
+  }
+}
+EOF
+  start "$name" "$PROXY_CPU" nginx -p "$W" -e "$W/$name.err" -c "$W/cfg/$name.conf"
+  wait_listen "$port" "$name"
+}
+# A socat relay on the load core: PORT -> TARGET (a socat address, e.g. TCP:127.0.0.1:N, or
+# PROXY:127.0.0.1:host:443,proxyport=N to send CONNECT first). One process per connection;
+# TCP_NODELAY on both sides (without it a 16 KiB answer meets Nagle + delayed ACK: 40 ms each).
+relay() {  # NAME PORT TARGET
+  start "$1" "$LOAD_CPU" socat "TCP-LISTEN:$2,bind=127.0.0.1,fork,reuseaddr,backlog=4096,nodelay" "$3,nodelay"
+  wait_listen "$2" "$1"
+}
 add() { MODE[$1]=$2; PORT[$1]=$3; URLSCHEME[$1]=${4:-http}; }
 
 # ------------------------------------------------------------------ wrk
@@ -367,7 +415,7 @@ measure() {  # SCENARIO ROUND CANDIDATE SIZE CONNS SECS
   local sc=$1 round=$2 c=$3 size=$4 conns=$5 secs=$6 url script log
   case ${MODE[$c]} in
     direct) url=${URLSCHEME[$c]}://127.0.0.1:${PORT[$c]}/$size;;
-    *) url=http://127.0.0.1:${PORT[$c]}/;;
+    *) url=${URLSCHEME[$c]}://127.0.0.1:${PORT[$c]}/;;
   esac
   script=$(lua "${MODE[$c]}" "$size")
   log=$OUT/wrk/$sc-$round-$c-$size-c$conns.log
@@ -419,7 +467,7 @@ preflight() {  # CANDIDATE
     case ${MODE[$c]} in
       direct) got=$(curl -sk -o /dev/null -w '%{http_code} %{size_download}' -H "Authorization: Bearer $TOKEN" "${URLSCHEME[$c]}://127.0.0.1:${PORT[$c]}/$s");;
       fwd) got=$(curl -s -o /dev/null -w '%{http_code} %{size_download}' -x "http://127.0.0.1:${PORT[$c]}" "http://api.bench.test/$s");;
-      rev) got=$(curl -s -o /dev/null -w '%{http_code} %{size_download}' -H "Host: api.bench.test" "http://127.0.0.1:${PORT[$c]}/$s");;
+      rev) got=$(curl -sk -o /dev/null -w '%{http_code} %{size_download}' -H "Host: api.bench.test" "${URLSCHEME[$c]}://127.0.0.1:${PORT[$c]}/$s");;
     esac
     [[ $got == "200 ${BYTES[$s]}" ]] || die "preflight: $c /$s gave '$got'"
   done
@@ -468,7 +516,7 @@ finish() {  # CANDIDATE LIFETIME REFRESH_MIN REFRESH_MAX: record RSS and token c
   echo "haproxy: $(haproxy -v | head -1)"; echo "wrk: $(wrk -v 2>&1 | head -1)"
   echo "bearer-proxy: $(cd "$ROOT" && git rev-parse --short HEAD)$(cd "$ROOT" && git diff --quiet || echo +dirty)"
   echo "pinning: wrk + upstream + issuers on CPU $LOAD_CPU, proxy under test on CPU $PROXY_CPU, nice $NICE"
-  echo "args: rounds=$ROUNDS rot_rounds=$ROT_ROUNDS tls_rounds=$TLS_ROUNDS duration=${DURATION}s warmup=${WARMUP}s conns='$CONNS' sizes='$SIZES' scenarios='$SCENARIOS'"
+  echo "args: rounds=$ROUNDS rot_rounds=$ROT_ROUNDS tls_rounds=$TLS_ROUNDS icpt_rounds=$ICPT_ROUNDS duration=${DURATION}s warmup=${WARMUP}s conns='$CONNS' sizes='$SIZES' scenarios='$SCENARIOS'"
 } >"$OUT/env.txt"
 say "results in $OUT"
 
@@ -502,6 +550,36 @@ for sc in $SCENARIOS; do
       haproxy_proxy haproxy-tls $((P + 33)) https "$UP_TLS"; add haproxy-tls rev $((P + 33))
       run_scenario tls "$TLS_ROUNDS" direct-tls bp-tls nginx-tls haproxy-tls
       finish bp-tls 600 382 450; finish nginx-tls; finish haproxy-tls
+      ;;
+    intercept)
+      # The operator CA as an operator makes it; nginx gets a P-256 leaf from the same CA.
+      "$BIN" ca init --out "$W/icpt-ca" --name-constraint api.bench.test >/dev/null
+      openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=api.bench.test" \
+        -keyout "$W/term.key" -out "$W/term.csr" 2>/dev/null
+      printf 'subjectAltName=DNS:api.bench.test\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$W/term.ext"
+      openssl x509 -req -in "$W/term.csr" -CA "$W/icpt-ca/ca.crt" -CAkey "$W/icpt-ca/ca.key" \
+        -CAcreateserial -days 2 -extfile "$W/term.ext" -out "$W/term.pem" 2>/dev/null
+      chmod 644 "$W/term.pem" "$W/term.key"
+      bearer_proxy bp-plain $((P + 40)) $((P + 80)) "http://127.0.0.1:$UP" 600 fixed
+      STARTED_AT[bp-plain]=$SECONDS
+      bearer_proxy bp-icpt $((P + 41)) $((P + 81)) "http://127.0.0.1:$UP" 600 fixed \
+        "$(printf '[proxy.intercept]\nca_cert_file = "%s"\nca_key_file = "%s"' "$W/icpt-ca/ca.crt" "$W/icpt-ca/ca.key")"
+      STARTED_AT[bp-icpt]=$SECONDS
+      nginx_tls_term nginx-tlsterm $((P + 42)) "$UP"
+      # The interception is real: curl through CONNECT, verifying the leaf against the CA only.
+      got=$(curl -s -o /dev/null -w '%{http_code}' --proxy "http://127.0.0.1:$((P + 41))" \
+        --cacert "$W/icpt-ca/ca.crt" "https://api.bench.test/small")
+      [[ $got == 200 ]] || die "preflight: an intercepted request through bp-icpt gave '$got'"
+      got=$(curl -s -o /dev/null -w '%{http_code}' --cacert "$W/icpt-ca/ca.crt" \
+        --resolve "api.bench.test:$((P + 42)):127.0.0.1" "https://api.bench.test:$((P + 42))/small")
+      [[ $got == 200 ]] || die "preflight: nginx-tlsterm gave '$got'"
+      relay relay-plain $((P + 45)) "TCP:127.0.0.1:$((P + 40))"; add bp-plain fwd $((P + 45))
+      relay relay-icpt $((P + 46)) "PROXY:127.0.0.1:api.bench.test:443,proxyport=$((P + 41))"
+      add bp-icpt rev $((P + 46)) https
+      relay relay-tlsterm $((P + 47)) "TCP:127.0.0.1:$((P + 42))"; add nginx-tlsterm rev $((P + 47)) https
+      run_scenario intercept "$ICPT_ROUNDS" bp-plain bp-icpt nginx-tlsterm
+      finish bp-plain 600 382 450; finish bp-icpt 600 382 450; finish nginx-tlsterm
+      stop relay-plain; stop relay-icpt; stop relay-tlsterm
       ;;
     *) die "unknown scenario $sc";;
   esac

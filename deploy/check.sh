@@ -6,7 +6,8 @@
 #   2. copies in sync: the kustomize config files equal config/*, generated files are current;
 #      the overlays name the image tag deploy/image.sh builds (the Cargo.toml version)
 #   3. render every kustomization (base, the overlays, monitoring)
-#   4. schemas: built-in kinds with kubernetes-validate (strict), Prometheus Operator kinds with
+#   4. schemas: built-in kinds with kubernetes-validate (strict), Prometheus Operator kinds and
+#      trust-manager's Bundle (overlays/sidecar-https/trust-bundle.yaml, applied on its own) with
 #      deploy/validate.py's own schemas; cross-references (selectors, ports, names)
 #   5. promtool: check rules.yaml and the PrometheusRule's extracted spec; unit-test the alerts
 #   6. metric names in the rules and the dashboard exist in src/metrics.rs; the dashboard's
@@ -71,7 +72,7 @@ echo "ok"
 
 step "render kustomizations"
 for dir in base overlays/sidecar overlays/gateway overlays/gateway-redis \
-  overlays/gateway-managed-redis overlays/data-recipient monitoring; do
+  overlays/gateway-managed-redis overlays/data-recipient overlays/sidecar-https monitoring; do
   out="$tmp/$(basename "$dir").yaml"
   "${kustomize[@]}" "$k8s/$dir" >"$out"
   printf '%-32s %s objects\n' "$dir" "$(grep -c '^kind:' "$out")"
@@ -82,7 +83,8 @@ mkdir "$tmp/rules"
 # base is a part of each overlay; validate the overlays and monitoring, which are applied.
 python3 deploy/validate.py manifests --kube-version "$KUBE_VERSION" --rules-dir "$tmp/rules" \
   "$tmp/sidecar.yaml" "$tmp/gateway.yaml" "$tmp/gateway-redis.yaml" \
-  "$tmp/gateway-managed-redis.yaml" "$tmp/data-recipient.yaml" "$tmp/monitoring.yaml"
+  "$tmp/gateway-managed-redis.yaml" "$tmp/data-recipient.yaml" "$tmp/sidecar-https.yaml" \
+  $k8s/overlays/sidecar-https/trust-bundle.yaml "$tmp/monitoring.yaml"
 
 step "promtool check rules"
 promtool check rules $mon/rules.yaml "$tmp"/rules/*.rules.yaml

@@ -5,7 +5,7 @@ deploy/install-tools.sh installs).
   validate.py manifests --kube-version V --rules-dir DIR RENDERED.yaml...
       Every object rendered by kustomize: built-in kinds against the Kubernetes OpenAPI schemas
       of version V (kubernetes-validate, strict: unknown fields fail); Prometheus Operator kinds
-      against the small schemas below; then cross-references (selectors that select something,
+      and trust-manager's Bundle against the small schemas below; then cross-references (selectors that select something,
       ports, ConfigMaps and Secrets that exist). Each PrometheusRule's spec is written to
       DIR/<name>.rules.yaml for `promtool check rules`.
 
@@ -37,7 +37,8 @@ def ok(msg):
     print(f"  ok   {msg}")
 
 
-# ---- Prometheus Operator kinds: kubernetes-validate has no schemas for CRDs ----
+# ---- Prometheus Operator kinds (and trust-manager's Bundle): kubernetes-validate has no schemas
+# for CRDs ----
 # Written from the monitoring.coreos.com/v1 API reference, only for the fields these manifests
 # use (plus a few common ones); additionalProperties: false so that a misspelt field fails.
 # Extend them when you use another field.
@@ -76,6 +77,20 @@ ENDPOINT = {
 }
 
 
+KEY_REF = {
+    "type": "object",
+    "required": ["name", "key"],
+    "additionalProperties": False,
+    "properties": {"name": {"type": "string"}, "key": {"type": "string"}},
+}
+KEY_ONLY = {
+    "type": "object",
+    "required": ["key"],
+    "additionalProperties": False,
+    "properties": {"key": {"type": "string"}},
+}
+
+
 def metadata_schema():
     return {
         "type": "object",
@@ -89,13 +104,13 @@ def metadata_schema():
     }
 
 
-def crd_schema(spec):
+def crd_schema(spec, api_version="monitoring.coreos.com/v1"):
     return {
         "type": "object",
         "required": ["apiVersion", "kind", "metadata", "spec"],
         "additionalProperties": False,
         "properties": {
-            "apiVersion": {"const": "monitoring.coreos.com/v1"},
+            "apiVersion": {"const": api_version},
             "kind": {"type": "string"},
             "metadata": metadata_schema(),
             "spec": spec,
@@ -149,6 +164,51 @@ CRD_SCHEMAS = {
             },
         },
     }),
+    # cert-manager trust-manager's Bundle (overlays/sidecar-https/trust-bundle.yaml), from its
+    # trust.cert-manager.io/v1alpha1 API reference: cluster-scoped, so no namespace.
+    "Bundle": crd_schema({
+        "type": "object",
+        "required": ["sources", "target"],
+        "additionalProperties": False,
+        "properties": {
+            "sources": {
+                "type": "array",
+                "minItems": 1,
+                "items": {
+                    "type": "object",
+                    "minProperties": 1,
+                    "maxProperties": 1,
+                    "additionalProperties": False,
+                    "properties": {
+                        "useDefaultCAs": {"type": "boolean"},
+                        "inLine": {"type": "string"},
+                        "configMap": KEY_REF,
+                        "secret": KEY_REF,
+                    },
+                },
+            },
+            "target": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "configMap": KEY_ONLY,
+                    "secret": KEY_ONLY,
+                    "additionalFormats": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {"jks": KEY_ONLY, "pkcs12": KEY_ONLY},
+                    },
+                    "namespaceSelector": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+                        },
+                    },
+                },
+            },
+        },
+    }, api_version="trust.cert-manager.io/v1alpha1"),
 }
 
 
@@ -238,6 +298,23 @@ def cross_references(docs):
                     for pns, _, labels, spec in pods
                     if pns == ns and matches({"matchLabels": d["spec"]["selector"]}, labels)):
                 fail(f"Service {d['metadata']['name']}: targetPort {tp} is no container port")
+    for d in by_kind.get("Bundle", []):
+        # trust-manager writes a ConfigMap named after the Bundle: some pod must mount it, and
+        # the files it writes must be the ones that pod's environment names.
+        name, target = d["metadata"]["name"], d["spec"]["target"]
+        keys = [target.get("configMap", {}).get("key")] + [
+            f["key"] for f in target.get("additionalFormats", {}).values()]
+        users = [(pn, spec) for _, pn, _, spec in pods
+                 if any(v.get("configMap", {}).get("name") == name for v in spec.get("volumes", []))]
+        if not users:
+            fail(f"Bundle {name}: no pod mounts a ConfigMap {name}")
+        for pn, spec in users:
+            env = " ".join(e.get("value", "") for c in containers(spec) for e in c.get("env", []))
+            unused = [k for k in filter(None, keys) if not re.search(rf"/{re.escape(k)}\b", env)]
+            for k in unused:
+                fail(f"Bundle {name}: {pn} mounts it but no environment variable names {k}")
+            if not unused:
+                ok(f"Bundle {name}: {pn} mounts it and uses {', '.join(filter(None, keys))}")
     for kind in ("PodDisruptionBudget",):
         for d in by_kind.get(kind, []):
             selects_pods(kind, d, d["spec"]["selector"], d["metadata"].get("namespace"))

@@ -1,6 +1,7 @@
 //! The operator CA of HTTPS interception (`[proxy.intercept]`): loading and checking the pair
 //! ([`Ca::load`], used by `check` and at start), signing leaf certificates for routed hosts
-//! ([`Ca::leaf`]), and the operator commands `ca init` ([`init`]) and `ca bundle` ([`bundle`]).
+//! ([`Ca::leaf`]), and the operator commands `ca init` ([`init`]) and `ca bundle` ([`bundle`],
+//! and [`bundle_pkcs12`] for a Java truststore).
 //!
 //! The CA's private key never leaves this module: leaves get their own key, and nothing here
 //! logs or prints a key.
@@ -88,6 +89,9 @@ pub enum CaError {
          system bundle): a bundle of only the operator CA would break the app's other HTTPS calls"
     )]
     NoSystemRoots,
+    /// `ca bundle --pkcs12` was given a password Java cannot use.
+    #[error("unusable truststore password: {0}")]
+    Password(&'static str),
     /// `ca init` would overwrite a file.
     #[error("{0} already exists; remove it or choose another --out directory")]
     Exists(PathBuf),
@@ -304,35 +308,143 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CaError> {
     f.sync_all().map_err(io)
 }
 
-/// `ca bundle`: the system's root certificates followed by the operator CA, as one PEM text.
-/// Many runtimes replace their whole trust store with the file they are given
-/// (`SSL_CERT_FILE`, `REQUESTS_CA_BUNDLE`), so a file holding only the operator CA would break
-/// the app's calls to every other HTTPS host.
-pub fn bundle(ca_path: &Path) -> Result<String, CaError> {
+/// The certificates of a bundle: the system's roots (without any that is also in the CA file),
+/// then the operator CA's.
+struct BundleCerts {
+    /// The system's root certificates.
+    system: Vec<CertificateDer<'static>>,
+    /// The certificates of the operator CA file (normally one).
+    operator: Vec<CertificateDer<'static>>,
+}
+
+/// Reads the operator CA file and the system roots. Many runtimes replace their whole trust
+/// store with the file they are given (`SSL_CERT_FILE`, `REQUESTS_CA_BUNDLE`, a Java
+/// truststore), so a bundle of only the operator CA would break the app's calls to every other
+/// HTTPS host: no system roots is an error.
+fn bundle_certs(ca_path: &Path) -> Result<BundleCerts, CaError> {
     let ca_pem = read(ca_path)?;
     let bad = |reason: String| CaError::Certificate {
         path: ca_path.to_owned(),
         reason,
     };
-    let ca: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut ca_pem.as_slice())
+    let operator: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut ca_pem.as_slice())
         .collect::<Result<_, _>>()
         .map_err(|e| bad(e.to_string()))?;
-    if ca.is_empty() {
+    if operator.is_empty() {
         return Err(bad("no CERTIFICATE block".into()));
     }
-    let system = rustls_native_certs::load_native_certs().certs;
+    let system: Vec<_> = rustls_native_certs::load_native_certs()
+        .certs
+        .into_iter()
+        .filter(|d| !operator.contains(d))
+        .collect();
     if system.is_empty() {
         return Err(CaError::NoSystemRoots);
     }
+    Ok(BundleCerts { system, operator })
+}
+
+/// `ca bundle`: the system's root certificates followed by the operator CA, as one PEM text.
+pub fn bundle(ca_path: &Path) -> Result<String, CaError> {
+    let certs = bundle_certs(ca_path)?;
     let mut out = String::new();
-    for der in system.iter().filter(|d| !ca.contains(d)) {
+    for der in &certs.system {
         push_pem(&mut out, der);
     }
     out.push_str("# bearer-proxy operator CA\n");
-    for der in &ca {
+    for der in &certs.operator {
         push_pem(&mut out, der);
     }
     Ok(out)
+}
+
+/// Java derives the MAC key of a PKCS#12 file only from a printable-ASCII password (its
+/// `PBEKey` refuses anything else with "Password is not ASCII"), and skips the integrity check
+/// altogether without one.
+fn check_truststore_password(password: &str) -> Result<(), CaError> {
+    if password.is_empty() {
+        return Err(CaError::Password(
+            "it is empty (Java would not check the file's integrity)",
+        ));
+    }
+    if !password.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+        return Err(CaError::Password(
+            "Java accepts only printable ASCII characters in a PKCS#12 password",
+        ));
+    }
+    Ok(())
+}
+
+/// The alias of the operator CA in a PKCS#12 truststore (`-2`, `-3`… for further certificates
+/// in the CA file); `keytool -list` shows it.
+pub const TRUSTSTORE_CA_ALIAS: &str = "bearer-proxy-operator-ca";
+
+/// What `ca bundle --pkcs12` wrote.
+#[derive(Debug)]
+pub struct Pkcs12Written {
+    /// How many system roots the truststore holds.
+    pub system_roots: usize,
+    /// How many operator CA certificates it holds (normally one).
+    pub operator: usize,
+}
+
+/// `ca bundle --pkcs12 OUT`: the same certificates as [`bundle`] as a PKCS#12 truststore of
+/// trusted-certificate entries (system roots as `system-root-N`, then
+/// [`TRUSTSTORE_CA_ALIAS`]), its integrity MAC keyed by `password`, for Java's
+/// `-Djavax.net.ssl.trustStore=OUT -Djavax.net.ssl.trustStorePassword=…
+/// -Djavax.net.ssl.trustStoreType=PKCS12`. Replaces `out` atomically (a temporary file renamed
+/// over it), mode 0644: it holds only public certificates, and the app's user must read it.
+pub fn bundle_pkcs12(
+    ca_path: &Path,
+    out: &Path,
+    password: &crate::secret::Secret,
+) -> Result<Pkcs12Written, CaError> {
+    check_truststore_password(password.expose())?;
+    let certs = bundle_certs(ca_path)?;
+    let mut entries: Vec<crate::truststore::TrustedCert<'_>> = certs
+        .system
+        .iter()
+        .enumerate()
+        .map(|(i, der)| crate::truststore::TrustedCert {
+            alias: format!("system-root-{}", i + 1),
+            der,
+        })
+        .collect();
+    entries.extend(certs.operator.iter().enumerate().map(|(i, der)| {
+        crate::truststore::TrustedCert {
+            alias: if i == 0 {
+                TRUSTSTORE_CA_ALIAS.to_owned()
+            } else {
+                format!("{TRUSTSTORE_CA_ALIAS}-{}", i + 1)
+            },
+            der,
+        }
+    }));
+    let file = crate::truststore::encode(&entries, password.expose());
+    let io = |source| CaError::Io {
+        path: out.to_owned(),
+        source,
+    };
+    let name = out.file_name().ok_or_else(|| {
+        io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a file name",
+        ))
+    })?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = out.with_file_name(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    write_new(&tmp, &file, 0o644)?;
+    std::fs::rename(&tmp, out).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io(e)
+    })?;
+    Ok(Pkcs12Written {
+        system_roots: certs.system.len(),
+        operator: certs.operator.len(),
+    })
 }
 
 /// Appends one `CERTIFICATE` PEM block (64-character lines, as OpenSSL writes them).
@@ -410,6 +522,93 @@ mod tests {
         assert!(ca_x.name_constraints().unwrap().is_some());
         // Never overwrites.
         assert!(matches!(init(dir.path(), &[]), Err(CaError::Exists(_))));
+    }
+
+    /// What `--name-constraint` is for: a client (rustls's WebPKI verifier, as any rustls app
+    /// uses) accepts a leaf for a permitted name and refuses one for any other name, even though
+    /// the operator CA's key signed both (as a thief of the key would).
+    #[test]
+    fn a_name_constrained_ca_cannot_vouch_for_other_domains() {
+        use rustls::client::danger::ServerCertVerifier as _;
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k) = init(dir.path(), &["ob.example.com".into(), "*.wild.test".into()]).unwrap();
+        let ca = Ca::load(&c, &k).unwrap();
+        let pem = std::fs::read(&c).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(
+                rustls_pemfile::certs(&mut pem.as_slice())
+                    .next()
+                    .unwrap()
+                    .unwrap(),
+            )
+            .unwrap();
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .unwrap();
+        let verify = |host: &str| {
+            let leaf = ca.leaf(host, Duration::from_secs(3600)).unwrap();
+            verifier.verify_server_cert(
+                &leaf.cert[0],
+                &[],
+                &rustls::pki_types::ServerName::try_from(host.to_owned()).unwrap(),
+                &[],
+                rustls::pki_types::UnixTime::now(),
+            )
+        };
+        verify("ob.example.com").unwrap();
+        verify("api.wild.test").unwrap();
+        for other in [
+            "bank.example",
+            "example.com",
+            "ob.example.com.evil.test",
+            "wild.test.evil",
+        ] {
+            let e = verify(other).unwrap_err();
+            assert!(
+                format!("{e:?}").contains("NameConstraint"),
+                "{other}: {e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn bundle_pkcs12_writes_the_roots_and_the_ca_and_refuses_passwords_java_cannot_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, _) = init(&dir.path().join("ca"), &[]).unwrap();
+        let out = dir.path().join("truststore.p12");
+        std::fs::write(&out, "an older truststore").unwrap();
+        let written = bundle_pkcs12(&c, &out, &crate::secret::Secret::new("changeit")).unwrap();
+        assert_eq!(written.operator, 1);
+        assert!(written.system_roots > 0);
+        let file = std::fs::read(&out).unwrap();
+        // The CA's certificate is inside, as DER, after every system root.
+        let ca_pem = std::fs::read(&c).unwrap();
+        let ca_der = rustls_pemfile::certs(&mut ca_pem.as_slice())
+            .next()
+            .unwrap()
+            .unwrap();
+        let at = file
+            .windows(ca_der.len())
+            .position(|w| w == ca_der.as_ref())
+            .expect("the operator CA is in the truststore");
+        assert!(at > file.len() / 2, "the operator CA comes last");
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(
+            std::fs::metadata(&out).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+        // No temporary file is left beside it.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+        for bad in ["", "pässword", "tab\there"] {
+            let e = bundle_pkcs12(&c, &out, &crate::secret::Secret::new(bad)).unwrap_err();
+            assert!(matches!(e, CaError::Password(_)), "{bad:?}: {e}");
+        }
+        // A refused password leaves the file it would have replaced as it was.
+        assert_eq!(std::fs::read(&out).unwrap(), file);
     }
 
     #[test]

@@ -139,12 +139,41 @@ pub enum CaCommand {
         name_constraints: Vec<String>,
     },
     /// Print the system's root certificates followed by the operator CA as one PEM bundle,
-    /// for SSL_CERT_FILE, REQUESTS_CA_BUNDLE and similar (which replace the trust store).
+    /// for SSL_CERT_FILE, REQUESTS_CA_BUNDLE and similar (which replace the trust store); with
+    /// --pkcs12, write them as a PKCS#12 truststore for Java instead.
     Bundle {
         /// The operator CA certificate (PEM).
         #[arg(long)]
         ca: PathBuf,
+        /// Write a PKCS#12 truststore (system roots and the operator CA as trusted entries) to
+        /// OUT for Java's -Djavax.net.ssl.trustStore, replacing OUT; needs a password.
+        #[arg(long, value_name = "OUT", requires = "truststore_password")]
+        pkcs12: Option<PathBuf>,
+        /// The truststore password (Java's -Djavax.net.ssl.trustStorePassword). It protects
+        /// only the file's integrity; prefer --password-file, as argv is visible to `ps`.
+        #[arg(
+            long,
+            value_name = "PW",
+            group = "truststore_password",
+            requires = "pkcs12",
+            value_parser = secret_arg
+        )]
+        password: Option<crate::secret::Secret>,
+        /// A file holding the truststore password (surrounding whitespace dropped).
+        #[arg(
+            long,
+            value_name = "FILE",
+            group = "truststore_password",
+            requires = "pkcs12"
+        )]
+        password_file: Option<PathBuf>,
     },
+}
+
+/// Wraps a secret given on the command line at once, so no `Debug` of the parsed command
+/// can show it.
+fn secret_arg(value: &str) -> Result<crate::secret::Secret, std::convert::Infallible> {
+    Ok(crate::secret::Secret::new(value))
 }
 
 /// Options of `bearer-proxy dev-issuer`.
@@ -279,10 +308,43 @@ fn ca(command: CaCommand) -> Result<(), Failure> {
             println!("wrote {} and {} (mode 0600)", cert.display(), key.display());
             Ok(())
         }
-        CaCommand::Bundle { ca } => {
+        CaCommand::Bundle {
+            ca, pkcs12: None, ..
+        } => {
             let pem =
                 crate::ca::bundle(&ca).map_err(|e| Failure::config(anyhow!("ca bundle: {e}")))?;
             print!("{pem}");
+            Ok(())
+        }
+        CaCommand::Bundle {
+            ca,
+            pkcs12: Some(out),
+            password,
+            password_file,
+        } => {
+            let password = match (password, password_file) {
+                (Some(p), _) => p,
+                (None, Some(file)) => {
+                    block_on(1, crate::secret::read_file(&file, "truststore password"))?
+                        .map_err(|e| Failure::config(anyhow!("ca bundle: {e}")))?
+                }
+                // clap requires one of the two with --pkcs12.
+                (None, None) => {
+                    return Err(Failure::config(anyhow!(
+                        "ca bundle: --pkcs12 needs --password-file or --password"
+                    )));
+                }
+            };
+            let written = crate::ca::bundle_pkcs12(&ca, &out, &password)
+                .map_err(|e| Failure::config(anyhow!("ca bundle: {e}")))?;
+            println!(
+                "wrote {}: a PKCS#12 truststore of {} system root certificates and {} operator \
+                 CA certificate(s) (alias {}) as trusted entries",
+                out.display(),
+                written.system_roots,
+                written.operator,
+                crate::ca::TRUSTSTORE_CA_ALIAS
+            );
             Ok(())
         }
     }

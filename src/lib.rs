@@ -15,7 +15,8 @@
 //! - [`reload`]: configuration reload (load, check, compare, swap) and its triggers.
 //! - `check`: the file checks `check` and a reload share.
 //! - `tls`: trust roots (and a client identity) for outbound TLS; [`identity`]: client certificates for mutual TLS.
-//! - `ca`: the operator CA of HTTPS interception (`[proxy.intercept]`, `ca init`, `ca bundle`).
+//! - `ca`: the operator CA of HTTPS interception (`[proxy.intercept]`, `ca init`, `ca bundle`);
+//!   `truststore`: the PKCS#12 truststore `ca bundle --pkcs12` writes for Java.
 //! - [`shutdown`]: OS signals and the phases of a graceful stop.
 //! - `time`: wall-clock time as text (RFC 3339) and as seconds since the Unix epoch.
 //! - `logging`: the tracing subscriber.
@@ -59,6 +60,7 @@ pub mod subject;
 mod time;
 mod tls;
 pub mod token;
+mod truststore;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -1,6 +1,7 @@
 //! HTTPS interception (`[proxy.intercept]`, issue #15) over real sockets: an operator CA made
 //! by `bearer-proxy ca init`, clients that trust it through the bundle `ca bundle` prints
-//! (curl, Python requests, Node, and a rustls client for what the others cannot show), a real
+//! (curl, Python requests, Node, Java with a keytool truststore and with the PKCS#12 one
+//! `ca bundle --pkcs12` writes, and a rustls client for what the others cannot show), a real
 //! TLS upstream behind the route. Covers the token arriving once, keep-alive inside the
 //! tunnel, large bodies both ways, 401 replay, requests for another host, SNI mismatch, an app
 //! that does not trust the CA, and unrouted `CONNECT`s staying blind tunnels.
@@ -562,9 +563,7 @@ fn check_names_a_bad_ca_pair_and_exits_2() {
 
 #[tokio::test]
 async fn java_httpclient_with_a_truststore_made_by_keytool() {
-    if Command::new("java").arg("-version").output().is_err() {
-        assert!(std::env::var_os("CI").is_none(), "java is needed");
-        eprintln!("skipped: java is not installed");
+    if !have_java() {
         return;
     }
     let ca = OperatorCa::new();
@@ -599,6 +598,23 @@ async fn java_httpclient_with_a_truststore_made_by_keytool() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
+    let out = java_client(dir, f.proxy.addr, &store, Some("changeit"), None).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200 java\n200 java\n");
+    for r in f.upstream().requests() {
+        assert_eq!(r.all("authorization"), ["Bearer tok-1"]);
+    }
+}
+
+/// Java's HttpClient, run from source, making two requests to `https://HOST/j` through the
+/// proxy at `proxy` while trusting only the truststore `store`.
+async fn java_client(
+    dir: &Path,
+    proxy: SocketAddr,
+    store: &Path,
+    password: Option<&str>,
+    store_type: Option<&str>,
+) -> std::process::Output {
     let source = dir.join("Main.java");
     std::fs::write(
         &source,
@@ -612,25 +628,113 @@ async fn java_httpclient_with_a_truststore_made_by_keytool() {
                    HttpResponse.BodyHandlers.ofString());\n\
                  System.out.println(r.statusCode() + \" \" + r.body());\n\
                }} }} }}\n",
-            port = f.proxy.addr.port()
+            port = proxy.port()
         ),
     )
     .unwrap();
-    let out = tokio::time::timeout(
+    let mut cmd = tokio::process::Command::new("java");
+    cmd.arg(format!("-Djavax.net.ssl.trustStore={}", store.display()));
+    if let Some(p) = password {
+        cmd.arg(format!("-Djavax.net.ssl.trustStorePassword={p}"));
+    }
+    if let Some(t) = store_type {
+        cmd.arg(format!("-Djavax.net.ssl.trustStoreType={t}"));
+    }
+    tokio::time::timeout(
         Duration::from_secs(60),
-        tokio::process::Command::new("java")
-            .arg(format!("-Djavax.net.ssl.trustStore={}", store.display()))
-            .arg("-Djavax.net.ssl.trustStorePassword=changeit")
-            .arg(&source)
-            .kill_on_drop(true)
-            .output(),
+        cmd.arg(&source).kill_on_drop(true).output(),
     )
     .await
     .unwrap()
-    .unwrap();
+    .unwrap()
+}
+
+/// Whether `java` runs; in CI it must.
+fn have_java() -> bool {
+    if Command::new("java").arg("-version").output().is_err() {
+        assert!(std::env::var_os("CI").is_none(), "java is needed");
+        eprintln!("skipped: java is not installed");
+        return false;
+    }
+    true
+}
+
+#[tokio::test]
+async fn java_httpclient_trusting_only_the_pkcs12_truststore_from_ca_bundle() {
+    if !have_java() {
+        return;
+    }
+    let ca = OperatorCa::new();
+    let f = intercepting(&ca, |_, _| Reply::ok("java")).await;
+    let dir = ca.dir.path();
+    let store = dir.join("truststore.p12");
+    let password_file = dir.join("truststore-password");
+    let password = "pw-canary-61c4e";
+    std::fs::write(&password_file, format!("{password}\n")).unwrap();
+    // As the README prints it.
+    let out = Command::new(BIN)
+        .args(["ca", "bundle", "--ca"])
+        .arg(ca.cert())
+        .arg("--pkcs12")
+        .arg(&store)
+        .arg("--password-file")
+        .arg(&password_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("bearer-proxy-operator-ca"), "{said}");
+    assert!(!said.contains(password), "the password is never printed");
+
+    // keytool sees the operator CA, and the system roots, as trusted entries, and checks the
+    // file's integrity with the password.
+    let list = |pw: &str| {
+        Command::new("keytool")
+            .args(["-list", "-storetype", "PKCS12", "-keystore"])
+            .arg(&store)
+            .args(["-storepass", pw])
+            .output()
+            .unwrap()
+    };
+    let out = list(password);
+    assert!(out.status.success(), "{out:?}");
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listing.contains("bearer-proxy-operator-ca,") && listing.contains("system-root-1,"),
+        "{listing}"
+    );
+    assert_eq!(
+        listing.matches("trustedCertEntry").count(),
+        listing.matches("Certificate fingerprint").count(),
+        "every entry is a trusted certificate: {listing}"
+    );
+    assert!(!list("not-the-password").status.success());
+
+    let out = java_client(dir, f.proxy.addr, &store, Some(password), Some("PKCS12")).await;
     assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "200 java\n200 java\n");
-    for r in f.upstream().requests() {
+    // Without trustStorePassword (as deploy/'s JAVA_TOOL_OPTIONS, which the JVM echoes to
+    // stderr): Java reads the trusted certificates without checking the MAC.
+    let out = java_client(dir, f.proxy.addr, &store, None, Some("PKCS12")).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200 java\n200 java\n");
+    // A wrong one fails the integrity check: the MAC is real.
+    let out = java_client(
+        dir,
+        f.proxy.addr,
+        &store,
+        Some("wrong-password"),
+        Some("PKCS12"),
+    )
+    .await;
+    assert!(!out.status.success(), "{out:?}");
+    let requests = f.upstream().requests();
+    assert_eq!(requests.len(), 4);
+    for r in requests {
         assert_eq!(r.all("authorization"), ["Bearer tok-1"]);
     }
 }
