@@ -7,7 +7,7 @@
 #
 #   benches/callgrind.sh [--bin PATH] [--requests N] [--warmup N] [--conns N] [--idle S]
 #                        [--credentials N] [--per-subject N [--active N]] [--intercept]
-#                        [--out DIR]
+#                        [--size small|16k] [--tls-upstream] [--out DIR]
 #
 # The proxy (default: this checkout's target/release/bearer-proxy) runs under
 # `valgrind --tool=callgrind` (instruction counts only: no cache or branch simulation). A small
@@ -43,6 +43,10 @@
 # (the proxy's leaf) and then sends origin-form `GET /small` requests inside it, keep-alive; the
 # upstream is the same plain-HTTP nginx, so the difference to the default is the proxy's TLS
 # termination.
+# --size 16k asks for /16k (16 KiB) instead of /small (12 bytes); every answer's body is checked.
+# --tls-upstream makes the upstream nginx listen with TLS (a throwaway CA and a certificate for
+# 127.0.0.1 made by openssl, as in e2e.sh's tls scenario); the proxy trusts that CA through
+# proxy.ca_file and verifies it, and keeps its TLS connections alive.
 #
 # Needs nginx, python3, curl, valgrind (callgrind_control talks to it through vgdb). Everything
 # listens on 127.0.0.1 (ports BASE_PORT..+5, default 29300); every process it starts runs in its
@@ -53,7 +57,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=$ROOT/target/release/bearer-proxy REQUESTS=20000 WARMUP=200 CONNS=8 IDLE=5 CREDENTIALS=1 OUT=""
 SUBJECTS=0 ACTIVE=100   # --per-subject: subjects enrolled, and how many the client names
-INTERCEPT=0
+INTERCEPT=0 SIZE=small TLS_UP=0
 TOKEN=${TOKEN:-e2e-6b1d0c7a93f24e58a1}
 P=${BASE_PORT:-29300}   # every port is P + a fixed offset
 while (($#)); do
@@ -67,6 +71,8 @@ while (($#)); do
     --per-subject) SUBJECTS=$2; shift 2;;
     --active) ACTIVE=$2; shift 2;;
     --intercept) INTERCEPT=1; shift;;
+    --size) SIZE=$2; shift 2;;
+    --tls-upstream) TLS_UP=1; shift;;
     --out) OUT=$2; shift 2;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2;;
@@ -87,6 +93,8 @@ fi
 if ((INTERCEPT)); then
   ((CREDENTIALS == 1 && SUBJECTS == 0)) || die "--intercept takes one credential, no --per-subject"
 fi
+[[ $SIZE == small || $SIZE == 16k ]] || die "--size is small or 16k"
+((TLS_UP)) && { command -v openssl >/dev/null || die "openssl is missing"; }
 [[ -x $BIN ]] || die "$BIN is not an executable (build it: cargo build --release --locked)"
 BIN=$(realpath "$BIN")
 
@@ -128,6 +136,21 @@ done
 
 # ------------------------------------------------------------------ upstream (as in e2e.sh)
 printf '{"ok":true}\n' >"$W/www/small"     # 12 bytes
+head -c 16384 /dev/zero | tr '\0' 'x' >"$W/www/16k"
+BYTES=$(stat -c %s "$W/www/$SIZE")
+UP_SCHEME=http UP_SSL="" UP_CERT=""
+if ((TLS_UP)); then   # a throwaway CA and a server certificate for 127.0.0.1 (as in e2e.sh)
+  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=bp-callgrind CA" \
+    -keyout "$W/ca.key" -out "$W/ca.pem" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" -keyout "$W/up.key" \
+    -out "$W/up.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' >"$W/up.ext"
+  openssl x509 -req -in "$W/up.csr" -CA "$W/ca.pem" -CAkey "$W/ca.key" -CAcreateserial \
+    -days 2 -extfile "$W/up.ext" -out "$W/up.pem" 2>/dev/null
+  chmod 644 "$W"/*.pem "$W"/*.key
+  UP_SCHEME=https
+  UP_SSL=ssl UP_CERT="ssl_certificate $W/up.pem; ssl_certificate_key $W/up.key;"
+fi
 # The upstream's token check: exactly the fixed token, or (per subject: one token per user) a
 # JWT-shaped bearer token; which user's token is checked through the issuer below.
 AUTH_CHECK="!= \"Bearer $TOKEN\""
@@ -142,10 +165,11 @@ http {
   keepalive_requests 1000000000; keepalive_timeout 600s;
   default_type application/octet-stream; etag off;
   server {
-    listen 127.0.0.1:$UP backlog=4096;
+    listen 127.0.0.1:$UP $UP_SSL backlog=4096;
+    $UP_CERT
     root $W/www;
     if (\$http_authorization $AUTH_CHECK) { return 401 "wrong or missing token\n"; }
-    location = /small { }
+    location ~ ^/(small|16k)$ { }
     location / { return 404; }
   }
   server { listen 127.0.0.1:$STUB; location / { stub_status; } }
@@ -165,6 +189,7 @@ listen = "127.0.0.1:$PROXY"
 workers = 1
 drain_delay = "0s"
 shutdown_grace = "1s"
+$( ((TLS_UP)) && echo "ca_file = \"$W/ca.pem\"")
 [admin]
 listen = "127.0.0.1:$ADMIN"
 [log]
@@ -212,7 +237,7 @@ refresh_ratio = 0.75
 name = "api$i"
 host = "api$i.bench.test"
 token = "e2e$i"
-upstream = "http://127.0.0.1:$UP"
+upstream = "$UP_SCHEME://127.0.0.1:$UP"
 EOF
 done
 ready() { [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 10 "http://127.0.0.1:$ADMIN/readyz") == 200 ]]; }
@@ -272,8 +297,8 @@ PROXY_PID=$LAST_PID PROXY_T0=$SECONDS
 wait_for 300 "proxy (under valgrind) listening" listening "$PROXY"
 wait_for 60 "proxy ready (token fetched)" ready
 got=$(curl -s -o /dev/null -w '%{http_code} %{size_download}' --max-time 10 "${SUBJ_HEAD[@]}" \
-  -x "http://127.0.0.1:$PROXY" http://api1.bench.test/small)
-[[ $got == "200 12" ]] || die "a proxied request gave '$got', not '200 12'"
+  -x "http://127.0.0.1:$PROXY" "http://api1.bench.test/$SIZE")
+[[ $got == "200 $BYTES" ]] || die "a proxied request gave '$got', not '200 $BYTES'"
 if ((INTERCEPT)); then
   got=$(curl -s -o /dev/null -w '%{http_code} %{size_download}' --max-time 30 \
     --cacert "$W/ca/ca.crt" -x "http://127.0.0.1:$PROXY" https://api1.bench.test/small)
@@ -289,7 +314,7 @@ done
 
 # ------------------------------------------------------------------ measurement
 # The client: CONNS keep-alive connections, each sending its share of the requests one after
-# another (like wrk; no pipelining), every answer checked (200 and the 12-byte body). The
+# another (like wrk; no pipelining), every answer checked (200 and the whole body). The
 # connections are opened and warmed up before the counters are zeroed and closed after the dump,
 # so the window holds exactly REQUESTS requests and no connection setup or teardown.
 cat >"$W/client.py" <<'PY'
@@ -297,15 +322,17 @@ import asyncio, itertools, ssl, subprocess, sys, urllib.request
 
 proxy_port, conns, warmup, requests, pid, stub_port, credentials, active = map(int, sys.argv[1:9])
 ca = sys.argv[9]   # intercept: CONNECT, then TLS trusting this CA; "" for plain forward mode
+path = sys.argv[10]   # /small or /16k, and the body every answer must carry
+with open(sys.argv[11], "rb") as f:
+    BODY = f.read()
 # connection i always uses route api<i mod credentials + 1>; per subject (active > 0) the
 # requests name the subjects s1..s<active> in turn, over all connections
-REQS = [f"GET http://api{k}.bench.test/small HTTP/1.1\r\nHost: api{k}.bench.test\r\n\r\n".encode()
+REQS = [f"GET http://api{k}.bench.test{path} HTTP/1.1\r\nHost: api{k}.bench.test\r\n\r\n".encode()
         for k in range(1, credentials + 1)]
-SUBJ = [f"GET http://api1.bench.test/small HTTP/1.1\r\nHost: api1.bench.test\r\n"
+SUBJ = [f"GET http://api1.bench.test{path} HTTP/1.1\r\nHost: api1.bench.test\r\n"
         f"X-Bearer-Proxy-Subject: s{j}\r\n\r\n".encode() for j in range(1, active + 1)]
 turn = itertools.count()
-TLS_REQ = b"GET /small HTTP/1.1\r\nHost: api1.bench.test\r\n\r\n"
-BODY = b'{"ok":true}\n'
+TLS_REQ = f"GET {path} HTTP/1.1\r\nHost: api1.bench.test\r\n\r\n".encode()
 
 async def one(reader, writer, req):
     writer.write(req)
@@ -391,7 +418,7 @@ say "load: $CONNS connections, $((WARMUP * CONNS)) warm-up requests, then $REQUE
 CA_ARG=""; ((INTERCEPT)) && CA_ARG=$W/ca/ca.crt
 before=$(newest_dump); r0=$(served); u0=$(upstream_requests); t0=$SECONDS
 timeout -k 5 1800 python3 "$W/client.py" "$PROXY" "$CONNS" $((WARMUP * CONNS)) "$REQUESTS" \
-  "$PROXY_PID" "$STUB" "$CREDENTIALS" "$ACTIVE" "$CA_ARG" >"$W/client.log" 2>&1 || die "client failed: $(tail -5 "$W/client.log")"
+  "$PROXY_PID" "$STUB" "$CREDENTIALS" "$ACTIVE" "$CA_ARG" "/$SIZE" "$W/www/$SIZE" >"$W/client.log" 2>&1 || die "client failed: $(tail -5 "$W/client.log")"
 file=$(dumped "$before")
 secs=$((SECONDS - t0))
 r1=$(served); u1=$(upstream_requests)
@@ -405,7 +432,7 @@ served_n=$((r1 - r0)) up_n=$((u1 - u0 - 3)) expect=$((WARMUP * CONNS + REQUESTS)
   die "the proxy counted $served_n requests and the upstream $up_n; the client sent $expect"
 {
   echo "binary: $BIN (sha256 $(sha256sum "$BIN" | cut -c1-12))"
-  echo "workload: bp-fwd, GET http://apiN.bench.test/small, $CREDENTIALS route(s) each with its" \
+  echo "workload: bp-fwd, GET http://apiN.bench.test/$SIZE ($UP_SCHEME upstream), $CREDENTIALS route(s) each with its" \
     "own token, $CONNS keep-alive connections, $((WARMUP * CONNS)) warm-up + $REQUESTS measured" \
     "requests (${secs}s)"
   echo "idle window (${IDLE}s, no requests): $idle_ir instructions"

@@ -21,7 +21,8 @@
 #             requests like an HTTP_PROXY client), bp-gw (bearer-proxy, origin-form requests routed
 #             by Host), nginx and haproxy (reverse proxies with a static header). The upstream
 #             answers 401 unless Authorization is exactly "Bearer $TOKEN"; bearer-proxy gets that
-#             token from the dev issuer (--fixed-token), so nothing is faked.
+#             token from the dev issuer (--fixed-token), so nothing is faked. floor: HAProxy as a
+#             TCP relay (no HTTP), wrk sending the header itself: the kernel's share, the limit row.
 #   rotation  the dev issuer hands out a new random JWT-shaped token each time, with a 5 s
 #             lifetime; refresh_ratio 0.4 makes bearer-proxy fetch one every ~1.7-2 s.
 #             bp-rotating runs against it, bp-steady (300 s tokens) against an identical upstream
@@ -150,9 +151,9 @@ wait_listen() {  # PORT NAME
   done
   tail -5 "$W/$2.log" >&2; die "$2 is not listening on $1"
 }
-ticks() {  # SESSION -> utime+stime of its processes, in clock ticks (1/100 s)
+ticks() {  # SESSION -> "utime+stime utime" of its processes, in clock ticks (1/100 s)
   local p; for p in $(sess_pids "$1"); do cut -d')' -f2 "/proc/$p/stat" 2>/dev/null; done |
-    awk '{t += $12 + $13} END {print t + 0}'
+    awk '{t += $12 + $13; u += $12} END {print t + 0, u + 0}'
 }
 hwm_kb() {  # SESSION -> sum of VmHWM
   local p; for p in $(sess_pids "$1"); do awk '/^VmHWM/ {print $2}' "/proc/$p/status" 2>/dev/null; done |
@@ -383,6 +384,27 @@ relay() {  # NAME PORT TARGET
   start "$1" "$LOAD_CPU" socat "TCP-LISTEN:$2,bind=127.0.0.1,fork,reuseaddr,backlog=4096,nodelay" "$3,nodelay"
   wait_listen "$2" "$1"
 }
+# The kernel floor: HAProxy as a plain TCP relay (one upstream connection per client connection,
+# bytes copied, nothing parsed), wrk sending the header itself as for `direct`. Its CPU per
+# request is the loopback TCP work and wake-ups every proxy pays, plus a relay's minimal user
+# work: what no HTTP proxy on this machine can go below.
+floor_relay() {  # NAME PORT UPSTREAM_PORT
+  cat >"$W/cfg/$1.cfg" <<EOF
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 600s
+  timeout server 600s
+listen relay
+  bind 127.0.0.1:$2
+  server up 127.0.0.1:$3
+EOF
+  start "$1" "$PROXY_CPU" haproxy -db -f "$W/cfg/$1.cfg"
+  wait_listen "$2" "$1"
+}
 add() { MODE[$1]=$2; PORT[$1]=$3; URLSCHEME[$1]=${4:-http}; }
 
 # ------------------------------------------------------------------ wrk
@@ -409,7 +431,7 @@ EOF
 }
 
 TSV=$OUT/runs.tsv
-printf 'scenario\tround\tcandidate\tsize\tconns\trequests\trps\tp50_us\tp99_us\tmax_us\tnon2xx\tsock_errors\tproxy_cpu_pct\tproxy_us_per_req\tup_new_conns\tup_requests\ttoken_calls\tother_cpu_pct\tstatus\tsteady_new_conns_per_1k\tproxy_core_other_pct\n' >"$TSV"
+printf 'scenario\tround\tcandidate\tsize\tconns\trequests\trps\tp50_us\tp99_us\tmax_us\tnon2xx\tsock_errors\tproxy_cpu_pct\tproxy_us_per_req\tup_new_conns\tup_requests\ttoken_calls\tother_cpu_pct\tstatus\tsteady_new_conns_per_1k\tproxy_core_other_pct\tproxy_user_us_per_req\n' >"$TSV"
 
 measure() {  # SCENARIO ROUND CANDIDATE SIZE CONNS SECS
   local sc=$1 round=$2 c=$3 size=$4 conns=$5 secs=$6 url script log
@@ -419,8 +441,8 @@ measure() {  # SCENARIO ROUND CANDIDATE SIZE CONNS SECS
   esac
   script=$(lua "${MODE[$c]}" "$size")
   log=$OUT/wrk/$sc-$round-$c-$size-c$conns.log
-  local t0 t1 px0=0 px1=0 a0 r0 a1 r1 am rm k0=0 k1=0 b0 b1 rc=0 sid=${SESS[$c]:-}
-  others >"$W/o0"; [[ -n $sid ]] && px0=$(ticks "$sid")
+  local t0 t1 px0=0 px1=0 pu0=0 pu1=0 a0 r0 a1 r1 am rm k0=0 k1=0 b0 b1 rc=0 sid=${SESS[$c]:-}
+  others >"$W/o0"; [[ -n $sid ]] && read -r px0 pu0 < <(ticks "$sid")
   [[ -n ${ISSUER[$c]:-} ]] && k0=$(issuer_calls "${ISSUER[$c]}")
   read -r a0 r0 < <(stub); b0=$(cpu_busy "$PROXY_CPU"); t0=$(date +%s%N)
   # Upstream counters one second in: connections opened after that are steady-state churn.
@@ -432,14 +454,14 @@ measure() {  # SCENARIO ROUND CANDIDATE SIZE CONNS SECS
   wait "$WRK_PID" || rc=$?
   WRK_PID=
   t1=$(date +%s%N); b1=$(cpu_busy "$PROXY_CPU"); read -r a1 r1 < <(stub)
-  [[ -n $sid ]] && px1=$(ticks "$sid")
+  [[ -n $sid ]] && read -r px1 pu1 < <(ticks "$sid")
   wait "$mid" || true; read -r am rm <"$W/stub-mid" || { am=$a0; rm=$r0; }
   [[ -n ${ISSUER[$c]:-} ]] && k1=$(issuer_calls "${ISSUER[$c]}")
   others >"$W/o1"
   local res; res=$(awk '$1 == "E2E" {$1 = ""; print}' "$log")
   [[ $rc == 0 && -n $res ]] || { say "wrk failed for $c ($rc): $(tail -2 "$log")"; res="0 1 0 0 0 0 0 0 0 0 0"; }
   awk -v OFS='\t' -v sc="$sc" -v round="$round" -v c="$c" -v size="$size" -v conns="$conns" \
-      -v res="$res" -v wall=$(((t1 - t0) / 1000)) -v px=$((px1 - px0)) -v direct=$([[ -z $sid ]] && echo 1 || echo 0) \
+      -v res="$res" -v wall=$(((t1 - t0) / 1000)) -v px=$((px1 - px0)) -v pu=$((pu1 - pu0)) -v direct=$([[ -z $sid ]] && echo 1 || echo 0) \
       -v upc=$((a1 - a0 - 2)) -v upr=$((r1 - r0 - 2)) -v upcs=$((a1 - am - 1)) -v uprs=$((r1 - rm - 1)) \
       -v calls=$((k1 - k0)) -v core_other=$((b1 - b0 - (px1 - px0))) \
       -v other="$(delta_others "$W/o0" "$W/o1")" -v bytes="${BYTES[$size]}" 'BEGIN {
@@ -455,7 +477,8 @@ measure() {  # SCENARIO ROUND CANDIDATE SIZE CONNS SECS
       direct ? "-" : sprintf("%.1f", px / wall_ticks * 100),
       direct ? "-" : sprintf("%.2f", req ? px * 1e4 / req : 0),
       upc, upr, calls, sprintf("%.1f", other / wall_ticks * 100), st,
-      sprintf("%.2f", uprs > 0 ? upcs * 1000 / uprs : 0), sprintf("%.1f", core_other / wall_ticks * 100)
+      sprintf("%.2f", uprs > 0 ? upcs * 1000 / uprs : 0), sprintf("%.1f", core_other / wall_ticks * 100),
+      direct ? "-" : sprintf("%.2f", req ? pu * 1e4 / req : 0)
   }' >>"$TSV"
   tail -1 "$TSV" | awk -F'\t' '{printf "  %-11s %-5s c=%-2s %7d rps  p50 %5d us  p99 %6d us  proxy %5s us/req  up_conns %d  other %s%% / core %s%%  %s\n",
     $3, $4, $5, $7, $8, $9, $14, $15, $18, $21, $19}' >&2
@@ -529,8 +552,9 @@ for sc in $SCENARIOS; do
       bearer_proxy bp-gw $((P + 11)) $((P + 51)) "http://127.0.0.1:$UP" 600 fixed; STARTED_AT[bp-gw]=$SECONDS; add bp-gw rev $((P + 11))
       nginx_proxy nginx $((P + 12)) http "$UP"; add nginx rev $((P + 12))
       haproxy_proxy haproxy $((P + 13)) http "$UP"; add haproxy rev $((P + 13))
-      run_scenario main "$ROUNDS" direct bp-fwd bp-gw nginx haproxy
-      finish bp-fwd 600 382 450; finish bp-gw 600 382 450; finish nginx; finish haproxy
+      floor_relay floor $((P + 14)) "$UP"; add floor direct $((P + 14))
+      run_scenario main "$ROUNDS" direct bp-fwd bp-gw nginx haproxy floor
+      finish bp-fwd 600 382 450; finish bp-gw 600 382 450; finish nginx; finish haproxy; finish floor
       ;;
     rotation)
       # Identical upstream listeners (JWT shape check, log of the tokens seen), one each.
@@ -617,13 +641,14 @@ NR == 1 { next }
   if ($19 != "ok") bad[key] = bad[key] " r" $2 ":" $19
 }
 END {
-  print "| scenario | candidate | body | conns | req/s (median) | spread | p50 µs | p99 µs | proxy CPU µs/req | proxy CPU % | new upstream conns /1k req (steady) | peak RSS MB | non-2xx | token calls | max other CPU % (all / proxy core) | status |"
-  print "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+  print "| scenario | candidate | body | conns | req/s (median) | spread | p50 µs | p99 µs | proxy CPU µs/req | of which user | proxy CPU % | new upstream conns /1k req (steady) | peak RSS MB | non-2xx | token calls | max other CPU % (all / proxy core) | status |"
+  print "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
   for (o = 1; o <= nk; o++) {
     key = order[o]; split(key, kk, SUBSEP); r = median(key, 7)
-    printf "| %s | %s | %s | %s | %.0f | %.1f%% | %.0f | %.0f | %s | %s | %.2f (%.2f) | %s | %d | %d | %.1f / %.1f | %s |\n",
+    printf "| %s | %s | %s | %s | %.0f | %.1f%% | %.0f | %.0f | %s | %s | %s | %.2f (%.2f) | %s | %d | %d | %.1f / %.1f | %s |\n",
       kk[1], kk[2], kk[3], kk[4], r, r ? (hi[key] - lo[key]) / r * 100 : 0, median(key, 8), median(key, 9),
       val[key, 1, 14] == "-" ? "-" : sprintf("%.2f", median(key, 14)),
+      val[key, 1, 22] == "-" ? "-" : sprintf("%.2f", median(key, 22)),
       val[key, 1, 13] == "-" ? "-" : sprintf("%.1f", median(key, 13)),
       reqs[key] ? newc[key] * 1000 / reqs[key] : 0, median(key, 20),
       (kk[2] in rss) ? sprintf("%.1f", rss[kk[2]] / 1024) : "-",

@@ -266,9 +266,14 @@ impl Inner {
         let replayable = is_idempotent(&parts.method);
         let (body, replay) = match body.size_hint().exact() {
             Some(n) if replayable && n <= self.replay_body_limit as u64 => {
-                let bytes = match read_small_body(body).await {
-                    Ok(b) => b,
-                    Err(_) => return self.refuse(BODY_UNREADABLE),
+                // Most replayable requests (a GET) have no body: nothing to read.
+                let bytes = if n == 0 {
+                    Bytes::new()
+                } else {
+                    match read_small_body(body).await {
+                        Ok(b) => b,
+                        Err(_) => return self.refuse(BODY_UNREADABLE),
+                    }
                 };
                 let replay = Replay {
                     method: parts.method.clone(),

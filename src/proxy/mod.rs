@@ -266,9 +266,10 @@ impl Proxy {
             .http1()
             .timer(TokioTimer::new())
             // The wire guard times a head from its first byte (header_read_timeout) and the wait
-            // for that first byte (idle_timeout). hyper's timer, which only starts once it
-            // parses (not while the auto builder sniffs the protocol), is a backstop.
-            .header_read_timeout(p.idle_timeout)
+            // for that first byte (idle_timeout), on every connection hyper serves here (plain
+            // and intercepted). hyper's own header timer would only repeat that, at the price of
+            // a boxed timer armed and dropped for every request, so it is off.
+            .header_read_timeout(None)
             .max_buf_size(p.max_header_bytes + READ_BUFFER_SLACK)
             .max_headers(MAX_HEADERS)
             // The end of a client's input does not cancel the request it already sent: a client

@@ -121,8 +121,10 @@ impl Inner {
             if authority.as_str().contains('@') {
                 return Err(USERINFO);
             }
+            // Parsed once for both uses below.
+            let port = authority.port_u16();
             // A port that is not a number (`:99999`) is not "no port": it names no route.
-            if authority.port_u16().is_none() && names_a_port(authority) {
+            if port.is_none() && names_a_port(authority) {
                 return Err(BAD_TARGET);
             }
             let defaults: &[u16] = match uri.scheme_str() {
@@ -131,7 +133,7 @@ impl Inner {
                 _ => return Err(BAD_SCHEME),
             };
             let host = authority.host();
-            return match self.routes.by_host(host, authority.port_u16(), defaults) {
+            return match self.routes.by_host(host, port, defaults) {
                 Some(route) => Ok(Target::Routed {
                     route,
                     origin: Origin::of(&route.upstream, host)?,

@@ -22,7 +22,7 @@
 //! answers 400) and never parses another byte of the connection. The guard never stops
 //! following the framing while hyper still parses (only a `CONNECT` tunnel is unframed).
 //!
-//! The guard also owns the connection's timers (hyper's own header timer is only a backstop):
+//! The guard owns the connection's timers (hyper's own header timer is off, see `Proxy::new`):
 //! * `header_read_timeout`, counted from the first byte of a head, cuts slowloris clients;
 //! * `idle_timeout` cuts a connection on which hyper waits for the first byte of a request head
 //!   (the first request, or the next one on a keep-alive connection), for body bytes, or for
