@@ -7,7 +7,7 @@
 #
 #   benches/callgrind.sh [--bin PATH] [--requests N] [--warmup N] [--conns N] [--idle S]
 #                        [--credentials N] [--per-subject N [--active N]] [--intercept]
-#                        [--size small|16k] [--tls-upstream] [--out DIR]
+#                        [--size small|16k] [--tls-upstream] [--redis] [--out DIR]
 #
 # The proxy (default: this checkout's target/release/bearer-proxy) runs under
 # `valgrind --tool=callgrind` (instruction counts only: no cache or branch simulation). A small
@@ -38,6 +38,10 @@
 # stand-in, which names the user whose token arrived (sJ must come back as uJ). The windows
 # start 75 s after the proxy, after the keep-alive's first pass over the store; the enrolment
 # takes ≈30 s per 10,000 subjects on an idle machine.
+# --redis (with --per-subject) keeps the records in a redis-server started for the run
+# (`[subjects] store = "redis"`, loopback, AOF on) instead of the file store, and counts the
+# commands Redis processed during the measured window other than the proxy's health `PING`s:
+# the request path must not touch Redis while the cached tokens are valid.
 # --intercept (with one credential) adds [proxy.intercept] with a CA from `bearer-proxy ca init`:
 # each client connection sends `CONNECT api1.bench.test:443`, does TLS with that CA trusted
 # (the proxy's leaf) and then sends origin-form `GET /small` requests inside it, keep-alive; the
@@ -57,7 +61,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=$ROOT/target/release/bearer-proxy REQUESTS=20000 WARMUP=200 CONNS=8 IDLE=5 CREDENTIALS=1 OUT=""
 SUBJECTS=0 ACTIVE=100   # --per-subject: subjects enrolled, and how many the client names
-INTERCEPT=0 SIZE=small TLS_UP=0
+INTERCEPT=0 SIZE=small TLS_UP=0 REDIS=0
 TOKEN=${TOKEN:-e2e-6b1d0c7a93f24e58a1}
 P=${BASE_PORT:-29300}   # every port is P + a fixed offset
 while (($#)); do
@@ -73,6 +77,7 @@ while (($#)); do
     --intercept) INTERCEPT=1; shift;;
     --size) SIZE=$2; shift 2;;
     --tls-upstream) TLS_UP=1; shift;;
+    --redis) REDIS=1; shift;;
     --out) OUT=$2; shift 2;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2;;
@@ -94,11 +99,16 @@ if ((INTERCEPT)); then
   ((CREDENTIALS == 1 && SUBJECTS == 0)) || die "--intercept takes one credential, no --per-subject"
 fi
 [[ $SIZE == small || $SIZE == 16k ]] || die "--size is small or 16k"
+if ((REDIS)); then
+  ((SUBJECTS)) || die "--redis takes --per-subject"
+  for t in redis-server redis-cli; do command -v $t >/dev/null || die "$t is missing (apt-get install redis-server)"; done
+fi
 ((TLS_UP)) && { command -v openssl >/dev/null || die "openssl is missing"; }
 [[ -x $BIN ]] || die "$BIN is not an executable (build it: cargo build --release --locked)"
 BIN=$(realpath "$BIN")
 
 UP=$P STUB=$((P + 1)) ISSUER=$((P + 2)) PROXY=$((P + 3)) ADMIN=$((P + 4)) SUBJ_API=$((P + 5))
+RED=$((P + 6))
 OUT=${OUT:-/tmp/bp-callgrind.$(date +%Y%m%d-%H%M%S)}
 W=$OUT/work
 mkdir -p "$W"/{www,tmp}
@@ -130,7 +140,7 @@ wait_for() {  # SECONDS DESCRIPTION COMMAND...: poll until COMMAND succeeds
   local secs=$1 what=$2 deadline; shift 2; deadline=$((SECONDS + secs))
   until "$@"; do ((SECONDS < deadline)) || die "$what did not happen within ${secs}s"; sleep 0.2; done
 }
-for port in $(seq "$P" $((P + 5))); do
+for port in $(seq "$P" $((P + 6))); do
   listening "$port" && die "127.0.0.1:$port is in use; stop what listens there or set BASE_PORT"
 done
 
@@ -208,10 +218,19 @@ REDIRECT=http://app.bench.test/callback
 if ((SUBJECTS)); then
   mkdir -p "$W/state"
   head -c 32 /dev/urandom | base64 >"$W/subjects.key"
+  STORE="state_dir = \"$W/state\""
+  if ((REDIS)); then
+    mkdir -p "$W/redis"
+    start redis redis-server --bind 127.0.0.1 --port "$RED" --dir "$W/redis" --save '' \
+      --appendonly yes
+    wait_for 10 "redis listening" listening "$RED"
+    STORE="store = \"redis\""
+    printf '[redis]\nurl = "redis://127.0.0.1:%s"\n' "$RED" >>"$W/proxy.toml"
+  fi
   cat >>"$W/proxy.toml" <<EOF
 [subjects]
 listen = "127.0.0.1:$SUBJ_API"
-state_dir = "$W/state"
+$STORE
 encryption_key_file = "$W/subjects.key"
 [[routes]]
 name = "check"
@@ -416,12 +435,19 @@ idle_ir=$(total_ir "$(dumped "$before")")
 
 say "load: $CONNS connections, $((WARMUP * CONNS)) warm-up requests, then $REQUESTS measured"
 CA_ARG=""; ((INTERCEPT)) && CA_ARG=$W/ca/ca.crt
+# Redis commands other than the health check's PINGs (INFO itself is counted after reading)
+redis_cmds() {
+  redis-cli -p "$RED" info commandstats |
+    awk -F'[:=,]' '/^cmdstat_/ && $1 != "cmdstat_ping" {s += $3} END {print s + 0}'
+}
+((REDIS)) && red0=$(redis_cmds)
 before=$(newest_dump); r0=$(served); u0=$(upstream_requests); t0=$SECONDS
 timeout -k 5 1800 python3 "$W/client.py" "$PROXY" "$CONNS" $((WARMUP * CONNS)) "$REQUESTS" \
   "$PROXY_PID" "$STUB" "$CREDENTIALS" "$ACTIVE" "$CA_ARG" "/$SIZE" "$W/www/$SIZE" >"$W/client.log" 2>&1 || die "client failed: $(tail -5 "$W/client.log")"
 file=$(dumped "$before")
 secs=$((SECONDS - t0))
 r1=$(served); u1=$(upstream_requests)
+((REDIS)) && red1=$(redis_cmds)
 ir=$(total_ir "$file")
 opened=$(awk '$1 == "upstream_connections_opened" {print $2}' "$W/client.log")
 pooled=$(curl -s --max-time 10 "http://127.0.0.1:$STUB/" | awk 'NR == 1 {print $3 - 1}')
@@ -446,6 +472,8 @@ served_n=$((r1 - r0)) up_n=$((u1 - u0 - 3)) expect=$((WARMUP * CONNS + REQUESTS)
       "turn; s1, s$ACTIVE and s$SUBJECTS checked to reach the issuer with their user's token"
     echo "proxy RSS without valgrind, no subject: $rss_none"
     echo "proxy RSS without valgrind, $SUBJECTS enrolled: $rss_all"
+    ((REDIS)) && echo "store: redis; commands other than PING during the measured window:" \
+      "$((red1 - red0 - 1)) (the one INFO that read the first count excluded)"
   fi
   awk -v ir="$ir" -v n="$REQUESTS" 'BEGIN {printf "instructions per request: %.0f\n", ir / n}'
   echo "profile: callgrind_annotate --inclusive=yes $file"

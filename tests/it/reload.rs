@@ -525,3 +525,84 @@ async fn sighup_reloads_the_binary_and_is_harmless_while_it_shuts_down() {
         "the reloaded level still let access lines through: {logs}"
     );
 }
+
+/// A token removed by a reload stops refreshing (its refresher ends), and a token whose
+/// `client_id` changed is refreshed under the new one only: with 2 s tokens (refreshed every
+/// ~1.5 s), the issuer's log shows no request for the removed or replaced client once the
+/// old configuration's requests are over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_and_replaced_tokens_stop_refreshing() {
+    guard_logs();
+    never_log("demo-secret");
+    let (url, control) = issuer(IssuerOptions {
+        clients: vec![
+            ("demo-client".into(), "demo-secret".into()),
+            ("other-client".into(), "demo-secret".into()),
+            ("third-client".into(), "demo-secret".into()),
+        ],
+        lifetime: Duration::from_secs(2),
+        ..Default::default()
+    })
+    .await;
+    let ca = TestCa::new();
+    let up = upstream(&ca, "A").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bearer-proxy.toml");
+    let up_url = format!("https://localhost:{}", up.addr.port());
+    let text = |tokens: &str, routes: &str| format!("{}{tokens}{routes}", head(&ca, true, "info"));
+    write(
+        &path,
+        &text(
+            &(token("keep", &url, "demo-client") + &token("gone", &url, "other-client")),
+            &(route("a", "a.test", "keep", &up_url, "v1")
+                + &route("b", "b.test", "gone", &up_url, "v1")),
+        ),
+    );
+    let server = start(&path).await;
+    let admin = server.admin_addr();
+    // Both refresh: a second request from each client shows the refreshers running.
+    eventually("both tokens refreshed at least once", || async {
+        token_requests(&control, "demo-client") >= 2
+            && token_requests(&control, "other-client") >= 2
+    })
+    .await;
+
+    // Remove `gone`, and move `keep` to another client_id.
+    write(
+        &path,
+        &text(
+            &token("keep", &url, "third-client"),
+            &route("a", "a.test", "keep", &up_url, "v2"),
+        ),
+    );
+    assert_eq!(post_reload(admin).await.status, 200);
+    assert_eq!(
+        get(server.proxy_addr(), "http://a.test/x", &[])
+            .await
+            .text(),
+        "A:v2"
+    );
+    // The old refreshers end once the old configuration's requests are over (none here): give
+    // them a moment, then two token lifetimes in which a running one would refresh at least once.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (old, gone) = (
+        token_requests(&control, "demo-client"),
+        token_requests(&control, "other-client"),
+    );
+    let third = token_requests(&control, "third-client");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        token_requests(&control, "other-client"),
+        gone,
+        "the removed token kept refreshing"
+    );
+    assert_eq!(
+        token_requests(&control, "demo-client"),
+        old,
+        "the replaced token's old refresher kept refreshing"
+    );
+    assert!(
+        token_requests(&control, "third-client") > third,
+        "the new refresher refreshes"
+    );
+}
