@@ -344,6 +344,7 @@ ca = sys.argv[9]   # intercept: CONNECT, then TLS trusting this CA; "" for plain
 path = sys.argv[10]   # /small or /16k, and the body every answer must carry
 with open(sys.argv[11], "rb") as f:
     BODY = f.read()
+redis_port, work = sys.argv[12], sys.argv[13]   # --redis: its port ("" without), where to write
 # connection i always uses route api<i mod credentials + 1>; per subject (active > 0) the
 # requests name the subjects s1..s<active> in turn, over all connections
 REQS = [f"GET http://api{k}.bench.test{path} HTTP/1.1\r\nHost: api{k}.bench.test\r\n\r\n".encode()
@@ -393,13 +394,22 @@ async def open_one():
                                                 server_hostname="api1.bench.test"), 60)
     return reader, writer
 
+def redis_stats(name):  # Redis' per-command counts, read exactly at the window's edges
+    if redis_port:
+        out = subprocess.run(["redis-cli", "-p", redis_port, "info", "commandstats"],
+                             capture_output=True, text=True, timeout=30, check=True)
+        with open(f"{work}/redis-{name}.txt", "w") as f:
+            f.write(out.stdout.replace("\r", ""))
+
 async def main():
     streams = [await open_one() for _ in range(conns)]
     await run(streams, warmup)
     a0 = accepts()
+    redis_stats("before")
     control("--zero")
     await run(streams, requests)
     control("--dump=load")
+    redis_stats("after")
     print("upstream_connections_opened", accepts() - a0 - 1)
     for _, writer in streams:
         writer.close()
@@ -436,18 +446,19 @@ idle_ir=$(total_ir "$(dumped "$before")")
 say "load: $CONNS connections, $((WARMUP * CONNS)) warm-up requests, then $REQUESTS measured"
 CA_ARG=""; ((INTERCEPT)) && CA_ARG=$W/ca/ca.crt
 # Redis commands other than the health check's PINGs (INFO itself is counted after reading)
-redis_cmds() {
-  redis-cli -p "$RED" info commandstats |
-    awk -F'[:=,]' '/^cmdstat_/ && $1 != "cmdstat_ping" {s += $3} END {print s + 0}'
+# Redis commands in the measured window (the client reads INFO commandstats at its edges):
+# FILE_BEFORE FILE_AFTER -> "total cmd=n cmd=n…", PING and the INFO that read the first file left out
+redis_delta() {
+  awk -F'[:=,]' '/^cmdstat_/ {c = substr($1, 9); if (FILENAME == ARGV[1]) b[c] = $3; else a[c] = $3}
+    END {a["info"]--; for (c in a) if (c != "ping" && a[c] - b[c] > 0) {t += a[c] - b[c]; l = l " " c "=" a[c] - b[c]}
+         print t + 0 l}' "$1" "$2"
 }
-((REDIS)) && red0=$(redis_cmds)
 before=$(newest_dump); r0=$(served); u0=$(upstream_requests); t0=$SECONDS
 timeout -k 5 1800 python3 "$W/client.py" "$PROXY" "$CONNS" $((WARMUP * CONNS)) "$REQUESTS" \
-  "$PROXY_PID" "$STUB" "$CREDENTIALS" "$ACTIVE" "$CA_ARG" "/$SIZE" "$W/www/$SIZE" >"$W/client.log" 2>&1 || die "client failed: $(tail -5 "$W/client.log")"
+  "$PROXY_PID" "$STUB" "$CREDENTIALS" "$ACTIVE" "$CA_ARG" "/$SIZE" "$W/www/$SIZE" "$( ((REDIS)) && echo "$RED")" "$W" >"$W/client.log" 2>&1 || die "client failed: $(tail -5 "$W/client.log")"
 file=$(dumped "$before")
 secs=$((SECONDS - t0))
 r1=$(served); u1=$(upstream_requests)
-((REDIS)) && red1=$(redis_cmds)
 ir=$(total_ir "$file")
 opened=$(awk '$1 == "upstream_connections_opened" {print $2}' "$W/client.log")
 pooled=$(curl -s --max-time 10 "http://127.0.0.1:$STUB/" | awk 'NR == 1 {print $3 - 1}')
@@ -473,7 +484,7 @@ served_n=$((r1 - r0)) up_n=$((u1 - u0 - 3)) expect=$((WARMUP * CONNS + REQUESTS)
     echo "proxy RSS without valgrind, no subject: $rss_none"
     echo "proxy RSS without valgrind, $SUBJECTS enrolled: $rss_all"
     ((REDIS)) && echo "store: redis; commands other than PING during the measured window:" \
-      "$((red1 - red0 - 1)) (the one INFO that read the first count excluded)"
+      "$(redis_delta "$W/redis-before.txt" "$W/redis-after.txt")"
   fi
   awk -v ir="$ir" -v n="$REQUESTS" 'BEGIN {printf "instructions per request: %.0f\n", ir / n}'
   echo "profile: callgrind_annotate --inclusive=yes $file"
