@@ -301,60 +301,57 @@ fn named(config: &Config) -> impl Iterator<Item = (&String, &TokenConfig)> {
     config.tokens.iter().filter(|(_, t)| !t.per_subject)
 }
 
+/// Notes `key` as needing a restart when `next` differs from `running`, and puts the running
+/// value back into `next`.
+fn pin<T: PartialEq + Clone>(keys: &mut Vec<String>, key: &str, running: &T, next: &mut T) {
+    if running != next {
+        keys.push(key.to_owned());
+        next.clone_from(running);
+    }
+}
+
 /// The settings of `next` that cannot change without a restart and differ from `running`, and
 /// `next` with their running values put back (what is actually applied).
 fn restart_needed(running: &Config, mut next: Config) -> (Config, Vec<String>) {
     let mut keys = Vec::new();
-    let mut keep = |key: &str, differs: bool| {
-        if differs {
-            keys.push(key.to_owned());
-        }
-        differs
-    };
     // The listeners and the runtime are made once, at start.
-    if keep("proxy.listen", running.proxy.listen != next.proxy.listen) {
-        next.proxy.listen = running.proxy.listen;
-    }
-    if keep("proxy.workers", running.proxy.workers != next.proxy.workers) {
-        next.proxy.workers = running.proxy.workers;
-    }
+    pin(
+        &mut keys,
+        "proxy.listen",
+        &running.proxy.listen,
+        &mut next.proxy.listen,
+    );
+    pin(
+        &mut keys,
+        "proxy.workers",
+        &running.proxy.workers,
+        &mut next.proxy.workers,
+    );
     // The accept loop's connection slots are one semaphore made when it starts.
-    if keep(
+    pin(
+        &mut keys,
         "proxy.max_connections",
-        running.proxy.max_connections != next.proxy.max_connections,
-    ) {
-        next.proxy.max_connections = running.proxy.max_connections;
-    }
-    if keep("admin.listen", running.admin.listen != next.admin.listen) {
-        next.admin.listen = running.admin.listen;
-    }
+        &running.proxy.max_connections,
+        &mut next.proxy.max_connections,
+    );
+    pin(
+        &mut keys,
+        "admin.listen",
+        &running.admin.listen,
+        &mut next.admin.listen,
+    );
     // The subscriber's format layer is a different type per format.
-    if keep("log.format", running.log.format != next.log.format) {
-        next.log.format = running.log.format;
-    }
+    pin(
+        &mut keys,
+        "log.format",
+        &running.log.format,
+        &mut next.log.format,
+    );
     // The watch is started (or not) once, with its debounce.
-    if keep(
-        "reload",
-        running.reload.watch != next.reload.watch
-            || running.reload.debounce != next.reload.debounce,
-    ) {
-        next.reload = running.reload.clone();
-    }
-    // The subjects API listener, store and key ring, and Redis' connection, are made at
-    // start; their sections hold no inline secret that `Debug` would hide except Redis'
-    // password, which lives in a file.
-    if keep(
-        "subjects",
-        format!("{:?}", running.subjects) != format!("{:?}", next.subjects),
-    ) {
-        next.subjects = running.subjects.clone();
-    }
-    if keep(
-        "redis",
-        format!("{:?}", running.redis) != format!("{:?}", next.redis),
-    ) {
-        next.redis = running.redis.clone();
-    }
+    pin(&mut keys, "reload", &running.reload, &mut next.reload);
+    // The subjects API listener, store and key ring, and Redis' connection, are made at start.
+    pin(&mut keys, "subjects", &running.subjects, &mut next.subjects);
+    pin(&mut keys, "redis", &running.redis, &mut next.redis);
     // Per-subject tokens live in `Subjects`, built at start.
     let subject_tokens = |c: &Config| -> BTreeMap<String, [u8; 32]> {
         c.tokens

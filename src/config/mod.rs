@@ -325,7 +325,7 @@ pub const DEFAULT_RELOAD_WATCH: bool = false;
 pub const DEFAULT_RELOAD_DEBOUNCE: Duration = Duration::from_millis(500);
 
 /// `[reload]`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(default)]
 pub struct ReloadConfig {
     /// Reload when the configuration file changes (watching its directory, so a Kubernetes
