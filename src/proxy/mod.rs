@@ -31,6 +31,8 @@
 mod body;
 mod error;
 mod forward;
+#[allow(dead_code, unused_imports)] // wired in by the connection driver (in progress)
+mod h1;
 #[doc(hidden)]
 pub mod fuzzing;
 mod intercept;

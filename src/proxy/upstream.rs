@@ -57,6 +57,9 @@ pub(crate) struct Upstreams {
     credentials: Box<[UpstreamClient]>,
     /// For `unmatched = "forward"`: the app's own headers, no token.
     unmatched: UpstreamClient,
+    /// The fast path's connections (`h1/pool.rs`), keyed by the same pool indices.
+    #[allow(dead_code)] // read by the connection driver (in progress)
+    h1: super::h1::H1Pool,
 }
 
 impl Upstreams {
@@ -81,6 +84,7 @@ impl Upstreams {
         Ok(Self {
             credentials: clients.into_boxed_slice(),
             unmatched: client(shared),
+            h1: super::h1::H1Pool::default(),
         })
     }
 
@@ -92,6 +96,12 @@ impl Upstreams {
         self.credentials
             .get(pool)
             .expect("a route's pool is in range because routes and clients come from one token map")
+    }
+
+    /// The fast path's connections.
+    #[allow(dead_code)] // used by the connection driver (in progress)
+    pub(crate) fn h1(&self) -> &super::h1::H1Pool {
+        &self.h1
     }
 
     /// The client for requests without a token.
