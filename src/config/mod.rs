@@ -57,6 +57,10 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Bodies up to this size are kept so a request can be replayed once after a 401; FDX requests
 /// are GETs or small JSON documents.
 pub const DEFAULT_REPLAY_BODY_LIMIT: usize = 64 * 1024;
+/// The fast path is on: it serves exactly the requests the hyper path would serve the same
+/// way, for less CPU and memory; the switch exists so an operator can rule it out at once if
+/// an upstream ever behaves differently behind it.
+pub const DEFAULT_FAST_PATH: bool = true;
 /// How long a request waits for a token that is not there yet (start-up, outage) before a 503.
 /// Short enough that the app's own timeout (usually 10s or more) sees our clear error first.
 pub const DEFAULT_TOKEN_WAIT: Duration = Duration::from_secs(5);
@@ -209,6 +213,9 @@ pub struct ProxyConfig {
     pub ca_file: Option<PathBuf>,
     /// Request headers whose name contains `_`: `drop`, `reject` or `allow`.
     pub underscore_headers: UnderscoreHeaders,
+    /// Serve plain-HTTP/1.1 requests on routes with a named token through the purpose-built
+    /// fast path (`proxy/h1/`); `false` sends every request through hyper.
+    pub fast_path: bool,
     /// `[proxy.intercept]`: terminate the app's TLS for routed hosts with an operator CA.
     /// Absent means `CONNECT` to a routed host is refused (the safe default: no CA, no
     /// certificates made).
@@ -265,6 +272,7 @@ impl Default for ProxyConfig {
             workers: DEFAULT_WORKERS,
             ca_file: None,
             underscore_headers: DEFAULT_UNDERSCORE_HEADERS,
+            fast_path: DEFAULT_FAST_PATH,
             intercept: None,
         }
     }

@@ -180,20 +180,36 @@ impl ProxyError {
     /// The answer as raw HTTP/1.1 bytes, for refusals made before hyper sees the request
     /// (see `wire/guard.rs`). Always closes the connection.
     pub(crate) fn http1_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.write_http1(&mut out, true);
+        out
+    }
+
+    /// Appends the answer as raw HTTP/1.1 bytes to `out`, with the headers of
+    /// [`ProxyError::response`]; `close` (or an answer that always closes) adds
+    /// `connection: close`.
+    pub(crate) fn write_http1(&self, out: &mut Vec<u8>, close: bool) {
         let body = self.body();
         let status = self.code.status();
-        let mut out = format!(
-            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\n{}: {}\r\n\
-             content-length: {}\r\nconnection: close\r\n\r\n",
-            status.as_u16(),
-            status.canonical_reason().unwrap_or(""),
-            ERROR_HEADER,
-            self.code.as_str(),
-            body.len()
-        )
-        .into_bytes();
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+        out.extend_from_slice(b"\r\ncontent-type: application/json\r\n");
+        out.extend_from_slice(ERROR_HEADER.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(self.code.as_str().as_bytes());
+        if self.code == ErrorCode::TokenUnavailable {
+            out.extend_from_slice(b"\r\nretry-after: ");
+            out.extend_from_slice(TOKEN_RETRY_AFTER.as_bytes());
+        }
+        out.extend_from_slice(b"\r\ncontent-length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+        if close || self.close {
+            out.extend_from_slice(b"\r\nconnection: close");
+        }
+        out.extend_from_slice(b"\r\n\r\n");
         out.extend_from_slice(&body);
-        out
     }
 }
 

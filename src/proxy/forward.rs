@@ -56,16 +56,16 @@ const DOT_SEGMENT: ProxyError = ProxyError::new(
     "request paths with \".\" or \"..\" segments (also percent-encoded) are refused on routes \
      with a base path: the upstream could resolve them outside the route's base path",
 );
-const BAD_RESPONSE: ProxyError = ProxyError::new(
+pub(super) const BAD_RESPONSE: ProxyError = ProxyError::new(
     ErrorCode::UpstreamReset,
     "the upstream's response used a transfer coding other than one \"chunked\"; it was not \
      passed on",
 );
-const BODY_STALLED: ProxyError = ProxyError::new(
+pub(super) const BODY_STALLED: ProxyError = ProxyError::new(
     ErrorCode::UpstreamTimeout,
     "the upstream sent a response head, then its body did not move within idle_timeout",
 );
-const NO_TOKEN: ProxyError = ProxyError::new(
+pub(super) const NO_TOKEN: ProxyError = ProxyError::new(
     ErrorCode::TokenUnavailable,
     "no valid access token for this route yet (the token endpoint has not answered); retry \
      shortly",
@@ -93,7 +93,7 @@ const REAUTH_REQUIRED: ProxyError = ProxyError::new(
 const BODY_UNREADABLE: ProxyError =
     ProxyError::new(ErrorCode::BadRequest, "the request body could not be read").closing();
 
-fn upstream_error(code: ErrorCode) -> ProxyError {
+pub(super) fn upstream_error(code: ErrorCode) -> ProxyError {
     let message = match code {
         ErrorCode::UpstreamTls => {
             "TLS handshake with the upstream failed (certificate not trusted or invalid); \
@@ -596,7 +596,7 @@ fn check_response_framing(headers: &mut HeaderMap) -> Result<(), ()> {
 /// servers also split segments at `\\` or an encoded slash (`%2f`, `%5c`) and ignore `;…`
 /// parameters (`..;`), so those count too: refusing a strange path costs nothing, letting one
 /// climb out of the base path could send the token to another API on the host.
-fn has_dot_segment(path: &str) -> bool {
+pub(super) fn has_dot_segment(path: &str) -> bool {
     let mut rest = path.as_bytes();
     // Dots in the current segment so far; `None` once it has anything else.
     let mut dots = Some(0u8);
@@ -670,30 +670,42 @@ fn target_uri(
     let pq = if strip == 0 && base_path.is_none() {
         pq
     } else {
-        let rest = pq.path().get(strip..).unwrap_or("");
-        let base = base_path.unwrap_or("");
-        let mut s = BytesMut::with_capacity(base.len() + rest.len() + pq.as_str().len() + 2);
-        s.put_slice(base.as_bytes());
-        if rest.is_empty() {
-            if base.is_empty() {
-                s.put_u8(b'/');
-            }
-        } else {
-            if !rest.starts_with('/') {
-                s.put_u8(b'/');
-            }
-            s.put_slice(rest.as_bytes());
-        }
-        if let Some(q) = pq.query() {
-            s.put_u8(b'?');
-            s.put_slice(q.as_bytes());
-        }
+        let mut s = BytesMut::with_capacity(base_path.map_or(0, str::len) + pq.as_str().len() + 2);
+        rebase(&mut s, base_path, pq.path(), pq.query(), strip);
         PathAndQuery::from_maybe_shared(s.freeze())?
     };
     parts.scheme = Some(scheme);
     parts.authority = Some(authority);
     parts.path_and_query = Some(pq);
     Ok(Uri::from_parts(parts)?)
+}
+
+/// Appends the upstream path and query: `base_path`, then `path` minus its first `strip`
+/// bytes (a route's prefix), then `?query`. Never empty: at least `/`.
+pub(super) fn rebase(
+    out: &mut impl BufMut,
+    base_path: Option<&str>,
+    path: &str,
+    query: Option<&str>,
+    strip: usize,
+) {
+    let rest = path.get(strip..).unwrap_or("");
+    let base = base_path.unwrap_or("");
+    out.put_slice(base.as_bytes());
+    if rest.is_empty() {
+        if base.is_empty() {
+            out.put_u8(b'/');
+        }
+    } else {
+        if !rest.starts_with('/') {
+            out.put_u8(b'/');
+        }
+        out.put_slice(rest.as_bytes());
+    }
+    if let Some(q) = query {
+        out.put_u8(b'?');
+        out.put_slice(q.as_bytes());
+    }
 }
 
 /// Reads a body already known to be small.

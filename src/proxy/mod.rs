@@ -31,10 +31,9 @@
 mod body;
 mod error;
 mod forward;
-#[allow(dead_code, unused_imports)] // wired in by the connection driver (in progress)
-mod h1;
 #[doc(hidden)]
 pub mod fuzzing;
+mod h1;
 mod intercept;
 mod route;
 mod sanitise;
@@ -167,6 +166,8 @@ pub(crate) struct Inner {
     max_connections: usize,
     /// hyper's HTTP/1 server settings.
     server: auto::Builder<TokioExecutor>,
+    /// `proxy.fast_path`: plain connections start on the fast path (`h1/`).
+    fast_path: bool,
     /// `[proxy.intercept]`: the operator CA and its leaves; `None` refuses `CONNECT` to routed
     /// hosts.
     intercept: Option<intercept::Interceptor>,
@@ -304,6 +305,7 @@ impl Proxy {
                 }),
                 max_connections: p.max_connections,
                 server,
+                fast_path: p.fast_path,
                 intercept,
                 metrics,
                 in_use: tokio::sync::watch::Sender::new(()),
@@ -484,18 +486,36 @@ impl Inner {
         });
         // Set when an answer was cut short, so the socket closes with a reset.
         let cut = Arc::new(AtomicBool::new(false));
-        let io = TokioIo::new(
-            WireGuard::new(stream, self.wire.clone(), self.metrics.clone())
-                .reset_on_drop(cut.clone(), reset_socket),
-        );
-        let conn = graceful.watch(
-            self.server
-                .serve_connection_with_upgrades(io, service)
-                .into_owned(),
-        );
+        let mut guard = WireGuard::new(stream, self.wire.clone(), self.metrics.clone())
+            .reset_on_drop(cut.clone(), reset_socket);
+        let fast_path = self.fast_path;
+        // Cloned (not borrowed from this configuration) so that an open connection does not
+        // keep a replaced configuration alive.
+        let server = self.server.clone();
+        let watcher = graceful.watcher();
         let metrics = self.metrics.clone();
         async move {
             let _slot = slot;
+            // The fast path first; hyper serves what it hands over.
+            let pending = if fast_path {
+                let outcome = tokio::select! {
+                    biased;
+                    () = shutdown.reached(Phase::Terminated) => return,
+                    outcome = h1::serve(&shared.current, &mut guard, &shutdown, &cut) => outcome,
+                };
+                match outcome {
+                    h1::Outcome::Closed => return,
+                    h1::Outcome::Handoff(pending) => pending,
+                }
+            } else {
+                bytes::Bytes::new()
+            };
+            let io = TokioIo::new(h1::Rewind::with_pending(guard, pending));
+            let conn = watcher.watch(
+                server
+                    .serve_connection_with_upgrades(io, service)
+                    .into_owned(),
+            );
             {
                 // Kept alive past its result, so the socket is still open when `cut` is set.
                 tokio::pin!(conn);

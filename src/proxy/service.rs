@@ -54,18 +54,42 @@ impl AccessInfo {
             .or_else(|| self.host.as_ref().and_then(|h| h.to_str().ok()))
             .unwrap_or("");
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        tracing::info!(
-            target: "bearer_proxy::access",
-            method = %self.method,
+        log_access(
+            &self.method,
             route,
             host,
-            path = self.uri.path(),
-            status = status.as_u16(),
-            duration_ms = start.elapsed().as_secs_f64() * 1000.0,
-            ob_correlation_id = header("ob-correlation-id"),
-            ob_trace_id = header("ob-trace-id"),
+            self.uri.path(),
+            status.as_u16(),
+            start,
+            header("ob-correlation-id"),
+            header("ob-trace-id"),
         );
     }
+}
+
+/// One access log line (`log.access`), for both request paths.
+#[allow(clippy::too_many_arguments)] // the fields of one log line
+pub(super) fn log_access(
+    method: &Method,
+    route: &str,
+    host: &str,
+    path: &str,
+    status: u16,
+    start: Instant,
+    ob_correlation_id: Option<&str>,
+    ob_trace_id: Option<&str>,
+) {
+    tracing::info!(
+        target: "bearer_proxy::access",
+        method = %method,
+        route,
+        host,
+        path,
+        status,
+        duration_ms = start.elapsed().as_secs_f64() * 1000.0,
+        ob_correlation_id,
+        ob_trace_id,
+    );
 }
 
 impl Inner {
@@ -128,6 +152,12 @@ impl Inner {
 
     /// Counts, logs and builds an answer of the proxy's own.
     pub(super) fn refuse(&self, e: ProxyError) -> Response<ProxyBody> {
+        self.count_refusal(e);
+        e.response()
+    }
+
+    /// Counts and logs an answer of the proxy's own (the fast path writes it itself).
+    pub(super) fn count_refusal(&self, e: ProxyError) {
         if let Some(reason) = e.code.reject_reason() {
             self.metrics.reject(reason);
         }
@@ -136,7 +166,6 @@ impl Inner {
             status = e.code.status().as_u16(),
             "request answered by the proxy"
         );
-        e.response()
     }
 
     /// Whether the request already carries our `Via` entry.

@@ -115,7 +115,17 @@ impl Origin {
 impl Inner {
     /// Finds where `req` goes, without side effects.
     pub(super) fn target<'a, B>(&'a self, req: &Request<B>) -> Result<Target<'a>, ProxyError> {
-        let uri = req.uri();
+        let host = req.headers().get(HOST).and_then(|h| h.to_str().ok());
+        self.target_of(req.uri(), host)
+    }
+
+    /// Finds where a request for `uri` with `Host` value `host` goes, without side effects
+    /// (the fast path's entry, which has no `Request`).
+    pub(super) fn target_of<'a>(
+        &'a self,
+        uri: &http::Uri,
+        host: Option<&str>,
+    ) -> Result<Target<'a>, ProxyError> {
         if let Some(authority) = uri.authority() {
             // Absolute-form: the URL names the host.
             if authority.as_str().contains('@') {
@@ -147,11 +157,7 @@ impl Inner {
         if !uri.path().starts_with('/') {
             return Err(NO_ROUTE);
         }
-        let host = req
-            .headers()
-            .get(HOST)
-            .and_then(|h| h.to_str().ok())
-            .and_then(split_host_port);
+        let host = host.and_then(split_host_port);
         if let Some(m) = self.routes.by_prefix(uri.path(), host.map(|h| h.0)) {
             return Ok(Target::Routed {
                 route: m.route,

@@ -1,8 +1,137 @@
-//! The proxy port's purpose-built HTTP/1 request path (the "fast path"). (Driver in progress.)
+//! The proxy port's purpose-built HTTP/1 request path, the "fast path" (`proxy.fast_path`,
+//! on by default).
+//!
+//! A plain client connection starts here. Its task reads through the wire guard (which has
+//! already judged every head: limits, ambiguous framing, bytes httparse refuses, timeouts),
+//! parses each head once with httparse (`request.rs`), writes the upstream head as bytes, takes
+//! an upstream connection from the pool (`pool.rs`) for the exchange, drives both sockets itself
+//! and relays the answer by its framing (`response.rs`, `relay.rs`, `chunked.rs`). No
+//! `HeaderMap`, no second task, no channel: one task per client connection, which holds its
+//! upstream connection for the exchange and puts it back afterwards.
+//!
+//! The line with hyper: the fast path serves HTTP/1.1 requests with a method from GET, HEAD,
+//! POST, PUT, DELETE, PATCH, OPTIONS, no `Expect`, no `Transfer-Encoding` and a body of at most
+//! `replay_body_limit` (read whole before it is sent), on a route with a named token, to an
+//! upstream that speaks HTTP/1.1. The first head it does not serve (HTTP/1.0, `CONNECT`,
+//! `TRACE`, per-subject routes, unrouted or refused requests, chunked or larger bodies, an
+//! origin whose TLS handshake chose HTTP/2, a `Via` loop, `_` in a header name) hands the
+//! connection, with every byte read and not served, to hyper for the rest of its life
+//! ([`Outcome::Handoff`]); hyper then answers exactly as it did before the fast path existed.
+//! Intercepted (`CONNECT` + TLS) connections, the admin port and the dev issuer are hyper's.
 
 mod chunked;
+mod exchange;
 mod pool;
+mod relay;
 mod request;
 mod response;
+mod rewind;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub(crate) use pool::H1Pool;
+pub(crate) use rewind::Rewind;
+
+use self::exchange::{Next, Scratch, serve_one};
+use super::Inner;
+use crate::shutdown::{Phase, Shutdown};
+
+/// The client read buffer's size, like hyper's: a head and a small body fit in one read.
+const READ_BUFFER: usize = 8 * 1024;
+
+/// How a connection left the fast path.
+pub(crate) enum Outcome {
+    /// It is finished (closed, dropped or reset as its last answer required).
+    Closed,
+    /// hyper serves the rest: these bytes were read and not served.
+    Handoff(Bytes),
+}
+
+/// A client connection's read buffer and the buffers its exchanges reuse.
+pub(crate) struct Connection {
+    buf: Vec<u8>,
+    /// Where the next unserved byte is in `buf`.
+    start: usize,
+    scratch: Scratch,
+}
+
+impl Connection {
+    /// Reads more from the client; `false` at its end or on an error (including the wire
+    /// guard's refusals and timeouts).
+    async fn fill<C: AsyncRead + Unpin>(&mut self, io: &mut C) -> bool {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.reserve(READ_BUFFER);
+        matches!(io.read_buf(&mut self.buf).await, Ok(n) if n > 0)
+    }
+
+    /// Reads until `len` bytes from the read position are there.
+    async fn fill_to<C: AsyncRead + Unpin>(&mut self, io: &mut C, len: usize) -> bool {
+        while self.buf.len() - self.start < len {
+            if !self.fill(io).await {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Serves the connection's requests while the fast path can; returns when the connection is
+/// finished or hyper must take over.
+pub(crate) async fn serve<C>(
+    current: &ArcSwap<Inner>,
+    io: &mut C,
+    shutdown: &Shutdown,
+    cut: &AtomicBool,
+) -> Outcome
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut conn = Connection {
+        buf: Vec::new(),
+        start: 0,
+        scratch: Scratch::default(),
+    };
+    let stopping = shutdown.reached(Phase::Stopping);
+    tokio::pin!(stopping);
+    loop {
+        if conn.start == conn.buf.len() {
+            // Idle between requests: a drain closes the connection now.
+            conn.buf.clear();
+            conn.start = 0;
+            let more = tokio::select! {
+                biased;
+                () = &mut stopping => false,
+                more = conn.fill(io) => more,
+            };
+            if !more {
+                let _ = io.shutdown().await;
+                return Outcome::Closed;
+            }
+        }
+        // The one configuration load of this request.
+        let inner = current.load_full();
+        let draining = shutdown.phase() >= Phase::Stopping;
+        match serve_one(&inner, io, &mut conn, draining).await {
+            Next::Continue => {}
+            Next::Close => {
+                let _ = io.shutdown().await;
+                return Outcome::Closed;
+            }
+            Next::Drop => return Outcome::Closed,
+            Next::Cut => {
+                cut.store(true, Ordering::Release);
+                return Outcome::Closed;
+            }
+            Next::Handoff => {
+                return Outcome::Handoff(Bytes::copy_from_slice(&conn.buf[conn.start..]));
+            }
+        }
+    }
+}
