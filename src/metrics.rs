@@ -101,6 +101,31 @@ label_enums! {
         ReauthRequired => "reauth_required",
     }
 
+    /// Why the fast path handed a client connection to hyper (`reason` label of
+    /// `bearer_proxy_fast_path_handoffs_total`).
+    pub enum Handoff {
+        /// Not HTTP/1.1.
+        Version => "version",
+        /// A method the fast path does not serve (`CONNECT`, `TRACE`, others).
+        Method => "method",
+        /// `Expect`.
+        Expect => "expect",
+        /// A chunked request body.
+        TransferEncoding => "transfer_encoding",
+        /// A body over `replay_body_limit`.
+        LargeBody => "large_body",
+        /// A header name containing `_`.
+        Underscore => "underscore",
+        /// Our own `Via` (a loop).
+        Loop => "loop",
+        /// A head the fast path does not parse the way hyper would.
+        Unusual => "unusual",
+        /// Not a route with a named token (unrouted, refused, per-subject, a dot segment).
+        Route => "route",
+        /// The upstream chose HTTP/2.
+        Http2 => "http2",
+    }
+
     /// What happened to a request header whose name contains `_` (`action` label of
     /// `bearer_proxy_underscore_headers_total`). Headers forwarded under `allow` are not counted.
     pub enum UnderscoreAction {
@@ -248,6 +273,7 @@ pub struct Metrics {
     subject_refreshes: IntCounterVec,
     subject_rejected: IntCounterVec,
     underscore_headers: [IntCounter; UnderscoreAction::COUNT],
+    handoffs: [IntCounter; Handoff::COUNT],
     /// Every route handle handed out, for the status page (filled at start-up only).
     routes: std::sync::Mutex<Vec<RouteMetrics>>,
     /// Connections from clients currently open on the proxy port.
@@ -417,6 +443,14 @@ impl Metrics {
             &["reason"],
         );
         let rejected = RejectReason::ALL.map(|k| rejected_vec.with_label_values(&[k.as_str()]));
+        let handoff_vec = counter_vec(
+            &r,
+            "bearer_proxy_fast_path_handoffs_total",
+            "Client connections the fast path handed to hyper, by the reason of the first request \
+             it did not serve.",
+            &["reason"],
+        );
+        let handoffs = Handoff::ALL.map(|k| handoff_vec.with_label_values(&[k.as_str()]));
         let underscore_vec = counter_vec(
             &r,
             "bearer_proxy_underscore_headers_total",
@@ -559,6 +593,7 @@ impl Metrics {
                 &["token", "reason"],
             ),
             underscore_headers,
+            handoffs,
             routes: std::sync::Mutex::new(Vec::new()),
             open_connections: register(
                 &r,
@@ -780,6 +815,11 @@ impl Metrics {
     /// Counts a request the proxy answered itself.
     pub(crate) fn reject(&self, reason: RejectReason) {
         self.rejected[reason as usize].inc();
+    }
+
+    /// Counts a client connection the fast path handed to hyper.
+    pub(crate) fn handoff(&self, reason: Handoff) {
+        self.handoffs[reason as usize].inc();
     }
 
     /// Counts `n` request headers whose name contains `_`.

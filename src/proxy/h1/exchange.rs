@@ -22,10 +22,10 @@ use tokio::time::Instant;
 use super::Connection;
 use super::pool::{Connected, H1Conn, PoolKey};
 use super::relay::{Body, READ_CHUNK, RelayError, pump};
-use super::request::{Outgoing, RequestHead, write_upstream_head};
+use super::request::{Ineligible, Outgoing, RequestHead, write_upstream_head};
 use super::response::write_client_head;
 use super::response::{MAX_RESPONSE_HEAD, ResponseError, ResponseFraming, ResponseHead};
-use crate::metrics::{ReplayResult, RouteMetrics, UpstreamErrorKind};
+use crate::metrics::{Handoff, ReplayResult, RouteMetrics, UpstreamErrorKind};
 use crate::proxy::Inner;
 use crate::proxy::error::{ErrorCode, ProxyError};
 use crate::proxy::forward::{
@@ -50,7 +50,7 @@ pub(super) enum Next {
     /// Reset the connection: an answer was cut short and must not look complete.
     Cut,
     /// Hand the connection to hyper; the head at the read position was not consumed.
-    Handoff,
+    Handoff(Handoff),
 }
 
 /// The buffers one connection's exchanges reuse.
@@ -104,7 +104,7 @@ enum Decision<'i> {
         close: bool,
         access: Option<Access>,
     },
-    Hyper,
+    Hyper(Handoff),
 }
 
 /// The upstream's answer head, kept past the borrow of the read buffer.
@@ -157,7 +157,7 @@ where
             inner.pseudonym.as_bytes(),
             inner.replay_body_limit as u64,
         ) {
-            Err(_) => return Next::Handoff,
+            Err(why) => return Next::Handoff(handoff(why)),
             Ok(Some(head)) => break decide(inner, &head, &mut conn.scratch),
             Ok(None) => {
                 if !conn.fill(io).await {
@@ -167,7 +167,7 @@ where
         }
     };
     let plan = match decision {
-        Decision::Hyper => return Next::Handoff,
+        Decision::Hyper(why) => return Next::Handoff(why),
         Decision::Fast(plan) => plan,
         Decision::WaitForToken {
             route,
@@ -209,7 +209,7 @@ where
     let mut upstream = match tokio::time::timeout_at(deadline, pool.get(&plan.key)).await {
         Ok(Ok(Connected::Http1(c))) => c,
         // Hyper's clients negotiate HTTP/2 with this origin: the request is theirs.
-        Ok(Ok(Connected::Http2)) => return Next::Handoff,
+        Ok(Ok(Connected::Http2)) => return Next::Handoff(Handoff::Http2),
         Ok(Err(e)) => {
             conn.start += plan.consumed;
             return answer
@@ -273,10 +273,24 @@ where
         .await
 }
 
+/// The metric label of a head the parser leaves to hyper.
+fn handoff(why: Ineligible) -> Handoff {
+    match why {
+        Ineligible::Version => Handoff::Version,
+        Ineligible::Method => Handoff::Method,
+        Ineligible::Expect => Handoff::Expect,
+        Ineligible::TransferEncoding => Handoff::TransferEncoding,
+        Ineligible::LargeBody => Handoff::LargeBody,
+        Ineligible::Underscore => Handoff::Underscore,
+        Ineligible::Loop => Handoff::Loop,
+        Ineligible::Unusual => Handoff::Unusual,
+    }
+}
+
 /// Decides how `head` is served and, for the fast path, writes the upstream request head.
 fn decide<'i>(inner: &'i Inner, head: &RequestHead<'_>, scratch: &mut Scratch) -> Decision<'i> {
     let Ok(uri) = Uri::try_from(head.target) else {
-        return Decision::Hyper;
+        return Decision::Hyper(Handoff::Route);
     };
     let Ok(Target::Routed {
         route,
@@ -284,13 +298,13 @@ fn decide<'i>(inner: &'i Inner, head: &RequestHead<'_>, scratch: &mut Scratch) -
         strip,
     }) = inner.target_of(&uri, head.host)
     else {
-        return Decision::Hyper;
+        return Decision::Hyper(Handoff::Route);
     };
     let RouteToken::Named(cell) = &route.token else {
-        return Decision::Hyper;
+        return Decision::Hyper(Handoff::Route);
     };
     if origin.base_path.is_some() && has_dot_segment(uri.path().get(strip..).unwrap_or("")) {
-        return Decision::Hyper;
+        return Decision::Hyper(Handoff::Route);
     }
     // The head's parser refuses bodies longer than `replay_body_limit`.
     #[allow(clippy::cast_possible_truncation)]

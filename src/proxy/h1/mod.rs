@@ -129,7 +129,8 @@ where
                 cut.store(true, Ordering::Release);
                 return Outcome::Closed;
             }
-            Next::Handoff => {
+            Next::Handoff(why) => {
+                inner.metrics.handoff(why);
                 return Outcome::Handoff(Bytes::copy_from_slice(&conn.buf[conn.start..]));
             }
         }
