@@ -15,6 +15,10 @@ mod build;
 // every output.
 mod cli;
 
+// The fast path (`proxy/h1/`) against the hyper path: the same bytes, the same upstream
+// request and answer; hand-over to hyper mid-connection; refusals unchanged.
+mod fastpath;
+
 // Fault injection against `Server::start`: token endpoint, upstream, client and process
 // misbehave; status, error code, what the upstream got, recovery, no leaked connection.
 mod faults;
