@@ -120,7 +120,8 @@ label_enums! {
         Loop => "loop",
         /// A head the fast path does not parse the way hyper would.
         Unusual => "unusual",
-        /// Not a route with a named token (unrouted, refused, per-subject, a dot segment).
+        /// Not a routed request the fast path serves (unrouted, refused, no or an invalid subject
+        /// header, a dot segment).
         Route => "route",
         /// The upstream chose HTTP/2.
         Http2 => "http2",

@@ -107,7 +107,7 @@ pub(super) fn upstream_error(code: ErrorCode) -> ProxyError {
 }
 
 /// Whose token a routed request carries.
-enum Holder<'r> {
+pub(super) enum Holder<'r> {
     /// The route's one token.
     Named(&'r TokenCell),
     /// The token of the subject the request named.
@@ -116,7 +116,7 @@ enum Holder<'r> {
 
 impl Holder<'_> {
     /// A valid token for a second send after `sent`.
-    fn current(&self, sent: &Arc<AccessToken>) -> Option<Arc<AccessToken>> {
+    pub(super) fn current(&self, sent: &Arc<AccessToken>) -> Option<Arc<AccessToken>> {
         match self {
             Holder::Named(cell) => cell.current(),
             Holder::Subject(..) => sent
@@ -127,7 +127,7 @@ impl Holder<'_> {
 
     /// A token newer than `seen`, which the upstream rejected (see `TokenCell::invalidate`
     /// and `SubjectTokens::invalidate`).
-    async fn invalidate(
+    pub(super) async fn invalidate(
         &self,
         seen: &Arc<AccessToken>,
         wait: Duration,
@@ -177,13 +177,9 @@ impl Inner {
         &self,
         entry: &SubjectTokens<TokenClient>,
         subject: Option<&SubjectId>,
-        (e, reason): (ProxyError, SubjectRejectReason),
+        refusal: (ProxyError, SubjectRejectReason),
     ) -> Response<ProxyBody> {
-        entry.metrics().reject(reason);
-        if let Some(subject) = subject {
-            tracing::info!(token = entry.name(), subject = %subject, error = e.code.as_str(), "per-subject request refused");
-        }
-        self.refuse(e)
+        self.refuse(count_subject_refusal(entry, subject, refusal))
     }
 
     /// Sends a routed request: sanitised, with the route's token (or its subject's),
@@ -235,20 +231,7 @@ impl Inner {
             },
             Holder::Subject(entry, subject) => match entry.get(subject).await {
                 Ok(t) => t,
-                Err(e) => {
-                    let refusal = match e {
-                        SubjectTokenError::UnknownSubject => {
-                            (UNKNOWN_SUBJECT, SubjectRejectReason::UnknownSubject)
-                        }
-                        SubjectTokenError::NeedsReauth => {
-                            (REAUTH_REQUIRED, SubjectRejectReason::ReauthRequired)
-                        }
-                        SubjectTokenError::Timeout | SubjectTokenError::Failed(_) => {
-                            (NO_TOKEN, SubjectRejectReason::TokenUnavailable)
-                        }
-                    };
-                    return self.refuse_subject(entry, Some(subject), refusal);
-                }
+                Err(e) => return self.refuse_subject(entry, Some(subject), subject_refusal(&e)),
             },
         };
         if base_path.is_some() && has_dot_segment(parts.uri.path().get(strip..).unwrap_or("")) {
@@ -502,6 +485,31 @@ impl Inner {
         metrics.upstream_error(kind);
         self.refuse(upstream_error(code))
     }
+}
+
+/// The answer and metric reason for a subject whose token cannot be had.
+pub(super) fn subject_refusal(e: &SubjectTokenError) -> (ProxyError, SubjectRejectReason) {
+    match e {
+        SubjectTokenError::UnknownSubject => (UNKNOWN_SUBJECT, SubjectRejectReason::UnknownSubject),
+        SubjectTokenError::NeedsReauth => (REAUTH_REQUIRED, SubjectRejectReason::ReauthRequired),
+        SubjectTokenError::Timeout | SubjectTokenError::Failed(_) => {
+            (NO_TOKEN, SubjectRejectReason::TokenUnavailable)
+        }
+    }
+}
+
+/// Counts and logs (naming the subject, if known) a refused per-subject request; the answer
+/// is `refusal`'s error, for `Inner::refuse` (or the fast path) to send.
+pub(super) fn count_subject_refusal(
+    entry: &SubjectTokens<TokenClient>,
+    subject: Option<&SubjectId>,
+    (e, reason): (ProxyError, SubjectRejectReason),
+) -> ProxyError {
+    entry.metrics().reject(reason);
+    if let Some(subject) = subject {
+        tracing::info!(token = entry.name(), subject = %subject, error = e.code.as_str(), "per-subject request refused");
+    }
+    e
 }
 
 /// Why an exchange with the upstream failed.

@@ -146,9 +146,9 @@ async fn same_on_both_paths(requests: &[&[u8]]) {
         let mut carry = Vec::new();
         for req in requests {
             s.write_all(req).await.unwrap();
-            let r = read_pipelined(&mut s, &mut carry).await.unwrap_or_else(|e| {
-                panic!("{label}: {e} after {}", String::from_utf8_lossy(req))
-            });
+            let r = read_pipelined(&mut s, &mut carry)
+                .await
+                .unwrap_or_else(|e| panic!("{label}: {e} after {}", String::from_utf8_lossy(req)));
             assert!(r.status != 0);
             if r.header("connection") == Some("close") {
                 s = connect(p.addr).await;
@@ -261,7 +261,10 @@ async fn pipelined_requests_are_answered_in_order_on_both_paths() {
     assert_eq!(seen[1].body, b"abc");
     for r in seen.iter() {
         let (_, headers) = normalise_head(&r.head);
-        let auth: Vec<_> = headers.iter().filter(|(n, _)| n == "authorization").collect();
+        let auth: Vec<_> = headers
+            .iter()
+            .filter(|(n, _)| n == "authorization")
+            .collect();
         assert_eq!(auth.len(), 1);
         assert_eq!(auth[0].1, vec![format!("Bearer {TOKEN}")]);
     }
@@ -291,7 +294,9 @@ async fn a_request_the_fast_path_does_not_serve_hands_the_connection_to_hyper_wh
     assert_eq!(got, [200, 200, 204, 405]);
     assert_eq!(seen.lock().unwrap()[1].body, b"xyz");
     assert_eq!(
-        p.metric(metric("bearer_proxy_fast_path_handoffs_total").label("reason", "transfer_encoding")),
+        p.metric(
+            metric("bearer_proxy_fast_path_handoffs_total").label("reason", "transfer_encoding")
+        ),
         Some(1.0)
     );
 }

@@ -14,6 +14,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use http::uri::Scheme;
 use http::{Method, Uri};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -29,13 +30,16 @@ use crate::metrics::{Handoff, ReplayResult, RouteMetrics, UpstreamErrorKind};
 use crate::proxy::Inner;
 use crate::proxy::error::{ErrorCode, ProxyError};
 use crate::proxy::forward::{
-    BAD_RESPONSE, BODY_STALLED, CONSENT_PROBE_LIMIT, NO_TOKEN, has_dot_segment, is_consent_revoked,
-    is_idempotent, rebase, upstream_error,
+    BAD_RESPONSE, BODY_STALLED, CONSENT_PROBE_LIMIT, Holder, NO_TOKEN, count_subject_refusal,
+    has_dot_segment, is_consent_revoked, is_idempotent, rebase, subject_refusal, upstream_error,
 };
 use crate::proxy::route::{Route, RouteToken};
 use crate::proxy::service::log_access;
 use crate::proxy::target::Target;
 use crate::proxy::upstream::{ConnectError, ConnectFailure};
+use crate::subject::SubjectId;
+use crate::subject::tokens::SubjectTokens;
+use crate::token::client::TokenClient;
 use crate::token::{AccessToken, TokenCell};
 
 /// What the connection does after a request.
@@ -76,7 +80,7 @@ struct Access {
 /// A request the fast path serves.
 struct Plan<'i> {
     route: &'i Route,
-    cell: &'i TokenCell,
+    holder: Holder<'i>,
     /// The token written into the request.
     token: Arc<AccessToken>,
     key: PoolKey,
@@ -96,15 +100,25 @@ struct Plan<'i> {
 /// What to do with a parsed head.
 enum Decision<'i> {
     Fast(Box<Plan<'i>>),
-    /// A route with a named token that has no valid token now: wait, then look again.
-    WaitForToken {
-        route: &'i Route,
-        cell: &'i TokenCell,
-        consumed: usize,
-        close: bool,
-        access: Option<Access>,
-    },
+    /// The token is not at hand: wait for it, then decide again (with it, or answer).
+    Wait(Pending<'i>, Wait<'i>),
+    /// Answered by the proxy (a subject whose token cannot be had); already counted.
+    Refuse(Pending<'i>, ProxyError),
     Hyper(Handoff),
+}
+
+/// A request the fast path answers without a token, for now.
+struct Pending<'i> {
+    route: &'i Route,
+    consumed: usize,
+    close: bool,
+    access: Option<Access>,
+}
+
+/// What a request waits for.
+enum Wait<'i> {
+    Named(&'i TokenCell),
+    Subject(&'i Arc<SubjectTokens<TokenClient>>, SubjectId),
 }
 
 /// The upstream's answer head, kept past the borrow of the read buffer.
@@ -169,28 +183,26 @@ where
     let plan = match decision {
         Decision::Hyper(why) => return Next::Handoff(why),
         Decision::Fast(plan) => plan,
-        Decision::WaitForToken {
-            route,
-            cell,
-            consumed,
-            close,
-            access,
-        } => {
-            if cell.wait_valid(inner.token_wait).await.is_some() {
-                // The head is decided again, now with the token.
-                return Next::Continue;
-            }
-            if !conn.fill_to(io, consumed).await {
-                return Next::Close;
-            }
-            conn.start += consumed;
-            let answer = Answer {
-                route,
-                start,
-                access: access.as_ref(),
-                close: close || stopping,
+        Decision::Wait(pending, wait) => {
+            let refusal = match wait {
+                Wait::Named(cell) => match cell.wait_valid(inner.token_wait).await {
+                    // The head is decided again, now with the token.
+                    Some(_) => return Next::Continue,
+                    None => NO_TOKEN,
+                },
+                Wait::Subject(entry, subject) => match entry.get(&subject).await {
+                    Ok(_) => return Next::Continue,
+                    Err(e) => count_subject_refusal(entry, Some(&subject), subject_refusal(&e)),
+                },
             };
-            return answer.refuse(inner, io, &mut conn.scratch, NO_TOKEN).await;
+            return pending
+                .refuse(inner, io, conn, start, stopping, refusal)
+                .await;
+        }
+        Decision::Refuse(pending, refusal) => {
+            return pending
+                .refuse(inner, io, conn, start, stopping, refusal)
+                .await;
         }
     };
     if !conn.fill_to(io, plan.consumed).await {
@@ -233,7 +245,7 @@ where
     if matches!(sent, Err(SendError::Closed))
         && upstream.reused()
         && plan.replayable
-        && let Some(current) = plan.cell.current()
+        && let Some(current) = plan.holder.current(&plan.token)
     {
         tracing::info!(
             route = %plan.route.label,
@@ -300,9 +312,6 @@ fn decide<'i>(inner: &'i Inner, head: &RequestHead<'_>, scratch: &mut Scratch) -
     else {
         return Decision::Hyper(Handoff::Route);
     };
-    let RouteToken::Named(cell) = &route.token else {
-        return Decision::Hyper(Handoff::Route);
-    };
     if origin.base_path.is_some() && has_dot_segment(uri.path().get(strip..).unwrap_or("")) {
         return Decision::Hyper(Handoff::Route);
     }
@@ -314,14 +323,32 @@ fn decide<'i>(inner: &'i Inner, head: &RequestHead<'_>, scratch: &mut Scratch) -
         host: uri.host().or(head.host).unwrap_or("").to_owned(),
         path: uri.path().to_owned(),
     });
-    let Some(token) = cell.current() else {
-        return Decision::WaitForToken {
-            route,
-            cell,
-            consumed,
-            close: head.close,
-            access,
-        };
+    let pending = |access| Pending {
+        route,
+        consumed,
+        close: head.close,
+        access,
+    };
+    let (holder, token) = match &route.token {
+        RouteToken::Named(cell) => match cell.current() {
+            Some(t) => (Holder::Named(cell), t),
+            None => return Decision::Wait(pending(access), Wait::Named(cell)),
+        },
+        RouteToken::PerSubject(entry) => {
+            // Anything but one valid subject header is hyper's to refuse.
+            let Some(subject) = one_subject(inner, head) else {
+                return Decision::Hyper(Handoff::Route);
+            };
+            // A cached token is there at the first poll; a refresh is waited for outside.
+            match entry.get(&subject).now_or_never() {
+                Some(Ok(t)) => (Holder::Subject(entry, subject), t),
+                Some(Err(e)) => {
+                    let e = count_subject_refusal(entry, Some(&subject), subject_refusal(&e));
+                    return Decision::Refuse(pending(access), e);
+                }
+                None => return Decision::Wait(pending(access), Wait::Subject(entry, subject)),
+            }
+        }
     };
     scratch.path.clear();
     let pq = uri.path_and_query();
@@ -347,7 +374,7 @@ fn decide<'i>(inner: &'i Inner, head: &RequestHead<'_>, scratch: &mut Scratch) -
     );
     Decision::Fast(Box::new(Plan {
         route,
-        cell,
+        holder,
         key: PoolKey {
             pool: route.pool,
             tls: origin.scheme == Scheme::HTTPS,
@@ -362,6 +389,46 @@ fn decide<'i>(inner: &'i Inner, head: &RequestHead<'_>, scratch: &mut Scratch) -
         auth,
         access,
     }))
+}
+
+/// The subject a request names in its one subject header, if it is a valid id.
+fn one_subject(inner: &Inner, head: &RequestHead<'_>) -> Option<SubjectId> {
+    let name = inner.subject_header.as_ref()?;
+    let mut values = head.values(name.as_str());
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return None;
+    };
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|v| SubjectId::parse(v).ok())
+}
+
+impl Pending<'_> {
+    /// Reads past the request's body and sends `refusal`.
+    async fn refuse<C>(
+        self,
+        inner: &Inner,
+        io: &mut C,
+        conn: &mut Connection,
+        start: Instant,
+        stopping: bool,
+        refusal: ProxyError,
+    ) -> Next
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+    {
+        if !conn.fill_to(io, self.consumed).await {
+            return Next::Close;
+        }
+        conn.start += self.consumed;
+        let answer = Answer {
+            route: self.route,
+            start,
+            access: self.access.as_ref(),
+            close: self.close || stopping,
+        };
+        answer.refuse(inner, io, &mut conn.scratch, refusal).await
+    }
 }
 
 /// A new connection for a second send (never an idle one).
@@ -518,26 +585,24 @@ where
     let complete = body.is_done();
     if complete && is_consent_revoked(&prefix) {
         route.metrics.replay(ReplayResult::ConsentRevoked);
+        // Later requests for this subject are answered `reauth_required` without a token
+        // request.
+        if let Holder::Subject(entry, subject) = &plan.holder {
+            entry.consent_revoked(subject, &plan.token).await;
+        }
         return answer
             .deliver(inner, io, scratch, upstream, &meta, body)
             .await;
     }
     if !plan.replayable {
         // Ask for a new token for the next request without making this one wait.
-        let _ = plan
-            .cell
-            .invalidate(plan.token.generation(), Duration::ZERO)
-            .await;
+        let _ = plan.holder.invalidate(&plan.token, Duration::ZERO).await;
         route.metrics.replay(ReplayResult::NotReplayable);
         return answer
             .deliver(inner, io, scratch, upstream, &meta, body)
             .await;
     }
-    let Some(fresh) = plan
-        .cell
-        .invalidate(plan.token.generation(), inner.token_wait)
-        .await
-    else {
+    let Some(fresh) = plan.holder.invalidate(&plan.token, inner.token_wait).await else {
         route.metrics.replay(ReplayResult::NoNewToken);
         return answer
             .deliver(inner, io, scratch, upstream, &meta, body)

@@ -11,9 +11,10 @@
 //!
 //! The line with hyper: the fast path serves HTTP/1.1 requests with a method from GET, HEAD,
 //! POST, PUT, DELETE, PATCH, OPTIONS, no `Expect`, no `Transfer-Encoding` and a body of at most
-//! `replay_body_limit` (read whole before it is sent), on a route with a named token, to an
-//! upstream that speaks HTTP/1.1. The first head it does not serve (HTTP/1.0, `CONNECT`,
-//! `TRACE`, per-subject routes, unrouted or refused requests, chunked or larger bodies, an
+//! `replay_body_limit` (read whole before it is sent), on a route (named token, or per-subject
+//! with one valid subject header), to an upstream that speaks HTTP/1.1. The first head it does
+//! not serve (HTTP/1.0, `CONNECT`, `TRACE`, unrouted or refused requests, a missing or invalid
+//! subject header, chunked or larger bodies, an
 //! origin whose TLS handshake chose HTTP/2, a `Via` loop, `_` in a header name) hands the
 //! connection, with every byte read and not served, to hyper for the rest of its life
 //! ([`Outcome::Handoff`]); hyper then answers exactly as it did before the fast path existed.
