@@ -31,10 +31,10 @@
 mod body;
 mod error;
 mod forward;
-#[allow(dead_code, unused_imports)] // wired in by the connection driver (in progress)
-mod h1;
 #[doc(hidden)]
 pub mod fuzzing;
+#[allow(dead_code, unused_imports)] // wired in by the connection driver (in progress)
+mod h1;
 mod intercept;
 mod route;
 mod sanitise;

@@ -9,7 +9,10 @@
 
 use std::ops::Range;
 
+use http::header::VIA;
 use http::{HeaderMap, HeaderName, Method};
+
+use crate::proxy::sanitise::is_hop_by_hop;
 
 /// Header lines in one head: the wire guard's limit.
 pub(crate) const MAX_HEADERS: usize = crate::proxy::wire::MAX_HEADERS;
@@ -51,6 +54,10 @@ pub(crate) struct RequestHead<'b> {
     pub(crate) host: Option<&'b str>,
     headers: [httparse::Header<'b>; MAX_HEADERS],
     count: usize,
+    /// Whether a `Connection` value lists a name other than `close` and the fixed hop-by-hop
+    /// ones, so that [`write_upstream_head`] must look for the names it lists (most heads
+    /// carry only `keep-alive` or nothing).
+    names_listed: bool,
 }
 
 impl<'b> RequestHead<'b> {
@@ -62,8 +69,85 @@ impl<'b> RequestHead<'b> {
         pseudonym: &[u8],
         max_body: u64,
     ) -> Result<Option<Self>, Ineligible> {
-        let _ = (buf, pseudonym, max_body);
-        todo!()
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let (status, method, target, version, count) = {
+            let mut req = httparse::Request::new(&mut headers);
+            // The guard refused whatever httparse refuses; an error here is a head it was never
+            // shown, which hyper answers as it always did.
+            let status = req.parse(buf).map_err(|_| Ineligible::Unusual)?;
+            (status, req.method, req.path, req.version, req.headers.len())
+        };
+        let httparse::Status::Complete(len) = status else {
+            return Ok(None);
+        };
+        if version != Some(1) {
+            return Err(Ineligible::Version);
+        }
+        // Exact spellings only: `get` is another method to hyper, and a method the fast path
+        // does not name (TRACE, CONNECT, extensions) keeps the hyper path's handling.
+        let method = match method.ok_or(Ineligible::Unusual)? {
+            "GET" => Method::GET,
+            "HEAD" => Method::HEAD,
+            "POST" => Method::POST,
+            "PUT" => Method::PUT,
+            "DELETE" => Method::DELETE,
+            "PATCH" => Method::PATCH,
+            "OPTIONS" => Method::OPTIONS,
+            _ => return Err(Ineligible::Method),
+        };
+        let target = target.ok_or(Ineligible::Unusual)?;
+        let (mut length, mut close, mut host, mut names_listed) = (None, false, None, false);
+        for h in &headers[..count] {
+            let (name, value) = (h.name.as_bytes(), h.value);
+            if name.contains(&b'_') {
+                return Err(Ineligible::Underscore);
+            }
+            if name.eq_ignore_ascii_case(b"content-length") {
+                if length.is_some() {
+                    return Err(Ineligible::Unusual);
+                }
+                length = Some(decimal(value).ok_or(Ineligible::Unusual)?);
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                return Err(Ineligible::TransferEncoding);
+            } else if name.eq_ignore_ascii_case(b"expect") {
+                return Err(Ineligible::Expect);
+            } else if name.eq_ignore_ascii_case(b"host") {
+                if host.is_some() {
+                    return Err(Ineligible::Unusual);
+                }
+                host = Some(std::str::from_utf8(value).map_err(|_| Ineligible::Unusual)?);
+            } else if name.eq_ignore_ascii_case(b"via") {
+                // The hyper path's test (`Proxy::is_loop`): our pseudonym anywhere in a value.
+                if memchr::memmem::find(value, pseudonym).is_some() {
+                    return Err(Ineligible::Loop);
+                }
+            } else if name.eq_ignore_ascii_case(b"connection") {
+                for token in value.split(|&b| b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if !token.is_empty() && !is_hop_by_hop(token) {
+                        names_listed = true;
+                    }
+                }
+            }
+        }
+        let content_length = length.unwrap_or(0);
+        if content_length > max_body {
+            return Err(Ineligible::LargeBody);
+        }
+        let head = Self {
+            method,
+            target,
+            len,
+            content_length,
+            close,
+            host,
+            headers,
+            count,
+            names_listed,
+        };
+        Ok(Some(head))
     }
 
     /// The header lines, in order, as (name, value).
@@ -105,6 +189,95 @@ pub(crate) fn write_upstream_head(
     head: &RequestHead<'_>,
     outgoing: &Outgoing<'_>,
 ) -> Range<usize> {
-    let _ = (out, head, outgoing);
-    todo!()
+    let statics = outgoing.statics;
+    let statics_len: usize = statics
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    // A client line grows by at most two bytes (`name:value` LF becomes `name: value` CR LF);
+    // the rest is ours. One reservation, no reallocation while writing.
+    out.reserve(
+        head.len
+            + 2 * head.count
+            + outgoing.path_and_query.len()
+            + outgoing.host.len()
+            + outgoing.via.len()
+            + outgoing.authorization.len()
+            + statics_len
+            + 64,
+    );
+    out.extend_from_slice(head.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(outgoing.path_and_query);
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    line(out, b"host", outgoing.host);
+    // A static `Via` replaces every other one, ours included, as `HeaderMap::insert` does on
+    // the hyper path. (Static `Host` and `Authorization` are refused by the configuration.)
+    let static_via = statics.keys().any(|k| k == VIA);
+    for (name, value) in head.headers() {
+        if !forwarded(head, outgoing, name.as_bytes()) {
+            continue;
+        }
+        line(out, name.as_bytes(), value);
+    }
+    if !static_via {
+        line(out, b"via", outgoing.via);
+    }
+    // `HeaderMap::insert` keeps the last value of a name; the iterator yields a name's values
+    // together, in order.
+    let mut entries = statics.iter().peekable();
+    while let Some((name, value)) = entries.next() {
+        if entries.peek().is_none_or(|(next, _)| *next != name) {
+            line(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    out.extend_from_slice(b"authorization: ");
+    let start = out.len();
+    out.extend_from_slice(outgoing.authorization);
+    let end = out.len();
+    out.extend_from_slice(b"\r\n\r\n");
+    start..end
+}
+
+/// Whether the client's header line `name` goes upstream: not hop-by-hop, not listed by a
+/// `Connection` value, not one the proxy sets (`Host`, `Authorization`, a static header) and
+/// not the subject header.
+fn forwarded(head: &RequestHead<'_>, outgoing: &Outgoing<'_>, name: &[u8]) -> bool {
+    !(is_hop_by_hop(name)
+        || name.eq_ignore_ascii_case(b"authorization")
+        || name.eq_ignore_ascii_case(b"host")
+        || outgoing
+            .remove
+            .is_some_and(|r| r.as_str().as_bytes().eq_ignore_ascii_case(name))
+        || outgoing
+            .statics
+            .keys()
+            .any(|k| k.as_str().as_bytes().eq_ignore_ascii_case(name))
+        || (head.names_listed && listed_by_connection(head, name)))
+}
+
+/// Whether a `Connection` value lists `name` (comma-separated, blanks trimmed, any case: the
+/// rules of `sanitise::strip_hop_by_hop`).
+fn listed_by_connection(head: &RequestHead<'_>, name: &[u8]) -> bool {
+    head.values("connection").any(|v| {
+        v.split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
+    })
+}
+
+/// One header line.
+pub(super) fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A `Content-Length` value: decimal digits only (no sign, no list, no blanks; httparse has
+/// already trimmed the value), at most 19 so that it fits a u64 (the guard's own rule).
+pub(super) fn decimal(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(value.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
 }

@@ -4,6 +4,9 @@
 //! transfer coding refused), and rewritten for the client ([`write_client_head`]) without
 //! hop-by-hop headers.
 
+use super::request::{decimal, line};
+use crate::proxy::sanitise::is_hop_by_hop;
+
 /// A response head at most this long (the hyper client's default read buffer limit is larger,
 /// but no API answers with 64 KiB of headers).
 pub(crate) const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -50,14 +53,112 @@ pub(crate) struct ResponseHead<'b> {
     pub(crate) close: bool,
     headers: [httparse::Header<'b>; crate::proxy::wire::MAX_HEADERS],
     count: usize,
+    /// Whether the upstream sent `Transfer-Encoding: chunked` (then its `Content-Length`, if
+    /// any, is not passed on, as `check_response_framing` removes it).
+    chunked_coding: bool,
 }
 
 impl<'b> ResponseHead<'b> {
     /// Parses the head at the start of `buf`: `Ok(None)` while incomplete. `head_request`:
     /// the request was `HEAD`, so no body follows whatever the head says.
     pub(crate) fn parse(buf: &'b [u8], head_request: bool) -> Result<Option<Self>, ResponseError> {
-        let _ = (buf, head_request);
-        todo!()
+        let mut headers = [httparse::EMPTY_HEADER; crate::proxy::wire::MAX_HEADERS];
+        let (status, version, code, reason, count) = {
+            let mut resp = httparse::Response::new(&mut headers);
+            let status = match resp.parse(buf) {
+                Ok(s) => s,
+                Err(httparse::Error::TooManyHeaders) => return Err(ResponseError::TooLarge),
+                Err(_) => return Err(ResponseError::Malformed),
+            };
+            (
+                status,
+                resp.version,
+                resp.code,
+                resp.reason,
+                resp.headers.len(),
+            )
+        };
+        let len = match status {
+            httparse::Status::Complete(len) if len > MAX_RESPONSE_HEAD => {
+                return Err(ResponseError::TooLarge);
+            }
+            httparse::Status::Complete(len) => len,
+            httparse::Status::Partial if buf.len() >= MAX_RESPONSE_HEAD => {
+                return Err(ResponseError::TooLarge);
+            }
+            httparse::Status::Partial => return Ok(None),
+        };
+        let (Some(version), Some(status), Some(reason)) = (version, code, reason) else {
+            return Err(ResponseError::Malformed);
+        };
+        // hyper's `StatusCode` starts at 100.
+        if status < 100 {
+            return Err(ResponseError::Malformed);
+        }
+        // One pass: the transfer codings, the lengths and the connection options.
+        let (mut codings, mut chunked, mut length) = (0usize, false, None::<u64>);
+        let (mut bad_length, mut close, mut keep_alive) = (false, false, false);
+        for h in &headers[..count] {
+            let (name, value) = (h.name.as_bytes(), h.value);
+            if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                codings += 1;
+                chunked = value.trim_ascii().eq_ignore_ascii_case(b"chunked");
+            } else if name.eq_ignore_ascii_case(b"content-length") {
+                // hyper accepts identical repeats (and lists of them): the body length is not
+                // in doubt, and it is written once. Anything but digits is refused, stricter
+                // than hyper's lists (`5, 5`), which no API sends.
+                match (decimal(value), length) {
+                    (Some(n), None) => length = Some(n),
+                    (Some(n), Some(m)) if n == m => {}
+                    _ => bad_length = true,
+                }
+            } else if name.eq_ignore_ascii_case(b"connection") {
+                for token in value.split(|&b| b == b',') {
+                    let token = token.trim_ascii();
+                    close |= token.eq_ignore_ascii_case(b"close");
+                    keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                }
+            }
+        }
+        // `check_response_framing` runs on every response the hyper path passes on, whatever
+        // its status: a coding other than exactly one `chunked` is refused.
+        if codings > 1 || (codings == 1 && !chunked) {
+            return Err(ResponseError::Framing);
+        }
+        // hyper's client decoder (`role.rs`, RFC 9112 §6.3): no body for these, whatever the
+        // head says; then the coding; then the length; else until the connection closes.
+        let framing = if head_request || (100..200).contains(&status) || matches!(status, 204 | 304)
+        {
+            ResponseFraming::Empty
+        } else if codings == 1 {
+            // HTTP/1.0 has no transfer codings: hyper refuses the message.
+            if version == 0 {
+                return Err(ResponseError::Framing);
+            }
+            ResponseFraming::Chunked
+        } else if bad_length {
+            return Err(ResponseError::Framing);
+        } else if let Some(n) = length {
+            ResponseFraming::Length(n)
+        } else {
+            ResponseFraming::Close
+        };
+        // hyper's keep-alive rule: `close` anywhere wins; HTTP/1.0 needs `keep-alive`. A 101
+        // hands the connection over (hyper never reuses it).
+        let close = close
+            || (version == 0 && !keep_alive)
+            || status == 101
+            || framing == ResponseFraming::Close;
+        Ok(Some(Self {
+            status,
+            reason,
+            len,
+            framing,
+            close,
+            headers,
+            count,
+            chunked_coding: codings == 1,
+        }))
     }
 
     /// The header lines, in order, as (name, value).
@@ -72,6 +173,78 @@ impl<'b> ResponseHead<'b> {
 /// [`ResponseFraming::Chunked`] and [`ResponseFraming::Close`], and `Connection: close` when
 /// `close_client`.
 pub(crate) fn write_client_head(out: &mut Vec<u8>, head: &ResponseHead<'_>, close_client: bool) {
-    let _ = (out, head, close_client);
-    todo!()
+    // A client line grows by at most two bytes (`name:value` LF becomes `name: value` CR LF).
+    out.reserve(head.len + 2 * head.count + 64);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    let mut code = [0u8; 3];
+    // httparse reads exactly three digits.
+    code[0] = b'0' + (head.status / 100 % 10) as u8;
+    code[1] = b'0' + (head.status / 10 % 10) as u8;
+    code[2] = b'0' + (head.status % 10) as u8;
+    out.extend_from_slice(&code);
+    out.push(b' ');
+    out.extend_from_slice(head.reason.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let names_listed = head
+        .values(b"connection")
+        .flat_map(|v| v.split(|&b| b == b','))
+        .any(|t| !t.trim_ascii().is_empty() && !is_hop_by_hop(t.trim_ascii()));
+    // The body's framing headers are ours: a length is written once, however many times the
+    // upstream repeated it (and even if a `Connection` value listed it).
+    let own_length = matches!(head.framing, ResponseFraming::Length(_));
+    for (name, value) in head.headers() {
+        let name = name.as_bytes();
+        if is_hop_by_hop(name)
+            || (name.eq_ignore_ascii_case(b"content-length") && (own_length || head.chunked_coding))
+            || (names_listed && listed_by_connection(head, name))
+        {
+            continue;
+        }
+        line(out, name, value);
+    }
+    match head.framing {
+        ResponseFraming::Length(n) => {
+            let mut digits = [0u8; 20];
+            line(out, b"content-length", format_decimal(n, &mut digits));
+        }
+        ResponseFraming::Chunked | ResponseFraming::Close => {
+            line(out, b"transfer-encoding", b"chunked");
+        }
+        ResponseFraming::Empty => {}
+    }
+    if close_client {
+        line(out, b"connection", b"close");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+impl ResponseHead<'_> {
+    /// Every value of header `name` (matched without regard to case).
+    fn values<'s>(&'s self, name: &'s [u8]) -> impl Iterator<Item = &'s [u8]> + 's {
+        self.headers[..self.count]
+            .iter()
+            .filter(move |h| h.name.as_bytes().eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    }
+}
+
+/// Whether a `Connection` value lists `name` (the rules of `sanitise::strip_hop_by_hop`).
+fn listed_by_connection(head: &ResponseHead<'_>, name: &[u8]) -> bool {
+    head.values(b"connection").any(|v| {
+        v.split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
+    })
+}
+
+/// `n` in decimal, written into `buf` without allocating.
+fn format_decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
 }
