@@ -248,3 +248,233 @@ fn format_decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(raw: &str) -> Result<Option<ResponseHead<'_>>, ResponseError> {
+        ResponseHead::parse(raw.as_bytes(), false)
+    }
+
+    fn head(raw: &str) -> ResponseHead<'_> {
+        parse(raw)
+            .unwrap_or_else(|e| panic!("{raw:?}: {e}"))
+            .unwrap_or_else(|| panic!("{raw:?}: incomplete"))
+    }
+
+    fn written(head: &ResponseHead<'_>, close_client: bool) -> String {
+        let mut out = Vec::new();
+        write_client_head(&mut out, head, close_client);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn a_typical_response_keeps_its_headers_and_length() {
+        let raw = "HTTP/1.1 200 OK\r\nDate: x\r\nContent-Type: application/json\r\n\
+                   Content-Length: 1432\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\n{";
+        let h = head(raw);
+        assert_eq!((h.status, h.reason, h.len), (200, "OK", raw.len() - 1));
+        assert_eq!(h.framing, ResponseFraming::Length(1432));
+        assert!(!h.close);
+        assert_eq!(
+            written(&h, false),
+            "HTTP/1.1 200 OK\r\nDate: x\r\nContent-Type: application/json\r\n\
+             content-length: 1432\r\n\r\n"
+        );
+        assert_eq!(
+            written(&h, true),
+            "HTTP/1.1 200 OK\r\nDate: x\r\nContent-Type: application/json\r\n\
+             content-length: 1432\r\nconnection: close\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn bodiless_responses_are_empty_whatever_they_say() {
+        for (raw, head_request) in [
+            (
+                "HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
+                false,
+            ),
+            (
+                "HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+                false,
+            ),
+            ("HTTP/1.1 100 Continue\r\n\r\n", false),
+            ("HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n", false),
+            ("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                true,
+            ),
+            (
+                "HTTP/1.0 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n",
+                false,
+            ),
+        ] {
+            let h = ResponseHead::parse(raw.as_bytes(), head_request)
+                .unwrap()
+                .unwrap();
+            assert_eq!(h.framing, ResponseFraming::Empty, "{raw:?}");
+        }
+        // The length of a HEAD answer is the client's to read; no coding is added.
+        let h = ResponseHead::parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            written(&h, false),
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+        );
+        // A 101 is parsed (the driver refuses it) and never reused.
+        let h = head("HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n");
+        assert_eq!((h.framing, h.close), (ResponseFraming::Empty, true));
+    }
+
+    #[test]
+    fn chunked_wins_over_a_length_which_is_dropped() {
+        for te in ["chunked", "Chunked", " CHUNKED "] {
+            let raw = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: {te}\r\nX-A: 1\r\n\r\n"
+            );
+            let h = head(&raw);
+            assert_eq!(h.framing, ResponseFraming::Chunked);
+            assert!(!h.close);
+            assert_eq!(
+                written(&h, false),
+                "HTTP/1.1 200 OK\r\nX-A: 1\r\ntransfer-encoding: chunked\r\n\r\n"
+            );
+        }
+    }
+
+    #[test]
+    fn ambiguous_framing_is_refused() {
+        for raw in [
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n",
+            // check_response_framing looks at every response.
+            "HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 0x5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length:\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n",
+        ] {
+            assert_eq!(parse(raw).err(), Some(ResponseError::Framing), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn identical_lengths_are_written_once() {
+        let h = head("HTTP/1.1 200 OK\r\nContent-Length: 5\r\ncontent-length:  5\r\n\r\n");
+        assert_eq!(h.framing, ResponseFraming::Length(5));
+        assert_eq!(
+            written(&h, false),
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"
+        );
+        // Even a `Connection` value listing it cannot take the body's length away.
+        let h = head("HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(
+            written(&h, false),
+            "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn a_body_until_close_is_rechunked_and_ends_the_connection() {
+        let h = head("HTTP/1.1 200 OK\r\nX-A: 1\r\n\r\n");
+        assert_eq!((h.framing, h.close), (ResponseFraming::Close, true));
+        assert_eq!(
+            written(&h, false),
+            "HTTP/1.1 200 OK\r\nX-A: 1\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn keep_alive_follows_hypers_rules() {
+        for (raw, close) in [
+            ("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", false),
+            (
+                "HTTP/1.1 200 OK\r\nConnection: Close\r\nContent-Length: 0\r\n\r\n",
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nConnection: x, close\r\nContent-Length: 0\r\n\r\n",
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nConnection: close\r\nConnection: keep-alive\r\n\
+                 Content-Length: 0\r\n\r\n",
+                true,
+            ),
+            ("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", true),
+            (
+                "HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 0\r\n\r\n",
+                false,
+            ),
+            (
+                "HTTP/1.0 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 0\r\n\r\n",
+                true,
+            ),
+        ] {
+            assert_eq!(head(raw).close, close, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_and_listed_headers_are_not_passed_on() {
+        let h = head(
+            "HTTP/1.1 404 Not Here\r\nConnection: X-Secret, keep-alive\r\nX-Secret: 1\r\n\
+             Keep-Alive: timeout=5\r\nProxy-Authenticate: Basic\r\nTrailer: x\r\nUpgrade: h2\r\n\
+             Set-Cookie: a\r\nset-cookie: b\r\nContent-Length: 2\r\n\r\n",
+        );
+        assert_eq!(
+            written(&h, false),
+            "HTTP/1.1 404 Not Here\r\nSet-Cookie: a\r\nset-cookie: b\r\ncontent-length: 2\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn the_status_line_is_http11_with_the_reason_as_sent() {
+        let h = head("HTTP/1.0 299 Custom Thing\r\nContent-Length: 0\r\n\r\n");
+        assert!(written(&h, false).starts_with("HTTP/1.1 299 Custom Thing\r\n"));
+        let h = head("HTTP/1.1 200 \r\nContent-Length: 0\r\n\r\n");
+        assert!(written(&h, false).starts_with("HTTP/1.1 200 \r\n"));
+        let h = head("HTTP/1.1 999 Top\nContent-Length: 0\n\n");
+        assert!(written(&h, false).starts_with("HTTP/1.1 999 Top\r\n"));
+    }
+
+    #[test]
+    fn malformed_incomplete_and_oversized_heads() {
+        for raw in ["HTTP/1.1 200 OK\r\nX-A: 1\r\n", "HTTP/1.1 200", ""] {
+            assert!(matches!(parse(raw), Ok(None)), "{raw:?}");
+        }
+        for raw in [
+            "HTTP/2 200 OK\r\n\r\n",
+            "HTTP/1.1 20 OK\r\n\r\n",
+            "HTTP/1.1 099 Low\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nX-A: a\0b\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nX-A: 1\r\n folded\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nX A: 1\r\n\r\n",
+            "SSH-2.0-OpenSSH\r\n\r\n",
+        ] {
+            assert_eq!(parse(raw).err(), Some(ResponseError::Malformed), "{raw:?}");
+        }
+        let many: String = (0..=crate::proxy::wire::MAX_HEADERS)
+            .map(|i| format!("X-{i}: 1\r\n"))
+            .collect();
+        let raw = format!("HTTP/1.1 200 OK\r\n{many}\r\n");
+        assert_eq!(parse(&raw).err(), Some(ResponseError::TooLarge));
+        let big = format!(
+            "HTTP/1.1 200 OK\r\nX-Big: {}\r\n",
+            "a".repeat(MAX_RESPONSE_HEAD)
+        );
+        assert_eq!(parse(&big).err(), Some(ResponseError::TooLarge));
+        let complete = format!("{big}\r\n");
+        assert_eq!(parse(&complete).err(), Some(ResponseError::TooLarge));
+    }
+}
