@@ -143,3 +143,210 @@ fn next(state: State, b: u8) -> State {
         _ => State::Failed,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::wire::{Framer, Framing, Scan};
+
+    /// Scans `body` in one call: the verdict and the data seen.
+    fn one_shot(body: &[u8]) -> (Result<ChunkStep, ChunkError>, Vec<u8>) {
+        let mut seen = Vec::new();
+        let step = ChunkedScanner::new().scan(body, &mut |d| seen.extend_from_slice(d));
+        (step, seen)
+    }
+
+    /// Where the body ends (`Ok(Some(n))`), or the offset of the refused byte (`Err`), fed
+    /// one byte at a time.
+    fn bytewise(body: &[u8]) -> (Result<Option<usize>, usize>, Vec<u8>) {
+        let mut scanner = ChunkedScanner::new();
+        let mut seen = Vec::new();
+        for (i, b) in body.iter().enumerate() {
+            match scanner.scan(std::slice::from_ref(b), &mut |d| seen.extend_from_slice(d)) {
+                Ok(ChunkStep::More) => {}
+                Ok(ChunkStep::End(n)) => {
+                    assert_eq!(n, 1);
+                    return (Ok(Some(i + 1)), seen);
+                }
+                Err(ChunkError) => return (Err(i), seen),
+            }
+        }
+        (Ok(None), seen)
+    }
+
+    /// The framer's verdict on the same body after a chunked request head: where it expects
+    /// the next head, or the offset (in `body`) of the byte it refuses.
+    fn framer(body: &[u8]) -> Result<Option<usize>, usize> {
+        const HEAD: &[u8] = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let mut f = Framer::new(1024);
+        assert_eq!(f.scan(HEAD), Scan::All);
+        for (i, b) in body.iter().enumerate() {
+            match f.scan(std::slice::from_ref(b)) {
+                Scan::Reject(..) => return Err(i),
+                _ if f.framing() == Framing::Head => return Ok(Some(i + 1)),
+                _ => {}
+            }
+        }
+        Ok(None)
+    }
+
+    #[test]
+    fn a_body_ends_after_its_trailers_and_data_is_decoded() {
+        let body =
+            b"5;ext=1\r\nhello\r\n10 \t\r\n0123456789abcdef\r\n0\r\nX-T: 1\r\n\r\nGET / HTTP/1.1";
+        let end = body.len() - b"GET / HTTP/1.1".len();
+        let (step, seen) = one_shot(body);
+        assert_eq!(step, Ok(ChunkStep::End(end)));
+        assert_eq!(seen, b"hello0123456789abcdef");
+        let (step, seen) = bytewise(body);
+        assert_eq!(step, Ok(Some(end)));
+        assert_eq!(seen, b"hello0123456789abcdef");
+        assert_eq!(framer(body), Ok(Some(end)));
+        // A scanner that has ended takes nothing more.
+        let mut s = ChunkedScanner::new();
+        assert_eq!(s.scan(b"0\r\n\r\n", &mut |_| {}), Ok(ChunkStep::End(5)));
+        assert!(s.is_done());
+        assert_eq!(
+            s.scan(b"more", &mut |_| panic!("no data")),
+            Ok(ChunkStep::End(0))
+        );
+    }
+
+    #[test]
+    fn malformed_framing_is_refused_where_hyper_refuses_it() {
+        for (body, at) in [
+            (&b"zz\r\n"[..], 0),
+            (b"\r\n", 0),
+            (b"11111111111111111\r\n", 16),
+            (b"3\r\nabcX", 6),
+            (b"3\r\nabc\rX", 7),
+            (b"3;ext\nabc", 5),
+            (b"3 x\r\n", 2),
+            (b"3\rX", 2),
+            (b"3\nabc", 1),
+            (b"0\r\nX-T: 1\rX", 10),
+            (b"0\r\n\rX", 4),
+        ] {
+            assert_eq!(
+                bytewise(body).0,
+                Err(at),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+            assert_eq!(framer(body), Err(at), "{}", String::from_utf8_lossy(body));
+            assert_eq!(one_shot(body).0, Err(ChunkError));
+        }
+        // Once refused, always refused.
+        let mut s = ChunkedScanner::new();
+        assert!(s.scan(b"z", &mut |_| {}).is_err());
+        assert!(s.scan(b"0\r\n\r\n", &mut |_| {}).is_err());
+    }
+
+    #[test]
+    fn leading_zeros_and_the_largest_size_are_followed() {
+        let (step, seen) = one_shot(b"00000000000000000005\r\nhello\r\n0\r\n\r\n");
+        assert_eq!(step, Ok(ChunkStep::End(34)));
+        assert_eq!(seen, b"hello");
+        assert_eq!(
+            one_shot(b"0000ffffffffffffffff\r\nabc").0,
+            Ok(ChunkStep::More)
+        );
+        assert_eq!(bytewise(b"10000000000000000\r\n").0, Err(16));
+    }
+
+    /// Chunked bodies, mostly valid, some with one byte changed, inserted or cut.
+    fn bodies() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let chunk = (
+            0usize..20,
+            proptest::sample::select(vec!["", "0", "00"]),
+            any::<bool>(),
+            proptest::sample::select(vec!["", " ", "\t ", ";a=b", " ;x", ";\t"]),
+        );
+        (
+            proptest::collection::vec(chunk, 0..4),
+            proptest::sample::select(vec!["", "X-T: 1\r\n", "a:b\r\nc: d\r\n"]),
+            proptest::option::of((
+                any::<proptest::sample::Index>(),
+                proptest::sample::select(b"0aF\r\n ;\tzx:\x00\xff".to_vec()),
+                0u8..3,
+            )),
+            proptest::collection::vec(any::<u8>(), 0..4),
+        )
+            .prop_map(|(chunks, trailers, mutation, tail)| {
+                let mut body = Vec::new();
+                for (len, zeros, upper, ext) in chunks {
+                    let size = if upper {
+                        format!("{zeros}{len:X}")
+                    } else {
+                        format!("{zeros}{len:x}")
+                    };
+                    body.extend_from_slice(size.as_bytes());
+                    body.extend_from_slice(ext.as_bytes());
+                    body.extend_from_slice(b"\r\n");
+                    body.extend((0..len).map(|i| b'a' + (i % 26) as u8));
+                    body.extend_from_slice(b"\r\n");
+                }
+                body.extend_from_slice(b"0\r\n");
+                body.extend_from_slice(trailers.as_bytes());
+                body.extend_from_slice(b"\r\n");
+                if let Some((at, byte, how)) = mutation {
+                    let i = at.index(body.len());
+                    match how {
+                        0 => body[i] = byte,
+                        1 => body.insert(i, byte),
+                        _ => body.truncate(i),
+                    }
+                }
+                body.extend_from_slice(&tail);
+                body
+            })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_scanner_agrees_with_itself_in_any_pieces_and_with_the_framer(
+            body in bodies(),
+            cuts in proptest::collection::vec(0usize..64, 0..6),
+        ) {
+            let (whole, whole_data) = one_shot(&body);
+            let (bytes, bytes_data) = bytewise(&body);
+            proptest::prop_assert_eq!(bytes, framer(&body));
+            match (whole, bytes) {
+                (Ok(ChunkStep::End(n)), Ok(Some(m))) => proptest::prop_assert_eq!(n, m),
+                (Ok(ChunkStep::More), Ok(None)) | (Err(ChunkError), Err(_)) => {}
+                (w, b) => proptest::prop_assert!(false, "one shot {w:?}, bytewise {b:?}"),
+            }
+            proptest::prop_assert_eq!(&whole_data, &bytes_data);
+            // Any other cut gives the same verdict and data.
+            let mut scanner = ChunkedScanner::new();
+            let mut seen = Vec::new();
+            let (mut at, mut verdict) = (0, Ok(None));
+            let mut ends: Vec<usize> = cuts.iter().map(|&c| c.min(body.len())).collect();
+            ends.push(body.len());
+            ends.sort_unstable();
+            for end in ends {
+                if end < at {
+                    continue;
+                }
+                match scanner.scan(&body[at..end], &mut |d| seen.extend_from_slice(d)) {
+                    Ok(ChunkStep::More) => at = end,
+                    Ok(ChunkStep::End(n)) => {
+                        verdict = Ok(Some(at + n));
+                        break;
+                    }
+                    Err(ChunkError) => {
+                        verdict = Err(());
+                        break;
+                    }
+                }
+            }
+            proptest::prop_assert_eq!(verdict, bytes.map_err(|_| ()));
+            // On a refusal, the data passed on before it may differ by cut (it is relayed as
+            // it comes); on success it may not.
+            if bytes.is_ok() {
+                proptest::prop_assert_eq!(seen, whole_data);
+            }
+        }
+    }
+}
