@@ -26,8 +26,8 @@ const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the proxy
-/// credentials meant for us.
-const HOP_BY_HOP: [HeaderName; 9] = [
+/// credentials meant for us. (The fast path's codec, `h1/`, removes the same list.)
+pub(crate) const HOP_BY_HOP: [HeaderName; 9] = [
     CONNECTION,
     KEEP_ALIVE,
     TE,
@@ -38,6 +38,14 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     PROXY_AUTHORIZATION,
     PROXY_AUTHENTICATE,
 ];
+
+/// Whether `name` (any letter case) is on the fixed hop-by-hop list: the byte-level test of
+/// the fast path's codec, which has names as the client spelled them, not `HeaderName`s.
+pub(crate) fn is_hop_by_hop(name: &[u8]) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .any(|h| h.as_str().as_bytes().eq_ignore_ascii_case(name))
+}
 
 /// Steps 1-6 of the module documentation, in order, on the headers of a request sent on a
 /// route. `Err` if the underscore policy refuses it (nothing else was changed then).
