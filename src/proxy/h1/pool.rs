@@ -6,15 +6,55 @@
 //! requests, so a keep-alive client costs no pool operation per request; the pool is only
 //! consulted when a client connection needs its first connection to a key, and takes it back
 //! when the client connection ends.
+//!
+//! Connecting: the authority's host is resolved (`tokio::net::lookup_host`) and its addresses
+//! are tried in order, each within an equal share of what is left of `connect_timeout` (as
+//! hyper's connector does, so one unreachable address cannot use up the whole budget), with
+//! `TCP_NODELAY`. TLS verifies the upstream's certificate against the authority's host, IP
+//! literals included, exactly as the hyper clients do, and offers ALPN `h2, http/1.1` like
+//! them: an upstream that picks h2 is reported as [`Connected::Http2`] and left to the hyper
+//! clients. Failures carry the stage they happened in ([`ConnectFailure`]), as the hyper
+//! clients' do.
+//!
+//! Idle connections: per key, oldest first, at most [`MAX_IDLE_PER_KEY`], each reused only
+//! while younger than `POOL_IDLE_TIMEOUT` and only if a non-blocking look at it finds nothing to
+//! read (an idle HTTP/1 connection has no answer due, so a byte, EOF or an error means the
+//! upstream closed it or is out of step with it). Expired connections of a key are dropped when
+//! that key is next taken from or given back; those of keys nobody asks for again are dropped
+//! by a sweep over every key that a `put` runs at most once per `POOL_IDLE_TIMEOUT` (so an idle
+//! connection outlives its expiry by at most that much while client connections keep ending;
+//! with no traffic at all it stays until the next `put`). No lock is held across an await, and
+//! connections are closed after the lock is released.
 
-use std::io;
+use std::collections::HashMap;
+use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use http::uri::Authority;
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 
-use crate::proxy::upstream::ConnectError;
+use crate::proxy::upstream::{ConnectError, ConnectFailure, POOL_IDLE_TIMEOUT};
+
+/// The protocols offered in the TLS handshake, as the hyper clients offer them: an upstream
+/// that prefers h2 still gets it (through hyper), and the fast path learns so.
+const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+/// Idle connections kept per key. Enough for what a burst of 64 concurrent client connections
+/// (the benchmarks' load; more than a sidecar's app usually holds open to one origin) leaves
+/// behind, so the next burst connects nothing; beyond that an idle connection is an open file
+/// here and memory at the upstream for a burst that may not come back. The oldest go first:
+/// they are the nearest to the upstream's own idle timeout.
+const MAX_IDLE_PER_KEY: usize = 64;
 
 /// What an upstream connection is for: a connection carries one credential's requests to one
 /// origin, never another's (see `upstream.rs`).
@@ -29,6 +69,7 @@ pub(crate) struct PoolKey {
 }
 
 /// A new or idle connection.
+#[derive(Debug)]
 pub(crate) enum Connected {
     /// An HTTP/1.1 connection.
     Http1(H1Conn),
@@ -38,70 +79,324 @@ pub(crate) enum Connected {
 }
 
 /// One upstream HTTP/1.1 connection.
-pub(crate) struct H1Conn {}
+pub(crate) struct H1Conn {
+    io: Io,
+    key: PoolKey,
+    reused: bool,
+}
+
+/// The socket, with or without TLS.
+enum Io {
+    Plain(TcpStream),
+    /// Boxed: a TLS session is over a kilobyte, and connections move in and out of the pool.
+    Tls(Box<TlsStream<TcpStream>>),
+}
 
 impl H1Conn {
     /// Whether it came from the idle pool (and so may have been closed by the upstream
     /// meanwhile).
     pub(crate) fn reused(&self) -> bool {
-        todo!()
+        self.reused
     }
 
     /// Its key.
     pub(crate) fn key(&self) -> &PoolKey {
-        todo!()
+        &self.key
+    }
+
+    /// Whether an idle connection still looks usable: nothing to read, no EOF, no error. TLS
+    /// first lets rustls take what the socket has delivered (so a close_notify or buffered
+    /// data counts), without a waker to call; then the socket itself is peeked with a system
+    /// call, which sees what tokio's reactor may not have reported yet.
+    fn looks_open(&mut self) -> bool {
+        let tcp = match &mut self.io {
+            Io::Plain(tcp) => &*tcp,
+            Io::Tls(tls) => {
+                let mut cx = Context::from_waker(Waker::noop());
+                let mut byte = [0u8; 1];
+                if Pin::new(&mut **tls)
+                    .poll_read(&mut cx, &mut ReadBuf::new(&mut byte))
+                    .is_ready()
+                {
+                    return false;
+                }
+                tls.get_ref().0
+            }
+        };
+        let mut byte = [MaybeUninit::uninit(); 1];
+        matches!(
+            socket2::SockRef::from(tcp).peek(&mut byte),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock
+        )
+    }
+}
+
+impl std::fmt::Debug for H1Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H1Conn")
+            .field("key", &self.key)
+            .field("reused", &self.reused)
+            .finish_non_exhaustive()
     }
 }
 
 impl AsyncRead for H1Conn {
     fn poll_read(
         self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-        _buf: &mut ReadBuf<'_>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        todo!()
+        match &mut self.get_mut().io {
+            Io::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            Io::Tls(tls) => Pin::new(&mut **tls).poll_read(cx, buf),
+        }
     }
 }
 
 impl AsyncWrite for H1Conn {
     fn poll_write(
         self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-        _data: &[u8],
+        cx: &mut Context<'_>,
+        data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        todo!()
+        match &mut self.get_mut().io {
+            Io::Plain(tcp) => Pin::new(tcp).poll_write(cx, data),
+            Io::Tls(tls) => Pin::new(&mut **tls).poll_write(cx, data),
+        }
     }
 
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        todo!()
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().io {
+            Io::Plain(tcp) => Pin::new(tcp).poll_write_vectored(cx, bufs),
+            Io::Tls(tls) => Pin::new(&mut **tls).poll_write_vectored(cx, bufs),
+        }
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        todo!()
+    fn is_write_vectored(&self) -> bool {
+        match &self.io {
+            Io::Plain(tcp) => tcp.is_write_vectored(),
+            Io::Tls(tls) => tls.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            Io::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
+            Io::Tls(tls) => Pin::new(&mut **tls).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            Io::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            Io::Tls(tls) => Pin::new(&mut **tls).poll_shutdown(cx),
+        }
     }
 }
 
 /// Idle connections, and how to make new ones.
+pub(crate) struct H1Pool {
+    /// The TLS settings of each pool index (`PoolKey::pool`).
+    tls: Box<[TlsConnector]>,
+    /// Over DNS, TCP and TLS together.
+    connect_timeout: Duration,
+    idle: Mutex<Idle>,
+}
+
+/// The idle connections.
 #[derive(Default)]
-pub(crate) struct H1Pool {}
+struct Idle {
+    /// Per key, with the time each was given back, oldest first. A key without connections
+    /// has no entry.
+    conns: HashMap<PoolKey, Vec<(H1Conn, Instant)>>,
+    /// When a `put` next sweeps every key's expired connections (`None`: at the first).
+    next_sweep: Option<Instant>,
+}
 
 impl H1Pool {
+    /// A pool whose connections for pool index `i` use `tls[i]` (from [`H1Pool::tls_config`]),
+    /// each connect bounded by `connect_timeout`.
+    pub(crate) fn new(tls: Box<[Arc<ClientConfig>]>, connect_timeout: Duration) -> Self {
+        Self {
+            tls: tls.iter().cloned().map(TlsConnector::from).collect(),
+            connect_timeout,
+            idle: Mutex::default(),
+        }
+    }
+
+    /// The fast path's copy of a hyper client's TLS settings `base` (same trust store, same
+    /// client identity, same session cache), offering ALPN `h2, http/1.1`.
+    pub(crate) fn tls_config(base: &ClientConfig) -> Arc<ClientConfig> {
+        let mut config = base.clone();
+        config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+        Arc::new(config)
+    }
+
     /// An idle connection for `key` that still looks open, or a new one.
     pub(crate) async fn get(&self, key: &PoolKey) -> Result<Connected, ConnectError> {
-        let _ = key;
-        todo!()
+        match self.take_idle(key) {
+            Some(conn) => Ok(Connected::Http1(conn)),
+            None => self.connect(key).await,
+        }
     }
 
     /// A new connection for `key`, never an idle one (for the retry after an idle one turned
     /// out to be closed).
     pub(crate) async fn connect(&self, key: &PoolKey) -> Result<Connected, ConnectError> {
-        let _ = key;
-        todo!()
+        let deadline = Instant::now() + self.connect_timeout;
+        match tokio::time::timeout_at(deadline, self.connect_by(key, deadline)).await {
+            Ok(connected) => connected,
+            Err(elapsed) => Err(ConnectError::new(ConnectFailure::Timeout, elapsed)),
+        }
     }
 
     /// Takes back a connection that finished an exchange cleanly and may carry another.
-    pub(crate) fn put(&self, conn: H1Conn) {
-        let _ = conn;
-        todo!()
+    pub(crate) fn put(&self, mut conn: H1Conn) {
+        conn.reused = true;
+        let mut closed = Vec::new();
+        {
+            let mut idle = self.lock();
+            // Read under the lock, so each key's list stays in order of time.
+            let now = Instant::now();
+            let expired = |(_, since): &(H1Conn, Instant)| now - *since >= POOL_IDLE_TIMEOUT;
+            if idle.next_sweep.is_none_or(|at| now >= at) {
+                idle.next_sweep = Some(now + POOL_IDLE_TIMEOUT);
+                idle.conns.retain(|_, conns| {
+                    let n = conns.partition_point(expired);
+                    closed.extend(conns.drain(..n));
+                    !conns.is_empty()
+                });
+            }
+            let conns = idle.conns.entry(conn.key.clone()).or_default();
+            conns.push((conn, now));
+            let n = conns
+                .partition_point(expired)
+                .max(conns.len().saturating_sub(MAX_IDLE_PER_KEY));
+            closed.extend(conns.drain(..n));
+        }
+        drop(closed);
     }
+
+    /// The newest idle connection of `key` that is young enough and looks open; the ones found
+    /// expired or closed on the way are dropped.
+    fn take_idle(&self, key: &PoolKey) -> Option<H1Conn> {
+        let mut closed = Vec::new();
+        let found = {
+            let mut idle = self.lock();
+            let now = Instant::now();
+            let conns = idle.conns.get_mut(key)?;
+            let found = loop {
+                let Some((mut conn, since)) = conns.pop() else {
+                    break None;
+                };
+                if now - since >= POOL_IDLE_TIMEOUT {
+                    // The newest has expired, so have all the older ones.
+                    closed.push((conn, since));
+                    closed.append(conns);
+                    break None;
+                }
+                if conn.looks_open() {
+                    break Some(conn);
+                }
+                closed.push((conn, since));
+            };
+            if conns.is_empty() {
+                idle.conns.remove(key);
+            }
+            found
+        };
+        drop(closed);
+        found
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Idle> {
+        // Every change to the map is a single push, pop, drain or removal, so a holder that
+        // panicked cannot have left it inconsistent.
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// [`H1Pool::connect`] without the timeout, trying addresses until `deadline`.
+    async fn connect_by(
+        &self,
+        key: &PoolKey,
+        deadline: Instant,
+    ) -> Result<Connected, ConnectError> {
+        let host = key.authority.host();
+        // An IPv6 literal is bracketed in an authority, bare in DNS and in certificates.
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        let port = key
+            .authority
+            .port_u16()
+            .unwrap_or(if key.tls { 443 } else { 80 });
+        let tls = match key.tls {
+            // The name is checked before connecting, as hyper-rustls does.
+            true => Some((
+                self.tls_for(key.pool),
+                ServerName::try_from(host.to_owned())
+                    .map_err(|e| ConnectError::new(ConnectFailure::Tls, e))?,
+            )),
+            false => None,
+        };
+        let tcp = tcp_connect(host, port, deadline).await?;
+        let io = match tls {
+            None => Io::Plain(tcp),
+            Some((connector, name)) => {
+                let tls = connector
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| ConnectError::new(ConnectFailure::Tls, e))?;
+                if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    return Ok(Connected::Http2);
+                }
+                Io::Tls(Box::new(tls))
+            }
+        };
+        Ok(Connected::Http1(H1Conn {
+            io,
+            key: key.clone(),
+            reused: false,
+        }))
+    }
+
+    fn tls_for(&self, pool: usize) -> &TlsConnector {
+        // An invariant of `Upstreams::new`, which numbers these settings like the hyper
+        // clients; another index's settings (another client certificate) must never be used.
+        #[allow(clippy::expect_used)]
+        self.tls
+            .get(pool)
+            .expect("a TLS key's pool is in range because routes and TLS settings are numbered from one token map")
+    }
+}
+
+/// A TCP connection to `host:port`, trying its addresses in order until `deadline`.
+async fn tcp_connect(host: &str, port: u16, deadline: Instant) -> Result<TcpStream, ConnectError> {
+    let tcp = |e: io::Error| ConnectError::new(ConnectFailure::Tcp, e);
+    let addrs: Vec<_> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(tcp)?
+        .collect();
+    let mut last = tcp(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("{host} has no address"),
+    ));
+    let count = addrs.len();
+    for (tried, addr) in addrs.into_iter().enumerate() {
+        let share = deadline.saturating_duration_since(Instant::now()) / (count - tried) as u32;
+        match tokio::time::timeout(share, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => {
+                stream.set_nodelay(true).map_err(tcp)?;
+                return Ok(stream);
+            }
+            Ok(Err(e)) => last = tcp(io::Error::new(e.kind(), format!("{addr}: {e}"))),
+            Err(elapsed) => last = ConnectError::new(ConnectFailure::Timeout, elapsed),
+        }
+    }
+    Err(last)
 }
