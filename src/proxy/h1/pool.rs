@@ -400,3 +400,439 @@ async fn tcp_connect(host: &str, port: u16, deadline: Instant) -> Result<TcpStre
     }
     Err(last)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
+    use tokio_rustls::TlsAcceptor;
+
+    use super::*;
+
+    /// Long enough never to fire on a loaded machine when a test does not mean it to.
+    const PATIENCE: Duration = Duration::from_secs(10);
+
+    /// A private CA, and the fast path's TLS settings trusting it the way the proxy does
+    /// (`proxy.ca_file`).
+    struct Ca {
+        cert: rcgen::Certificate,
+        key: rcgen::KeyPair,
+        client: Arc<ClientConfig>,
+    }
+
+    impl Ca {
+        fn new() -> Self {
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, "h1 pool test CA");
+            params.key_usages = vec![
+                rcgen::KeyUsagePurpose::KeyCertSign,
+                rcgen::KeyUsagePurpose::DigitalSignature,
+            ];
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = params.self_signed(&key).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("ca.pem");
+            std::fs::write(&path, cert.pem()).unwrap();
+            let base = crate::tls::client_config(Some(&path), &[], None).unwrap();
+            Self {
+                cert,
+                key,
+                client: H1Pool::tls_config(&base),
+            }
+        }
+
+        /// A server's TLS settings: a certificate for `names` (DNS names or IP addresses)
+        /// signed by this CA, offering `alpn`.
+        fn acceptor(&self, names: &[&str], alpn: &[&[u8]]) -> TlsAcceptor {
+            let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(names)
+                .unwrap()
+                .signed_by(&key, &self.cert, &self.key)
+                .unwrap();
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut config = rustls::ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(
+                    vec![CertificateDer::from(cert.der().to_vec())],
+                    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+                )
+                .unwrap();
+            config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+            TlsAcceptor::from(Arc::new(config))
+        }
+    }
+
+    /// A pool whose indices 0 and 1 both trust `ca` (so only the key tells them apart).
+    fn pool(ca: &Ca, connect_timeout: Duration) -> H1Pool {
+        H1Pool::new(vec![ca.client.clone(); 2].into(), connect_timeout)
+    }
+
+    fn key(pool: usize, tls: bool, authority: &str) -> PoolKey {
+        PoolKey {
+            pool,
+            tls,
+            authority: authority.parse().unwrap(),
+        }
+    }
+
+    /// The server side of a connection.
+    trait Peer: AsyncRead + AsyncWrite + Unpin + Send {}
+    impl<T: AsyncRead + AsyncWrite + Unpin + Send> Peer for T {}
+
+    /// A server on `bind` that accepts connections (through `tls`, if any) and hands them over
+    /// in the order they were made; a failed handshake is dropped.
+    async fn server(
+        bind: &str,
+        tls: Option<TlsAcceptor>,
+    ) -> (SocketAddr, mpsc::UnboundedReceiver<Box<dyn Peer>>) {
+        let listener = TcpListener::bind(bind).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let peer: Box<dyn Peer> = match &tls {
+                    None => Box::new(tcp),
+                    Some(acceptor) => match acceptor.accept(tcp).await {
+                        Ok(tls) => Box::new(tls),
+                        Err(_) => continue,
+                    },
+                };
+                if tx.send(peer).is_err() {
+                    return;
+                }
+            }
+        });
+        (addr, rx)
+    }
+
+    async fn next_peer(peers: &mut mpsc::UnboundedReceiver<Box<dyn Peer>>) -> Box<dyn Peer> {
+        tokio::time::timeout(PATIENCE, peers.recv())
+            .await
+            .expect("the server accepted a connection")
+            .unwrap()
+    }
+
+    fn http1(connected: Result<Connected, ConnectError>) -> H1Conn {
+        match connected {
+            Ok(Connected::Http1(conn)) => conn,
+            other => panic!("expected an HTTP/1 connection, got {other:?}"),
+        }
+    }
+
+    fn failure(connected: Result<Connected, ConnectError>) -> ConnectFailure {
+        match connected {
+            Err(e) => e.kind,
+            Ok(other) => panic!("expected a failure, got {other:?}"),
+        }
+    }
+
+    /// A request's worth of bytes written vectored through `conn`, read by `peer` and echoed
+    /// back: both directions work, on this very pair of sockets.
+    async fn echo(conn: &mut H1Conn, peer: &mut Box<dyn Peer>) {
+        let exchange = async {
+            let parts = [IoSlice::new(b"GET / HTTP/1.1\r\n"), IoSlice::new(b"\r\n")];
+            assert_eq!(conn.write_vectored(&parts).await.unwrap(), 18);
+            conn.flush().await.unwrap();
+            let mut got = [0u8; 18];
+            peer.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"GET / HTTP/1.1\r\n\r\n");
+            peer.write_all(b"HTTP/1.1 204 \r\n\r\n").await.unwrap();
+            peer.flush().await.unwrap();
+            let mut back = [0u8; 17];
+            conn.read_exact(&mut back).await.unwrap();
+            assert_eq!(&back, b"HTTP/1.1 204 \r\n\r\n");
+        };
+        tokio::time::timeout(PATIENCE, exchange)
+            .await
+            .expect("the exchange went through this connection");
+    }
+
+    /// Waits (bounded) until the upstream's close or bytes reach `conn`.
+    async fn until_not_open(conn: &mut H1Conn) {
+        tokio::time::timeout(PATIENCE, async {
+            while conn.looks_open() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the connection saw the upstream's close or bytes");
+    }
+
+    fn nodelay(conn: &H1Conn) -> bool {
+        match &conn.io {
+            Io::Plain(tcp) => tcp.nodelay().unwrap(),
+            Io::Tls(tls) => tls.get_ref().0.nodelay().unwrap(),
+        }
+    }
+
+    /// Whether `peer` reads EOF (the pool closed the connection).
+    async fn closed(peer: &mut Box<dyn Peer>) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(
+            tokio::time::timeout(PATIENCE, peer.read(&mut byte)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
+    #[tokio::test]
+    async fn plain_and_tls_connections_carry_bytes() {
+        let ca = Ca::new();
+        let pool = pool(&ca, PATIENCE);
+
+        let (addr, mut peers) = server("127.0.0.1:0", None).await;
+        let k = key(0, false, &addr.to_string());
+        let mut conn = http1(pool.get(&k).await);
+        assert!(!conn.reused());
+        assert_eq!(conn.key(), &k);
+        assert!(conn.is_write_vectored());
+        assert!(nodelay(&conn));
+        echo(&mut conn, &mut next_peer(&mut peers).await).await;
+
+        // By name (resolved; `localhost` may list ::1 first, which refuses: the next address
+        // is tried) and by IP literal, each verified against the certificate.
+        let acceptor = ca.acceptor(&["localhost", "127.0.0.1"], &[b"http/1.1"]);
+        let (addr, mut peers) = server("127.0.0.1:0", Some(acceptor)).await;
+        for authority in [format!("localhost:{}", addr.port()), addr.to_string()] {
+            let k = key(1, true, &authority);
+            let mut conn = http1(pool.get(&k).await);
+            assert!(!conn.reused());
+            assert_eq!(conn.key(), &k);
+            assert!(matches!(conn.io, Io::Tls(_)));
+            assert!(nodelay(&conn));
+            echo(&mut conn, &mut next_peer(&mut peers).await).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_ipv6_literal_is_connected_and_verified_without_brackets() {
+        let ca = Ca::new();
+        let pool = pool(&ca, PATIENCE);
+        let Ok(probe) = TcpListener::bind("[::1]:0").await else {
+            // No IPv6 loopback here: nothing to connect to.
+            return;
+        };
+        drop(probe);
+        let (addr, mut peers) = server("[::1]:0", Some(ca.acceptor(&["::1"], &[]))).await;
+        let mut conn = http1(pool.get(&key(0, true, &addr.to_string())).await);
+        echo(&mut conn, &mut next_peer(&mut peers).await).await;
+    }
+
+    #[tokio::test]
+    async fn an_upstream_choosing_h2_is_reported_and_others_are_http1() {
+        let ca = Ca::new();
+        let pool = pool(&ca, PATIENCE);
+        let (h2, _peers) = server("127.0.0.1:0", Some(ca.acceptor(&["localhost"], &[b"h2"]))).await;
+        assert!(matches!(
+            pool.get(&key(0, true, &format!("localhost:{}", h2.port())))
+                .await,
+            Ok(Connected::Http2)
+        ));
+        for alpn in [&[b"http/1.1".as_slice()][..], &[]] {
+            let (addr, _peers) =
+                server("127.0.0.1:0", Some(ca.acceptor(&["localhost"], alpn))).await;
+            http1(
+                pool.get(&key(0, true, &format!("localhost:{}", addr.port())))
+                    .await,
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn certificates_are_verified_against_the_authority() {
+        let ca = Ca::new();
+        let pool = pool(&ca, PATIENCE);
+        // Signed by a CA the pool does not trust.
+        let stranger = Ca::new();
+        let (addr, _peers) =
+            server("127.0.0.1:0", Some(stranger.acceptor(&["localhost"], &[]))).await;
+        let k = key(0, true, &format!("localhost:{}", addr.port()));
+        assert_eq!(failure(pool.get(&k).await), ConnectFailure::Tls);
+        // Trusted, but for another name: the IP literal is not in it.
+        let (addr, _peers) = server("127.0.0.1:0", Some(ca.acceptor(&["localhost"], &[]))).await;
+        assert_eq!(
+            failure(pool.get(&key(0, true, &addr.to_string())).await),
+            ConnectFailure::Tls
+        );
+        // A plain server answering a TLS handshake with HTTP.
+        let (addr, mut peers) = server("127.0.0.1:0", None).await;
+        let k = key(0, true, &addr.to_string());
+        let (connected, ()) = tokio::join!(pool.get(&k), async {
+            let mut peer = next_peer(&mut peers).await;
+            let _ = peer.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+        });
+        assert_eq!(failure(connected), ConnectFailure::Tls);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_tcp_failure() {
+        let ca = Ca::new();
+        let pool = pool(&ca, PATIENCE);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        for tls in [false, true] {
+            let e = pool.get(&key(0, tls, &addr.to_string())).await.unwrap_err();
+            assert_eq!(e.kind, ConnectFailure::Tcp);
+            assert!(e.to_string().contains(&addr.to_string()), "{e}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_handshake_times_out() {
+        let ca = Ca::new();
+        let timeout = Duration::from_secs(30);
+        let pool = pool(&ca, timeout);
+        // The kernel completes TCP handshakes into the backlog; nobody ever answers TLS.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let start = Instant::now();
+        let e = pool
+            .get(&key(0, true, &addr.to_string()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ConnectFailure::Timeout);
+        assert!(start.elapsed() >= timeout);
+        drop(listener);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_reused_only_for_its_own_key() {
+        let ca = Ca::new();
+        let pool = pool(&ca, PATIENCE);
+        let (addr, mut peers) = server("127.0.0.1:0", None).await;
+        let k = key(0, false, &addr.to_string());
+        let mut conn = http1(pool.get(&k).await);
+        let mut first = next_peer(&mut peers).await;
+        echo(&mut conn, &mut first).await;
+        pool.put(conn);
+
+        // Another credential, another spelling of the origin, TLS: none takes it.
+        for other in [
+            key(1, false, &addr.to_string()),
+            key(0, false, &format!("localhost:{}", addr.port())),
+        ] {
+            let mut conn = http1(pool.get(&other).await);
+            assert!(!conn.reused());
+            echo(&mut conn, &mut next_peer(&mut peers).await).await;
+        }
+        assert!(pool.take_idle(&key(0, true, &addr.to_string())).is_none());
+
+        let mut again = http1(pool.get(&k).await);
+        assert!(again.reused());
+        assert_eq!(again.key(), &k);
+        // The very connection: the first peer answers on it.
+        echo(&mut again, &mut first).await;
+        assert!(pool.take_idle(&k).is_none());
+        assert!(peers.try_recv().is_err(), "no connection was made for it");
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_the_upstream_closed_or_wrote_to_is_discarded() {
+        let ca = Ca::new();
+        let pool = pool(&ca, PATIENCE);
+        let plain = server("127.0.0.1:0", None).await;
+        let tls = server("127.0.0.1:0", Some(ca.acceptor(&["127.0.0.1"], &[]))).await;
+        for ((addr, mut peers), tls) in [(plain, false), (tls, true)] {
+            let k = key(0, tls, &addr.to_string());
+            // Closed (TLS: with close_notify); an unsolicited response (a desync, or an
+            // upstream's late answer): neither is handed out again.
+            for close in [true, false] {
+                let mut conn = http1(pool.get(&k).await);
+                let mut peer = next_peer(&mut peers).await;
+                echo(&mut conn, &mut peer).await;
+                if close {
+                    peer.shutdown().await.unwrap();
+                    drop(peer);
+                } else {
+                    peer.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+                    peer.flush().await.unwrap();
+                }
+                until_not_open(&mut conn).await;
+                pool.put(conn);
+                let fresh = http1(pool.get(&k).await);
+                assert!(!fresh.reused(), "tls {tls}, closed {close}");
+                next_peer(&mut peers).await;
+                assert!(pool.take_idle(&k).is_none());
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn idle_connections_expire() {
+        let ca = Ca::new();
+        let pool = pool(&ca, PATIENCE);
+        let (addr, mut peers) = server("127.0.0.1:0", None).await;
+        let k = key(0, false, &addr.to_string());
+        let mut conn = http1(pool.get(&k).await);
+        let mut peer = next_peer(&mut peers).await;
+        echo(&mut conn, &mut peer).await;
+        pool.put(conn);
+
+        tokio::time::pause();
+        tokio::time::advance(POOL_IDLE_TIMEOUT - Duration::from_millis(1)).await;
+        let conn = pool.take_idle(&k).expect("still young enough");
+        // Given back, it is idle from now.
+        pool.put(conn);
+        tokio::time::advance(POOL_IDLE_TIMEOUT).await;
+        assert!(pool.take_idle(&k).is_none());
+        assert!(pool.lock().conns.is_empty());
+        tokio::time::resume();
+        assert!(closed(&mut peer).await);
+    }
+
+    #[tokio::test]
+    async fn expired_connections_of_keys_nobody_asks_for_are_swept() {
+        let ca = Ca::new();
+        let pool = pool(&ca, PATIENCE);
+        let (addr, mut peers) = server("127.0.0.1:0", None).await;
+        let (a, b) = (
+            key(0, false, &addr.to_string()),
+            key(1, false, &addr.to_string()),
+        );
+        let conn_a = http1(pool.get(&a).await);
+        let mut peer_a = next_peer(&mut peers).await;
+        let conn_b = http1(pool.get(&b).await);
+        pool.put(conn_a);
+
+        tokio::time::pause();
+        tokio::time::advance(POOL_IDLE_TIMEOUT).await;
+        pool.put(conn_b);
+        assert_eq!(pool.lock().conns.keys().collect::<Vec<_>>(), [&b]);
+        tokio::time::resume();
+        assert!(closed(&mut peer_a).await);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_per_key_are_capped_oldest_first() {
+        let ca = Ca::new();
+        let pool = pool(&ca, PATIENCE);
+        let (addr, mut peers) = server("127.0.0.1:0", None).await;
+        let k = key(0, false, &addr.to_string());
+        let mut conns = Vec::new();
+        let mut server_sides = Vec::new();
+        for _ in 0..=MAX_IDLE_PER_KEY {
+            conns.push(http1(pool.get(&k).await));
+            server_sides.push(next_peer(&mut peers).await);
+        }
+        for conn in conns {
+            pool.put(conn);
+        }
+        assert_eq!(pool.lock().conns[&k].len(), MAX_IDLE_PER_KEY);
+        assert!(closed(&mut server_sides[0]).await, "the oldest was closed");
+        // The newest comes out first.
+        let mut newest = http1(pool.get(&k).await);
+        assert!(newest.reused());
+        echo(&mut newest, server_sides.last_mut().unwrap()).await;
+        assert_eq!(pool.lock().conns[&k].len(), MAX_IDLE_PER_KEY - 1);
+    }
+}
