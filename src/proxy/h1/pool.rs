@@ -745,22 +745,40 @@ mod tests {
         for ((addr, mut peers), tls) in [(plain, false), (tls, true)] {
             let k = key(0, tls, &addr.to_string());
             // Closed (TLS: with close_notify); an unsolicited response (a desync, or an
-            // upstream's late answer): neither is handed out again.
-            for close in [true, false] {
+            // upstream's late answer); more than the response in the same write (TLS: read
+            // into rustls' buffer with the response, so the socket itself has nothing left):
+            // none is handed out again.
+            for upstream in ["closes", "writes later", "sent more"] {
                 let mut conn = http1(pool.get(&k).await);
                 let mut peer = next_peer(&mut peers).await;
-                echo(&mut conn, &mut peer).await;
-                if close {
-                    peer.shutdown().await.unwrap();
-                    drop(peer);
-                } else {
-                    peer.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
-                    peer.flush().await.unwrap();
+                match upstream {
+                    "closes" => {
+                        echo(&mut conn, &mut peer).await;
+                        peer.shutdown().await.unwrap();
+                        drop(peer);
+                        until_not_open(&mut conn).await;
+                    }
+                    "writes later" => {
+                        echo(&mut conn, &mut peer).await;
+                        peer.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+                        peer.flush().await.unwrap();
+                        until_not_open(&mut conn).await;
+                    }
+                    _ => {
+                        peer.write_all(b"HTTP/1.1 204 \r\n\r\nHTTP/1.1 200 OK\r\n\r\n")
+                            .await
+                            .unwrap();
+                        peer.flush().await.unwrap();
+                        let mut response = [0u8; 17];
+                        tokio::time::timeout(PATIENCE, conn.read_exact(&mut response))
+                            .await
+                            .unwrap()
+                            .unwrap();
+                    }
                 }
-                until_not_open(&mut conn).await;
                 pool.put(conn);
                 let fresh = http1(pool.get(&k).await);
-                assert!(!fresh.reused(), "tls {tls}, closed {close}");
+                assert!(!fresh.reused(), "tls {tls}, the upstream {upstream}");
                 next_peer(&mut peers).await;
                 assert!(pool.take_idle(&k).is_none());
             }
