@@ -91,7 +91,7 @@ impl Upstreams {
         Ok(Self {
             credentials: clients.into_boxed_slice(),
             unmatched: client(shared),
-            h1: H1Pool::new(h1_tls.into_boxed_slice(), connect_timeout),
+            h1: H1Pool::new(&h1_tls, connect_timeout),
         })
     }
 

@@ -220,7 +220,7 @@ struct Idle {
 impl H1Pool {
     /// A pool whose connections for pool index `i` use `tls[i]` (from [`H1Pool::tls_config`]),
     /// each connect bounded by `connect_timeout`.
-    pub(crate) fn new(tls: Box<[Arc<ClientConfig>]>, connect_timeout: Duration) -> Self {
+    pub(crate) fn new(tls: &[Arc<ClientConfig>], connect_timeout: Duration) -> Self {
         Self {
             tls: tls.iter().cloned().map(TlsConnector::from).collect(),
             connect_timeout,
@@ -474,7 +474,7 @@ mod tests {
 
     /// A pool whose indices 0 and 1 both trust `ca` (so only the key tells them apart).
     fn pool(ca: &Ca, connect_timeout: Duration) -> H1Pool {
-        H1Pool::new(vec![ca.client.clone(); 2].into(), connect_timeout)
+        H1Pool::new(&[ca.client.clone(), ca.client.clone()], connect_timeout)
     }
 
     fn key(pool: usize, tls: bool, authority: &str) -> PoolKey {
