@@ -32,19 +32,21 @@ use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::ClientConfig;
 use tokio::net::TcpStream;
 use tower::Service;
 
 use super::body::ProxyBody;
+use super::h1::H1Pool;
 use crate::error::cause_ref;
 use crate::identity::ClientIdentity;
 use crate::metrics::UpstreamErrorKind;
 use crate::tls::TlsError;
 
-/// Idle pooled connections to upstreams are closed after this: below the idle timeouts of
-/// common load balancers (AWS ALB 60s, nginx `keepalive_timeout` 75s), so we close first and a
-/// request rarely races the upstream's close.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Idle pooled connections to upstreams (the hyper clients' and the fast path's, `h1/pool.rs`)
+/// are closed after this: below the idle timeouts of common load balancers (AWS ALB 60s, nginx
+/// `keepalive_timeout` 75s), so we close first and a request rarely races the upstream's close.
+pub(crate) const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One pooled client.
 pub(crate) type UpstreamClient = Client<Connector, ProxyBody>;
@@ -59,7 +61,7 @@ pub(crate) struct Upstreams {
     unmatched: UpstreamClient,
     /// The fast path's connections (`h1/pool.rs`), keyed by the same pool indices.
     #[allow(dead_code)] // read by the connection driver (in progress)
-    h1: super::h1::H1Pool,
+    h1: H1Pool,
 }
 
 impl Upstreams {
@@ -71,20 +73,25 @@ impl Upstreams {
         credentials: usize,
         identities: &[Arc<ClientIdentity>],
     ) -> Result<Self, TlsError> {
-        let shared = connector(ca_file, connect_timeout, None)?;
+        // hyper-rustls sets ALPN itself (`enable_all_versions`: h2, http/1.1) and refuses a
+        // configuration that already has some; the fast path's copies get theirs from
+        // `H1Pool::tls_config`.
+        let shared_tls = crate::tls::client_config(ca_file, &[], None)?;
+        let shared = connector(&shared_tls, connect_timeout);
         let mut clients: Vec<UpstreamClient> =
             (0..credentials).map(|_| client(shared.clone())).collect();
+        // The fast path's TLS settings, numbered like `clients`: the shared ones for every
+        // credential, then one per identity.
+        let mut h1_tls = vec![H1Pool::tls_config(&shared_tls); credentials];
         for identity in identities {
-            clients.push(client(connector(
-                ca_file,
-                connect_timeout,
-                Some(identity.clone()),
-            )?));
+            let tls = crate::tls::client_config(ca_file, &[], Some(identity.clone()))?;
+            clients.push(client(connector(&tls, connect_timeout)));
+            h1_tls.push(H1Pool::tls_config(&tls));
         }
         Ok(Self {
             credentials: clients.into_boxed_slice(),
             unmatched: client(shared),
-            h1: super::h1::H1Pool::default(),
+            h1: H1Pool::new(&h1_tls, connect_timeout),
         })
     }
 
@@ -100,7 +107,7 @@ impl Upstreams {
 
     /// The fast path's connections.
     #[allow(dead_code)] // used by the connection driver (in progress)
-    pub(crate) fn h1(&self) -> &super::h1::H1Pool {
+    pub(crate) fn h1(&self) -> &H1Pool {
         &self.h1
     }
 
@@ -110,30 +117,23 @@ impl Upstreams {
     }
 }
 
-/// A connector presenting `identity`, if any, when the upstream asks for a certificate. The
+/// A connector with the TLS settings `tls` (trust store and client identity, no ALPN). The
 /// pooled clients without a client certificate share one (TLS settings and the trust store,
 /// loaded once).
-fn connector(
-    ca_file: Option<&std::path::Path>,
-    connect_timeout: Duration,
-    identity: Option<Arc<ClientIdentity>>,
-) -> Result<Connector, TlsError> {
-    // hyper-rustls sets ALPN itself (`enable_all_versions`: h2, http/1.1) and refuses a
-    // configuration that already has some.
-    let tls = crate::tls::client_config(ca_file, &[], identity)?;
+fn connector(tls: &ClientConfig, connect_timeout: Duration) -> Connector {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
     let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config((*tls).clone())
+        .with_tls_config(tls.clone())
         .https_or_http()
         .enable_all_versions()
         .wrap_connector(Tcp(http));
-    Ok(Connector {
+    Connector {
         inner: https,
         timeout: connect_timeout,
-    })
+    }
 }
 
 /// A pooled client over `connector`, with a pool of its own.
@@ -154,6 +154,19 @@ pub(crate) struct ConnectError {
     /// Which stage failed.
     pub(crate) kind: ConnectFailure,
     source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl ConnectError {
+    /// A failure of stage `kind` (for the fast path's connector, `h1/pool.rs`).
+    pub(crate) fn new(
+        kind: ConnectFailure,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self {
+            kind,
+            source: source.into(),
+        }
+    }
 }
 
 /// The stage a connection failed in.
