@@ -162,6 +162,8 @@ async fn read_response_inner(
     let mut rest = buf[head_end..].to_vec();
     let find = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
     let body = if status == 204 || status == 304 || (100..200).contains(&status) {
+        // What follows belongs to the next response.
+        *carry = rest;
         Vec::new()
     } else if let Some(len) = find("content-length") {
         let len: usize = len.parse().unwrap();
