@@ -90,7 +90,7 @@ const REAUTH_REQUIRED: ProxyError = ProxyError::new(
     "this subject's consent is gone (the token endpoint said invalid_grant, or the API \
      answered code 602): the customer must authorize again and the new code be enrolled",
 );
-const BODY_UNREADABLE: ProxyError =
+pub(super) const BODY_UNREADABLE: ProxyError =
     ProxyError::new(ErrorCode::BadRequest, "the request body could not be read").closing();
 
 pub(super) fn upstream_error(code: ErrorCode) -> ProxyError {

@@ -30,8 +30,9 @@ use crate::metrics::{Handoff, ReplayResult, RouteMetrics, UpstreamErrorKind};
 use crate::proxy::Inner;
 use crate::proxy::error::{ErrorCode, ProxyError};
 use crate::proxy::forward::{
-    BAD_RESPONSE, BODY_STALLED, CONSENT_PROBE_LIMIT, Holder, NO_TOKEN, count_subject_refusal,
-    has_dot_segment, is_consent_revoked, is_idempotent, rebase, subject_refusal, upstream_error,
+    BAD_RESPONSE, BODY_STALLED, BODY_UNREADABLE, CONSENT_PROBE_LIMIT, Holder, NO_TOKEN,
+    count_subject_refusal, has_dot_segment, is_consent_revoked, is_idempotent, rebase,
+    subject_refusal, upstream_error,
 };
 use crate::proxy::route::{Route, RouteToken};
 use crate::proxy::service::log_access;
@@ -151,6 +152,9 @@ enum SendError {
     Http2,
     #[error("no answer head within response_timeout")]
     Timeout,
+    /// The client's streamed body broke off or stalled.
+    #[error("the client's request body could not be read")]
+    ClientBody,
 }
 
 /// Serves the request whose head starts at the connection's read position, or says it is
@@ -205,16 +209,27 @@ where
                 .await;
         }
     };
-    if !conn.fill_to(io, plan.consumed).await {
-        return Next::Close;
-    }
-    let body = conn.start + plan.head_len..conn.start + plan.consumed;
+    // An idempotent request's body is read whole first (it may be sent twice, as on the
+    // hyper path); another's is streamed: what has arrived goes with the head, the rest as it
+    // comes.
+    let body_len = plan.consumed - plan.head_len;
+    let take = if plan.replayable {
+        if !conn.fill_to(io, plan.consumed).await {
+            return Next::Close;
+        }
+        body_len
+    } else {
+        body_len.min(conn.buf.len() - conn.start - plan.head_len)
+    };
+    let body = conn.start + plan.head_len..conn.start + plan.head_len + take;
     conn.scratch.request.extend_from_slice(&conn.buf[body]);
-    let answer = Answer {
+    let upload = (body_len - take) as u64;
+    let mut answer = Answer {
         route: plan.route,
         start,
         access: plan.access.as_ref(),
-        close: plan.close || stopping,
+        // A body still to come is not read past: the connection closes after the answer.
+        close: plan.close || stopping || upload > 0,
     };
     let pool = inner.upstreams.h1();
     let deadline = Instant::now() + inner.response_timeout;
@@ -223,22 +238,44 @@ where
         // Hyper's clients negotiate HTTP/2 with this origin: the request is theirs.
         Ok(Ok(Connected::Http2)) => return Next::Handoff(Handoff::Http2),
         Ok(Err(e)) => {
-            conn.start += plan.consumed;
+            conn.start += plan.head_len + take;
             return answer
                 .failed(inner, io, &mut conn.scratch, SendError::Connect(e))
                 .await;
         }
         Err(_) => {
-            conn.start += plan.consumed;
+            conn.start += plan.head_len + take;
             return answer
                 .failed(inner, io, &mut conn.scratch, SendError::Timeout)
                 .await;
         }
     };
     // From here on the request is the fast path's.
-    conn.start += plan.consumed;
-    let scratch = &mut conn.scratch;
-    let mut sent = send(&mut upstream, scratch, &plan, answer.close, deadline).await;
+    conn.start += plan.head_len + take;
+    let Connection {
+        buf,
+        start: read_at,
+        scratch,
+    } = conn;
+    let upload = (upload > 0).then_some(Upload {
+        io: &mut *io,
+        buf,
+        start: read_at,
+        remaining: upload,
+    });
+    let mut sent = send(
+        &mut upstream,
+        scratch,
+        &plan,
+        answer.close,
+        deadline,
+        upload,
+    )
+    .await;
+    // The body was read to its end: the connection can carry the next request.
+    if !matches!(sent, Err(SendError::ClientBody)) {
+        answer.close = plan.close || stopping;
+    }
     // An idle connection the upstream had closed (its keep-alive timeout raced this request):
     // nothing was answered and the request is idempotent, so it goes once more on a new
     // connection, with the current token.
@@ -257,7 +294,15 @@ where
         sent = match reconnect(pool, &plan.key, deadline).await {
             Ok(c) => {
                 upstream = c;
-                send(&mut upstream, scratch, &plan, answer.close, deadline).await
+                send(
+                    &mut upstream,
+                    scratch,
+                    &plan,
+                    answer.close,
+                    deadline,
+                    None::<Upload<'_, C>>,
+                )
+                .await
             }
             Err(e) => Err(e),
         };
@@ -452,18 +497,58 @@ fn swap_token(request: &mut Vec<u8>, auth: &mut Range<usize>, token: &AccessToke
     auth.end = auth.start + value.len();
 }
 
-/// Writes the request and reads the answer's head (skipping interim 1xx answers) by
-/// `deadline`; the client's head is left in `Scratch::client`.
-async fn send(
+/// The rest of a streamed request body, read from the client as it is sent.
+struct Upload<'a, C> {
+    io: &'a mut C,
+    /// The connection's read buffer and position.
+    buf: &'a mut Vec<u8>,
+    start: &'a mut usize,
+    remaining: u64,
+}
+
+impl<C: AsyncRead + Unpin> Upload<'_, C> {
+    /// Copies the rest of the body from the client to `upstream`.
+    async fn copy(self, upstream: &mut H1Conn) -> Result<(), SendError> {
+        let mut remaining = self.remaining;
+        while remaining > 0 {
+            if *self.start == self.buf.len() {
+                self.buf.clear();
+                *self.start = 0;
+                self.buf.reserve(super::READ_BUFFER);
+                // The wire guard times the wait (idle_timeout) and ends a broken body.
+                match self.io.read_buf(self.buf).await {
+                    Ok(n) if n > 0 => {}
+                    _ => return Err(SendError::ClientBody),
+                }
+            }
+            let available = self.buf.len() - *self.start;
+            let n = usize::try_from(remaining).map_or(available, |r| r.min(available));
+            let chunk = &self.buf[*self.start..*self.start + n];
+            upstream.write_all(chunk).await.map_err(closed_or)?;
+            *self.start += n;
+            remaining -= n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Writes the request (and `upload`, the rest of its body) and reads the answer's head
+/// (skipping interim 1xx answers) by `deadline`; the client's head is left in
+/// `Scratch::client`.
+async fn send<C: AsyncRead + Unpin>(
     upstream: &mut H1Conn,
     scratch: &mut Scratch,
     plan: &Plan<'_>,
     close_client: bool,
     deadline: Instant,
+    upload: Option<Upload<'_, C>>,
 ) -> Result<Meta, SendError> {
     let exchange = async {
         if let Err(e) = upstream.write_all(&scratch.request).await {
             return Err(closed_or(e));
+        }
+        if let Some(upload) = upload {
+            upload.copy(upstream).await?;
         }
         scratch.response.clear();
         loop {
@@ -612,13 +697,14 @@ where
     swap_token(&mut scratch.request, &mut auth, &fresh);
     let deadline = Instant::now() + inner.response_timeout;
     // The rejected exchange's connection is reused only if its answer ended cleanly.
+    let none = None::<Upload<'_, C>>;
     let sent = if body.reusable() && !meta.close {
-        send(&mut upstream, scratch, plan, answer.close, deadline).await
+        send(&mut upstream, scratch, plan, answer.close, deadline, none).await
     } else {
         match reconnect(inner.upstreams.h1(), &plan.key, deadline).await {
             Ok(c) => {
                 upstream = c;
-                send(&mut upstream, scratch, plan, answer.close, deadline).await
+                send(&mut upstream, scratch, plan, answer.close, deadline, none).await
             }
             Err(e) => Err(e),
         }
@@ -748,6 +834,11 @@ impl Answer<'_> {
                 ConnectFailure::Tls => (ErrorCode::UpstreamTls, UpstreamErrorKind::Tls),
             },
             SendError::Timeout => (ErrorCode::UpstreamTimeout, UpstreamErrorKind::Timeout),
+            SendError::ClientBody => {
+                // The app's own request body was cut short or stalled: its fault, not the
+                // upstream's.
+                return self.refuse(inner, io, scratch, BODY_UNREADABLE).await;
+            }
             SendError::Response(ResponseError::Framing) => {
                 self.route
                     .metrics

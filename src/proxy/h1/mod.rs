@@ -11,7 +11,8 @@
 //!
 //! The line with hyper: the fast path serves HTTP/1.1 requests with a method from GET, HEAD,
 //! POST, PUT, DELETE, PATCH, OPTIONS, no `Expect`, no `Transfer-Encoding` and a body of at most
-//! `replay_body_limit` (read whole before it is sent), on a route (named token, or per-subject
+//! `replay_body_limit` (an idempotent request's read whole before it is sent, as hyper's path
+//! keeps it for a replay; another's streamed), on a route (named token, or per-subject
 //! with one valid subject header), to an upstream that speaks HTTP/1.1. The first head it does
 //! not serve (HTTP/1.0, `CONNECT`, `TRACE`, unrouted or refused requests, a missing or invalid
 //! subject header, chunked or larger bodies, an
@@ -42,7 +43,7 @@ use super::Inner;
 use crate::shutdown::{Phase, Shutdown};
 
 /// The client read buffer's size, like hyper's: a head and a small body fit in one read.
-const READ_BUFFER: usize = 8 * 1024;
+pub(super) const READ_BUFFER: usize = 8 * 1024;
 
 /// How a connection left the fast path.
 pub(crate) enum Outcome {

@@ -26,7 +26,7 @@
 //! with no traffic at all it stays until the next `put`). No lock is held across an await, and
 //! connections are closed after the lock is released.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -55,6 +55,12 @@ const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 /// here and memory at the upstream for a burst that may not come back. The oldest go first:
 /// they are the nearest to the upstream's own idle timeout.
 const MAX_IDLE_PER_KEY: usize = 64;
+
+/// An idle connection younger than this is taken without the readability probe (a system
+/// call): upstreams close idle connections after seconds (nginx 75 s, ALBs 60 s), so one given
+/// back this recently is open unless the upstream is closing it right now, a race the probe
+/// could not close either (the retry of an idempotent request on a new connection covers it).
+const PROBE_AFTER: Duration = Duration::from_secs(1);
 
 /// What an upstream connection is for: a connection carries one credential's requests to one
 /// origin, never another's (see `upstream.rs`).
@@ -97,11 +103,6 @@ impl H1Conn {
     /// meanwhile).
     pub(crate) fn reused(&self) -> bool {
         self.reused
-    }
-
-    /// Its key.
-    pub(crate) fn key(&self) -> &PoolKey {
-        &self.key
     }
 
     /// Whether an idle connection still looks usable: nothing to read, no EOF, no error. TLS
@@ -198,12 +199,22 @@ impl AsyncWrite for H1Conn {
     }
 }
 
+/// What the idle pool had for a key.
+enum Taken {
+    Found(H1Conn),
+    /// Nothing idle, and the key's upstream speaks HTTP/2.
+    Http2,
+    Nothing,
+}
+
 /// Idle connections, and how to make new ones.
 pub(crate) struct H1Pool {
     /// The TLS settings of each pool index (`PoolKey::pool`).
     tls: Box<[TlsConnector]>,
     /// Over DNS, TCP and TLS together.
     connect_timeout: Duration,
+    /// [`PROBE_AFTER`]; zero in the tests of the probe itself.
+    probe_after: Duration,
     idle: Mutex<Idle>,
 }
 
@@ -215,6 +226,9 @@ struct Idle {
     conns: HashMap<PoolKey, Vec<(H1Conn, Instant)>>,
     /// When a `put` next sweeps every key's expired connections (`None`: at the first).
     next_sweep: Option<Instant>,
+    /// Keys whose upstream chose HTTP/2: the fast path leaves them to hyper without another
+    /// handshake. Bounded by the routes' origins (wildcard routes: by the hosts the app calls).
+    http2: HashSet<PoolKey>,
 }
 
 impl H1Pool {
@@ -224,6 +238,7 @@ impl H1Pool {
         Self {
             tls: tls.iter().cloned().map(TlsConnector::from).collect(),
             connect_timeout,
+            probe_after: PROBE_AFTER,
             idle: Mutex::default(),
         }
     }
@@ -239,8 +254,9 @@ impl H1Pool {
     /// An idle connection for `key` that still looks open, or a new one.
     pub(crate) async fn get(&self, key: &PoolKey) -> Result<Connected, ConnectError> {
         match self.take_idle(key) {
-            Some(conn) => Ok(Connected::Http1(conn)),
-            None => self.connect(key).await,
+            Taken::Found(conn) => Ok(Connected::Http1(conn)),
+            Taken::Http2 => Ok(Connected::Http2),
+            Taken::Nothing => self.connect(key).await,
         }
     }
 
@@ -249,6 +265,10 @@ impl H1Pool {
     pub(crate) async fn connect(&self, key: &PoolKey) -> Result<Connected, ConnectError> {
         let deadline = Instant::now() + self.connect_timeout;
         match tokio::time::timeout_at(deadline, self.connect_by(key, deadline)).await {
+            Ok(Ok(Connected::Http2)) => {
+                self.lock().http2.insert(key.clone());
+                Ok(Connected::Http2)
+            }
             Ok(connected) => connected,
             Err(elapsed) => Err(ConnectError::new(ConnectFailure::Timeout, elapsed)),
         }
@@ -281,26 +301,33 @@ impl H1Pool {
         drop(closed);
     }
 
-    /// The newest idle connection of `key` that is young enough and looks open; the ones found
-    /// expired or closed on the way are dropped.
-    fn take_idle(&self, key: &PoolKey) -> Option<H1Conn> {
+    /// The newest idle connection of `key` that is young enough and looks open (the ones
+    /// found expired or closed on the way are dropped), or that `key` speaks HTTP/2.
+    fn take_idle(&self, key: &PoolKey) -> Taken {
         let mut closed = Vec::new();
         let found = {
             let mut idle = self.lock();
             let now = Instant::now();
-            let conns = idle.conns.get_mut(key)?;
+            let Some(conns) = idle.conns.get_mut(key) else {
+                return if idle.http2.contains(key) {
+                    Taken::Http2
+                } else {
+                    Taken::Nothing
+                };
+            };
             let found = loop {
                 let Some((mut conn, since)) = conns.pop() else {
-                    break None;
+                    break Taken::Nothing;
                 };
-                if now - since >= POOL_IDLE_TIMEOUT {
+                let age = now - since;
+                if age >= POOL_IDLE_TIMEOUT {
                     // The newest has expired, so have all the older ones.
                     closed.push((conn, since));
                     closed.append(conns);
-                    break None;
+                    break Taken::Nothing;
                 }
-                if conn.looks_open() {
-                    break Some(conn);
+                if age < self.probe_after || conn.looks_open() {
+                    break Taken::Found(conn);
                 }
                 closed.push((conn, since));
             };
@@ -473,8 +500,25 @@ mod tests {
     }
 
     /// A pool whose indices 0 and 1 both trust `ca` (so only the key tells them apart).
+    /// A pool that probes every idle connection it hands out (the probe is what most tests
+    /// here are about).
     fn pool(ca: &Ca, connect_timeout: Duration) -> H1Pool {
-        H1Pool::new(&[ca.client.clone(), ca.client.clone()], connect_timeout)
+        let mut pool = H1Pool::new(&[ca.client.clone(), ca.client.clone()], connect_timeout);
+        pool.probe_after = Duration::ZERO;
+        pool
+    }
+
+    impl Taken {
+        fn is_none(&self) -> bool {
+            matches!(self, Taken::Nothing)
+        }
+
+        fn expect(self, why: &str) -> H1Conn {
+            match self {
+                Taken::Found(conn) => conn,
+                _ => panic!("{why}"),
+            }
+        }
     }
 
     fn key(pool: usize, tls: bool, authority: &str) -> PoolKey {
@@ -593,7 +637,7 @@ mod tests {
         let k = key(0, false, &addr.to_string());
         let mut conn = http1(pool.get(&k).await);
         assert!(!conn.reused());
-        assert_eq!(conn.key(), &k);
+        assert_eq!(conn.key, k);
         assert!(conn.is_write_vectored());
         assert!(nodelay(&conn));
         echo(&mut conn, &mut next_peer(&mut peers).await).await;
@@ -606,7 +650,7 @@ mod tests {
             let k = key(1, true, &authority);
             let mut conn = http1(pool.get(&k).await);
             assert!(!conn.reused());
-            assert_eq!(conn.key(), &k);
+            assert_eq!(conn.key, k);
             assert!(matches!(conn.io, Io::Tls(_)));
             assert!(nodelay(&conn));
             echo(&mut conn, &mut next_peer(&mut peers).await).await;
@@ -729,7 +773,7 @@ mod tests {
 
         let mut again = http1(pool.get(&k).await);
         assert!(again.reused());
-        assert_eq!(again.key(), &k);
+        assert_eq!(again.key, k);
         // The very connection: the first peer answers on it.
         echo(&mut again, &mut first).await;
         assert!(pool.take_idle(&k).is_none());
@@ -852,5 +896,42 @@ mod tests {
         assert!(newest.reused());
         echo(&mut newest, server_sides.last_mut().unwrap()).await;
         assert_eq!(pool.lock().conns[&k].len(), MAX_IDLE_PER_KEY - 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_given_back_just_now_is_handed_out_without_a_probe() {
+        let ca = Ca::new();
+        let mut pool = pool(&ca, PATIENCE);
+        pool.probe_after = PROBE_AFTER;
+        let (addr, mut peers) = server("127.0.0.1:0", None).await;
+        let k = key(0, false, &addr.to_string());
+        let conn = http1(pool.get(&k).await);
+        let peer = next_peer(&mut peers).await;
+        // Closed by the upstream, but given back less than PROBE_AFTER ago: no system call
+        // looks at it (the request's own retry covers this race).
+        drop(peer);
+        pool.put(conn);
+        assert!(http1(pool.get(&k).await).reused());
+    }
+
+    #[tokio::test]
+    async fn an_origin_that_chose_h2_is_not_handshaken_again() {
+        let ca = Ca::new();
+        let pool = pool(&ca, PATIENCE);
+        let (h2, mut peers) =
+            server("127.0.0.1:0", Some(ca.acceptor(&["localhost"], &[b"h2"]))).await;
+        let k = key(0, true, &format!("localhost:{}", h2.port()));
+        assert!(matches!(pool.get(&k).await, Ok(Connected::Http2)));
+        next_peer(&mut peers).await;
+        assert!(matches!(pool.get(&k).await, Ok(Connected::Http2)));
+        assert!(matches!(pool.get(&k).await, Ok(Connected::Http2)));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(peers.try_recv().is_err(), "a second handshake was made");
+        // Another pool index of the same origin learns for itself.
+        assert!(matches!(
+            pool.get(&key(1, true, &format!("localhost:{}", h2.port())))
+                .await,
+            Ok(Connected::Http2)
+        ));
     }
 }
