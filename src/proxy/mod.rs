@@ -511,14 +511,17 @@ impl Inner {
                 bytes::Bytes::new()
             };
             let io = TokioIo::new(h1::Rewind::with_pending(guard, pending));
-            let conn = watcher.watch(
-                server
-                    .serve_connection_with_upgrades(io, service)
-                    .into_owned(),
+            // Boxed: hyper's connection state is large, and a connection the fast path serves
+            // to its end never needs room for it.
+            let mut conn = Box::pin(
+                watcher.watch(
+                    server
+                        .serve_connection_with_upgrades(io, service)
+                        .into_owned(),
+                ),
             );
             {
                 // Kept alive past its result, so the socket is still open when `cut` is set.
-                tokio::pin!(conn);
                 tokio::select! {
                     biased;
                     () = shutdown.reached(Phase::Terminated) => return,

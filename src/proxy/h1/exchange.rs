@@ -71,6 +71,34 @@ pub(super) struct Scratch {
     path: Vec<u8>,
 }
 
+impl Scratch {
+    /// Takes spare buffers for the ones given back (see `spare.rs`).
+    pub(super) fn take(&mut self) {
+        for buf in [
+            &mut self.request,
+            &mut self.response,
+            &mut self.client,
+            &mut self.path,
+        ] {
+            if buf.capacity() == 0 {
+                *buf = super::spare::take();
+            }
+        }
+    }
+
+    /// Gives every buffer back, while the connection waits for its next request.
+    pub(super) fn give(&mut self) {
+        for buf in [
+            &mut self.request,
+            &mut self.response,
+            &mut self.client,
+            &mut self.path,
+        ] {
+            super::spare::give(std::mem::take(buf));
+        }
+    }
+}
+
 /// The request's details kept for the access log (only with `log.access`).
 struct Access {
     method: Method,
@@ -169,6 +197,7 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let start = Instant::now();
+    conn.scratch.take();
     let decision = loop {
         match RequestHead::parse(
             &conn.buf[conn.start..],
@@ -312,7 +341,11 @@ where
         Err(e) => return answer.failed(inner, io, scratch, e).await,
     };
     if plan.route.is_replay_status(meta.status) {
-        return after_rejection(inner, io, scratch, &plan, &answer, upstream, meta).await;
+        // Boxed: rare, and large (it sends twice); the connection task stays small.
+        return Box::pin(after_rejection(
+            inner, io, scratch, &plan, &answer, upstream, meta,
+        ))
+        .await;
     }
     let mut body = Body::new(meta.framing);
     if body

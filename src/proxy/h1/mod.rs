@@ -28,8 +28,11 @@ mod relay;
 mod request;
 mod response;
 mod rewind;
+mod spare;
 
+use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -40,6 +43,7 @@ pub(crate) use rewind::Rewind;
 
 use self::exchange::{Next, Scratch, serve_one};
 use super::Inner;
+use super::wire::WireGuard;
 use crate::shutdown::{Phase, Shutdown};
 
 /// The client read buffer's size, like hyper's: a head and a small body fit in one read.
@@ -51,6 +55,19 @@ pub(crate) enum Outcome {
     Closed,
     /// hyper serves the rest: these bytes were read and not served.
     Handoff(Bytes),
+}
+
+/// A client connection as the fast path reads it: through the wire guard, with a wait for
+/// readability that needs no buffer.
+pub(crate) trait Client: AsyncRead + AsyncWrite + Unpin {
+    /// Resolves when a read would not wait (or has failed, or the guard's timers ran out).
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl Client for WireGuard<tokio::net::TcpStream> {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        WireGuard::poll_read_ready(self, cx)
+    }
 }
 
 /// A client connection's read buffer and the buffers its exchanges reuse.
@@ -65,12 +82,23 @@ impl Connection {
     /// Reads more from the client; `false` at its end or on an error (including the wire
     /// guard's refusals and timeouts).
     async fn fill<C: AsyncRead + Unpin>(&mut self, io: &mut C) -> bool {
+        if self.buf.capacity() == 0 {
+            self.buf = spare::take();
+        }
         if self.start > 0 {
             self.buf.drain(..self.start);
             self.start = 0;
         }
         self.buf.reserve(READ_BUFFER);
         matches!(io.read_buf(&mut self.buf).await, Ok(n) if n > 0)
+    }
+
+    /// Gives every buffer back while the connection waits for its next request: an idle
+    /// keep-alive connection holds none.
+    fn idle(&mut self) {
+        spare::give(std::mem::take(&mut self.buf));
+        self.start = 0;
+        self.scratch.give();
     }
 
     /// Reads until `len` bytes from the read position are there.
@@ -86,15 +114,12 @@ impl Connection {
 
 /// Serves the connection's requests while the fast path can; returns when the connection is
 /// finished or hyper must take over.
-pub(crate) async fn serve<C>(
+pub(crate) async fn serve<C: Client>(
     current: &ArcSwap<Inner>,
     io: &mut C,
     shutdown: &Shutdown,
     cut: &AtomicBool,
-) -> Outcome
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-{
+) -> Outcome {
     let mut conn = Connection {
         buf: Vec::new(),
         start: 0,
@@ -104,15 +129,14 @@ where
     tokio::pin!(stopping);
     loop {
         if conn.start == conn.buf.len() {
-            // Idle between requests: a drain closes the connection now.
-            conn.buf.clear();
-            conn.start = 0;
-            let more = tokio::select! {
+            // Idle between requests, without buffers: a drain closes the connection now.
+            conn.idle();
+            let ready = tokio::select! {
                 biased;
                 () = &mut stopping => false,
-                more = conn.fill(io) => more,
+                ready = std::future::poll_fn(|cx| io.poll_read_ready(cx)) => ready.is_ok(),
             };
-            if !more {
+            if !ready || !conn.fill(io).await {
                 let _ = io.shutdown().await;
                 return Outcome::Closed;
             }

@@ -256,7 +256,9 @@ impl H1Pool {
         match self.take_idle(key) {
             Taken::Found(conn) => Ok(Connected::Http1(conn)),
             Taken::Http2 => Ok(Connected::Http2),
-            Taken::Nothing => self.connect(key).await,
+            // Boxed: a connect's future (DNS, TCP, TLS) is large, and every connection task
+            // would otherwise carry its room while idle.
+            Taken::Nothing => Box::pin(self.connect(key)).await,
         }
     }
 

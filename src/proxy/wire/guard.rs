@@ -212,6 +212,21 @@ impl<T> WireGuard<T> {
     }
 }
 
+impl WireGuard<tokio::net::TcpStream> {
+    /// Resolves when a read would not wait for the socket (bytes held for the reader, a
+    /// refusal to report, the socket readable or failed), timing the wait as a read is timed.
+    /// An idle keep-alive connection waits here without a read buffer (the fast path).
+    pub(crate) fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.approved > 0 || self.refusal.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        match self.io.poll_read_ready(cx) {
+            Poll::Ready(r) => Poll::Ready(r),
+            Poll::Pending => self.poll_deadline(cx, true).map(Err),
+        }
+    }
+}
+
 impl<T> Drop for WireGuard<T> {
     fn drop(&mut self) {
         if let Some((flag, reset)) = &self.reset
