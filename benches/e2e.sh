@@ -43,10 +43,19 @@
 #             the load core (socat's PROXY address sends the CONNECT for bp-icpt; plain TCP
 #             relays for the other two), which keeps the client side identical; the relays'
 #             CPU is not the proxy's. Needs socat.
+#   idle      memory per idle keep-alive client connection: for bp-fwd, bp-gw, nginx and HAProxy
+#             (configured as in main, with connection limits and idle timeouts raised above the
+#             test's), one at a time: the proxy's memory after start (0 connections), then
+#             benches/idle_clients.py (python3 asyncio, on the load core) opens --idle-conns
+#             connections and sends one request on each (64 in flight) and reads the answer,
+#             and the memory is read again; then a second request on every connection checks
+#             that the proxy kept them all open. Memory is PSS (/proc/PID/smaps_rollup; RSS
+#             too) summed over the proxy's processes; the row gives the difference / connections.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-ROUNDS=5 DURATION=10 WARMUP=2 CONNS="64 1" SIZES="small 16k" SCENARIOS="main rotation tls"
+ROUNDS=5 DURATION=10 WARMUP=2 CONNS="64 1" SIZES="small 16k" SCENARIOS="main rotation tls idle"
+IDLE_CONNS=10000
 ROT_ROUNDS="" TLS_ROUNDS="" ICPT_ROUNDS="" OUT="" BUILD=1 WAIT_IDLE=0
 LOAD_CPU=${LOAD_CPU:-0} PROXY_CPU=${PROXY_CPU:-1} NICE=${NICE:--15}
 TOKEN=${TOKEN:-e2e-6b1d0c7a93f24e58a1}
@@ -63,7 +72,8 @@ Options:
   --warmup S         one unrecorded run per candidate first (default $WARMUP; 0 = none)
   --conns "A B"      wrk connection counts (default "$CONNS")
   --sizes "a b"      response bodies: small (12 bytes), 16k (16 KiB) (default "$SIZES")
-  --scenarios "..."  main rotation tls intercept (default "$SCENARIOS")
+  --scenarios "..."  main rotation tls idle intercept (default "$SCENARIOS")
+  --idle-conns N     client connections held open in the idle scenario (default $IDLE_CONNS)
   --out DIR          results (default /tmp/bp-e2e.<time>)
   --no-build         use the existing target/release/bearer-proxy
   --wait-idle MIN    wait up to MIN minutes for load average < 0.5 before starting
@@ -82,6 +92,7 @@ while (($#)); do
     --conns) CONNS=$2; shift 2;;
     --sizes) SIZES=$2; shift 2;;
     --scenarios) SCENARIOS=$2; shift 2;;
+    --idle-conns) IDLE_CONNS=$2; shift 2;;
     --out) OUT=$2; shift 2;;
     --no-build) BUILD=0; shift;;
     --wait-idle) WAIT_IDLE=$2; shift 2;;
@@ -99,6 +110,15 @@ for t in nginx haproxy wrk curl openssl taskset setsid; do
 done
 if [[ " $SCENARIOS " == *" intercept "* ]] && ! command -v socat >/dev/null; then
   die "socat is missing (apt-get install socat): the intercept scenario needs it"
+fi
+if [[ " $SCENARIOS " == *" idle "* ]]; then
+  command -v python3 >/dev/null || die "python3 is missing: the idle scenario's client needs it"
+  # The client and the proxy each hold one descriptor per connection, plus the upstream's.
+  # HAProxy asks for two per connection slot (maxconn) and is told not to insist (no
+  # strict-limits) where the hard limit is lower: idle clients hold no server connection.
+  need_fds=$((IDLE_CONNS + 1024))
+  ulimit -n $((2 * need_fds + 1024)) 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+  (($(ulimit -n) >= need_fds)) || die "the idle scenario needs ulimit -n $need_fds (raise the hard limit)"
 fi
 
 # Ports.
@@ -158,6 +178,11 @@ ticks() {  # SESSION -> "utime+stime utime" of its processes, in clock ticks (1/
 hwm_kb() {  # SESSION -> sum of VmHWM
   local p; for p in $(sess_pids "$1"); do awk '/^VmHWM/ {print $2}' "/proc/$p/status" 2>/dev/null; done |
     awk '{s += $1} END {print s + 0}'
+}
+mem_kb() {  # SESSION -> "PSS RSS" in KiB, summed over its processes (smaps_rollup)
+  local p; for p in $(sess_pids "$1"); do
+    awk '/^Pss:/ {p = $2} /^Rss:/ {r = $2} END {print p + 0, r + 0}' "/proc/$p/smaps_rollup" 2>/dev/null
+  done | awk '{p += $1; r += $2} END {print p + 0, r + 0}'
 }
 # CPU ticks of every live process outside our sessions, "pid:start ticks" (a process that
 # starts and ends within a run is missed; the busy time of the proxy's core below is not).
@@ -301,13 +326,14 @@ EOF
   wait_listen "$port" "$name"
   ISSUER[$name]=$iport
 }
-nginx_proxy() {  # NAME PORT UPSTREAM_SCHEME UPSTREAM_PORT
-  local name=$1 port=$2 scheme=$3 uport=$4 tls=""
+nginx_proxy() {  # NAME PORT UPSTREAM_SCHEME UPSTREAM_PORT [WORKER_CONNECTIONS]
+  local name=$1 port=$2 scheme=$3 uport=$4 wc=${5:-4096} tls="" common
+  common=${NGINX_COMMON//ERRLOG/$name.err}
   [[ $scheme == https ]] && tls="proxy_ssl_verify on; proxy_ssl_trusted_certificate $W/ca.pem;
       proxy_ssl_session_reuse on;
       proxy_ssl_name up.bench.test; proxy_ssl_server_name on;"
   cat >"$W/cfg/$name.conf" <<EOF
-${NGINX_COMMON//ERRLOG/$name.err}
+${common//worker_connections 4096/worker_connections $wc}
 pid $W/$name.pid;
 http {
   $NGINX_HTTP
@@ -327,14 +353,17 @@ EOF
   start "$name" "$PROXY_CPU" nginx -p "$W" -e "$W/$name.err" -c "$W/cfg/$name.conf"
   wait_listen "$port" "$name"
 }
-haproxy_proxy() {  # NAME PORT UPSTREAM_SCHEME UPSTREAM_PORT
-  local name=$1 port=$2 scheme=$3 uport=$4 tls=""
+haproxy_proxy() {  # NAME PORT UPSTREAM_SCHEME UPSTREAM_PORT [MAXCONN]
+  local name=$1 port=$2 scheme=$3 uport=$4 maxconn=${5:-4096} tls="" limits=""
   [[ $scheme == https ]] && tls="ssl verify required ca-file $W/ca.pem sni str(up.bench.test) verifyhost up.bench.test"
+  [[ -n ${5:-} ]] && limits="no strict-limits"
   cat >"$W/cfg/$name.cfg" <<EOF
 global
   nbthread 1
-  maxconn 4096
+  maxconn $maxconn
+  $limits
 defaults
+  maxconn $maxconn
   mode http
   timeout connect 5s
   timeout client 600s
@@ -516,6 +545,33 @@ run_scenario() {  # SCENARIO ROUNDS CANDIDATE...
   done
 }
 
+IDLE=$OUT/idle.tsv
+idle_measure() {  # CANDIDATE: memory at 0 and at IDLE_CONNS idle keep-alive connections
+  local c=$1 sid=${SESS[$1]} rel=$W/idle-release-$1 log=$W/idle-client-$1.log
+  local pss0 rss0 pss1 rss1 ready open answered secs kept i st=ok
+  preflight "$c"
+  sleep 2; read -r pss0 rss0 < <(mem_kb "$sid")
+  rm -f "$rel"
+  start "idle-client-$c" "$LOAD_CPU" python3 "$ROOT/benches/idle_clients.py" --port "${PORT[$c]}" \
+    --conns "$IDLE_CONNS" --mode "${MODE[$c]}" --release "$rel"
+  for i in $(seq 1200); do
+    ready=$(awk '$1 == "READY"' "$W/idle-client-$c.log"); [[ -n $ready ]] && break; sleep 0.25
+  done
+  [[ -n $ready ]] || die "idle: the client for $c did not get ready: $(tail -3 "$W/idle-client-$c.log")"
+  read -r _ open answered secs <<<"$ready"
+  sleep 2; read -r pss1 rss1 < <(mem_kb "$sid")
+  touch "$rel"
+  for i in $(seq 1200); do
+    kept=$(awk '$1 == "STILL_OPEN" {print $2}' "$W/idle-client-$c.log"); [[ -n $kept ]] && break; sleep 0.25
+  done
+  ((open == IDLE_CONNS)) || st="FAIL:connected_$open"
+  ((answered == IDLE_CONNS)) || st="FAIL:answered_$answered"
+  ((${kept:-0} == IDLE_CONNS)) || st="FAIL:still_open_${kept:-0}"
+  printf '%s\t%d\t%d\t%d\t%d\t%d\t%d\t%s\t%s\n' "$c" "$IDLE_CONNS" "$pss0" "$pss1" "$rss0" "$rss1" \
+    "$(hwm_kb "$sid")" "$secs" "$st" >>"$IDLE"
+  say "  $c: PSS $pss0 -> $pss1 KiB, RSS $rss0 -> $rss1 KiB with $IDLE_CONNS idle connections ($st)"
+  stop "idle-client-$c"
+}
 RSS=$OUT/rss.tsv CALLS=$OUT/token-calls.tsv
 : >"$RSS"; printf 'candidate\tlifetime_s\tuptime_s\ttoken_calls\texpected\n' >"$CALLS"
 declare -A STARTED_AT=()
@@ -605,6 +661,27 @@ for sc in $SCENARIOS; do
       finish bp-plain 600 382 450; finish bp-icpt 600 382 450; finish nginx-tlsterm
       stop relay-plain; stop relay-icpt; stop relay-tlsterm
       ;;
+    idle)
+      # Limits above the test's: a connection slot per client (+ upstream and spare), and
+      # client idle timeouts of 600 s (nginx and HAProxy already have them). bearer-proxy's
+      # upstream pool closes idle upstream connections after 30 s (not configurable), so the
+      # memory is read within that (the row's "s to ready" + 2 s).
+      slots=$((IDLE_CONNS + 1024))
+      for c in idle-bp-fwd idle-bp-gw idle-nginx idle-haproxy; do
+        case $c in
+          idle-bp-fwd|idle-bp-gw)
+            i=$([[ $c == idle-bp-fwd ]] && echo 0 || echo 1)
+            bearer_proxy "$c" $((P + 35 + i)) $((P + 85 + i)) "http://127.0.0.1:$UP" 600 fixed \
+              "$(printf 'max_connections = %d\nidle_timeout = "600s"' "$slots")"
+            add "$c" "$([[ $c == idle-bp-fwd ]] && echo fwd || echo rev)" $((P + 35 + i));;
+          idle-nginx) nginx_proxy "$c" $((P + 37)) http "$UP" "$slots"; add "$c" rev $((P + 37));;
+          idle-haproxy) haproxy_proxy "$c" $((P + 38)) http "$UP" "$slots"; add "$c" rev $((P + 38));;
+        esac
+        idle_measure "$c"
+        [[ -n ${ISSUER[$c]:-} ]] && stop "$c-issuer"
+        stop "$c"
+      done
+      ;;
     *) die "unknown scenario $sc";;
   esac
 done
@@ -666,6 +743,14 @@ for k in rotating steady; do
   awk -v k="$k" '{ n++; req += $4; s = $3 - $2; if (s > max) max = s }
     END { printf "\nRotation, bp-%s: the upstream saw %d distinct tokens in %d requests; the longest any one token was in use: %.3f s.\n", k, n, req, max }' "$f"
 done >>"$OUT/summary.md"
+if [[ -s $IDLE ]]; then
+  awk -F'\t' 'BEGIN {
+    print "\nIdle keep-alive client connections (one request answered on each, then idle; memory summed over the proxy'"'"'s processes):\n"
+    print "| candidate | idle conns | PSS at 0 MB | PSS idle MB | PSS KiB/conn | RSS at 0 MB | RSS idle MB | RSS KiB/conn | peak RSS MB | s to ready | status |"
+    print "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|" }
+  { printf "| %s | %d | %.1f | %.1f | %.2f | %.1f | %.1f | %.2f | %.1f | %s | %s |\n", substr($1, 6), $2,
+      $3 / 1024, $4 / 1024, ($4 - $3) / $2, $5 / 1024, $6 / 1024, ($6 - $5) / $2, $7 / 1024, $8, $9 }' "$IDLE"
+fi >>"$OUT/summary.md"
 
 echo; cat "$OUT/env.txt"; echo; cat "$OUT/summary.md"
 echo; echo "raw runs: $TSV, wrk output: $OUT/wrk/, configs and logs: $W/"

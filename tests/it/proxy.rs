@@ -1045,9 +1045,12 @@ async fn with_refresher(
     let token_url = issuer.token_url();
     tokio::spawn(issuer.serve(std::future::pending()));
 
+    // The in-process issuer answers at once unless the machine starves the test: a token
+    // request timed out there would be retried, and the tests here count token requests.
     let setup = fixture(HOST).proxy(proxy).token(&format!(
         "token_url = \"{token_url}\"\nclient_secret = \"demo-secret\"\n\
-         backoff_initial = \"100ms\"\nbackoff_max = \"500ms\""
+         backoff_initial = \"100ms\"\nbackoff_max = \"500ms\"\ntimeout = \"{}s\"",
+        PATIENCE.as_secs()
     ));
     // The token's settings as the proxy parses them (the upstream does not change them).
     let token_cfg = config(&setup.toml("https://localhost:9")).tokens["flinks"].clone();
@@ -1159,11 +1162,26 @@ async fn refresher_get_is_replayed_with_a_fresh_token_and_post_is_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_401s_cause_one_token_request() {
     const N: usize = 50;
-    let (f, issuer) = with_refresher(reject_first_token(N), "").await;
+    // No answer comes before all fifty requests reached the upstream (the 401s are held until
+    // the fiftieth arrives), the refresh is done and fifty replays went out. On a loaded
+    // machine that takes longer than the defaults allow for connecting to the TLS upstream
+    // (connect_timeout, 5 s: one request that fails there never reaches the upstream, so the
+    // others are held until they time out), for the held 401s (response_timeout) and for the
+    // replays' wait for the new token (token_wait), and longer than PATIENCE. LOAD_PATIENCE
+    // for all of them.
+    let patience = format!(
+        "connect_timeout = \"{0}s\"\ntoken_wait = \"{0}s\"\nresponse_timeout = \"{0}s\"",
+        LOAD_PATIENCE.as_secs()
+    );
+    let (f, issuer) = with_refresher(reject_first_token(N), &patience).await;
     assert_eq!(issuer.request_count(), 1);
     let addr = f.proxy.addr;
     let requests: Vec<_> = (0..N)
-        .map(|i| tokio::spawn(async move { get(addr, &format!("http://{HOST}/r/{i}"), &[]).await }))
+        .map(|i| {
+            tokio::spawn(async move {
+                get_within(addr, &format!("http://{HOST}/r/{i}"), &[], LOAD_PATIENCE).await
+            })
+        })
         .collect();
     for r in requests {
         let resp = r.await.unwrap();

@@ -19,8 +19,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::support::{
-    PATIENCE, RawResponse, Recorded, Reply, TestCa, Upstream, admin_get, get, issuer, metric,
-    never_log, raw, scrape,
+    LOAD_PATIENCE, PATIENCE, RawResponse, Recorded, Reply, TestCa, Upstream, admin_get, get,
+    issuer, metric, never_log, raw, scrape,
 };
 
 /// The per-subject token entry and the host its route serves.
@@ -43,6 +43,12 @@ struct World {
     /// Route `fdx` to the plain upstream (loopback `http`, which the configuration allows):
     /// for the load tests, whose subject is the token engine, not hundreds of TLS handshakes.
     fdx_plain: bool,
+    /// `LOAD_PATIENCE` for the token endpoint (instead of 2 s), the requests waiting for a
+    /// token (instead of the default `token_wait`, 5 s), upstream connects (instead of 20 s)
+    /// and upstream answers (instead of the default `response_timeout`, 60 s): on a loaded
+    /// two-core machine a thousand requests take longer than those to arrive and be sent on,
+    /// and the load tests are about how many token requests they cause, not how fast they are.
+    load_patience: bool,
 }
 
 /// What the upstream answers for a request: 401 with Flinks' consent error for paths saying
@@ -92,6 +98,7 @@ impl World {
             upstream,
             plain,
             fdx_plain: false,
+            load_patience: false,
         }
     }
 
@@ -102,6 +109,7 @@ impl World {
     /// The configuration with `key` as the encryption key file.
     fn config_with_key(&self, key: &Path) -> Config {
         never_log("demo-secret");
+        let patience = format!("{}s", LOAD_PATIENCE.as_secs());
         let text = format!(
             r#"
             [tokens.{TOKEN}]
@@ -110,7 +118,7 @@ impl World {
             per_subject = true
             client_id = "demo-client"
             client_secret = "demo-secret"
-            timeout = "2s"
+            timeout = "{token_timeout}"
 
             [tokens.partner]
             token_url = "{issuer}"
@@ -133,7 +141,8 @@ impl World {
             unmatched = "forward"
             # A thousand requests released at once by one token open a thousand upstream
             # connections; some wait for the kernel's SYN retry when the backlog overflows.
-            connect_timeout = "20s"
+            connect_timeout = "{connect_timeout}"
+            {load_patience}
 
             [admin]
             listen = "127.0.0.1:0"
@@ -154,6 +163,13 @@ impl World {
             state = self.state_dir().display(),
             key = key.display(),
             ca = self.ca.pem_file().display(),
+            token_timeout = if self.load_patience { &patience } else { "2s" },
+            connect_timeout = if self.load_patience { &patience } else { "20s" },
+            load_patience = if self.load_patience {
+                format!("token_wait = \"{patience}\"\nresponse_timeout = \"{patience}\"")
+            } else {
+                String::new()
+            },
             upstream = self.upstream.url(true),
             fdx_upstream = if self.fdx_plain {
                 self.plain.url(false)
@@ -569,7 +585,7 @@ async fn consent_error_602_passes_the_answer_on_and_makes_the_subject_needs_reau
     server.stop().await;
 }
 
-/// The status of `GET http://<fdx>/…?i=<i>` as subject `c0`, with a patience of a minute: a
+/// The status of `GET http://<fdx>/…?i=<i>` as subject `c0`, with `LOAD_PATIENCE`: a
 /// thousand connections through the proxy and on to the upstream at once take a while on a
 /// loaded two-core machine, and that wait is not what the test is about.
 async fn slow_get_status(proxy: SocketAddr, i: usize) -> u16 {
@@ -594,9 +610,9 @@ async fn slow_get_status(proxy: SocketAddr, i: usize) -> u16 {
         }
         status
     };
-    tokio::time::timeout(Duration::from_secs(60), exchange)
+    tokio::time::timeout(LOAD_PATIENCE, exchange)
         .await
-        .expect("no answer within a minute")
+        .expect("no answer within LOAD_PATIENCE")
 }
 
 #[tokio::test]
@@ -634,6 +650,7 @@ async fn an_upstream_401_refreshes_that_subject_and_replays_with_its_new_token()
 async fn a_thousand_concurrent_requests_for_one_subject_cause_one_token_request() {
     let (mut world, _) = world_with(1).await;
     world.fdx_plain = true;
+    world.load_patience = true;
     // Slow enough that every request arrives while the refresh is out.
     world.control.set_delay(Duration::from_millis(500));
     let server = Running::start(world.config()).await;

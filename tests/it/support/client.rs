@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use std::time::Duration;
+
 use super::PATIENCE;
 
 /// A response read off a socket.
@@ -56,6 +58,17 @@ pub async fn raw(addr: SocketAddr, request: &[u8]) -> RawResponse {
 
 /// `GET <url>` through the proxy at `addr`, with extra header lines.
 pub async fn get(addr: SocketAddr, url: &str, headers: &[&str]) -> RawResponse {
+    get_within(addr, url, headers, PATIENCE).await
+}
+
+/// [`get`], waiting up to `patience` for the answer (the load tests pass
+/// [`super::LOAD_PATIENCE`]).
+pub async fn get_within(
+    addr: SocketAddr,
+    url: &str,
+    headers: &[&str],
+    patience: Duration,
+) -> RawResponse {
     let host = url
         .split("://")
         .nth(1)
@@ -67,7 +80,12 @@ pub async fn get(addr: SocketAddr, url: &str, headers: &[&str]) -> RawResponse {
         req.push_str("\r\n");
     }
     req.push_str("\r\n");
-    raw(addr, req.as_bytes()).await
+    let mut s = connect(addr).await;
+    s.write_all(req.as_bytes()).await.unwrap();
+    tokio::time::timeout(patience, read_response_inner(&mut s, &mut Vec::new()))
+        .await
+        .unwrap_or_else(|_| panic!("no answer to GET {url} within {patience:?}"))
+        .unwrap()
 }
 
 /// Sends `request` on a new connection; the answer, and whether the peer then closed the

@@ -29,3 +29,12 @@ use std::time::Duration;
 /// Every socket wait in the tests is bounded by this, so a bug fails a test instead of hanging
 /// the suite.
 pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// The bound for the load tests, where no request is answered before all of the test's work
+/// is done (a thousand requests wait for one token; fifty 401s are held until the last one
+/// arrives): their first answer comes after the whole test's CPU time (1–4 s in a debug build),
+/// which a two-core machine shared with several compilers (load 10–30) stretches 15–30-fold.
+/// Waits there (the client's, and the proxy's `token_wait`, `connect_timeout`,
+/// `response_timeout` and the token request's timeout in those tests) get this instead of
+/// [`PATIENCE`] and the defaults; it still fails a hung test.
+pub const LOAD_PATIENCE: Duration = Duration::from_secs(120);
