@@ -1,8 +1,8 @@
 //! The proxy port's purpose-built HTTP/1 request path (the "fast path"). (Driver in progress.)
 
-mod chunked;
+pub(super) mod chunked;
 mod pool;
-mod request;
-mod response;
+pub(super) mod request;
+pub(super) mod response;
 
 pub(crate) use pool::H1Pool;
