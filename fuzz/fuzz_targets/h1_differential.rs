@@ -415,7 +415,7 @@ fn chunked(seed: u8, body: &[u8]) {
                 bytewise = Ok(Some(i + 1));
                 break;
             }
-            Err(()) => {
+            Err(_) => {
                 bytewise = Err(i);
                 break;
             }
@@ -436,7 +436,7 @@ fn chunked(seed: u8, body: &[u8]) {
                     verdict = Ok(Some(at + n));
                     break;
                 }
-                Err(()) => {
+                Err(_) => {
                     verdict = Err(());
                     break;
                 }

@@ -266,14 +266,18 @@ impl ChunkedScanner {
     }
 
     /// Scans the next bytes, calling `data` with the chunk data: `Ok(Some(n))` when the body
-    /// ended after `n` bytes of `input`, `Ok(None)` when it goes on, `Err` when its framing is
-    /// refused.
-    pub fn scan(&mut self, input: &[u8], data: &mut dyn FnMut(&[u8])) -> Result<Option<usize>, ()> {
+    /// ended after `n` bytes of `input`, `Ok(None)` when it goes on, `Err` (the error's text)
+    /// when its framing is refused.
+    pub fn scan(
+        &mut self,
+        input: &[u8],
+        data: &mut dyn FnMut(&[u8]),
+    ) -> Result<Option<usize>, &'static str> {
         use super::h1::chunked::ChunkStep;
         match self.0.scan(input, data) {
             Ok(ChunkStep::More) => Ok(None),
             Ok(ChunkStep::End(n)) => Ok(Some(n)),
-            Err(_) => Err(()),
+            Err(_) => Err("malformed chunked body"),
         }
     }
 }
