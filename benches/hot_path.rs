@@ -12,7 +12,9 @@ use std::time::{Duration, SystemTime};
 
 use bearer_proxy::config::UnderscoreHeaders;
 use bearer_proxy::metrics::Metrics;
-use bearer_proxy::proxy::fuzzing::{Framer, Scan, strip_hop_by_hop, underscore_headers};
+use bearer_proxy::proxy::fuzzing::{
+    Framer, H1Outgoing, Scan, h1_request, h1_response, strip_hop_by_hop, underscore_headers,
+};
 use bearer_proxy::proxy::hot_path::Routes;
 use bearer_proxy::token::{AccessToken, TokenCell};
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
@@ -252,6 +254,68 @@ fn wire_guard(c: &mut Criterion) {
     group.finish();
 }
 
+/// The fast path's codec (`src/proxy/h1/`): a request head parsed in place and the upstream
+/// head written as bytes, and a response head parsed and rewritten for the client; the
+/// `HeaderMap` path's equivalents are the `strip hop-by-hop` and `underscore headers` groups
+/// plus hyper's own parsing and encoding.
+fn h1_codec(c: &mut Criterion) {
+    let get: &[u8] =
+        b"GET http://ob.flinksapp.com/api/fdx/5/accounts?offset=0&limit=50 HTTP/1.1\r\n\
+        Host: ob.flinksapp.com\r\nUser-Agent: python-requests/2.31.0\r\n\
+        Accept-Encoding: gzip, deflate\r\nAccept: application/json\r\n\
+        Connection: keep-alive\r\nProxy-Connection: keep-alive\r\n\
+        X-Request-Id: 4f1c2a9e-5b7d-4c1e-9a57-0c6f2b8e3d11\r\n\r\n";
+    // A Flinks-sized JWT (~800 bytes), as the token cell holds it.
+    let authorization = format!("Bearer {}", "e".repeat(800));
+    let statics = HeaderMap::new();
+    let outgoing = H1Outgoing {
+        path_and_query: b"/api/fdx/5/accounts?offset=0&limit=50",
+        host: b"ob.flinksapp.com",
+        via: b"1.1 bearer-proxy-0123abcd",
+        statics: &statics,
+        remove: None,
+        authorization: authorization.as_bytes(),
+    };
+    let mut out = Vec::with_capacity(4096);
+    assert!(
+        h1_request(&mut out, get, b"bearer-proxy-0123abcd", 1 << 20, &outgoing)
+            .expect("eligible")
+            .is_some()
+    );
+    let response: &[u8] = b"HTTP/1.1 200 OK\r\nDate: Wed, 26 Nov 2026 02:19:27 GMT\r\n\
+        Content-Type: application/json; charset=utf-8\r\nContent-Length: 1432\r\n\
+        Cache-Control: no-store\r\nStrict-Transport-Security: max-age=31536000\r\n\
+        X-Correlation-Id: 0b0f6a52-8d1e-4e0b-a3f1-2c76a1d9e0aa\r\n\
+        Vary: Accept-Encoding\r\nConnection: keep-alive\r\n\r\n";
+    assert!(
+        h1_response(&mut out, response, false, false)
+            .expect("valid")
+            .is_some()
+    );
+    c.bench_function(
+        "h1_request_head (parse + write_upstream_head, 800-byte token)",
+        |b| {
+            b.iter(|| {
+                out.clear();
+                h1_request(
+                    &mut out,
+                    black_box(get),
+                    b"bearer-proxy-0123abcd",
+                    1 << 20,
+                    black_box(&outgoing),
+                )
+                .map(|h| h.map(|h| h.len))
+            });
+        },
+    );
+    c.bench_function("h1_response_head (parse + write_client_head)", |b| {
+        b.iter(|| {
+            out.clear();
+            h1_response(&mut out, black_box(response), false, false).map(|h| h.map(|h| h.len))
+        });
+    });
+}
+
 fn metric_recording(c: &mut Criterion) {
     let metrics = Metrics::new();
     let route = metrics.route("bench");
@@ -268,6 +332,7 @@ criterion_group!(
     underscores,
     routing,
     wire_guard,
+    h1_codec,
     metric_recording
 );
 criterion_main!(benches);

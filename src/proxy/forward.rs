@@ -588,7 +588,7 @@ fn client_body_failed(e: &hyper_util::client::legacy::Error) -> bool {
 /// `Content-Length`, which is removed here so the app cannot read the body by a length the
 /// message did not have; a coding other than exactly one `chunked` (such as `gzip, chunked`,
 /// whose decoded bytes would still be gzip) is refused.
-fn check_response_framing(headers: &mut HeaderMap) -> Result<(), ()> {
+pub(super) fn check_response_framing(headers: &mut HeaderMap) -> Result<(), ()> {
     let mut codings = headers.get_all(TRANSFER_ENCODING).iter();
     match (codings.next(), codings.next()) {
         (None, _) => Ok(()),

@@ -1,12 +1,14 @@
 //! Entry points for the fuzz targets in `fuzz/`: the host matcher and normaliser, the routing
 //! decision, the hop-by-hop header sanitiser, the whole routed-request header sequence, the
-//! underscore header policy and the wire guard's
-//! framer, each reachable without sockets. Not a supported API; hidden from the documentation.
+//! underscore header policy, the wire guard's framer and the HTTP/1 fast path's codec (request
+//! and response heads, chunked scanner), each reachable without sockets. Not a supported API; hidden from the documentation.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderValue, Request};
+use std::ops::Range;
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request};
 
 use super::route::HostPattern;
 use super::target::Target;
@@ -109,6 +111,175 @@ pub fn head_len(data: &[u8]) -> Option<usize> {
 /// The framer's verdict on one complete head: its body framing, or the refusal's code.
 pub fn judge_head(head: &[u8]) -> Result<Framing, &'static str> {
     super::wire::judge_head(head).map_err(|c| c.as_str())
+}
+
+/// What the fast path adds to a request head going upstream (see `h1/request.rs`,
+/// `Outgoing`).
+#[derive(Clone, Copy, Debug)]
+pub struct H1Outgoing<'a> {
+    /// Path and query of the request line.
+    pub path_and_query: &'a [u8],
+    /// The `Host` value.
+    pub host: &'a [u8],
+    /// Our `Via` entry.
+    pub via: &'a [u8],
+    /// The route's static headers.
+    pub statics: &'a HeaderMap,
+    /// The subject header, removed from every request.
+    pub remove: Option<&'a HeaderName>,
+    /// The one `Authorization` value.
+    pub authorization: &'a [u8],
+}
+
+/// The fast path's reading of a request head it takes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct H1Request {
+    /// The method.
+    pub method: Method,
+    /// The head's length, through its empty line.
+    pub len: usize,
+    /// `Content-Length` (0 when absent).
+    pub content_length: u64,
+    /// `Connection: close`.
+    pub close: bool,
+    /// Where the `Authorization` value is in the written upstream head.
+    pub authorization: Range<usize>,
+}
+
+/// The fast path on a client's request head: parsed (`RequestHead::parse`), then, if it takes
+/// it, the upstream head appended to `out` (`write_upstream_head`). `Ok(None)`: incomplete;
+/// `Err`: the reason it leaves the head to hyper (`Ineligible`, in lower case).
+pub fn h1_request(
+    out: &mut Vec<u8>,
+    buf: &[u8],
+    pseudonym: &[u8],
+    max_body: u64,
+    outgoing: &H1Outgoing<'_>,
+) -> Result<Option<H1Request>, &'static str> {
+    use super::h1::request::{Ineligible, Outgoing, RequestHead, write_upstream_head};
+    let head = RequestHead::parse(buf, pseudonym, max_body).map_err(|e| match e {
+        Ineligible::Version => "version",
+        Ineligible::Method => "method",
+        Ineligible::Expect => "expect",
+        Ineligible::TransferEncoding => "transfer-encoding",
+        Ineligible::LargeBody => "large-body",
+        Ineligible::Underscore => "underscore",
+        Ineligible::Loop => "loop",
+        Ineligible::Unusual => "unusual",
+    })?;
+    let Some(head) = head else {
+        return Ok(None);
+    };
+    let authorization = write_upstream_head(
+        out,
+        &head,
+        &Outgoing {
+            path_and_query: outgoing.path_and_query,
+            host: outgoing.host,
+            via: outgoing.via,
+            statics: outgoing.statics,
+            remove: outgoing.remove,
+            authorization: outgoing.authorization,
+        },
+    );
+    Ok(Some(H1Request {
+        method: head.method.clone(),
+        len: head.len,
+        content_length: head.content_length,
+        close: head.close,
+        authorization,
+    }))
+}
+
+/// How the fast path delimits a response body (see `h1/response.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum H1Framing {
+    /// No body.
+    Empty,
+    /// `Content-Length`.
+    Length(u64),
+    /// Chunked, passed through.
+    Chunked,
+    /// Until the upstream closes.
+    Close,
+}
+
+/// The fast path's reading of an upstream response head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct H1Response {
+    /// The status code.
+    pub status: u16,
+    /// The head's length, through its empty line.
+    pub len: usize,
+    /// How its body is delimited.
+    pub framing: H1Framing,
+    /// Whether the upstream connection ends after it.
+    pub close: bool,
+}
+
+/// The fast path on an upstream's response head (`ResponseHead::parse`), and the client's head
+/// appended to `out` (`write_client_head`). `Ok(None)`: incomplete; `Err`: the refusal
+/// (`malformed`, `too-large`, `framing`).
+pub fn h1_response(
+    out: &mut Vec<u8>,
+    buf: &[u8],
+    head_request: bool,
+    close_client: bool,
+) -> Result<Option<H1Response>, &'static str> {
+    use super::h1::response::{ResponseError, ResponseFraming, ResponseHead, write_client_head};
+    let head = ResponseHead::parse(buf, head_request).map_err(|e| match e {
+        ResponseError::Malformed => "malformed",
+        ResponseError::TooLarge => "too-large",
+        ResponseError::Framing => "framing",
+    })?;
+    let Some(head) = head else {
+        return Ok(None);
+    };
+    write_client_head(out, &head, close_client);
+    Ok(Some(H1Response {
+        status: head.status,
+        len: head.len,
+        framing: match head.framing {
+            ResponseFraming::Empty => H1Framing::Empty,
+            ResponseFraming::Length(n) => H1Framing::Length(n),
+            ResponseFraming::Chunked => H1Framing::Chunked,
+            ResponseFraming::Close => H1Framing::Close,
+        },
+        close: head.close,
+    }))
+}
+
+/// The hyper path's check of an upstream response's framing (`forward.rs`): `false` if the
+/// response is refused; a `Content-Length` beside `chunked` is removed.
+pub fn check_response_framing(headers: &mut HeaderMap) -> bool {
+    super::forward::check_response_framing(headers).is_ok()
+}
+
+/// The fast path's chunked body scanner (`h1/chunked.rs`).
+#[derive(Debug, Default)]
+pub struct ChunkedScanner(super::h1::chunked::ChunkedScanner);
+
+impl ChunkedScanner {
+    /// At the start of a body.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Scans the next bytes, calling `data` with the chunk data: `Ok(Some(n))` when the body
+    /// ended after `n` bytes of `input`, `Ok(None)` when it goes on, `Err` (the error's text)
+    /// when its framing is refused.
+    pub fn scan(
+        &mut self,
+        input: &[u8],
+        data: &mut dyn FnMut(&[u8]),
+    ) -> Result<Option<usize>, &'static str> {
+        use super::h1::chunked::ChunkStep;
+        match self.0.scan(input, data) {
+            Ok(ChunkStep::More) => Ok(None),
+            Ok(ChunkStep::End(n)) => Ok(Some(n)),
+            Err(_) => Err("malformed chunked body"),
+        }
+    }
 }
 
 /// Where the proxy would send a request.

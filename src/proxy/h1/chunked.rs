@@ -106,6 +106,7 @@ impl ChunkedScanner {
     }
 
     /// Whether the body has ended.
+    #[cfg(test)]
     pub(crate) fn is_done(&self) -> bool {
         self.state == State::Done
     }

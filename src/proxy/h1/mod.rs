@@ -21,12 +21,12 @@
 //! ([`Outcome::Handoff`]); hyper then answers exactly as it did before the fast path existed.
 //! Intercepted (`CONNECT` + TLS) connections, the admin port and the dev issuer are hyper's.
 
-mod chunked;
+pub(super) mod chunked;
 mod exchange;
 mod pool;
 mod relay;
-mod request;
-mod response;
+pub(super) mod request;
+pub(super) mod response;
 mod rewind;
 mod spare;
 

@@ -568,6 +568,9 @@ mod tests {
         );
     }
 
+    /// Header values grouped by lowercased name, in order, sorted by name.
+    type Grouped = Vec<(String, Vec<Vec<u8>>)>;
+
     /// What the hyper path sends for `raw`: httparse into a `HeaderMap`, the subject header
     /// removed, `sanitise`, `inject`. Names lowercased, values in order per name.
     fn reference(
@@ -612,7 +615,7 @@ mod tests {
     }
 
     /// The header lines of a written head, grouped by lowercased name.
-    fn grouped(out: &[u8]) -> (String, Vec<(String, Vec<Vec<u8>>)>) {
+    fn grouped(out: &[u8]) -> (String, Grouped) {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS + 8];
         let mut req = httparse::Request::new(&mut headers);
         assert_eq!(
