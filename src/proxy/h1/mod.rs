@@ -144,7 +144,9 @@ pub(crate) async fn serve<C: Client>(
         // The one configuration load of this request.
         let inner = current.load_full();
         let draining = shutdown.phase() >= Phase::Stopping;
-        match serve_one(&inner, io, &mut conn, draining).await {
+        // Boxed: a request's state (its exchange, timers, relay) is allocated while it runs,
+        // so an idle keep-alive connection's task is only this loop's few words.
+        match Box::pin(serve_one(&inner, io, &mut conn, draining)).await {
             Next::Continue => {}
             Next::Close => {
                 let _ = io.shutdown().await;
