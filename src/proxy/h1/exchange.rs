@@ -347,20 +347,7 @@ where
         ))
         .await;
     }
-    let mut body = Body::new(meta.framing);
-    if body
-        .feed(
-            &scratch.response[meta.len..],
-            &mut scratch.client,
-            &mut |_| {},
-        )
-        .is_err()
-    {
-        return answer.failed(inner, io, scratch, SendError::Closed).await;
-    }
-    answer
-        .deliver(inner, io, scratch, upstream, &meta, body)
-        .await
+    answer.relay(inner, io, scratch, upstream, &meta).await
 }
 
 /// The metric label of a head the parser leaves to hyper.
@@ -753,20 +740,7 @@ where
         } else {
             ReplayResult::Ok
         });
-    let mut body = Body::new(meta.framing);
-    if body
-        .feed(
-            &scratch.response[meta.len..],
-            &mut scratch.client,
-            &mut |_| {},
-        )
-        .is_err()
-    {
-        return answer.failed(inner, io, scratch, SendError::Closed).await;
-    }
-    answer
-        .deliver(inner, io, scratch, upstream, &meta, body)
-        .await
+    answer.relay(inner, io, scratch, upstream, &meta).await
 }
 
 /// How a request is answered and accounted for.
@@ -796,6 +770,27 @@ impl Answer<'_> {
                 trace,
             );
         }
+    }
+
+    /// Relays an answer whose head is in `Scratch::client` and whose first bytes are in
+    /// `Scratch::response` after the head.
+    async fn relay<C>(
+        &self,
+        inner: &Inner,
+        io: &mut C,
+        scratch: &mut Scratch,
+        upstream: H1Conn,
+        meta: &Meta,
+    ) -> Next
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut body = Body::new(meta.framing);
+        let first = &scratch.response[meta.len..];
+        if body.feed(first, &mut scratch.client, &mut |_| {}).is_err() {
+            return self.failed(inner, io, scratch, SendError::Closed).await;
+        }
+        self.deliver(inner, io, scratch, upstream, meta, body).await
     }
 
     /// Sends the head in `Scratch::client` (and any body bytes after it), then the rest of
