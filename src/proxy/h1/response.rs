@@ -112,7 +112,9 @@ impl<'b> ResponseHead<'b> {
                     (Some(n), Some(m)) if n == m => {}
                     _ => bad_length = true,
                 }
-            } else if name.eq_ignore_ascii_case(b"connection") {
+            } else if name.eq_ignore_ascii_case(b"connection") && is_visible_text(value) {
+                // A value with other bytes is not text to hyper (`HeaderValue::to_str`), so it
+                // names neither `close` nor `keep-alive` there; nor here.
                 for token in value.split(|&b| b == b',') {
                     let token = token.trim_ascii();
                     close |= token.eq_ignore_ascii_case(b"close");
@@ -165,6 +167,13 @@ impl<'b> ResponseHead<'b> {
     pub(crate) fn headers(&self) -> impl Iterator<Item = (&'b str, &'b [u8])> + '_ {
         self.headers[..self.count].iter().map(|h| (h.name, h.value))
     }
+}
+
+/// Whether `value` is visible ASCII, spaces and tabs: what `HeaderValue::to_str` accepts.
+fn is_visible_text(value: &[u8]) -> bool {
+    value
+        .iter()
+        .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
 }
 
 /// Writes the client's response head for `head` into `out` (appending): `HTTP/1.1 status
@@ -397,6 +406,12 @@ mod tests {
     #[test]
     fn keep_alive_follows_hypers_rules() {
         for (raw, close) in [
+            // Found by h1_differential: a value hyper cannot read as text names nothing, so
+            // an HTTP/1.0 answer with it closes.
+            (
+                "HTTP/1.0 200 OK\r\nContent-Length: 0\r\nConnection: keep-alive, X-\u{80}A\r\n\r\n",
+                true,
+            ),
             ("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", false),
             (
                 "HTTP/1.1 200 OK\r\nConnection: Close\r\nContent-Length: 0\r\n\r\n",
@@ -423,6 +438,11 @@ mod tests {
         ] {
             assert_eq!(head(raw).close, close, "{raw:?}");
         }
+        // The fuzzer's input, byte for byte (a lone 0x80, not UTF-8).
+        let raw =
+            b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\nConnection: keep-alive, X-\x80A\r\n\r\n";
+        let h = ResponseHead::parse(raw, false).unwrap().unwrap();
+        assert!(h.close);
     }
 
     #[test]
