@@ -223,7 +223,14 @@ fn request(options: u8, data: &[u8]) {
     .expect("no underscore names here");
     assert_eq!(grouped_lines(up.headers), grouped_map(&reference), "different headers upstream");
     // The upstream frames the body as the client did.
-    let upstream_framing = judge_head(written).expect("the framer accepts what goes upstream");
+    let upstream_framing = match judge_head(written) {
+        Ok(framing) => framing,
+        // A client head may use the framer's whole line budget; Host, Via, the statics and
+        // Authorization come on top, on the hyper path too. The framer's limit is for what
+        // clients send, not for what goes upstream.
+        Err("header_too_large") => return,
+        Err(e) => panic!("the framer refuses what goes upstream: {e}"),
+    };
     let client_framing = judge_head(&data[skip..len]).expect("checked above");
     assert_eq!(upstream_framing, client_framing);
 }
