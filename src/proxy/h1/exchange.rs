@@ -696,7 +696,7 @@ where
             entry.consent_revoked(subject, &plan.token).await;
         }
         return answer
-            .deliver(inner, io, scratch, upstream, &meta, body)
+            .deliver(inner, io, scratch, upstream, &meta, (body, 0..0))
             .await;
     }
     if !plan.replayable {
@@ -704,13 +704,13 @@ where
         let _ = plan.holder.invalidate(&plan.token, Duration::ZERO).await;
         route.metrics.replay(ReplayResult::NotReplayable);
         return answer
-            .deliver(inner, io, scratch, upstream, &meta, body)
+            .deliver(inner, io, scratch, upstream, &meta, (body, 0..0))
             .await;
     }
     let Some(fresh) = plan.holder.invalidate(&plan.token, inner.token_wait).await else {
         route.metrics.replay(ReplayResult::NoNewToken);
         return answer
-            .deliver(inner, io, scratch, upstream, &meta, body)
+            .deliver(inner, io, scratch, upstream, &meta, (body, 0..0))
             .await;
     };
     let mut auth = plan.auth.clone();
@@ -787,14 +787,17 @@ impl Answer<'_> {
     {
         let mut body = Body::new(meta.framing);
         let first = &scratch.response[meta.len..];
-        if body.feed(first, &mut scratch.client, &mut |_| {}).is_err() {
+        let Ok(pass) = body.take(first, &mut scratch.client, &mut |_| {}) else {
             return self.failed(inner, io, scratch, SendError::Closed).await;
-        }
-        self.deliver(inner, io, scratch, upstream, meta, body).await
+        };
+        let pass = meta.len..meta.len + pass;
+        self.deliver(inner, io, scratch, upstream, meta, (body, pass))
+            .await
     }
 
-    /// Sends the head in `Scratch::client` (and any body bytes after it), then the rest of
-    /// `body` from `upstream`; the connection goes back to the pool if it ended cleanly.
+    /// Sends the head in `Scratch::client` (and any body bytes after it), then
+    /// `Scratch::response[pass]` (body bytes passed on unchanged), then the rest of `body`
+    /// from `upstream`; the connection goes back to the pool if it ended cleanly.
     async fn deliver<C>(
         &self,
         inner: &Inner,
@@ -802,7 +805,7 @@ impl Answer<'_> {
         scratch: &mut Scratch,
         mut upstream: H1Conn,
         meta: &Meta,
-        mut body: Body,
+        (mut body, pass): (Body, Range<usize>),
     ) -> Next
     where
         C: AsyncRead + AsyncWrite + Unpin,
@@ -814,6 +817,7 @@ impl Answer<'_> {
             &mut body,
             &mut scratch.client,
             &mut scratch.response,
+            pass,
             inner.wire.idle_timeout,
         )
         .await;
