@@ -498,12 +498,9 @@ impl Inner {
             let _slot = slot;
             // The fast path first; hyper serves what it hands over.
             let pending = if fast_path {
-                let outcome = tokio::select! {
-                    biased;
-                    () = shutdown.reached(Phase::Terminated) => return,
-                    outcome = h1::serve(&shared.current, &mut guard, &shutdown, &cut) => outcome,
-                };
-                match outcome {
+                // No watch for `Terminated` here (it would be polled at every wake-up of
+                // every request): `serve` aborts every connection task at `Terminated`.
+                match h1::serve(&shared.current, &mut guard, &shutdown, &cut).await {
                     h1::Outcome::Closed => return,
                     h1::Outcome::Handoff(pending) => pending,
                 }

@@ -131,10 +131,13 @@ pub(crate) async fn serve<C: Client>(
         if conn.start == conn.buf.len() {
             // Idle between requests, without buffers: a drain closes the connection now.
             conn.idle();
+            // Readability first: a request that has arrived is served (and answered with
+            // `Connection: close` if a drain has begun), and the usual wake-up, by the next
+            // request, does not poll the shutdown watch.
             let ready = tokio::select! {
                 biased;
-                () = &mut stopping => false,
                 ready = std::future::poll_fn(|cx| io.poll_read_ready(cx)) => ready.is_ok(),
+                () = &mut stopping => false,
             };
             if !ready || !conn.fill(io).await {
                 let _ = io.shutdown().await;
