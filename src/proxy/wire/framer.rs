@@ -366,7 +366,7 @@ impl HeadChecker {
         // control character).
         if name.is_empty()
             || !name.iter().all(|&b| is_tchar(b))
-            || !raw.iter().all(|&b| b == b'\t' || (b >= b' ' && b != 0x7f))
+            || !raw.iter().all(|&b| is_value_byte(b))
         {
             return Err(MALFORMED);
         }
@@ -457,7 +457,7 @@ const MAX_URI_LEN: usize = u16::MAX as usize - 1;
 /// `host:port`) is parsed by the `http` crate itself, which copies the target once.
 fn uri_is_plainly_valid(target: &[u8]) -> bool {
     fn plain(b: u8) -> bool {
-        b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b)
+        CLASS[usize::from(b)] & URI_PLAIN != 0
     }
     if target.len() > MAX_URI_LEN {
         return false;
@@ -495,7 +495,55 @@ fn uri_is_plainly_valid(target: &[u8]) -> bool {
 
 /// A `tchar` (RFC 9110 §5.6.2): the bytes of a method or a header name.
 fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+    CLASS[usize::from(b)] & TCHAR != 0
+}
+
+/// A byte a header value may hold: visible bytes, spaces and tabs (no CR, LF, NUL, DEL or
+/// other control character).
+fn is_value_byte(b: u8) -> bool {
+    CLASS[usize::from(b)] & VALUE != 0
+}
+
+/// [`CLASS`] bits: a `tchar`.
+const TCHAR: u8 = 1;
+/// [`CLASS`] bits: a byte of a plainly valid URI path (unreserved, sub-delims, `:@/?%`).
+const URI_PLAIN: u8 = 2;
+/// [`CLASS`] bits: a header value byte.
+const VALUE: u8 = 4;
+
+/// Each byte's classes: one lookup per byte of a head instead of a search through a list of
+/// punctuation (the framer looks at every byte of every head).
+static CLASS: [u8; 256] = classes();
+
+const fn classes() -> [u8; 256] {
+    const fn one_of(b: u8, set: &[u8]) -> bool {
+        let mut i = 0;
+        while i < set.len() {
+            if set[i] == b {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+    let mut table = [0u8; 256];
+    let mut i = 0;
+    while i < table.len() {
+        #[allow(clippy::cast_possible_truncation)] // i < 256
+        let b = i as u8;
+        let alnum = b.is_ascii_alphanumeric();
+        if alnum || one_of(b, b"!#$%&'*+-.^_`|~") {
+            table[i] |= TCHAR;
+        }
+        if alnum || one_of(b, b"-._~!$&'()*+,;=:@/?%") {
+            table[i] |= URI_PLAIN;
+        }
+        if b == b'\t' || (b >= b' ' && b != 0x7f) {
+            table[i] |= VALUE;
+        }
+        i += 1;
+    }
+    table
 }
 
 fn trim(mut v: &[u8]) -> &[u8] {
@@ -512,6 +560,22 @@ fn trim(mut v: &[u8]) -> &[u8] {
 mod tests {
 
     use super::*;
+
+    #[test]
+    fn byte_classes_are_the_rfc_sets() {
+        for b in 0..=255u8 {
+            let tchar = b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+            let plain = b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b);
+            let value = b == b'\t' || (b >= b' ' && b != 0x7f);
+            assert_eq!(is_tchar(b), tchar, "tchar {b:#04x}");
+            assert_eq!(
+                CLASS[usize::from(b)] & URI_PLAIN != 0,
+                plain,
+                "uri {b:#04x}"
+            );
+            assert_eq!(is_value_byte(b), value, "value {b:#04x}");
+        }
+    }
 
     fn scan_all(input: &[u8]) -> (Scan, Framer) {
         let mut f = Framer::new(1024);
