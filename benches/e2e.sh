@@ -56,7 +56,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 ROUNDS=5 DURATION=10 WARMUP=2 CONNS="64 1" SIZES="small 16k" SCENARIOS="main rotation tls idle"
 IDLE_CONNS=10000
-ROT_ROUNDS="" TLS_ROUNDS="" ICPT_ROUNDS="" OUT="" BUILD=1 WAIT_IDLE=0
+ROT_ROUNDS="" TLS_ROUNDS="" ICPT_ROUNDS="" OUT="" BUILD=1 WAIT_IDLE=0 BASELINE=""
 LOAD_CPU=${LOAD_CPU:-0} PROXY_CPU=${PROXY_CPU:-1} NICE=${NICE:--15}
 TOKEN=${TOKEN:-e2e-6b1d0c7a93f24e58a1}
 P=${BASE_PORT:-29100}   # every port is P + a fixed offset
@@ -76,6 +76,8 @@ Options:
   --idle-conns N     client connections held open in the idle scenario (default $IDLE_CONNS)
   --out DIR          results (default /tmp/bp-e2e.<time>)
   --no-build         use the existing target/release/bearer-proxy
+  --baseline BIN     main scenario: also run bp-base, another bearer-proxy binary configured as
+                     bp-fwd, interleaved with the others (an A/B of two builds in one run)
   --wait-idle MIN    wait up to MIN minutes for load average < 0.5 before starting
   --quick            --rounds 1 --duration 3 --warmup 1
 Env: LOAD_CPU PROXY_CPU NICE TOKEN BASE_PORT
@@ -95,6 +97,7 @@ while (($#)); do
     --idle-conns) IDLE_CONNS=$2; shift 2;;
     --out) OUT=$2; shift 2;;
     --no-build) BUILD=0; shift;;
+    --baseline) BASELINE=$2; shift 2;;
     --wait-idle) WAIT_IDLE=$2; shift 2;;
     --quick) ROUNDS=1 DURATION=3 WARMUP=1; shift;;
     -h|--help) usage; exit 0;;
@@ -220,6 +223,7 @@ if ((BUILD)); then
   (cd "$ROOT" && cargo build --release --locked --quiet) || die "build failed"
 fi
 [[ -x $BIN ]] || die "$BIN not built"
+[[ -z $BASELINE || -x $BASELINE ]] || die "--baseline $BASELINE is not an executable"
 
 # ------------------------------------------------------------------ upstream
 head -c 16384 /dev/zero | tr '\0' 'x' >"$W/www/16k"
@@ -322,7 +326,7 @@ host = "api.bench.test"
 token = "e2e"
 upstream = "$upstream"
 EOF
-  start "$name" "$PROXY_CPU" "$BIN" run --config "$W/cfg/$name.toml"
+  start "$name" "$PROXY_CPU" "${BP_BIN:-$BIN}" run --config "$W/cfg/$name.toml"
   wait_listen "$port" "$name"
   ISSUER[$name]=$iport
 }
@@ -594,6 +598,7 @@ finish() {  # CANDIDATE LIFETIME REFRESH_MIN REFRESH_MAX: record RSS and token c
   echo "rustc: $(rustc --version)"; echo "nginx: $(nginx -v 2>&1)"
   echo "haproxy: $(haproxy -v | head -1)"; echo "wrk: $(wrk -v 2>&1 | head -1)"
   echo "bearer-proxy: $(cd "$ROOT" && git rev-parse --short HEAD)$(cd "$ROOT" && git diff --quiet || echo +dirty)"
+  [[ -z $BASELINE ]] || echo "bp-base: $BASELINE (sha256 $(sha256sum "$BASELINE" | cut -c1-12))"
   echo "pinning: wrk + upstream + issuers on CPU $LOAD_CPU, proxy under test on CPU $PROXY_CPU, nice $NICE"
   echo "args: rounds=$ROUNDS rot_rounds=$ROT_ROUNDS tls_rounds=$TLS_ROUNDS icpt_rounds=$ICPT_ROUNDS duration=${DURATION}s warmup=${WARMUP}s conns='$CONNS' sizes='$SIZES' scenarios='$SCENARIOS'"
 } >"$OUT/env.txt"
@@ -609,8 +614,14 @@ for sc in $SCENARIOS; do
       nginx_proxy nginx $((P + 12)) http "$UP"; add nginx rev $((P + 12))
       haproxy_proxy haproxy $((P + 13)) http "$UP"; add haproxy rev $((P + 13))
       floor_relay floor $((P + 14)) "$UP"; add floor direct $((P + 14))
-      run_scenario main "$ROUNDS" direct bp-fwd bp-gw nginx haproxy floor
+      base=()
+      if [[ -n $BASELINE ]]; then
+        BP_BIN=$BASELINE bearer_proxy bp-base $((P + 15)) $((P + 55)) "http://127.0.0.1:$UP" 600 fixed; STARTED_AT[bp-base]=$SECONDS; add bp-base fwd $((P + 15))
+        base=(bp-base)
+      fi
+      run_scenario main "$ROUNDS" direct bp-fwd "${base[@]}" bp-gw nginx haproxy floor
       finish bp-fwd 600 382 450; finish bp-gw 600 382 450; finish nginx; finish haproxy; finish floor
+      [[ -z $BASELINE ]] || finish bp-base 600 382 450
       ;;
     rotation)
       # Identical upstream listeners (JWT shape check, log of the tokens seen), one each.
