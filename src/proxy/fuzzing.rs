@@ -156,8 +156,9 @@ pub fn h1_request(
     max_body: u64,
     outgoing: &H1Outgoing<'_>,
 ) -> Result<Option<H1Request>, &'static str> {
-    use super::h1::request::{Ineligible, Outgoing, RequestHead, write_upstream_head};
-    let head = RequestHead::parse(buf, pseudonym, max_body).map_err(|e| match e {
+    use super::h1::request::{Ineligible, Outgoing, RequestHead, slots, write_upstream_head};
+    let mut slots = slots();
+    let head = RequestHead::parse(buf, &mut slots, pseudonym, max_body).map_err(|e| match e {
         Ineligible::Version => "version",
         Ineligible::Method => "method",
         Ineligible::Expect => "expect",
@@ -226,8 +227,10 @@ pub fn h1_response(
     head_request: bool,
     close_client: bool,
 ) -> Result<Option<H1Response>, &'static str> {
+    use super::h1::request::slots;
     use super::h1::response::{ResponseError, ResponseFraming, ResponseHead, write_client_head};
-    let head = ResponseHead::parse(buf, head_request).map_err(|e| match e {
+    let mut slots = slots();
+    let head = ResponseHead::parse(buf, &mut slots, head_request).map_err(|e| match e {
         ResponseError::Malformed => "malformed",
         ResponseError::TooLarge => "too-large",
         ResponseError::Framing => "framing",

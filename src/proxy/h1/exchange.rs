@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use super::Connection;
 use super::pool::{Connected, H1Conn, PoolKey};
 use super::relay::{Body, READ_CHUNK, RelayError, pump};
-use super::request::{Ineligible, Outgoing, RequestHead, write_upstream_head};
+use super::request::{Ineligible, Outgoing, RequestHead, slots, write_upstream_head};
 use super::response::write_client_head;
 use super::response::{MAX_RESPONSE_HEAD, ResponseError, ResponseFraming, ResponseHead};
 use crate::metrics::{Handoff, ReplayResult, RouteMetrics, UpstreamErrorKind};
@@ -199,13 +199,9 @@ where
     let start = Instant::now();
     conn.scratch.take();
     let decision = loop {
-        match RequestHead::parse(
-            &conn.buf[conn.start..],
-            inner.pseudonym.as_bytes(),
-            inner.replay_body_limit as u64,
-        ) {
+        match judge(inner, &conn.buf[conn.start..], &mut conn.scratch) {
             Err(why) => return Next::Handoff(handoff(why)),
-            Ok(Some(head)) => break decide(inner, &head, &mut conn.scratch),
+            Ok(Some(decision)) => break decision,
             Ok(None) => {
                 if !conn.fill(io).await {
                     return Next::Close;
@@ -362,6 +358,24 @@ fn handoff(why: Ineligible) -> Handoff {
         Ineligible::Loop => Handoff::Loop,
         Ineligible::Unusual => Handoff::Unusual,
     }
+}
+
+/// Parses the head at the start of `buf` and decides how it is served; `Ok(None)` while it
+/// is incomplete. Not `async`: the head's slots live on this stack frame only, never in the
+/// connection's future.
+fn judge<'i>(
+    inner: &'i Inner,
+    buf: &[u8],
+    scratch: &mut Scratch,
+) -> Result<Option<Decision<'i>>, Ineligible> {
+    let mut slots = slots();
+    let parsed = RequestHead::parse(
+        buf,
+        &mut slots,
+        inner.pseudonym.as_bytes(),
+        inner.replay_body_limit as u64,
+    )?;
+    Ok(parsed.map(|head| decide(inner, &head, scratch)))
 }
 
 /// Decides how `head` is served and, for the fast path, writes the upstream request head.
@@ -572,35 +586,8 @@ async fn send<C: AsyncRead + Unpin>(
         }
         scratch.response.clear();
         loop {
-            match ResponseHead::parse(&scratch.response, plan.head_request) {
-                Err(e) => return Err(SendError::Response(e)),
-                Ok(Some(head)) if head.status == 101 => return Err(SendError::Upgrade),
-                Ok(Some(head)) if head.status < 200 => {
-                    let n = head.len;
-                    scratch.response.drain(..n);
-                    continue;
-                }
-                Ok(Some(head)) => {
-                    scratch.client.clear();
-                    write_client_head(&mut scratch.client, &head, close_client);
-                    let ids = plan.access.is_some().then(|| {
-                        let find = |name: &str| {
-                            head.headers()
-                                .find(|(n, _)| n.eq_ignore_ascii_case(name))
-                                .and_then(|(_, v)| std::str::from_utf8(v).ok())
-                                .map(str::to_owned)
-                        };
-                        (find("ob-correlation-id"), find("ob-trace-id"))
-                    });
-                    return Ok(Meta {
-                        status: head.status,
-                        len: head.len,
-                        framing: head.framing,
-                        close: head.close,
-                        ids,
-                    });
-                }
-                Ok(None) => {}
+            if let Some(meta) = answer_head(scratch, plan, close_client)? {
+                return Ok(meta);
             }
             if scratch.response.len() >= MAX_RESPONSE_HEAD {
                 return Err(SendError::Response(ResponseError::TooLarge));
@@ -620,6 +607,50 @@ async fn send<C: AsyncRead + Unpin>(
     tokio::time::timeout_at(deadline, exchange)
         .await
         .unwrap_or(Err(SendError::Timeout))
+}
+
+/// Parses the answer head at the start of `Scratch::response`, dropping the interim (1xx)
+/// answers before it, and writes the client's head into `Scratch::client`; `Ok(None)` while
+/// it is incomplete. Not `async`: the head's slots live on this stack frame only.
+fn answer_head(
+    scratch: &mut Scratch,
+    plan: &Plan<'_>,
+    close_client: bool,
+) -> Result<Option<Meta>, SendError> {
+    loop {
+        let mut slots = slots();
+        let head = match ResponseHead::parse(&scratch.response, &mut slots, plan.head_request) {
+            Err(e) => return Err(SendError::Response(e)),
+            Ok(None) => return Ok(None),
+            Ok(Some(head)) => head,
+        };
+        if head.status == 101 {
+            return Err(SendError::Upgrade);
+        }
+        if head.status < 200 {
+            let n = head.len;
+            scratch.response.drain(..n);
+            continue;
+        }
+        scratch.client.clear();
+        write_client_head(&mut scratch.client, &head, close_client);
+        let ids = plan.access.is_some().then(|| {
+            let find = |name: &str| {
+                head.headers()
+                    .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                    .and_then(|(_, v)| std::str::from_utf8(v).ok())
+                    .map(str::to_owned)
+            };
+            (find("ob-correlation-id"), find("ob-trace-id"))
+        });
+        return Ok(Some(Meta {
+            status: head.status,
+            len: head.len,
+            framing: head.framing,
+            close: head.close,
+            ids,
+        }));
+    }
 }
 
 /// A write or read error before any answer: a connection the upstream closed, or another

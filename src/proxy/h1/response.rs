@@ -4,7 +4,7 @@
 //! transfer coding refused), and rewritten for the client ([`write_client_head`]) without
 //! hop-by-hop headers.
 
-use super::request::{decimal, line};
+use super::request::{Slots, decimal, line};
 use crate::proxy::sanitise::is_hop_by_hop;
 
 /// A response head at most this long (the hyper client's default read buffer limit is larger,
@@ -38,7 +38,8 @@ pub(crate) enum ResponseError {
     Framing,
 }
 
-/// A complete response head, borrowing the upstream buffer.
+/// A complete response head, borrowing the upstream buffer and the [`Slots`] it was parsed
+/// into.
 pub(crate) struct ResponseHead<'b> {
     /// The status code.
     pub(crate) status: u16,
@@ -51,33 +52,35 @@ pub(crate) struct ResponseHead<'b> {
     /// Whether the upstream connection cannot carry another request afterwards
     /// (`Connection: close`, HTTP/1.0 without keep-alive, or a body delimited by the close).
     pub(crate) close: bool,
-    headers: [httparse::Header<'b>; crate::proxy::wire::MAX_HEADERS],
-    count: usize,
+    headers: &'b [httparse::Header<'b>],
     /// Whether the upstream sent `Transfer-Encoding: chunked` (then its `Content-Length`, if
     /// any, is not passed on, as `check_response_framing` removes it).
     chunked_coding: bool,
 }
 
 impl<'b> ResponseHead<'b> {
-    /// Parses the head at the start of `buf`: `Ok(None)` while incomplete. `head_request`:
-    /// the request was `HEAD`, so no body follows whatever the head says.
-    pub(crate) fn parse(buf: &'b [u8], head_request: bool) -> Result<Option<Self>, ResponseError> {
-        let mut headers = [httparse::EMPTY_HEADER; crate::proxy::wire::MAX_HEADERS];
-        let (status, version, code, reason, count) = {
-            let mut resp = httparse::Response::new(&mut headers);
-            let status = match resp.parse(buf) {
-                Ok(s) => s,
-                Err(httparse::Error::TooManyHeaders) => return Err(ResponseError::TooLarge),
-                Err(_) => return Err(ResponseError::Malformed),
-            };
-            (
-                status,
-                resp.version,
-                resp.code,
-                resp.reason,
-                resp.headers.len(),
-            )
+    /// Parses the head at the start of `buf` into `slots`: `Ok(None)` while incomplete.
+    /// `head_request`: the request was `HEAD`, so no body follows whatever the head says.
+    pub(crate) fn parse<'a: 'b>(
+        buf: &'a [u8],
+        slots: &'b mut Slots<'a>,
+        head_request: bool,
+    ) -> Result<Option<Self>, ResponseError> {
+        let mut resp = httparse::Response::new(&mut []);
+        let status = match httparse::ParserConfig::default()
+            .parse_response_with_uninit_headers(&mut resp, buf, slots)
+        {
+            Ok(s) => s,
+            Err(httparse::Error::TooManyHeaders) => return Err(ResponseError::TooLarge),
+            Err(_) => return Err(ResponseError::Malformed),
         };
+        let httparse::Response {
+            version,
+            code,
+            reason,
+            headers,
+        } = resp;
+        let headers: &'b [httparse::Header<'a>] = headers;
         let len = match status {
             httparse::Status::Complete(len) if len > MAX_RESPONSE_HEAD => {
                 return Err(ResponseError::TooLarge);
@@ -98,7 +101,7 @@ impl<'b> ResponseHead<'b> {
         // One pass: the transfer codings, the lengths and the connection options.
         let (mut codings, mut chunked, mut length) = (0usize, false, None::<u64>);
         let (mut bad_length, mut close, mut keep_alive) = (false, false, false);
-        for h in &headers[..count] {
+        for h in headers {
             let (name, value) = (h.name.as_bytes(), h.value);
             if name.eq_ignore_ascii_case(b"transfer-encoding") {
                 codings += 1;
@@ -158,14 +161,13 @@ impl<'b> ResponseHead<'b> {
             framing,
             close,
             headers,
-            count,
             chunked_coding: codings == 1,
         }))
     }
 
     /// The header lines, in order, as (name, value).
     pub(crate) fn headers(&self) -> impl Iterator<Item = (&'b str, &'b [u8])> + '_ {
-        self.headers[..self.count].iter().map(|h| (h.name, h.value))
+        self.headers.iter().map(|h| (h.name, h.value))
     }
 }
 
@@ -183,7 +185,7 @@ fn is_visible_text(value: &[u8]) -> bool {
 /// `close_client`.
 pub(crate) fn write_client_head(out: &mut Vec<u8>, head: &ResponseHead<'_>, close_client: bool) {
     // A client line grows by at most two bytes (`name:value` LF becomes `name: value` CR LF).
-    out.reserve(head.len + 2 * head.count + 64);
+    out.reserve(head.len + 2 * head.headers.len() + 64);
     out.extend_from_slice(b"HTTP/1.1 ");
     let mut code = [0u8; 3];
     // httparse reads exactly three digits.
@@ -230,7 +232,7 @@ pub(crate) fn write_client_head(out: &mut Vec<u8>, head: &ResponseHead<'_>, clos
 impl ResponseHead<'_> {
     /// Every value of header `name` (matched without regard to case).
     fn values<'s>(&'s self, name: &'s [u8]) -> impl Iterator<Item = &'s [u8]> + 's {
-        self.headers[..self.count]
+        self.headers
             .iter()
             .filter(move |h| h.name.as_bytes().eq_ignore_ascii_case(name))
             .map(|h| h.value)
@@ -261,9 +263,11 @@ fn format_decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::h1::request::slots;
 
     fn parse(raw: &str) -> Result<Option<ResponseHead<'_>>, ResponseError> {
-        ResponseHead::parse(raw.as_bytes(), false)
+        // Leaked: a test's heads outlive this helper.
+        ResponseHead::parse(raw.as_bytes(), Box::leak(Box::new(slots())), false)
     }
 
     fn head(raw: &str) -> ResponseHead<'_> {
@@ -321,15 +325,21 @@ mod tests {
                 false,
             ),
         ] {
-            let h = ResponseHead::parse(raw.as_bytes(), head_request)
+            let mut s = slots();
+            let h = ResponseHead::parse(raw.as_bytes(), &mut s, head_request)
                 .unwrap()
                 .unwrap();
             assert_eq!(h.framing, ResponseFraming::Empty, "{raw:?}");
         }
         // The length of a HEAD answer is the client's to read; no coding is added.
-        let h = ResponseHead::parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true)
-            .unwrap()
-            .unwrap();
+        let mut s = slots();
+        let h = ResponseHead::parse(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+            &mut s,
+            true,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(
             written(&h, false),
             "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
@@ -441,7 +451,8 @@ mod tests {
         // The fuzzer's input, byte for byte (a lone 0x80, not UTF-8).
         let raw =
             b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\nConnection: keep-alive, X-\x80A\r\n\r\n";
-        let h = ResponseHead::parse(raw, false).unwrap().unwrap();
+        let mut s = slots();
+        let h = ResponseHead::parse(raw, &mut s, false).unwrap().unwrap();
         assert!(h.close);
     }
 
