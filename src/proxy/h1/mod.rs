@@ -36,6 +36,7 @@ use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub(crate) use pool::H1Pool;
@@ -93,6 +94,24 @@ impl Connection {
         matches!(io.read_buf(&mut self.buf).await, Ok(n) if n > 0)
     }
 
+    /// Reads what has arrived without waiting: `Some(true)` with bytes read, `Some(false)` at
+    /// the end of input or on an error (the guard's refusals and timeouts included), `None` if
+    /// there was nothing to read after all. The caller then waits for readability again,
+    /// which registers its waker anew.
+    fn fill_now<C: AsyncRead + Unpin>(&mut self, io: &mut C) -> Option<bool> {
+        if self.buf.capacity() == 0 {
+            self.buf = spare::take();
+        }
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.reserve(READ_BUFFER);
+        io.read_buf(&mut self.buf)
+            .now_or_never()
+            .map(|read| matches!(read, Ok(n) if n > 0))
+    }
+
     /// Gives every buffer back while the connection waits for its next request: an idle
     /// keep-alive connection holds none.
     fn idle(&mut self) {
@@ -130,16 +149,26 @@ pub(crate) async fn serve<C: Client>(
     loop {
         if conn.start == conn.buf.len() {
             // Idle between requests, without buffers: a drain closes the connection now.
-            conn.idle();
-            // Readability first: a request that has arrived is served (and answered with
-            // `Connection: close` if a drain has begun), and the usual wake-up, by the next
-            // request, does not poll the shutdown watch.
-            let ready = tokio::select! {
-                biased;
-                ready = std::future::poll_fn(|cx| io.poll_read_ready(cx)) => ready.is_ok(),
-                () = &mut stopping => false,
+            let arrived = loop {
+                conn.idle();
+                // Readability first: a request that has arrived is served (and answered with
+                // `Connection: close` if a drain has begun), and the usual wake-up, by the
+                // next request, does not poll the shutdown watch.
+                let ready = tokio::select! {
+                    biased;
+                    ready = std::future::poll_fn(|cx| io.poll_read_ready(cx)) => ready.is_ok(),
+                    () = &mut stopping => false,
+                };
+                if !ready {
+                    break false;
+                }
+                // A readiness report with nothing to read (a new connection's first one can
+                // be) waits again without the buffer, instead of in a read that holds it.
+                if let Some(read) = conn.fill_now(io) {
+                    break read;
+                }
             };
-            if !ready || !conn.fill(io).await {
+            if !arrived {
                 let _ = io.shutdown().await;
                 return Outcome::Closed;
             }
@@ -165,5 +194,38 @@ pub(crate) async fn serve<C: Client>(
                 return Outcome::Handoff(Bytes::copy_from_slice(&conn.buf[conn.start..]));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connection() -> Connection {
+        Connection {
+            buf: Vec::new(),
+            start: 0,
+            scratch: Scratch::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_read_without_data_says_so_instead_of_waiting_with_a_buffer() {
+        let (mut app, mut proxy) = tokio::io::duplex(64);
+        let mut conn = connection();
+        // Nothing sent yet: a spurious readiness report must not leave a read pending.
+        assert_eq!(conn.fill_now(&mut proxy), None);
+        conn.idle();
+        assert_eq!(
+            conn.buf.capacity(),
+            0,
+            "the idle connection kept its buffer"
+        );
+        app.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        assert_eq!(conn.fill_now(&mut proxy), Some(true));
+        assert_eq!(&conn.buf[conn.start..], b"GET / HTTP/1.1\r\n");
+        drop(app);
+        conn.start = conn.buf.len();
+        assert_eq!(conn.fill_now(&mut proxy), Some(false), "the end of input");
     }
 }
