@@ -83,6 +83,13 @@ impl Connection {
     /// Reads more from the client; `false` at its end or on an error (including the wire
     /// guard's refusals and timeouts).
     async fn fill<C: AsyncRead + Unpin>(&mut self, io: &mut C) -> bool {
+        self.make_room();
+        matches!(io.read_buf(&mut self.buf).await, Ok(n) if n > 0)
+    }
+
+    /// A read buffer (a spare one if the connection has none) with the served bytes dropped
+    /// and room for one read.
+    fn make_room(&mut self) {
         if self.buf.capacity() == 0 {
             self.buf = spare::take();
         }
@@ -91,7 +98,6 @@ impl Connection {
             self.start = 0;
         }
         self.buf.reserve(READ_BUFFER);
-        matches!(io.read_buf(&mut self.buf).await, Ok(n) if n > 0)
     }
 
     /// Reads what has arrived without waiting: `Some(true)` with bytes read, `Some(false)` at
@@ -99,14 +105,7 @@ impl Connection {
     /// there was nothing to read after all. The caller then waits for readability again,
     /// which registers its waker anew.
     fn fill_now<C: AsyncRead + Unpin>(&mut self, io: &mut C) -> Option<bool> {
-        if self.buf.capacity() == 0 {
-            self.buf = spare::take();
-        }
-        if self.start > 0 {
-            self.buf.drain(..self.start);
-            self.start = 0;
-        }
-        self.buf.reserve(READ_BUFFER);
+        self.make_room();
         io.read_buf(&mut self.buf)
             .now_or_never()
             .map(|read| matches!(read, Ok(n) if n > 0))
