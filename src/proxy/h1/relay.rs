@@ -298,8 +298,11 @@ mod tests {
         }
     }
 
-    /// A client that takes at most three bytes per write, vectored or not.
-    struct Trickle(Vec<u8>);
+    /// A client that takes at most `max` bytes per write, vectored or not.
+    struct Trickle {
+        written: Vec<u8>,
+        max: usize,
+    }
 
     impl AsyncWrite for Trickle {
         fn poll_write(
@@ -307,21 +310,23 @@ mod tests {
             _: &mut std::task::Context<'_>,
             buf: &[u8],
         ) -> std::task::Poll<io::Result<usize>> {
-            let n = buf.len().min(3);
-            self.0.extend_from_slice(&buf[..n]);
+            let n = buf.len().min(self.max);
+            self.written.extend_from_slice(&buf[..n]);
             std::task::Poll::Ready(Ok(n))
         }
 
         fn poll_write_vectored(
-            self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
             bufs: &[IoSlice<'_>],
         ) -> std::task::Poll<io::Result<usize>> {
-            let first = bufs
-                .iter()
-                .find(|b| !b.is_empty())
-                .map_or(&[][..], |b| &b[..]);
-            self.poll_write(cx, first)
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(self.max - n);
+                self.written.extend_from_slice(&b[..take]);
+                n += take;
+            }
+            std::task::Poll::Ready(Ok(n))
         }
 
         fn is_write_vectored(&self) -> bool {
@@ -358,41 +363,31 @@ mod tests {
 
     #[tokio::test]
     async fn pump_writes_the_head_then_the_read_bytes_then_the_rest_in_order() {
-        for whole_writes in [true, false] {
+        // Whole writes, and writes of three bytes that split every slice.
+        for max in [usize::MAX, 3] {
             let mut upstream: &[u8] = b"world";
             let mut body = Body::new(ResponseFraming::Length(10));
             let mut out = b"HEAD|".to_vec();
             let mut buf = b"xxhello".to_vec();
             let pass = 2..2 + body.take(&buf[2..], &mut Vec::new(), &mut |_| {}).unwrap();
             let idle = Duration::from_secs(1);
-            let written = if whole_writes {
-                let mut client = Vec::new();
-                let r = pump(
-                    &mut upstream,
-                    &mut client,
-                    &mut body,
-                    &mut out,
-                    &mut buf,
-                    pass,
-                    idle,
-                );
-                r.await.unwrap();
-                client
-            } else {
-                let mut client = Trickle(Vec::new());
-                let r = pump(
-                    &mut upstream,
-                    &mut client,
-                    &mut body,
-                    &mut out,
-                    &mut buf,
-                    pass,
-                    idle,
-                );
-                r.await.unwrap();
-                client.0
+            let mut client = Trickle {
+                written: Vec::new(),
+                max,
             };
-            assert_eq!(written, b"HEAD|helloworld", "whole writes: {whole_writes}");
+            pump(
+                &mut upstream,
+                &mut client,
+                &mut body,
+                &mut out,
+                &mut buf,
+                pass,
+                idle,
+            )
+            .await
+            .unwrap();
+            let written = client.written;
+            assert_eq!(written, b"HEAD|helloworld", "at most {max} bytes per write");
             assert!(body.reusable());
         }
     }
